@@ -1,0 +1,183 @@
+"""The base experiment config and its validation.
+
+Every file under ``configs/`` starts from ``base_config()`` and changes what its
+experiment needs; the launcher then applies ``--config.FIELD=VALUE`` overrides and calls
+``validate`` before anything is built, so a wrong value stops the run with one line that
+names the field and the fix (``ConfigError``).
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+from cdiff_jax import losses
+
+
+class ConfigError(ValueError):
+  """A config field has a value the run cannot use. The message names the field."""
+
+
+def base_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+
+  c.data = ml_collections.ConfigDict(dict(
+      name='digits',          # digits | mnist | fashion_mnist | cifar10 | celeb_a
+      source='auto',          # auto | sklearn | tfds | idx | npz
+      data_dir='',            # TFDS data_dir, folder of IDX files, or .npz path
+      image_size=0,           # 0: take it from the data
+      label_attribute='Male',  # celeb_a: the attribute used as the class label
+      keep_classes=(),        # train only on these classes (empty: all)
+      drop_classes=(),        # remove these classes (e.g. the 9s of fine-tuning)
+      minority_classes=(),    # classes kept only at minority_fraction
+      minority_fraction=1.0,
+      subsample_seed=0,       # which examples of a minority class are kept
+  ))
+
+  c.model = ml_collections.ConfigDict(dict(
+      name='unet',            # unet | mlp
+      ch=32, ch_mult=(1, 2), num_res_blocks=1, attn_levels=(1,), num_heads=1,
+      num_groups=8, dropout=0.0,
+      hidden=128, depth=3,    # mlp
+      conditional=False,      # class-conditional (label num_classes = null class)
+      class_dropout=0.1,      # P(label -> null) while training a conditional model
+      parameterization='eps',  # eps | energy
+      dtype='float32',        # compute dtype: float32 | bfloat16 (params stay float32)
+  ))
+
+  c.diffusion = ml_collections.ConfigDict(dict(
+      schedule='ddpm',        # ddpm | vp | cosine
+      num_steps=1000, beta_start=1e-4, beta_end=0.02,  # ddpm
+      beta_min=0.1, beta_max=20.0,                      # vp
+      t_min=1e-3,                                       # vp, cosine
+      loss_weighting='eps',   # eps (simple) | elbo
+  ))
+
+  c.optim = ml_collections.ConfigDict(dict(
+      name='adamw', lr=2e-3, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.0,
+      grad_clip=1.0, warmup_steps=100, lr_schedule='cosine', final_lr_fraction=0.05,
+  ))
+
+  c.train = ml_collections.ConfigDict(dict(
+      steps=2000, batch_size=128, steps_per_call=1,
+      ema_decay=0.999,
+      log_every=100, checkpoint_every=1000, keep_checkpoints=2, sample_every=0,
+      on_nonfinite='stop',    # stop | skip
+      num_devices=0,          # 0: all visible devices
+      compilation_cache=True,
+  ))
+
+  c.sample = ml_collections.ConfigDict(dict(
+      sampler='ddim',         # ancestral | ddim | euler_maruyama | heun
+      num_steps=100, eta=0.0, clip=1.0, num_samples=64, use_ema=True,
+  ))
+
+  c.method = ml_collections.ConfigDict(dict(name='dsm'))
+  return c
+
+
+def _fail(field: str, value, fix: str):
+  raise ConfigError(f'config.{field}={value!r}: {fix}')
+
+
+def _choice(c, field: str, choices):
+  value = c
+  for part in field.split('.'):
+    value = value[part]
+  if value not in choices:
+    _fail(field, value, f'must be one of {tuple(choices)}.')
+
+
+def _positive(c, field: str, allow_zero: bool = False):
+  value = c
+  for part in field.split('.'):
+    value = value[part]
+  if value < 0 or (value == 0 and not allow_zero):
+    _fail(field, value, 'must be positive.' if not allow_zero else 'must be >= 0.')
+
+
+def validate(c: ml_collections.ConfigDict) -> None:
+  """Checks the fields the core uses; methods check their own (``methods.validate``)."""
+  from cdiff_jax.sampling import SAMPLERS  # Local: keeps config import light.
+  from cdiff_jax.models import PARAMETERIZATIONS
+
+  _choice(c, 'data.name', ('digits', 'mnist', 'fashion_mnist', 'cifar10', 'celeb_a', 'toy'))
+  _choice(c, 'data.source', ('auto', 'sklearn', 'tfds', 'idx', 'npz'))
+  if not 0.0 < c.data.minority_fraction <= 1.0:
+    _fail('data.minority_fraction', c.data.minority_fraction, 'must lie in (0, 1].')
+  _choice(c, 'model.name', ('unet', 'mlp'))
+  _choice(c, 'model.parameterization', PARAMETERIZATIONS)
+  _choice(c, 'model.dtype', ('float32', 'bfloat16'))
+  if not 0.0 <= c.model.class_dropout < 1.0:
+    _fail('model.class_dropout', c.model.class_dropout, 'must lie in [0, 1).')
+  if c.model.name == 'unet':
+    for m in c.model.ch_mult:
+      if (c.model.ch * m) % c.model.num_groups:
+        _fail('model.num_groups', c.model.num_groups,
+              f'must divide every level width ch * ch_mult = {c.model.ch} * {m}.')
+    bad = [a for a in c.model.attn_levels if not 0 <= a < len(c.model.ch_mult)]
+    if bad:
+      _fail('model.attn_levels', tuple(c.model.attn_levels),
+            f'levels {bad} do not exist (ch_mult has {len(c.model.ch_mult)} levels).')
+    if c.data.image_size and c.data.image_size < 2 ** (len(c.model.ch_mult) - 1):
+      _fail('model.ch_mult', tuple(c.model.ch_mult),
+            f'{len(c.model.ch_mult)} levels downsample {c.data.image_size}x'
+            f'{c.data.image_size} images below 1 pixel; use fewer levels.')
+  _choice(c, 'diffusion.schedule', ('ddpm', 'vp', 'cosine'))
+  _choice(c, 'diffusion.loss_weighting', losses.WEIGHTINGS)
+  if c.diffusion.schedule == 'ddpm' and c.sample.num_steps > c.diffusion.num_steps:
+    _fail('sample.num_steps', c.sample.num_steps,
+          f'must not exceed diffusion.num_steps={c.diffusion.num_steps}.')
+  _choice(c, 'optim.name', ('adam', 'adamw'))
+  _choice(c, 'optim.lr_schedule', ('constant', 'cosine'))
+  _positive(c, 'optim.lr')
+  _positive(c, 'optim.grad_clip', allow_zero=True)
+  for f in ('train.steps', 'train.batch_size', 'train.steps_per_call', 'train.log_every',
+            'sample.num_steps'):
+    _positive(c, f)
+  for f in ('train.checkpoint_every', 'train.sample_every', 'train.num_devices',
+            'sample.num_samples', 'train.keep_checkpoints'):
+    _positive(c, f, allow_zero=True)
+  if not 0.0 <= c.train.ema_decay < 1.0:
+    _fail('train.ema_decay', c.train.ema_decay, 'must lie in [0, 1).')
+  _choice(c, 'train.on_nonfinite', ('stop', 'skip'))
+  k = c.train.steps_per_call
+  for f in ('log_every', 'checkpoint_every', 'sample_every'):
+    if c.train[f] % k:
+      _fail(f'train.{f}', c.train[f], f'must be a multiple of train.steps_per_call={k}.')
+  _choice(c, 'sample.sampler', SAMPLERS)
+
+
+# Fields whose change makes a checkpoint meaningless for this run (state layout, data,
+# or the random stream); everything else (steps, logging, sampling) may change on resume.
+STRUCTURAL_FIELDS = ('seed', 'data', 'model', 'diffusion', 'optim.name', 'method.name',
+                     'train.batch_size')
+
+
+def _get(c, dotted: str):
+  for part in dotted.split('.'):
+    c = c[part]
+  return c
+
+
+def _flatten(prefix, value, out):
+  if isinstance(value, dict):
+    for k, v in value.items():
+      _flatten(f'{prefix}.{k}' if prefix else k, v, out)
+  else:
+    out[prefix] = list(value) if isinstance(value, (tuple, list)) else value
+
+
+def fingerprint(c: ml_collections.ConfigDict) -> dict:
+  """Flat {field: value} of the structural fields, JSON-serializable."""
+  out = {}
+  for f in STRUCTURAL_FIELDS:
+    v = _get(c, f)
+    _flatten(f, v.to_dict() if isinstance(v, ml_collections.ConfigDict) else v, out)
+  return out
+
+
+def fingerprint_mismatch(saved: dict, current: dict) -> list[str]:
+  keys = sorted(set(saved) | set(current))
+  return [f'{k}: checkpoint {saved.get(k, "<absent>")!r} vs now {current.get(k, "<absent>")!r}'
+          for k in keys if saved.get(k, '<absent>') != current.get(k, '<absent>')]

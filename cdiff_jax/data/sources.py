@@ -1,0 +1,255 @@
+"""Where images come from: the embedded digits, TFDS, and arrays on disk (.npz, MNIST IDX).
+
+Every loader returns an ``ArrayDataset``: images NHWC float32 in [-1, 1] (stored as uint8
+when the source is 8-bit, to keep CelebA-sized sets in memory), integer labels, and
+optional per-example attributes. Nothing here downloads: a missing dataset raises
+``DatasetNotFound`` with the command or config field that fixes it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gzip
+import os
+import struct
+from typing import Sequence
+
+import numpy as np
+
+
+class DatasetNotFound(FileNotFoundError):
+  """The data a config asks for is not on this machine; the message says how to get it."""
+
+
+@dataclasses.dataclass
+class ArrayDataset:
+  images: np.ndarray            # (N, H, W, C) uint8 in [0, 255] or float32 in [-1, 1]
+  labels: np.ndarray            # (N,) int32
+  num_classes: int
+  name: str = ''
+  attributes: dict = dataclasses.field(default_factory=dict)  # name -> (N,) array
+
+  def __post_init__(self):
+    if self.images.ndim != 4:
+      raise ValueError(f'{self.name}: images must be (N, H, W, C), got {self.images.shape}.')
+    if len(self.images) != len(self.labels):
+      raise ValueError(f'{self.name}: {len(self.images)} images but {len(self.labels)} labels.')
+    self.labels = np.asarray(self.labels, np.int32)
+
+  def __len__(self):
+    return len(self.labels)
+
+  @property
+  def image_shape(self) -> tuple[int, int, int]:
+    return tuple(self.images.shape[1:])
+
+  def get(self, indices) -> dict:
+    """Batch of examples at ``indices``: float32 images in [-1, 1] and int32 labels."""
+    return dict(image=to_float(self.images[indices]), label=self.labels[indices])
+
+  def subset(self, indices, name: str | None = None) -> 'ArrayDataset':
+    indices = np.asarray(indices)
+    return ArrayDataset(self.images[indices], self.labels[indices], self.num_classes,
+                        name or self.name, {k: v[indices] for k, v in self.attributes.items()})
+
+
+def to_float(images: np.ndarray) -> np.ndarray:
+  if images.dtype == np.uint8:
+    return images.astype(np.float32) / 127.5 - 1.0
+  return images.astype(np.float32)
+
+
+# ----------------------------------------------------------------------------- digits
+
+
+def load_digits(split: str = 'train', test_fraction: float = 0.2, seed: int = 0) -> ArrayDataset:
+  """scikit-learn's 8x8 digits (1797 images, 10 classes), shipped with the package.
+
+  Pixel values 0..16 are mapped to [-1, 1]. The train/test split is stratified and fixed
+  by ``seed`` so evaluation always sees the same held-out images.
+  """
+  if split not in ('train', 'test'):
+    raise ValueError(f"digits has splits 'train' and 'test', not {split!r}.")
+  from sklearn import datasets as sk_datasets
+  digits = sk_datasets.load_digits()
+  images = (digits.images.astype(np.float32) / 8.0 - 1.0)[..., None]
+  labels = digits.target.astype(np.int32)
+  rng = np.random.default_rng(seed)
+  test = np.zeros(len(labels), bool)
+  for c in range(10):
+    idx = np.flatnonzero(labels == c)
+    test[rng.choice(idx, int(round(test_fraction * len(idx))), replace=False)] = True
+  keep = test if split == 'test' else ~test
+  return ArrayDataset(images[keep], labels[keep], 10, f'digits/{split}')
+
+
+# ----------------------------------------------------------------------------- IDX / npz
+
+_IDX_FILES = {'train': ('train-images-idx3-ubyte', 'train-labels-idx1-ubyte'),
+              'test': ('t10k-images-idx3-ubyte', 't10k-labels-idx1-ubyte')}
+
+
+def read_idx(path: str) -> np.ndarray:
+  """Reads one IDX file (optionally gzipped) into a numpy array."""
+  opener = gzip.open if path.endswith('.gz') else open
+  with opener(path, 'rb') as f:
+    data = f.read()
+  zero, dtype_code, ndim = struct.unpack('>HBB', data[:4])
+  if zero != 0 or dtype_code != 0x08:
+    raise ValueError(f'{path} is not an unsigned-byte IDX file (header {data[:4]!r}).')
+  shape = struct.unpack('>' + 'I' * ndim, data[4:4 + 4 * ndim])
+  array = np.frombuffer(data, np.uint8, offset=4 + 4 * ndim)
+  if array.size != int(np.prod(shape)):
+    raise ValueError(f'{path}: header says {shape} but holds {array.size} bytes (truncated?).')
+  return array.reshape(shape)
+
+
+def _find(directory: str, stem: str) -> str | None:
+  for name in (stem, stem + '.gz', stem.replace('-idx', '.idx')):
+    path = os.path.join(directory, name)
+    if os.path.exists(path):
+      return path
+  return None
+
+
+def load_idx(directory: str, split: str = 'train', name: str = 'mnist') -> ArrayDataset:
+  """MNIST-format IDX files (``train-images-idx3-ubyte[.gz]`` etc.) in ``directory``."""
+  if split not in _IDX_FILES:
+    raise ValueError(f"IDX data has splits 'train' and 'test', not {split!r}.")
+  stems = _IDX_FILES[split]
+  paths = [_find(directory, s) for s in stems]
+  if not directory or None in paths:
+    raise DatasetNotFound(
+        f'{name}: IDX files {stems[0]}[.gz] and {stems[1]}[.gz] not found in '
+        f'data.data_dir={directory!r}; set --config.data.data_dir to the folder that holds them.')
+  images, labels = read_idx(paths[0]), read_idx(paths[1])
+  return ArrayDataset(images[..., None], labels, 10, f'{name}/{split}')
+
+
+def load_npz(path: str, split: str = 'train', num_classes: int | None = None,
+             name: str = 'npz') -> ArrayDataset:
+  """Arrays from an .npz: ``{split}_images``/``{split}_labels``, or ``images``/``labels``.
+
+  Images may be uint8 (0..255) or float in [-1, 1]; (N, H, W) gets a channel axis.
+  """
+  if not os.path.exists(path):
+    raise DatasetNotFound(f'{name}: {path} does not exist; set --config.data.data_dir to the '
+                          'folder holding it (or the .npz path itself).')
+  with np.load(path) as f:
+    keys = set(f.files)
+    for img_key, lab_key in ((f'{split}_images', f'{split}_labels'), ('images', 'labels'),
+                             ('x', 'y')):
+      if img_key in keys and lab_key in keys:
+        images, labels = f[img_key], f[lab_key]
+        break
+    else:
+      raise ValueError(f'{path} has keys {sorted(keys)}; expected {split}_images and '
+                       f'{split}_labels (or images and labels).')
+  if images.ndim == 3:
+    images = images[..., None]
+  if images.dtype != np.uint8:
+    images = images.astype(np.float32)
+    if images.min() < -1.001 or images.max() > 1.001:
+      raise ValueError(f'{path}: float images must lie in [-1, 1] (got [{images.min()}, '
+                       f'{images.max()}]); store uint8 or rescale.')
+  n_cls = num_classes or int(labels.max()) + 1
+  return ArrayDataset(images, labels, n_cls, f'{name}/{split}')
+
+
+# ----------------------------------------------------------------------------- TFDS
+
+TFDS_NUM_CLASSES = {'mnist': 10, 'fashion_mnist': 10, 'cifar10': 10, 'celeb_a': 2}
+
+
+def center_crop_resize(image: np.ndarray, size: int, crop: int | None = None) -> np.ndarray:
+  """Center crop to ``crop`` x ``crop`` (default: the short side) and resize (PIL, area)."""
+  from PIL import Image
+  h, w = image.shape[:2]
+  crop = crop or min(h, w)
+  top, left = (h - crop) // 2, (w - crop) // 2
+  image = image[top:top + crop, left:left + crop]
+  if crop != size:
+    squeeze = image.shape[-1] == 1
+    pil = Image.fromarray(image[..., 0] if squeeze else image)
+    image = np.asarray(pil.resize((size, size), Image.Resampling.BOX))
+    if squeeze:
+      image = image[..., None]
+  return image
+
+
+def load_tfds(name: str, split: str = 'train', data_dir: str | None = None,
+              image_size: int | None = None, label_attribute: str = 'Male',
+              attributes: Sequence[str] = ()) -> ArrayDataset:
+  """A prepared TFDS dataset read into memory through ``tfds.data_source`` (no TensorFlow).
+
+  ``celeb_a``: images are center-cropped to 140x140 and resized to ``image_size``
+  (64 by default); the label is the boolean attribute ``label_attribute`` and the
+  attributes listed in ``attributes`` are kept for analysis.
+  """
+  import tensorflow_datasets as tfds
+  if name not in TFDS_NUM_CLASSES:
+    raise ValueError(f'data.name={name!r} has no TFDS loader; use one of {sorted(TFDS_NUM_CLASSES)}.')
+  try:
+    source = tfds.data_source(name, split=split, data_dir=data_dir or None, download=False)
+  except Exception as e:  # DatasetNotFoundError, or a tfrecord-only copy.
+    raise DatasetNotFound(
+        f'{name} ({split}) is not available as a prepared ArrayRecord TFDS dataset in '
+        f'data_dir={data_dir!r} ({type(e).__name__}). Prepare it where you have internet with '
+        f'`tfds build {name} --file_format=array_record --data_dir=DIR` and pass '
+        f'--config.data.data_dir=DIR, or use local files (data.source=idx or npz).') from e
+  n = len(source)
+  images, labels, attrs = None, np.zeros(n, np.int32), {a: np.zeros(n, np.int32) for a in attributes}
+  for i in range(n):
+    ex = source[i]
+    image = np.asarray(ex['image'])
+    if name == 'celeb_a':
+      image = center_crop_resize(image, image_size or 64, crop=140)
+      labels[i] = int(ex['attributes'][label_attribute])
+      for a in attributes:
+        attrs[a][i] = int(ex['attributes'][a])
+    else:
+      if image_size and image.shape[0] != image_size:
+        image = center_crop_resize(image, image_size)
+      labels[i] = int(ex['label'])
+    if images is None:
+      images = np.zeros((n,) + image.shape, np.uint8)
+    images[i] = image
+  return ArrayDataset(images, labels, TFDS_NUM_CLASSES[name], f'{name}/{split}', attrs)
+
+
+# ----------------------------------------------------------------------------- dispatch
+
+SOURCES = ('auto', 'sklearn', 'tfds', 'idx', 'npz')
+
+
+def load_dataset(data_config, split: str = 'train') -> ArrayDataset:
+  """The dataset described by ``config.data`` (fields name, source, data_dir, image_size)."""
+  dc = data_config
+  source = dc.source
+  if source == 'auto':
+    if dc.name == 'digits':
+      source = 'sklearn'
+    elif dc.data_dir and dc.data_dir.endswith('.npz'):
+      source = 'npz'
+    elif dc.data_dir and _find(dc.data_dir, _IDX_FILES['train'][0]):
+      source = 'idx'
+    else:
+      source = 'tfds'
+  if source == 'sklearn':
+    if dc.name != 'digits':
+      raise ValueError(f"data.source='sklearn' only provides data.name='digits', not {dc.name!r}.")
+    ds = load_digits(split, seed=dc.get('split_seed', 0))
+  elif source == 'idx':
+    ds = load_idx(dc.data_dir, split, dc.name)
+  elif source == 'npz':
+    path = dc.data_dir if dc.data_dir.endswith('.npz') else os.path.join(dc.data_dir, f'{dc.name}.npz')
+    ds = load_npz(path, split, name=dc.name)
+  elif source == 'tfds':
+    ds = load_tfds(dc.name, split, dc.data_dir, dc.image_size or None,
+                   label_attribute=dc.get('label_attribute', 'Male'))
+  else:
+    raise ValueError(f'data.source={source!r} is unknown; use one of {SOURCES}.')
+  if dc.image_size and ds.image_shape[0] != dc.image_size:
+    raise ValueError(f'data.image_size={dc.image_size} but {ds.name} has images of shape '
+                     f'{ds.image_shape}; set data.image_size={ds.image_shape[0]} (or 0 to infer).')
+  return ds

@@ -1,0 +1,29 @@
+"""Training methods: each is a loss over a grouped batch plus optional extra state updates.
+
+``build(config, model, num_classes)`` returns the method named by ``config.method.name``.
+A method object provides ``data_groups``, ``init_extras``, ``loss`` and ``update_extras``
+(see ``cdiff_jax.train_step``); optionally ``host_metrics(records)`` for warnings.
+"""
+
+from __future__ import annotations
+
+from cdiff_jax.config import ConfigError
+from cdiff_jax.methods.dsm import DSM
+
+METHODS = ('dsm',)
+
+
+def build(config, model, num_classes: int):
+  name = config.method.name
+  common = dict(weighting=config.diffusion.loss_weighting,
+                num_classes=num_classes if config.model.conditional else 0,
+                class_dropout=config.model.class_dropout)
+  if name == 'dsm':
+    return DSM(model, batch_size=config.train.batch_size, **common)
+  raise ConfigError(f'config.method.name={name!r}: must be one of {METHODS}.')
+
+
+def validate(config) -> None:
+  """Method-specific config checks (each method adds its own)."""
+  if config.method.name not in METHODS:
+    raise ConfigError(f'config.method.name={config.method.name!r}: must be one of {METHODS}.')

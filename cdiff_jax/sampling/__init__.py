@@ -1,0 +1,3 @@
+"""Samplers: reverse diffusion (``diffusion``) and annealed MCMC (``mcmc``)."""
+
+from cdiff_jax.sampling.diffusion import SAMPLERS, Sampler, denoise, make_step, sample

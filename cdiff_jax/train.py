@@ -1,0 +1,284 @@
+"""``train_and_evaluate(config, workdir)``: builds every piece from the config and runs.
+
+The pieces are also reachable one by one for notebooks and experiments: ``build(config)``
+returns an ``Experiment`` (dataset, score model, method, optimizer, mesh, batcher, jitted
+step, initial state); ``Experiment.sampler`` builds a compiled sampler for its model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from tqdm.auto import tqdm
+
+from cdiff_jax import checkpoint as checkpoint_lib
+from cdiff_jax import config as config_lib
+from cdiff_jax import methods as methods_lib
+from cdiff_jax import optim, parallel
+from cdiff_jax import schedules as schedules_lib
+from cdiff_jax import train_step as train_step_lib
+from cdiff_jax import writers
+from cdiff_jax.data import imbalance, pipeline, sources
+from cdiff_jax.models import ScoreModel, build_net
+from cdiff_jax.sampling import Sampler
+from cdiff_jax.state import TrainState, create_train_state, num_params
+
+
+class NonFiniteError(FloatingPointError):
+  """A training step produced a non-finite loss or gradient (train.on_nonfinite='stop')."""
+
+
+def setup_jax(config) -> None:
+  if config.train.get('compilation_cache', True):
+    cache = os.environ.get('CDIFF_JAX_CACHE', os.path.expanduser('~/.cache/cdiff_jax/xla'))
+    jax.config.update('jax_compilation_cache_dir', cache)
+    jax.config.update('jax_persistent_cache_min_compile_time_secs', 1.0)
+
+
+def train_indices(data_config, dataset: sources.ArrayDataset) -> np.ndarray:
+  """Indices of the training set after class selection and minority subsampling."""
+  dc = data_config
+  for field in ('keep_classes', 'drop_classes', 'minority_classes'):
+    imbalance._check_classes(dc[field], dataset.num_classes, f'config.data.{field}')
+  idx = imbalance.filter_classes(dataset.labels, keep=tuple(dc.keep_classes) or None,
+                                 drop=tuple(dc.drop_classes))
+  if dc.minority_classes and dc.minority_fraction < 1.0:
+    frac = {int(c): dc.minority_fraction for c in dc.minority_classes}
+    idx = imbalance.subsample_classes(dataset.labels, frac, dc.subsample_seed, idx)
+  if len(idx) == 0:
+    raise config_lib.ConfigError('config.data: the class selection leaves no training examples.')
+  return idx
+
+
+def build_score_model(config, num_classes: int) -> ScoreModel:
+  schedule = schedules_lib.get_schedule(config.diffusion)
+  dtype = jnp.bfloat16 if config.model.dtype == 'bfloat16' else jnp.float32
+  net = build_net(config.model, num_classes if config.model.conditional else 0, dtype)
+  return ScoreModel(net, schedule, config.model.parameterization)
+
+
+@dataclasses.dataclass
+class Experiment:
+  config: ml_collections.ConfigDict
+  dataset: sources.ArrayDataset
+  train_idx: np.ndarray
+  model: ScoreModel
+  method: Any
+  tx: Any
+  lr_fn: Callable
+  mesh: Any
+  batcher: pipeline.GroupedBatcher
+  step: train_step_lib.CompiledStep
+
+  @property
+  def num_classes(self) -> int:
+    return self.dataset.num_classes
+
+  @property
+  def image_shape(self):
+    return self.dataset.image_shape
+
+  def init_state(self) -> TrainState:
+    rng = jax.random.key(self.config.seed)
+    rng_init, rng_extras, rng_train = jax.random.split(rng, 3)
+    n = 2
+    x = jnp.zeros((n,) + self.image_shape, jnp.float32)
+    y = jnp.zeros((n,), jnp.int32) if self.config.model.conditional else None
+    params = self.model.init(rng_init, x, jnp.full((n,), 0.5), y)
+    extras = self.method.init_extras(rng_extras, params)
+    state = create_train_state(params, self.tx, rng_train, extras)
+    return parallel.put_replicated(state, self.mesh)
+
+  def eps_fn(self, params, x, t, cond):
+    """Sampling-time eps (cond: labels or None)."""
+    return self.model.eps(params, x, t, cond)
+
+  def sampler(self, **overrides) -> Sampler:
+    sc = self.config.sample
+    kw = dict(sampler=sc.sampler, num_steps=sc.num_steps, eta=sc.eta,
+              clip=sc.clip or None, mesh=self.mesh)
+    kw.update(overrides)
+    return Sampler(self.eps_fn, self.model.schedule, self.image_shape, **kw)
+
+  def sample_labels(self, n: int):
+    if not self.config.model.conditional:
+      return None
+    return jnp.arange(n, dtype=jnp.int32) % self.num_classes
+
+
+def build(config, dataset: sources.ArrayDataset | None = None) -> Experiment:
+  """Validates the config and builds everything but the state (``init_state``)."""
+  config_lib.validate(config)
+  methods_lib.validate(config)
+  dataset = dataset if dataset is not None else sources.load_dataset(config.data, 'train')
+  idx = train_indices(config.data, dataset)
+  model = build_score_model(config, dataset.num_classes)
+  method = methods_lib.build(config, model, dataset.num_classes)
+  mesh = parallel.make_mesh(config.train.num_devices or None)
+  groups = method.data_groups(dataset, idx)
+  for name, _, b in groups:
+    parallel.check_batch_size(b, mesh, f'batch size of group {name!r}')
+  batcher = pipeline.GroupedBatcher(
+      dataset, [g[1] for g in groups], [g[2] for g in groups], config.seed,
+      process_index=jax.process_index(), process_count=jax.process_count(),
+      group_names=[g[0] for g in groups])
+  tx, lr_fn = optim.make_optimizer(config.optim, config.train.steps)
+  step = train_step_lib.make_train_step(method, tx, lr_fn, config.train.ema_decay, mesh,
+                                        config.train.steps_per_call)
+  return Experiment(config, dataset, idx, model, method, tx, lr_fn, mesh, batcher, step)
+
+
+def _summarize(metric_list: list[dict]) -> dict:
+  """Mean over the calls since the last log (stacked multi-step metrics flattened)."""
+  host = jax.device_get(metric_list)
+  out = {}
+  for key in host[0]:
+    values = np.stack([np.asarray(m[key]) for m in host])
+    if values.ndim >= 2 and values.shape[1:] != np.asarray(host[0][key]).shape[1:]:
+      values = values.reshape((-1,) + values.shape[2:])
+    out[key] = values.sum(0) if key == 'nonfinite' else values.mean(0)
+  return out
+
+
+def _first_nonfinite(metric_list: list[dict], first_step: int, k: int) -> str:
+  for i, m in enumerate(jax.device_get(metric_list)):
+    bad = np.atleast_1d(np.asarray(m['nonfinite']))
+    if bad.any():
+      j = int(np.argmax(bad))
+      loss = np.atleast_1d(np.asarray(m['loss']))[j]
+      gnorm = np.atleast_1d(np.asarray(m['grad_norm']))[j]
+      what = 'loss' if not np.isfinite(loss) else 'grad_norm'
+      return f'step {first_step + i * k + j}: {what} is not finite (loss={loss}, grad_norm={gnorm})'
+  return 'unknown step'
+
+
+def save_samples(exp: Experiment, state: TrainState, path: str, num: int | None = None,
+                 progress: bool = False, rng=None, sampler: Sampler | None = None) -> np.ndarray:
+  n = num or exp.config.sample.num_samples
+  n = -(-n // exp.mesh.devices.size) * exp.mesh.devices.size
+  params = state.ema_params if exp.config.sample.use_ema else state.params
+  sampler = sampler or exp.sampler()
+  rng = jax.random.key(exp.config.seed + 1) if rng is None else rng
+  images = np.asarray(parallel.to_host(sampler(params, rng, n, exp.sample_labels(n),
+                                               progress=progress)))
+  if jax.process_index() == 0:
+    ncols = exp.num_classes if exp.config.model.conditional else None
+    writers.save_image_grid(path, images, ncols=ncols)
+  return images
+
+
+def train_and_evaluate(config, workdir: str, dataset: sources.ArrayDataset | None = None,
+                       progress: bool = True, hooks: dict | None = None) -> dict:
+  """Trains (resuming from ``workdir`` if it holds a checkpoint), samples, and returns a
+  summary dict; everything a run produces is written under ``workdir``."""
+  setup_jax(config)
+  exp = build(config, dataset)
+  tc = config.train
+  workdir = os.path.abspath(workdir)
+  is_main = jax.process_index() == 0
+  if is_main:
+    os.makedirs(os.path.join(workdir, 'samples'), exist_ok=True)
+    with open(os.path.join(workdir, 'config.json'), 'w') as f:
+      f.write(config.to_json_best_effort(indent=2, sort_keys=True))
+
+  ckpt = checkpoint_lib.Checkpointer(os.path.join(workdir, 'checkpoints'), tc.keep_checkpoints)
+  state = exp.init_state()
+  restored, restored_step = ckpt.restore_latest(state, config)
+  if restored is not None:
+    state = restored
+    print(f'Resumed from step {restored_step} ({workdir}/checkpoints).')
+  start = int(state.step)
+  if start % tc.steps_per_call:
+    raise config_lib.ConfigError(f'config.train.steps_per_call={tc.steps_per_call}: the '
+                                 f'checkpoint is at step {start}; use a divisor of it.')
+  writer = writers.MetricWriter(workdir, active=is_main)
+  if is_main and start == 0:
+    print(f'{config.method.name}: {num_params(state.params):,} parameters, '
+          f'{len(exp.train_idx)} training examples, global batch '
+          f'{exp.batcher.global_batch_size}, {exp.mesh.devices.size} device(s); workdir {workdir}')
+
+  k = tc.steps_per_call
+  pending: list[dict] = []
+  pending_start = start
+  t_last, step_last = time.perf_counter(), start
+  last_saved = restored_step
+  bar = tqdm(total=tc.steps, initial=start, desc='training', disable=not (progress and is_main),
+             dynamic_ncols=True)
+  batches = exp.batcher.iterate(start, k)
+
+  def flush(step_now: int):
+    nonlocal pending, pending_start, t_last, step_last
+    if not pending:
+      return None
+    summary = _summarize(pending)
+    if summary['nonfinite'] > 0:
+      where = _first_nonfinite(pending, pending_start, k)
+      if tc.on_nonfinite == 'stop':
+        ckpt.wait()
+        good = ckpt.latest_step()
+        raise NonFiniteError(
+            f'{where}. The state was not updated by that step; the last good checkpoint is '
+            f'step {good} in {ckpt.directory}. Lower optim.lr or set '
+            "train.on_nonfinite='skip' to skip such steps.")
+      print(f'Skipped non-finite step(s): {where}')
+    now = time.perf_counter()
+    summary['images_per_sec'] = (step_now - step_last) * exp.batcher.global_batch_size / max(now - t_last, 1e-9)
+    t_last, step_last = now, step_now
+    writer.write(step_now, summary)
+    if hasattr(exp.method, 'host_metrics'):
+      for warning in exp.method.host_metrics(summary, step_now):
+        tqdm.write(f'WARNING: {warning}')
+    pending, pending_start = [], step_now
+    bar.set_postfix(loss=f"{float(summary['loss']):.4f}")
+    return summary
+
+  try:
+    for step_now in range(start, tc.steps, k):
+      batch = parallel.put_batch(next(batches), exp.mesh, leading_axes=0 if k == 1 else 1)
+      state, metrics = exp.step(state, batch)
+      pending.append(metrics)
+      done = step_now + k
+      bar.update(k)
+      if done % tc.log_every == 0 or done == tc.steps:
+        flush(done)
+      if tc.checkpoint_every and done % tc.checkpoint_every == 0 and done != tc.steps:
+        flush(done)
+        ckpt.save(done, state, config)
+        last_saved = done
+      if tc.sample_every and done % tc.sample_every == 0 and done != tc.steps:
+        save_samples(exp, state, os.path.join(workdir, 'samples', f'step_{done:07d}.png'))
+    flush(tc.steps)
+    if last_saved != tc.steps and int(state.step) == tc.steps:
+      ckpt.save(tc.steps, state, config)
+  finally:
+    bar.close()
+    batches.close()
+    ckpt.close()
+    writer.close()
+
+  result = {'workdir': workdir, 'final_step': int(state.step)}
+  records = writers.read_metrics(workdir)
+  if is_main:
+    writers.plot_curves(os.path.join(workdir, 'loss.png'), records, ['loss'], 'training loss',
+                        logy=True)
+  samples = save_samples(exp, state, os.path.join(workdir, 'samples', 'final.png'),
+                         progress=progress and is_main)
+  result['samples_png'] = os.path.join(workdir, 'samples', 'final.png')
+  for name, hook in (hooks or {}).items():
+    result[name] = hook(exp, state, workdir, samples)
+  if records:
+    result['final_metrics'] = {k: v for k, v in records[-1].items() if k != 'step'}
+  if is_main:
+    with open(os.path.join(workdir, 'summary.json'), 'w') as f:
+      json.dump(result, f, indent=2, default=str)
+  result['state'] = state
+  result['experiment'] = exp
+  return result

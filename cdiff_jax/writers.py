@@ -1,0 +1,130 @@
+"""What a run leaves in its workdir: metrics.jsonl, TensorBoard events, PNG grids and plots.
+
+Only process 0 writes (``MetricWriter(..., active=jax.process_index() == 0)``).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from typing import Mapping
+
+import numpy as np
+
+
+def _to_python(v):
+  if isinstance(v, (np.ndarray, np.generic)):
+    v = v.tolist()
+  if isinstance(v, float) and not math.isfinite(v):
+    return str(v)  # JSON has no NaN/inf literal; keep the file parseable.
+  return v
+
+
+class MetricWriter:
+  """Appends one JSON object per logging step to metrics.jsonl and mirrors scalars to
+  TensorBoard. Appending (not truncating) keeps the history of a resumed run whole."""
+
+  def __init__(self, workdir: str, active: bool = True, tensorboard: bool = True):
+    self.active = active
+    self.path = os.path.join(workdir, 'metrics.jsonl')
+    self._tb = None
+    if active:
+      os.makedirs(workdir, exist_ok=True)
+      if tensorboard:
+        try:
+          from tensorboardX import SummaryWriter
+          self._tb = SummaryWriter(os.path.join(workdir, 'tensorboard'), flush_secs=30)
+        except ImportError:  # TensorBoard is optional; metrics.jsonl is the record.
+          self._tb = None
+
+  def write(self, step: int, metrics: Mapping[str, object]) -> None:
+    if not self.active:
+      return
+    record = {'step': int(step)}
+    record.update({k: _to_python(v) for k, v in metrics.items()})
+    with open(self.path, 'a') as f:
+      f.write(json.dumps(record) + '\n')
+    if self._tb is not None:
+      for k, v in metrics.items():
+        arr = np.asarray(v)
+        if arr.ndim == 0 and np.issubdtype(arr.dtype, np.number):
+          self._tb.add_scalar(k, float(arr), int(step))
+        elif arr.ndim == 1 and np.issubdtype(arr.dtype, np.number):
+          for i, x in enumerate(arr):
+            self._tb.add_scalar(f'{k}/{i}', float(x), int(step))
+
+  def close(self):
+    if self._tb is not None:
+      self._tb.close()
+
+
+def read_metrics(workdir: str) -> list[dict]:
+  path = os.path.join(workdir, 'metrics.jsonl')
+  if not os.path.exists(path):
+    return []
+  with open(path) as f:
+    return [json.loads(line) for line in f if line.strip()]
+
+
+def image_grid(images: np.ndarray, ncols: int | None = None, pad: int = 1) -> np.ndarray:
+  """(N, H, W, C) in [-1, 1] -> one uint8 (rows*H, cols*W, C) grid."""
+  images = np.asarray(images, np.float32)
+  n, h, w, c = images.shape
+  ncols = ncols or int(math.ceil(math.sqrt(n)))
+  nrows = int(math.ceil(n / ncols))
+  grid = np.ones((nrows * (h + pad) + pad, ncols * (w + pad) + pad, c), np.float32)
+  for i in range(n):
+    r, col = divmod(i, ncols)
+    grid[pad + r * (h + pad):pad + r * (h + pad) + h,
+         pad + col * (w + pad):pad + col * (w + pad) + w] = (images[i] + 1) / 2
+  return (np.clip(grid, 0, 1) * 255).round().astype(np.uint8)
+
+
+def save_image_grid(path: str, images: np.ndarray, ncols: int | None = None,
+                    upscale: int | None = None) -> str:
+  """Writes a PNG grid; small images are upscaled (nearest) so they can be looked at."""
+  from PIL import Image
+  grid = image_grid(images, ncols)
+  if upscale is None:
+    upscale = max(1, 256 // max(grid.shape[:2]) + 1) if max(grid.shape[:2]) < 256 else 1
+  if upscale > 1:
+    grid = grid.repeat(upscale, 0).repeat(upscale, 1)
+  os.makedirs(os.path.dirname(path) or '.', exist_ok=True)
+  Image.fromarray(grid[..., 0] if grid.shape[-1] == 1 else grid).save(path)
+  return path
+
+
+def plot_curves(path: str, records: list[dict], keys: list[str], title: str = '',
+                logy: bool = False) -> str | None:
+  """Line plot of metrics over steps (list-valued metrics get one line per entry)."""
+  import matplotlib
+  matplotlib.use('Agg')
+  import matplotlib.pyplot as plt
+  fig, ax = plt.subplots(figsize=(6, 3.5))
+  plotted = False
+  for key in keys:
+    pts = [(r['step'], r[key]) for r in records if key in r and not isinstance(r[key], str)]
+    if not pts:
+      continue
+    steps = np.array([p[0] for p in pts])
+    values = np.array([p[1] for p in pts], dtype=np.float64)
+    if values.ndim == 1:
+      ax.plot(steps, values, label=key)
+    else:
+      for i in range(values.shape[1]):
+        ax.plot(steps, values[:, i], label=f'{key}[{i}]')
+    plotted = True
+  if not plotted:
+    plt.close(fig)
+    return None
+  if logy:
+    ax.set_yscale('log')
+  ax.set_xlabel('step')
+  ax.set_title(title)
+  ax.legend(fontsize=7)
+  fig.tight_layout()
+  os.makedirs(os.path.dirname(path) or '.', exist_ok=True)
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+  return path

@@ -1,0 +1,31 @@
+"""Test session setup: two host CPU devices, so every test that builds a mesh runs
+data-parallel (the flag must be set before JAX initializes its backend)."""
+
+import os
+
+os.environ.setdefault('XLA_FLAGS', '--xla_force_host_platform_device_count=2')
+os.environ.setdefault('CDIFF_JAX_CACHE', os.path.join(os.path.dirname(__file__), '..', '.cache', 'xla'))
+
+import jax  # noqa: E402
+import pytest  # noqa: E402
+
+jax.config.update('jax_compilation_cache_dir', os.environ['CDIFF_JAX_CACHE'])
+
+
+@pytest.fixture
+def tiny_config():
+  """A digits config small enough for a few-second CPU run."""
+  from cdiff_jax.config import base_config
+  c = base_config()
+  c.model.ch = 16
+  c.model.num_res_blocks = 1
+  c.model.attn_levels = ()
+  c.train.steps = 8
+  c.train.batch_size = 16
+  c.train.log_every = 4
+  c.train.checkpoint_every = 4
+  c.train.compilation_cache = False
+  c.sample.num_steps = 5
+  c.sample.num_samples = 8
+  c.optim.warmup_steps = 2
+  return c
