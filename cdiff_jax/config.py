@@ -51,6 +51,7 @@ def base_config() -> ml_collections.ConfigDict:
       beta_min=0.1, beta_max=20.0,                      # vp
       t_min=1e-3,                                       # vp, cosine
       loss_weighting='eps',   # eps (simple) | elbo
+      time_sampling='stratified',  # stratified (low-discrepancy per batch) | uniform
   ))
 
   c.optim = ml_collections.ConfigDict(dict(
@@ -73,6 +74,13 @@ def base_config() -> ml_collections.ConfigDict:
   ))
 
   c.method = ml_collections.ConfigDict(dict(name='dsm'))
+
+  c.eval = ml_collections.ConfigDict(dict(
+      enabled=False,          # after training: eval.json, class-frequency plot
+      num_samples=1000,
+      classifier_steps=0,     # 0: the dataset's default recipe
+      feature_fn='',          # optional 'module:function' extractor for a real FID
+  ))
   return c
 
 
@@ -125,6 +133,7 @@ def validate(c: ml_collections.ConfigDict) -> None:
             f'{c.data.image_size} images below 1 pixel; use fewer levels.')
   _choice(c, 'diffusion.schedule', ('ddpm', 'vp', 'cosine'))
   _choice(c, 'diffusion.loss_weighting', losses.WEIGHTINGS)
+  _choice(c, 'diffusion.time_sampling', ('stratified', 'uniform'))
   if c.diffusion.schedule == 'ddpm' and c.sample.num_steps > c.diffusion.num_steps:
     _fail('sample.num_steps', c.sample.num_steps,
           f'must not exceed diffusion.num_steps={c.diffusion.num_steps}.')
@@ -146,6 +155,9 @@ def validate(c: ml_collections.ConfigDict) -> None:
     if c.train[f] % k:
       _fail(f'train.{f}', c.train[f], f'must be a multiple of train.steps_per_call={k}.')
   _choice(c, 'sample.sampler', SAMPLERS)
+  _positive(c, 'eval.num_samples')
+  if c.eval.enabled and c.data.name == 'toy':
+    _fail('eval.enabled', True, 'the evaluation classifier needs an image dataset.')
 
 
 # Fields whose change makes a checkpoint meaningless for this run (state layout, data,

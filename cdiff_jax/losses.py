@@ -10,6 +10,11 @@ is the mean over dimensions of ``||eps_hat - eps||^2`` (DDPM's simple loss). The
 ``0.5 * (-d logSNR/dt) * sum ||eps_hat - eps||^2`` with ``-d logSNR/dt = beta(t)/sigma_t^2``
 for a VP process; its expected value differs from ``KL(q || p)`` by the entropy of q, which
 is what makes KL thresholds of constrained training checkable in loss units.
+
+The ELBO's weight grows like 1/t near t = 0, so with uniform t its Monte Carlo estimate has
+a heavy tail. As in VDM, we sample the ELBO by importance: log-SNR uniform on its range
+(``t = t(lambda)``), which makes the weight the constant ``0.5 (lambda_max - lambda_min)``:
+the same expectation with a far smaller variance. ``sample_time`` returns (t, weight).
 """
 
 from __future__ import annotations
@@ -33,31 +38,67 @@ def time_weight(schedule: schedules_lib.Schedule, t, weighting: str):
   raise ValueError(f'loss weighting {weighting!r} is unknown; use one of {WEIGHTINGS}.')
 
 
-def weighted_sq_error(eps_hat, eps_target, t, schedule, weighting: str = 'eps'):
-  """(batch,) loss from predictions and targets of shape (batch, ...)."""
+def sq_error(eps_hat, eps_target, weight, weighting: str = 'eps'):
+  """(batch,) loss ``weight * ||eps_hat - eps_target||^2`` (mean over dimensions for 'eps',
+  sum for 'elbo'), from predictions and targets of shape (batch, ...); ``weight`` comes
+  from ``sample_time`` (or ``noise_batch_weighted``)."""
   sq = jnp.square(eps_hat.astype(jnp.float32) - eps_target.astype(jnp.float32))
   sq = sq.reshape(sq.shape[0], -1)
   per_example = sq.sum(-1) if weighting == 'elbo' else sq.mean(-1)
-  return time_weight(schedule, t, weighting) * per_example
+  return weight * per_example
 
 
-def noise_batch(rng, x0, schedule):
-  """Draws (t, eps) and returns (x_t, t, eps) for a batch x0."""
+def weighted_sq_error(eps_hat, eps_target, t, schedule, weighting: str = 'eps'):
+  """As ``sq_error`` with the weight of *uniformly* sampled t (``time_weight``)."""
+  return sq_error(eps_hat, eps_target, time_weight(schedule, t, weighting), weighting)
+
+
+def sample_time(rng, n: int, schedule, weighting: str = 'eps', stratified: bool = False):
+  """(t, weight) of shape (n,): t from the training distribution of ``weighting``, and the
+  per-example weight that makes ``weight * sq_error`` an unbiased estimate of the loss."""
+  if weighting == 'eps':
+    return schedule.sample_t(rng, (n,), stratified), jnp.ones((n,), jnp.float32)
+  if weighting == 'elbo':
+    t_lo = 1.0 / schedule.num_steps if schedule.num_steps else schedule.t_min
+    lam_max, lam_min = schedule.log_snr(t_lo), schedule.log_snr(1.0)
+    u = (schedule.sample_t(rng, (n,), stratified) - t_lo) / (1.0 - t_lo) if not schedule.num_steps \
+        else _uniform(rng, n, stratified)
+    t = schedule.t_from_log_snr(lam_max - u * (lam_max - lam_min))
+    return t, jnp.full((n,), 0.5 * (lam_max - lam_min), jnp.float32)
+  raise ValueError(f'loss weighting {weighting!r} is unknown; use one of {WEIGHTINGS}.')
+
+
+def _uniform(rng, n, stratified):
+  if not stratified:
+    return jax.random.uniform(rng, (n,))
+  return jnp.mod(jax.random.uniform(rng, ()) + jnp.arange(n) * 0.6180339887498949, 1.0)
+
+
+def noise_batch_weighted(rng, x0, schedule, weighting: str = 'eps', stratified: bool = False):
+  """Draws times and noise: returns (x_t, t, eps, weight) for a batch x0."""
   rng_t, rng_eps = jax.random.split(rng)
-  t = schedule.sample_t(rng_t, (x0.shape[0],))
+  t, weight = sample_time(rng_t, x0.shape[0], schedule, weighting, stratified)
   eps = jax.random.normal(rng_eps, x0.shape, x0.dtype)
-  return schedules_lib.q_sample(schedule, x0, t, eps), t, eps
+  return schedules_lib.q_sample(schedule, x0, t, eps), t, eps, weight
 
 
-def dsm_loss(eps_fn: Callable, x0, rng, schedule, weighting: str = 'eps', **model_kwargs):
+def noise_batch(rng, x0, schedule, stratified: bool = False):
+  """(x_t, t, eps) with t uniform (see ``Schedule.sample_t``)."""
+  x_t, t, eps, _ = noise_batch_weighted(rng, x0, schedule, 'eps', stratified)
+  return x_t, t, eps
+
+
+def dsm_loss(eps_fn: Callable, x0, rng, schedule, weighting: str = 'eps',
+             stratified: bool = False, **model_kwargs):
   """Per-example DSM loss of ``eps_fn(x_t, t, **model_kwargs)`` on clean data x0.
 
-  Returns (loss of shape (batch,), aux) where aux holds x_t, t and eps for methods that
-  need them (TIW-DSM computes its score correction at the same x_t).
+  Returns (loss of shape (batch,), aux) where aux holds x_t, t, eps and the time weight for
+  methods that need them (TIW-DSM computes its score correction at the same x_t).
   """
-  x_t, t, eps = noise_batch(rng, x0, schedule)
+  x_t, t, eps, weight = noise_batch_weighted(rng, x0, schedule, weighting, stratified)
   eps_hat = eps_fn(x_t, t, **model_kwargs)
-  return weighted_sq_error(eps_hat, eps, t, schedule, weighting), dict(x_t=x_t, t=t, eps=eps)
+  loss = sq_error(eps_hat, eps, weight, weighting)
+  return loss, dict(x_t=x_t, t=t, eps=eps, weight=weight)
 
 
 def group_means(values, group, num_groups: int):

@@ -52,12 +52,38 @@ class Schedule:
     la2 = self.log_alpha2(t)
     return la2 - jnp.log(-jnp.expm1(la2))
 
-  def sample_t(self, rng, shape):
-    """Training times: uniform on [t_min, 1], or uniform on the grid if discrete."""
+  def sample_t(self, rng, shape, stratified: bool = False):
+    """Training times: uniform on [t_min, 1], or uniform on the grid if discrete.
+
+    ``stratified``: one uniform offset u and u_i = frac(u + i * golden ratio) for the i-th
+    example (a low-discrepancy sequence, as VDM's antithetic times): every u_i is still
+    uniform, but any contiguous run of examples covers [0, 1) evenly, so the mean loss of
+    each group of a grouped batch (and of each device's shard) has much less variance.
+    """
+    if stratified:
+      n = int(np.prod(shape))
+      u = jax.random.uniform(rng, ())
+      u = jnp.mod(u + jnp.arange(n, dtype=jnp.float32) * 0.6180339887498949, 1.0).reshape(shape)
+    else:
+      u = jax.random.uniform(rng, shape)
     if self.num_steps:
-      i = jax.random.randint(rng, shape, 1, self.num_steps + 1)
+      i = jnp.minimum(jnp.floor(u * self.num_steps).astype(jnp.int32), self.num_steps - 1) + 1
       return i.astype(jnp.float32) / self.num_steps
-    return jax.random.uniform(rng, shape, minval=self.t_min, maxval=1.0)
+    return self.t_min + (1.0 - self.t_min) * u
+
+  def t_from_log_snr(self, log_snr, iters: int = 40):
+    """Inverse of ``log_snr`` on [t_min, 1] (bisection; log-SNR is decreasing in t)."""
+    lo = jnp.full(jnp.shape(log_snr), self.t_min if not self.num_steps else 1.0 / self.num_steps)
+    hi = jnp.ones(jnp.shape(log_snr))
+
+    def body(_, bounds):
+      lo, hi = bounds
+      mid = 0.5 * (lo + hi)
+      above = self.log_snr(mid) > log_snr  # mid is too early
+      return jnp.where(above, mid, lo), jnp.where(above, hi, mid)
+
+    lo, hi = jax.lax.fori_loop(0, iters, body, (lo, hi))
+    return 0.5 * (lo + hi)
 
   def time_grid(self, num_steps: int):
     """Decreasing times ``1 = t_0 > ... > t_n = t_min`` for an n-step sampler.

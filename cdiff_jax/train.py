@@ -121,7 +121,8 @@ def build(config, dataset: sources.ArrayDataset | None = None) -> Experiment:
   dataset = dataset if dataset is not None else sources.load_dataset(config.data, 'train')
   idx = train_indices(config.data, dataset)
   model = build_score_model(config, dataset.num_classes)
-  method = methods_lib.build(config, model, dataset.num_classes)
+  tx, lr_fn = optim.make_optimizer(config.optim, config.train.steps)
+  method = methods_lib.build(config, model, dataset.num_classes, lr_fn)
   mesh = parallel.make_mesh(config.train.num_devices or None)
   groups = method.data_groups(dataset, idx)
   for name, _, b in groups:
@@ -130,10 +131,31 @@ def build(config, dataset: sources.ArrayDataset | None = None) -> Experiment:
       dataset, [g[1] for g in groups], [g[2] for g in groups], config.seed,
       process_index=jax.process_index(), process_count=jax.process_count(),
       group_names=[g[0] for g in groups])
-  tx, lr_fn = optim.make_optimizer(config.optim, config.train.steps)
+  if hasattr(method, 'prepare'):  # e.g. thresholds measured on a reference model
+    method = method.prepare(config, model, batcher, mesh)
   step = train_step_lib.make_train_step(method, tx, lr_fn, config.train.ema_decay, mesh,
                                         config.train.steps_per_call)
   return Experiment(config, dataset, idx, model, method, tx, lr_fn, mesh, batcher, step)
+
+
+def fit(exp: Experiment, state: TrainState, until: int | None = None,
+        progress: bool = False) -> tuple[TrainState, list[dict]]:
+  """Runs the jitted step from ``state.step`` to ``until`` (default: config.train.steps)
+  without any I/O; returns the state and the per-call metrics on the host. For notebooks,
+  tests and experiments that manage their own outputs."""
+  until = exp.config.train.steps if until is None else until
+  k = exp.config.train.steps_per_call
+  start = int(state.step)
+  history = []
+  batches = exp.batcher.iterate(start, k)
+  try:
+    for _ in tqdm(range(start, until, k), desc='training', disable=not progress, leave=False):
+      batch = parallel.put_batch(next(batches), exp.mesh, leading_axes=0 if k == 1 else 1)
+      state, metrics = exp.step(state, batch)
+      history.append(metrics)
+  finally:
+    batches.close()
+  return state, jax.device_get(history)
 
 
 def _summarize(metric_list: list[dict]) -> dict:
@@ -272,6 +294,14 @@ def train_and_evaluate(config, workdir: str, dataset: sources.ArrayDataset | Non
   samples = save_samples(exp, state, os.path.join(workdir, 'samples', 'final.png'),
                          progress=progress and is_main)
   result['samples_png'] = os.path.join(workdir, 'samples', 'final.png')
+  if is_main and any('lam' in r for r in records):
+    writers.plot_curves(os.path.join(workdir, 'lambda.png'), records, ['lam'],
+                        'dual variables lambda')
+    writers.plot_curves(os.path.join(workdir, 'constraints.png'), records,
+                        ['constraint_gap'], 'L_i - b_i (constraint slack, <= 0 is satisfied)')
+  if config.eval.enabled:
+    from cdiff_jax import evaluation  # Local: loads the classifier only when asked.
+    result['eval'] = evaluation.evaluate_run(exp, state, workdir, progress=progress and is_main)
   for name, hook in (hooks or {}).items():
     result[name] = hook(exp, state, workdir, samples)
   if records:

@@ -128,3 +128,31 @@ def plot_curves(path: str, records: list[dict], keys: list[str], title: str = ''
   fig.savefig(path, dpi=110)
   plt.close(fig)
   return path
+
+
+def plot_class_frequencies(path: str, series: Mapping[str, object], target=None,
+                           title: str = '', class_names=None) -> str:
+  """Grouped bar chart of class frequencies (one bar per series), target as a dashed line."""
+  import matplotlib
+  matplotlib.use('Agg')
+  import matplotlib.pyplot as plt
+  names = list(series)
+  values = [np.asarray(series[n], np.float64) for n in names]
+  num = len(values[0])
+  width = 0.8 / len(values)
+  fig, ax = plt.subplots(figsize=(max(5, 0.6 * num + 2), 3.5))
+  for i, (name, v) in enumerate(zip(names, values)):
+    ax.bar(np.arange(num) + (i - (len(values) - 1) / 2) * width, v, width, label=name)
+  if target is not None:
+    ax.plot(np.arange(num), np.asarray(target), 'k--', lw=1, label='target')
+  ax.set_xticks(np.arange(num))
+  ax.set_xticklabels(class_names or [str(i) for i in range(num)])
+  ax.set_xlabel('class')
+  ax.set_ylabel('frequency')
+  ax.set_title(title, fontsize=9)
+  ax.legend(fontsize=7)
+  fig.tight_layout()
+  os.makedirs(os.path.dirname(path) or '.', exist_ok=True)
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+  return path

@@ -23,15 +23,17 @@ class DatasetNotFound(FileNotFoundError):
 
 @dataclasses.dataclass
 class ArrayDataset:
-  images: np.ndarray            # (N, H, W, C) uint8 in [0, 255] or float32 in [-1, 1]
+  images: np.ndarray            # (N, H, W, C) uint8 in [0, 255] or float32 in [-1, 1];
+                                # (N, D) vectors for the low-dimensional toy problems
   labels: np.ndarray            # (N,) int32
   num_classes: int
   name: str = ''
   attributes: dict = dataclasses.field(default_factory=dict)  # name -> (N,) array
 
   def __post_init__(self):
-    if self.images.ndim != 4:
-      raise ValueError(f'{self.name}: images must be (N, H, W, C), got {self.images.shape}.')
+    if self.images.ndim not in (2, 4):
+      raise ValueError(f'{self.name}: images must be (N, H, W, C) or vectors (N, D), got '
+                       f'{self.images.shape}.')
     if len(self.images) != len(self.labels):
       raise ValueError(f'{self.name}: {len(self.images)} images but {len(self.labels)} labels.')
     self.labels = np.asarray(self.labels, np.int32)
@@ -40,7 +42,7 @@ class ArrayDataset:
     return len(self.labels)
 
   @property
-  def image_shape(self) -> tuple[int, int, int]:
+  def image_shape(self) -> tuple[int, ...]:
     return tuple(self.images.shape[1:])
 
   def get(self, indices) -> dict:

@@ -8,18 +8,24 @@ A method object provides ``data_groups``, ``init_extras``, ``loss`` and ``update
 from __future__ import annotations
 
 from cdiff_jax.config import ConfigError
+from cdiff_jax.methods import constrained
 from cdiff_jax.methods.dsm import DSM
 
-METHODS = ('dsm',)
+METHODS = ('dsm', 'constrained')
 
 
-def build(config, model, num_classes: int):
+def build(config, model, num_classes: int, lr_fn=None):
+  """``lr_fn``: the primal learning-rate schedule (methods may tie their own steps to it)."""
   name = config.method.name
   common = dict(weighting=config.diffusion.loss_weighting,
                 num_classes=num_classes if config.model.conditional else 0,
-                class_dropout=config.model.class_dropout)
+                class_dropout=config.model.class_dropout,
+                stratified_t=config.diffusion.time_sampling == 'stratified')
   if name == 'dsm':
     return DSM(model, batch_size=config.train.batch_size, **common)
+  if name == 'constrained':
+    base = DSM(model, **common)
+    return constrained.build(config, base, lr_fn)
   raise ConfigError(f'config.method.name={name!r}: must be one of {METHODS}.')
 
 
@@ -27,3 +33,5 @@ def validate(config) -> None:
   """Method-specific config checks (each method adds its own)."""
   if config.method.name not in METHODS:
     raise ConfigError(f'config.method.name={config.method.name!r}: must be one of {METHODS}.')
+  if config.method.name == 'constrained':
+    constrained.validate(config)

@@ -25,6 +25,7 @@ class DSM:
   num_classes: int = 0          # > 0: class-conditional model; label num_classes is null
   class_dropout: float = 0.0    # classifier-free guidance: P(label -> null) in training
   batch_size: int = 128
+  stratified_t: bool = True     # low-discrepancy t per batch (see Schedule.sample_t)
 
   def data_groups(self, dataset, train_indices: np.ndarray):
     """[(name, indices, batch size)] of the training batch."""
@@ -50,7 +51,8 @@ class DSM:
     y = self.labels(batch, rng_label)
     eps_fn = lambda x, t: self.model.eps(params, x, t, y, train=True, rng=rng_dropout)
     x0 = batch['image'] if x0 is None else x0
-    return losses.dsm_loss(eps_fn, x0, rng_noise, self.model.schedule, self.weighting)
+    return losses.dsm_loss(eps_fn, x0, rng_noise, self.model.schedule, self.weighting,
+                           self.stratified_t)
 
   def loss(self, params, extras, batch, rng):
     del extras

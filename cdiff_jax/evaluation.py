@@ -1,0 +1,258 @@
+"""Evaluation without internet: a classifier trained on the real, balanced training set
+judges generated samples.
+
+* ``get_classifier(data_config)`` trains a small convnet once per dataset and caches it
+  (parameters + test accuracy) under ``$CDIFF_JAX_CACHE`` (default ``~/.cache/cdiff_jax``).
+* ``evaluate_samples(clf, samples, reference)`` gives the class frequencies of the samples,
+  their total-variation distance to uniform, and the "classifier FID": the Frechet distance
+  between Gaussian fits of the classifier's penultimate features of the samples and of
+  held-out real images. It is not comparable to Inception FID numbers in papers; compare
+  runs with each other. Users with their own Inception feature extractor can pass it as
+  ``eval.feature_fn='module:function'`` (images in [-1, 1] -> (N, D) features); nothing is
+  ever downloaded.
+* ``evaluate_run(exp, state, workdir)`` samples a trained run and writes ``eval.json`` and
+  the plots (class frequencies, lambda curves when present, samples).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import importlib
+import json
+import os
+from typing import Any, Callable
+
+import flax.serialization
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from cdiff_jax import parallel, writers
+from cdiff_jax.data import sources
+from cdiff_jax.models import ConvClassifier
+
+_VERSION = 1  # bump when the classifier recipe changes, so stale caches are not reused
+
+
+def cache_dir() -> str:
+  root = os.environ.get('CDIFF_JAX_CACHE', os.path.expanduser('~/.cache/cdiff_jax'))
+  return os.path.join(root, 'classifiers')
+
+
+def _net_for(image_shape) -> ConvClassifier:
+  size = image_shape[0]
+  ch_mult = (1, 2) if size <= 16 else (1, 2, 2)
+  return ConvClassifier(ch=32, ch_mult=ch_mult, num_res_blocks=1, num_groups=8,
+                        num_outputs=0)
+
+
+@dataclasses.dataclass
+class EvalClassifier:
+  net: ConvClassifier
+  params: Any
+  num_classes: int
+  accuracy: float
+  image_shape: tuple
+
+  def __post_init__(self):
+    def apply(params, x):
+      return self.net.apply({'params': params}, x, jnp.zeros((x.shape[0],)),
+                            return_features=True)
+    self._apply = jax.jit(apply)
+
+  def logits_and_features(self, images, batch_size: int = 500):
+    images = np.asarray(images, np.float32)
+    if tuple(images.shape[1:]) != tuple(self.image_shape):
+      raise ValueError(f'the evaluation classifier takes images of shape {self.image_shape}, '
+                       f'got {images.shape[1:]}.')
+    logits, feats = [], []
+    for i in range(0, len(images), batch_size):
+      chunk = images[i:i + batch_size]
+      pad = (-len(chunk)) % 8  # fixed chunk shapes: fewer recompiles
+      lg, ft = self._apply(self.params, np.pad(chunk, [(0, pad)] + [(0, 0)] * (chunk.ndim - 1)))
+      logits.append(np.asarray(lg)[:len(chunk)])
+      feats.append(np.asarray(ft)[:len(chunk)])
+    return np.concatenate(logits), np.concatenate(feats)
+
+  def predict(self, images) -> np.ndarray:
+    return self.logits_and_features(images)[0].argmax(-1)
+
+  def features(self, images) -> np.ndarray:
+    return self.logits_and_features(images)[1]
+
+
+def _augment(rng, x):
+  """Random shifts by up to 1 pixel (edge padding): cheap and enough for digit classifiers."""
+  n, h, w, _ = x.shape
+  xp = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)), mode='edge')
+  dx, dy = jax.random.randint(rng, (2, n), 0, 3)
+  take = jax.vmap(lambda img, i, j: jax.lax.dynamic_slice(img, (i, j, 0), (h, w, img.shape[-1])))
+  return take(xp, dy, dx)
+
+
+def train_classifier(train: sources.ArrayDataset, test: sources.ArrayDataset, steps: int,
+                     seed: int = 0, batch_size: int = 128, lr: float = 2e-3,
+                     progress: bool = False) -> EvalClassifier:
+  """Trains the evaluation classifier (AdamW, cosine decay, shift augmentation)."""
+  from tqdm.auto import tqdm
+  net = dataclasses.replace(_net_for(train.image_shape), num_outputs=train.num_classes)
+  rng = jax.random.key(seed)
+  x0 = jnp.zeros((2,) + train.image_shape)
+  params = net.init(rng, x0, jnp.zeros(2))['params']
+  tx = optax.adamw(optax.warmup_cosine_decay_schedule(0.0, lr, min(100, steps // 10), steps),
+                   weight_decay=1e-4)
+  opt_state = tx.init(params)
+
+  @jax.jit
+  def step(params, opt_state, x, y, key):
+    def loss_fn(p):
+      logits = net.apply({'params': p}, _augment(key, x), jnp.zeros((x.shape[0],)))
+      return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+    loss, grads = jax.value_and_grad(loss_fn)(params)
+    updates, opt_state = tx.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state, loss
+
+  order = np.random.default_rng(seed)
+  for i in tqdm(range(steps), desc='evaluation classifier', disable=not progress, leave=False):
+    idx = order.integers(0, len(train), batch_size)
+    batch = train.get(idx)
+    params, opt_state, _ = step(params, opt_state, batch['image'], batch['label'],
+                                jax.random.fold_in(rng, i))
+  clf = EvalClassifier(net, params, train.num_classes, 0.0, train.image_shape)
+  pred = clf.predict(sources.to_float(test.images))
+  clf.accuracy = float((pred == test.labels).mean())
+  return clf
+
+
+def _cache_key(train: sources.ArrayDataset, steps: int, seed: int) -> str:
+  h = hashlib.sha256()
+  h.update(json.dumps([_VERSION, train.name, train.image_shape, len(train), steps, seed,
+                       np.bincount(train.labels).tolist()]).encode())
+  h.update(np.ascontiguousarray(train.images[:64]).tobytes())
+  return h.hexdigest()[:16]
+
+
+def default_steps(dataset: sources.ArrayDataset) -> int:
+  return 1500 if dataset.image_shape[0] <= 16 else 3000
+
+
+def get_classifier(data_config, steps: int | None = None, seed: int = 0,
+                   train: sources.ArrayDataset | None = None,
+                   test: sources.ArrayDataset | None = None,
+                   progress: bool = False) -> EvalClassifier:
+  """The evaluation classifier of ``data_config``'s dataset, trained once and cached.
+
+  It always sees the full, balanced training split (never the run's imbalanced subset),
+  and reports its accuracy on the test split.
+  """
+  train = train if train is not None else sources.load_dataset(data_config, 'train')
+  test = test if test is not None else sources.load_dataset(data_config, 'test')
+  steps = steps or default_steps(train)
+  key = _cache_key(train, steps, seed)
+  path = os.path.join(cache_dir(), f'{train.name.replace("/", "_")}_{key}')
+  net = dataclasses.replace(_net_for(train.image_shape), num_outputs=train.num_classes)
+  if os.path.exists(path + '.json') and os.path.exists(path + '.msgpack'):
+    meta = json.load(open(path + '.json'))
+    template = net.init(jax.random.key(0), jnp.zeros((2,) + train.image_shape), jnp.zeros(2))['params']
+    with open(path + '.msgpack', 'rb') as f:
+      params = flax.serialization.from_bytes(template, f.read())
+    return EvalClassifier(net, params, train.num_classes, meta['accuracy'], train.image_shape)
+  clf = train_classifier(train, test, steps, seed, progress=progress)
+  os.makedirs(cache_dir(), exist_ok=True)
+  tmp = f'{path}.{os.getpid()}.tmp'
+  with open(tmp, 'wb') as f:
+    f.write(flax.serialization.to_bytes(clf.params))
+  os.replace(tmp, path + '.msgpack')
+  with open(tmp, 'w') as f:
+    json.dump({'accuracy': clf.accuracy, 'dataset': train.name, 'steps': steps}, f)
+  os.replace(tmp, path + '.json')
+  return clf
+
+
+def frechet_distance(feats_a: np.ndarray, feats_b: np.ndarray) -> float:
+  """||mu_a - mu_b||^2 + Tr(S_a + S_b - 2 (S_a S_b)^(1/2)) of Gaussian fits to features."""
+  a, b = np.asarray(feats_a, np.float64), np.asarray(feats_b, np.float64)
+  mu_a, mu_b = a.mean(0), b.mean(0)
+  s_a, s_b = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
+  # Tr (S_a S_b)^(1/2) = sum of sqrt eigenvalues of the symmetric PSD S_a^(1/2) S_b S_a^(1/2):
+  # stable where a general matrix square root returns complex noise.
+  w, v = np.linalg.eigh(s_a)
+  root_a = (v * np.sqrt(np.clip(w, 0, None))) @ v.T
+  eig = np.linalg.eigvalsh(root_a @ s_b @ root_a)
+  tr_covmean = np.sqrt(np.clip(eig, 0, None)).sum()
+  return float(np.sum((mu_a - mu_b) ** 2) + np.trace(s_a) + np.trace(s_b) - 2 * tr_covmean)
+
+
+def class_frequencies(labels: np.ndarray, num_classes: int) -> np.ndarray:
+  return np.bincount(np.asarray(labels), minlength=num_classes) / max(len(labels), 1)
+
+
+def tv_distance(p, q) -> float:
+  return float(0.5 * np.abs(np.asarray(p) - np.asarray(q)).sum())
+
+
+def load_feature_fn(spec: str) -> Callable:
+  """'package.module:function' -> the function (a user-supplied Inception extractor)."""
+  module, _, name = spec.partition(':')
+  if not name:
+    raise ValueError(f"eval.feature_fn={spec!r} must look like 'package.module:function'.")
+  return getattr(importlib.import_module(module), name)
+
+
+def evaluate_samples(clf: EvalClassifier, samples, reference_images,
+                     feature_fn: Callable | None = None) -> dict:
+  """Class frequencies, TV to uniform and classifier FID of ``samples`` vs held-out data."""
+  logits, feats = clf.logits_and_features(samples)
+  _, ref_feats = clf.logits_and_features(reference_images)
+  freqs = class_frequencies(logits.argmax(-1), clf.num_classes)
+  out = dict(class_frequencies=freqs.tolist(),
+             tv_to_uniform=tv_distance(freqs, np.full(clf.num_classes, 1 / clf.num_classes)),
+             classifier_fid=frechet_distance(feats, ref_feats),
+             num_samples=int(len(samples)), num_reference=int(len(reference_images)),
+             classifier_accuracy=clf.accuracy,
+             mean_confidence=float(jax.nn.softmax(logits).max(-1).mean()))
+  if feature_fn is not None:
+    out['fid'] = frechet_distance(np.asarray(feature_fn(samples)),
+                                  np.asarray(feature_fn(reference_images)))
+  return out
+
+
+def generate(exp, state, num_samples: int, seed: int = 1234, progress: bool = False,
+             batch_size: int = 1000) -> np.ndarray:
+  """``num_samples`` samples of a run's model (EMA by default), in batches."""
+  sampler = exp.sampler()
+  params = state.ema_params if exp.config.sample.use_ema else state.params
+  n_dev = exp.mesh.devices.size
+  out = []
+  for i, start in enumerate(range(0, num_samples, batch_size)):
+    n = min(batch_size, num_samples - start)
+    n_pad = -(-n // n_dev) * n_dev
+    x = sampler(params, jax.random.fold_in(jax.random.key(seed), i), n_pad,
+                exp.sample_labels(n_pad), progress=progress)
+    out.append(np.asarray(parallel.to_host(x))[:n])
+  return np.concatenate(out)
+
+
+def evaluate_run(exp, state, workdir: str, progress: bool = False) -> dict:
+  """Samples a trained run, evaluates it, writes eval.json and the plots; returns the dict."""
+  ec = exp.config.eval
+  clf = get_classifier(exp.config.data, steps=ec.classifier_steps or None, progress=progress)
+  test = sources.load_dataset(exp.config.data, 'test')
+  samples = generate(exp, state, ec.num_samples, progress=progress)
+  feature_fn = load_feature_fn(ec.feature_fn) if ec.feature_fn else None
+  result = evaluate_samples(clf, samples, sources.to_float(test.images), feature_fn)
+  train_freqs = class_frequencies(exp.dataset.labels[exp.train_idx], exp.num_classes)
+  result['training_class_frequencies'] = train_freqs.tolist()
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, 'eval.json'), 'w') as f:
+      json.dump(result, f, indent=2)
+    writers.plot_class_frequencies(
+        os.path.join(workdir, 'class_frequencies.png'),
+        {'training data': train_freqs, 'model samples': result['class_frequencies']},
+        target=np.full(exp.num_classes, 1 / exp.num_classes),
+        title=f'{exp.config.method.name}: classifier FID {result["classifier_fid"]:.2f}, '
+              f'TV to uniform {result["tv_to_uniform"]:.3f}')
+    writers.save_image_grid(os.path.join(workdir, 'samples', 'eval_samples.png'), samples[:100])
+  return result

@@ -1,0 +1,319 @@
+"""Constrained diffusion via dual training (Khalafi, Ding & Ribeiro).
+
+Problem: ``min_p KL(q_0 || p)  s.t.  KL(q_i || p) <= b_i``, with KL replaced by the DSM loss
+``L_i`` (the negative ELBO up to the entropy of q_i, so each b_i is a threshold in loss
+units). Lagrangian with lam_0 = 1: ``L_0 + sum_i lam_i L_i - lam.b``, whose minimizer for fixed
+lam is the mixture ``(q_0 + sum lam_i q_i) / (1 + sum lam_i)``; dual training chooses lam.
+
+One training step (one XLA program, see ``cdiff_jax.train_step``):
+
+* primal: a gradient step on ``L_0 + sum_i stop_grad(lam_i) L_i`` (optionally divided by
+  ``1 + sum lam``, which does not move the minimizer and keeps the step size stable), where
+  every ``L_i`` is the mean per-example DSM loss of group i of one flat batch evaluated in a
+  single model call;
+* dual, every ``dual_every`` steps: ``lam <- max(0, lam + eta (Lhat - b))`` with ``Lhat`` the
+  current minibatch loss (the authors' choice), the mean over the window of primal steps
+  since the last dual step, or a running average; with the resilient relaxation
+  (``resilient_alpha > 0``) the step is ``lam <- max(0, lam + eta (Lhat - b - lam/alpha))``,
+  whose fixed point ``alpha (L - b)_+`` stays bounded when a threshold is infeasible.
+
+Dual variables, thresholds and the estimator's accumulators live in ``TrainState.extras``
+and are checkpointed with everything else.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any, Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from cdiff_jax import losses
+from cdiff_jax.config import ConfigError
+
+ESTIMATES = ('minibatch', 'window', 'ema')
+THRESHOLD_MODES = ('absolute', 'reference')
+CONSTRAINT_SOURCES = ('classes', 'source')
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Constrained:
+  """Dual training around a per-example loss (``base.per_example_loss``).
+
+  ``base`` is any object with ``per_example_loss(params, batch, rng) -> (vector, aux)``: the
+  plain DSM method, or the TIW-DSM method for debiasing and constraints together.
+  """
+
+  base: Any
+  num_constraints: int
+  thresholds: tuple[float, ...]
+  constraint_names: tuple[str, ...] = ()
+  constraint_classes: tuple[int, ...] = ()   # constraint_source='classes'
+  constraint_source: str = 'classes'
+  objective_batch: int = 128
+  constraint_batch: int = 64
+  dual_lr: float = 1.0
+  dual_every: int = 1
+  dual_start: int = 0                         # no dual steps before this primal step
+  dual_estimate: str = 'window'
+  dual_ema: float = 0.9
+  dual_lr_fn: Callable | None = None          # multiplies dual_lr (e.g. the primal LR shape)
+  init_lambda: float = 0.0
+  resilient_alpha: float = 0.0
+  normalize: bool = True
+  enabled: bool = True                        # False: lam stays 0 (the unconstrained arm)
+  reference: tuple[float, ...] = ()           # reference model's (L_0, L_1..m), if measured
+  history: list = dataclasses.field(default_factory=list, repr=False)
+
+  # ------------------------------------------------------------------ data
+  def data_groups(self, dataset, train_indices: np.ndarray):
+    groups = [('objective', np.asarray(train_indices), self.objective_batch)]
+    if self.constraint_source == 'classes':
+      for name, c in zip(self.constraint_names, self.constraint_classes):
+        idx = train_indices[dataset.labels[train_indices] == c]
+        if len(idx) == 0:
+          raise ConfigError(f'config.method.constraint_classes: class {c} has no training '
+                            'examples left after data selection.')
+        groups.append((name, idx, self.constraint_batch))
+    else:
+      if 'source' not in dataset.attributes:
+        raise ConfigError("config.method.constraint_source='source' needs a dataset with a "
+                          "'source' attribute (0 = objective, i = constraint i).")
+      src = dataset.attributes['source']
+      groups = [('objective', np.flatnonzero(src == 0), self.objective_batch)]
+      for i, name in enumerate(self.constraint_names, start=1):
+        groups.append((name, np.flatnonzero(src == i), self.constraint_batch))
+    return groups
+
+  # ------------------------------------------------------------------ state
+  def init_extras(self, rng, params):
+    del rng, params
+    m = self.num_constraints
+    lam0 = self.init_lambda if self.enabled else 0.0
+    return dict(lam=jnp.full((m,), lam0, jnp.float32),
+                thresholds=jnp.asarray(self.thresholds, jnp.float32).reshape(m),
+                window_sum=jnp.zeros((m,), jnp.float32),
+                loss_ema=jnp.zeros((m,), jnp.float32),
+                ema_count=jnp.zeros((), jnp.int32),
+                num_dual_steps=jnp.zeros((), jnp.int32))
+
+  # ------------------------------------------------------------------ losses
+  def group_losses(self, params, batch, rng):
+    """(L of shape (1 + m,), aux of the base loss): L[0] objective, L[1:] constraints."""
+    per_example, aux = self.base.per_example_loss(params, batch, rng)
+    return losses.group_means(per_example, batch['group'], self.num_constraints + 1), aux
+
+  def lagrangian(self, group_loss, lam):
+    total = group_loss[0] + jnp.sum(lam * group_loss[1:])
+    return total / (1.0 + jnp.sum(lam)) if self.normalize else total
+
+  def loss(self, params, extras, batch, rng):
+    group_loss, _ = self.group_losses(params, batch, rng)
+    lam = jax.lax.stop_gradient(extras['lam'])
+    constraint_loss = jax.lax.stop_gradient(group_loss[1:])
+    metrics = dict(objective_loss=group_loss[0], constraint_loss=constraint_loss)
+    return self.lagrangian(group_loss, lam), dict(metrics=metrics, constraint_loss=constraint_loss)
+
+  def update_extras(self, extras, aux, step, rng):
+    del rng
+    current = aux['constraint_loss']
+    window_sum = extras['window_sum'] + current
+    count = extras['ema_count'] + 1
+    loss_ema = self.dual_ema * extras['loss_ema'] + (1 - self.dual_ema) * current
+    # Bias-corrected running average (as in Adam), so early dual steps are not pulled to 0.
+    ema = loss_ema / (1 - self.dual_ema ** count.astype(jnp.float32))
+    estimate = {'minibatch': current, 'window': window_sum / self.dual_every,
+                'ema': ema}[self.dual_estimate]
+    lam = extras['lam']
+    gap = estimate - extras['thresholds']
+    slack = lam / self.resilient_alpha if self.resilient_alpha > 0 else jnp.zeros_like(lam)
+    eta = self.dual_lr * (self.dual_lr_fn(step) if self.dual_lr_fn is not None else 1.0)
+    ascent = jnp.maximum(0.0, lam + eta * (gap - slack))
+    window_end = (step + 1) % self.dual_every == 0
+    is_dual_step = window_end & (step >= self.dual_start) & self.enabled
+    lam = jnp.where(is_dual_step, ascent, lam)
+    new = dict(extras, lam=lam, loss_ema=loss_ema, ema_count=count,
+               window_sum=jnp.where(window_end, jnp.zeros_like(window_sum), window_sum),
+               num_dual_steps=extras['num_dual_steps'] + is_dual_step)
+    metrics = dict(lam=lam, constraint_gap=gap, slack=slack, threshold=extras['thresholds'],
+                   num_dual_steps=new['num_dual_steps'])
+    return new, metrics
+
+  # ------------------------------------------------------------------ host side
+  def host_metrics(self, summary: dict, step: int, patience: int = 5) -> list[str]:
+    """Warnings from the logged figures: a multiplier that keeps growing while its
+    constraint stays violated means the threshold is probably infeasible."""
+    if not self.enabled:
+      return []
+    self.history.append((step, np.asarray(summary['lam']), np.asarray(summary['constraint_gap'])))
+    del self.history[:-(patience + 1)]
+    if len(self.history) <= patience:
+      return []
+    lams = np.stack([h[1] for h in self.history])
+    gaps = np.stack([h[2] for h in self.history])
+    warnings = []
+    for i in range(self.num_constraints):
+      growing = np.all(np.diff(lams[:, i]) > 0) and np.all(gaps[1:, i] > 0)
+      if growing:
+        warnings.append(
+            f'constraint {self.constraint_names[i]}: lambda grew from {lams[0, i]:.3g} to '
+            f'{lams[-1, i]:.3g} over the last {patience} logs while L - b stayed > 0 '
+            f'(now {gaps[-1, i]:.3g}); the threshold may be infeasible: raise '
+            'method.thresholds or set method.resilient_alpha > 0.')
+    return warnings
+
+  def prepare(self, config, model, batcher, mesh) -> 'Constrained':
+    """threshold_mode='reference': b_i = scale * L_i(reference model) + offset, with L_i
+    measured on ``reference_batches`` batches of this run's data; else unchanged."""
+    mc = config.method
+    if mc.threshold_mode != 'reference':
+      return self
+    ref = reference_losses(self, load_reference_params(mc.reference_workdir), batcher, mesh,
+                           mc.reference_batches, config.seed)
+    b = tuple(float(mc.threshold_scale * v + mc.threshold_offset) for v in ref[1:])
+    print(f'reference model losses: objective {ref[0]:.5f}, constraints '
+          f'{", ".join(f"{n}={v:.5f}" for n, v in zip(self.constraint_names, ref[1:]))}; '
+          f'thresholds b = {", ".join(f"{v:.5f}" for v in b)}')
+    return dataclasses.replace(self, thresholds=b, reference=tuple(float(v) for v in ref))
+
+
+def load_reference_params(workdir: str):
+  """EMA parameters of the newest checkpoint in ``workdir`` (any method's run)."""
+  import orbax.checkpoint as ocp
+  directory = os.path.abspath(os.path.join(workdir, 'checkpoints'))
+  with ocp.CheckpointManager(directory, item_names=('state', 'meta')) as mgr:
+    step = mgr.latest_step()
+    if step is None:
+      raise ConfigError(f'config.method.reference_workdir={workdir!r} holds no checkpoint.')
+    state = mgr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))['state']
+  return state['ema_params']
+
+
+def reference_losses(method: Constrained, params, batcher, mesh, num_batches: int,
+                     seed: int) -> np.ndarray:
+  """Mean group losses (1 + m,) of ``params`` over ``num_batches`` batches of the run's data.
+
+  Batches are taken far beyond any training step (the order is a function of the step), with
+  a fixed key, so the figure is reproducible and independent of where training stands.
+  """
+  from cdiff_jax import parallel
+
+  @jax.jit
+  def group_loss(params, batch, rng):
+    return method.group_losses(params, batch, rng)[0]
+
+  params = parallel.put_replicated(params, mesh)
+  total = 0.0
+  for i in range(num_batches):
+    batch = parallel.put_batch(batcher.batch(10_000_000 + i), mesh)
+    total = total + np.asarray(group_loss(params, batch, jax.random.fold_in(jax.random.key(seed), i)))
+  return total / num_batches
+
+
+# ---------------------------------------------------------------------- construction
+
+
+def _per_constraint(values: Sequence[float], m: int, field: str) -> tuple[float, ...]:
+  values = tuple(float(v) for v in values)
+  if len(values) == 1:
+    return values * m
+  if len(values) != m:
+    raise ConfigError(f'config.method.{field}={values}: give one value or one per constraint ({m}).')
+  return values
+
+
+def validate(config) -> None:
+  mc = config.method
+  if mc.constraint_source not in CONSTRAINT_SOURCES:
+    raise ConfigError(f'config.method.constraint_source={mc.constraint_source!r}: must be one '
+                      f'of {CONSTRAINT_SOURCES}.')
+  if mc.constraint_source == 'classes' and not mc.constraint_classes:
+    raise ConfigError('config.method.constraint_classes=(): give at least one class to constrain '
+                      "(or use method.name='dsm' for no constraints).")
+  if mc.dual_estimate not in ESTIMATES:
+    raise ConfigError(f'config.method.dual_estimate={mc.dual_estimate!r}: must be one of {ESTIMATES}.')
+  if mc.threshold_mode not in THRESHOLD_MODES:
+    raise ConfigError(f'config.method.threshold_mode={mc.threshold_mode!r}: must be one of '
+                      f'{THRESHOLD_MODES}.')
+  if mc.threshold_mode == 'reference' and not mc.reference_workdir:
+    raise ConfigError("config.method.reference_workdir='': threshold_mode='reference' needs "
+                      'the workdir of a trained reference run (e.g. the unconstrained model).')
+  if mc.threshold_mode == 'reference' and not os.path.isdir(os.path.join(mc.reference_workdir, 'checkpoints')):
+    raise ConfigError(f'config.method.reference_workdir={mc.reference_workdir!r} holds no '
+                      'checkpoints/; train the reference run first.')
+  for field in ('dual_lr', 'init_lambda', 'resilient_alpha'):
+    if mc[field] < 0:
+      raise ConfigError(f'config.method.{field}={mc[field]}: must be >= 0.')
+  if mc.dual_start < 0:
+    raise ConfigError(f'config.method.dual_start={mc.dual_start}: must be >= 0.')
+  if mc.dual_every < 1:
+    raise ConfigError(f'config.method.dual_every={mc.dual_every}: must be >= 1.')
+  if not 0 <= mc.dual_ema < 1:
+    raise ConfigError(f'config.method.dual_ema={mc.dual_ema}: must lie in [0, 1).')
+  if mc.dual_lr_schedule not in ('constant', 'primal'):
+    raise ConfigError(f"config.method.dual_lr_schedule={mc.dual_lr_schedule!r}: must be "
+                      "'constant' or 'primal'.")
+  for field in ('objective_batch', 'constraint_batch'):
+    if mc[field] < 1:
+      raise ConfigError(f'config.method.{field}={mc[field]}: must be positive.')
+
+
+def num_constraints(config) -> int:
+  mc = config.method
+  return len(mc.constraint_classes) if mc.constraint_source == 'classes' else len(mc.constraint_names)
+
+
+def build(config, base, lr_fn: Callable | None = None) -> Constrained:
+  mc = config.method
+  m = num_constraints(config)
+  if mc.constraint_source == 'classes':
+    names = tuple(f'class_{c}' for c in mc.constraint_classes)
+  else:
+    names = tuple(mc.constraint_names)
+  dual_lr_fn = None
+  if mc.dual_lr_schedule == 'primal' and lr_fn is not None:
+    peak = float(config.optim.lr)
+    dual_lr_fn = lambda step: lr_fn(step) / peak
+  thresholds = _per_constraint(mc.thresholds, m, 'thresholds') if mc.threshold_mode == 'absolute' \
+      else (0.0,) * m
+  return Constrained(
+      base=base, num_constraints=m, thresholds=thresholds, constraint_names=names,
+      constraint_classes=tuple(int(c) for c in mc.constraint_classes),
+      constraint_source=mc.constraint_source, objective_batch=mc.objective_batch,
+      constraint_batch=mc.constraint_batch, dual_lr=mc.dual_lr, dual_every=mc.dual_every,
+      dual_start=mc.dual_start,
+      dual_estimate=mc.dual_estimate, dual_ema=mc.dual_ema, dual_lr_fn=dual_lr_fn,
+      init_lambda=mc.init_lambda, resilient_alpha=mc.resilient_alpha, normalize=mc.normalize,
+      enabled=mc.enabled)
+
+
+def default_method_config():
+  """The ``config.method`` fields of constrained training, with their defaults."""
+  import ml_collections
+  return ml_collections.ConfigDict(dict(
+      name='constrained',
+      enabled=True,                  # False: same batches and logs, lam fixed at 0
+      constraint_source='classes',   # classes: one constraint per class | source: dataset tag
+      constraint_classes=(),
+      constraint_names=(),           # constraint_source='source'
+      objective_batch=128,
+      constraint_batch=64,
+      threshold_mode='absolute',     # absolute | reference
+      thresholds=(0.05,),            # absolute: b_i (one value or one per constraint)
+      reference_workdir='',          # reference: b_i = scale * L_i(reference model) + offset
+      threshold_scale=1.0,
+      threshold_offset=0.0,
+      reference_batches=50,
+      dual_lr=1.0,
+      dual_lr_schedule='constant',   # constant | primal (scaled like the primal LR)
+      dual_every=1,                  # primal steps per dual step
+      dual_start=0,                  # first primal step at which the dual ascent runs
+      dual_estimate='window',        # minibatch | window | ema
+      dual_ema=0.9,
+      init_lambda=0.0,
+      resilient_alpha=0.0,           # > 0: resilient relaxation with slack cost alpha/2 u^2
+      normalize=True,                # divide the Lagrangian by 1 + sum lam
+  ))

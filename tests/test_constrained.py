@@ -1,0 +1,200 @@
+"""Constrained dual training against closed-form answers on a 1-D Gaussian mixture.
+
+The mixture has 4 well-separated modes with weights pi = (.3, .3, .3, .1); the constraint set
+q_1 is the minority mode. For fixed lam the Lagrangian's minimizer is the mixture
+(q_0 + lam q_1) / (1 + lam), so mode masses are (pi + lam e_3) / (1 + lam). With the ELBO
+weighting, losses are KLs up to constants, so a threshold equal to the minority loss of the
+fixed-lam* model makes lam* the dual optimum: dual training from lam = 0 must find it.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from cdiff_jax import config as config_lib
+from cdiff_jax import parallel, train
+from cdiff_jax.data.sources import ArrayDataset
+from cdiff_jax.methods import constrained
+
+CENTERS = np.array([-6.0, -2.0, 2.0, 6.0], np.float32)
+PI = np.array([0.3, 0.3, 0.3, 0.1])
+LAM_STAR = 0.2
+MASS_TOL = 0.04   # sampling noise at 8,000 samples is ~0.005; model error dominates
+LAM_TOL = 0.15 * LAM_STAR
+
+
+def mixture_dataset(n=20_000, seed=0) -> ArrayDataset:
+  rng = np.random.default_rng(seed)
+  labels = rng.choice(4, n, p=PI)
+  x = CENTERS[labels] + 0.4 * rng.standard_normal(n).astype(np.float32)
+  return ArrayDataset(x[:, None].astype(np.float32), labels, 4, 'toy')
+
+
+def toy_config(steps=3000, **method):
+  c = config_lib.base_config()
+  c.data.name = 'toy'
+  c.model.name = 'mlp'
+  c.model.hidden, c.model.depth = 128, 3
+  c.diffusion.schedule = 'vp'
+  c.diffusion.loss_weighting = 'elbo'
+  c.optim.name, c.optim.lr, c.optim.warmup_steps = 'adam', 2e-3, 100
+  c.optim.lr_schedule, c.optim.final_lr_fraction = 'cosine', 0.0
+  c.train.steps, c.train.steps_per_call = steps, 50
+  c.train.log_every = c.train.checkpoint_every = 0 or 50
+  c.train.ema_decay = 0.995
+  c.train.compilation_cache = False
+  c.method = constrained.default_method_config()
+  c.method.constraint_classes = (3,)
+  c.method.objective_batch = c.method.constraint_batch = 512
+  c.method.update(method)
+  return c
+
+
+def mode_masses(exp, state, n=8000, seed=0) -> np.ndarray:
+  sampler = exp.sampler(sampler='ancestral', num_steps=500, clip=None)
+  x = np.asarray(sampler(state.ema_params, jax.random.key(seed), n))[:, 0]
+  nearest = np.abs(x[:, None] - CENTERS[None]).argmin(1)
+  return np.bincount(nearest, minlength=4) / n
+
+
+@pytest.fixture(scope='module')
+def dataset():
+  return mixture_dataset()
+
+
+@pytest.fixture(scope='module')
+def fixed_lambda_run(dataset):
+  cfg = toy_config(init_lambda=LAM_STAR, dual_lr=0.0)
+  exp = train.build(cfg, dataset)
+  state, _ = train.fit(exp, exp.init_state())
+  return exp, state
+
+
+def test_fixed_lambda_gives_mixture_masses(fixed_lambda_run):
+  exp, state = fixed_lambda_run
+  assert float(state.extras['lam'][0]) == pytest.approx(LAM_STAR)
+  expected = (PI + LAM_STAR * np.eye(4)[3]) / (1 + LAM_STAR)
+  masses = mode_masses(exp, state)
+  np.testing.assert_allclose(masses, expected, atol=MASS_TOL)
+
+
+def test_dual_training_recovers_lambda_star(fixed_lambda_run, dataset):
+  exp_fixed, state_fixed = fixed_lambda_run
+  # b := the minority loss of the lam* model, measured on many batches.
+  ref = constrained.reference_losses(exp_fixed.method, state_fixed.ema_params, exp_fixed.batcher,
+                                     exp_fixed.mesh, 200, seed=0)
+  # Dual steps start after the primal warm-up (an untrained model violates every threshold
+  # by tens of nats) and shrink with the primal learning rate, so lam settles.
+  cfg = toy_config(init_lambda=0.0, dual_lr=0.05, thresholds=(float(ref[1]),),
+                   dual_lr_schedule='primal', dual_start=500)
+  exp = train.build(cfg, dataset)
+  state, history = train.fit(exp, exp.init_state())
+  lam_trace = np.concatenate([np.asarray(h['lam'])[:, 0] for h in history])
+  lam_end = lam_trace[-500:].mean()
+  assert abs(lam_end - LAM_STAR) < LAM_TOL, lam_end
+  assert lam_trace.min() >= 0.0
+  masses = mode_masses(exp, state, seed=1)
+  np.testing.assert_allclose(masses, (PI + LAM_STAR * np.eye(4)[3]) / (1 + LAM_STAR), atol=MASS_TOL)
+
+
+def test_unconstrained_arm_keeps_minority_at_pi(dataset):
+  exp = train.build(toy_config(enabled=False), dataset)
+  state, history = train.fit(exp, exp.init_state())
+  assert np.all(np.concatenate([np.asarray(h['lam']) for h in history]) == 0.0)
+  masses = mode_masses(exp, state, seed=2)
+  np.testing.assert_allclose(masses, PI, atol=MASS_TOL)
+
+
+# ------------------------------------------------------------------ the dual update itself
+
+
+def _method(**kw):
+  base = dict(base=None, num_constraints=2, thresholds=(1.0, 1.0), constraint_names=('a', 'b'),
+              dual_lr=0.5, dual_every=1, dual_estimate='minibatch')
+  base.update(kw)
+  return constrained.Constrained(**base)
+
+
+def _run_dual(method, losses_per_step):
+  extras = method.init_extras(None, None)
+  lams = []
+  for step, l in enumerate(losses_per_step):
+    extras, _ = method.update_extras(extras, dict(constraint_loss=jnp.asarray(l, jnp.float32)),
+                                     jnp.asarray(step), None)
+    lams.append(np.asarray(extras['lam']))
+  return extras, np.stack(lams)
+
+
+def test_projection_and_sign():
+  # Violated constraint (L > b) raises lam; satisfied one is projected at 0, never negative.
+  _, lams = _run_dual(_method(init_lambda=0.3), [[1.5, 0.2]] * 4)
+  np.testing.assert_allclose(lams[:, 0], 0.3 + 0.25 * np.arange(1, 5), rtol=1e-6)
+  np.testing.assert_array_equal(lams[:, 1], 0.0)
+
+
+def test_infeasible_threshold_grows_and_resilient_stays_bounded():
+  method = _method(thresholds=(0.0, 0.0))
+  _, lams = _run_dual(method, [[0.5, 0.5]] * 200)
+  assert lams[-1, 0] == pytest.approx(0.5 * 0.5 * 200, rel=1e-5)  # grows without bound
+  resilient = _method(thresholds=(0.0, 0.0), resilient_alpha=2.0)
+  extras, lams_r = _run_dual(resilient, [[0.5, 0.5]] * 200)
+  # Fixed point lam = alpha (L - b)_+ = 1.0, approached and never exceeded.
+  assert lams_r[-1, 0] == pytest.approx(1.0, abs=1e-3) and lams_r.max() <= 1.0 + 1e-6
+
+
+def test_warning_when_lambda_keeps_growing():
+  method = _method(thresholds=(0.0, 0.0))
+  warnings = []
+  for step in range(8):
+    warnings = method.host_metrics(dict(lam=np.array([0.1 * step, 0.0]),
+                                        constraint_gap=np.array([0.5, -0.1])), step)
+  assert len(warnings) == 1 and 'constraint a' in warnings[0] and 'infeasible' in warnings[0]
+
+
+def test_dual_every_n_primal_steps_and_window_estimate():
+  method = _method(dual_every=3, dual_estimate='window', thresholds=(0.0, 0.0), dual_lr=1.0)
+  extras, lams = _run_dual(method, [[1.0, 2.0], [2.0, 2.0], [3.0, 2.0]] * 3)
+  assert int(extras['num_dual_steps']) == 3
+  # lam changes only at steps 2, 5, 8, by the mean loss of the window (2.0).
+  np.testing.assert_allclose(lams[:, 0], [0, 0, 2, 2, 2, 4, 4, 4, 6])
+
+
+def test_constrained_step_on_digits_one_program_and_two_devices(tiny_config):
+  tiny_config.method = constrained.default_method_config()
+  tiny_config.method.constraint_classes = (4, 5, 7)
+  tiny_config.method.objective_batch, tiny_config.method.constraint_batch = 16, 8
+  tiny_config.method.dual_every = 2
+  tiny_config.data.minority_classes, tiny_config.data.minority_fraction = (4, 5, 7), 0.1
+  tiny_config.train.num_devices = 2
+  exp2 = train.build(tiny_config)
+  s2, hist = train.fit(exp2, exp2.init_state(), until=6)
+  assert exp2.step.num_traces == 1
+  assert int(s2.extras['num_dual_steps']) == 3
+  assert hist[0]['constraint_loss'].shape == (3,)
+  # Minority groups are drawn from the kept minority examples only.
+  groups = exp2.batcher.group_names
+  assert groups == ['objective', 'class_4', 'class_5', 'class_7']
+  idx, gid = exp2.batcher.indices(0)
+  assert set(exp2.dataset.labels[idx[gid == 1]]) == {4}
+  tiny_config.train.num_devices = 1
+  exp1 = train.build(tiny_config)
+  s1, _ = train.fit(exp1, exp1.init_state(), until=6)
+  for a, b in zip(jax.tree.leaves(s1.params), jax.tree.leaves(s2.params)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=5e-5)  # reduction order
+  np.testing.assert_allclose(np.asarray(s1.extras['lam']), np.asarray(s2.extras['lam']), atol=5e-5)
+
+
+@pytest.mark.parametrize('field,value,needle', [
+    ('constraint_classes', (), 'constraint_classes'),
+    ('dual_lr', -1.0, 'dual_lr'),
+    ('dual_estimate', 'avg', 'dual_estimate'),
+    ('threshold_mode', 'reference', 'reference_workdir'),
+    ('thresholds', (0.1, 0.2), 'thresholds'),
+])
+def test_bad_method_config_messages(tiny_config, field, value, needle):
+  tiny_config.method = constrained.default_method_config()
+  tiny_config.method.constraint_classes = (4, 5, 7)
+  tiny_config.method[field] = value
+  with pytest.raises(config_lib.ConfigError, match=needle):
+    train.build(tiny_config)
