@@ -71,6 +71,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.sample = ml_collections.ConfigDict(dict(
       sampler='ddim',         # ancestral | ddim | euler_maruyama | heun
       num_steps=100, eta=0.0, clip=1.0, num_samples=64, use_ema=True,
+      guidance_scale=1.0,     # classifier-free guidance weight w (1: plain conditional)
   ))
 
   c.method = ml_collections.ConfigDict(dict(name='dsm'))
@@ -155,6 +156,13 @@ def validate(c: ml_collections.ConfigDict) -> None:
     if c.train[f] % k:
       _fail(f'train.{f}', c.train[f], f'must be a multiple of train.steps_per_call={k}.')
   _choice(c, 'sample.sampler', SAMPLERS)
+  w = c.sample.get('guidance_scale', 1.0)
+  if w != 1.0 and not c.model.conditional:
+    _fail('sample.guidance_scale', w, 'classifier-free guidance needs a class-conditional '
+          'model; set model.conditional=True (or guidance_scale=1).')
+  if w != 1.0 and c.model.class_dropout == 0:
+    _fail('sample.guidance_scale', w, 'the null class is never trained with '
+          'model.class_dropout=0; set model.class_dropout=0.1 (or guidance_scale=1).')
   _positive(c, 'eval.num_samples')
   if c.eval.enabled and c.data.name == 'toy':
     _fail('eval.enabled', True, 'the evaluation classifier needs an image dataset.')

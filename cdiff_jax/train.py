@@ -98,8 +98,13 @@ class Experiment:
     return parallel.put_replicated(state, self.mesh)
 
   def eps_fn(self, params, x, t, cond):
-    """Sampling-time eps (cond: labels or None)."""
-    return self.model.eps(params, x, t, cond)
+    """Sampling-time eps (cond: labels or None); classifier-free guided with weight
+    ``sample.guidance_scale`` when the model is conditional and labels are given."""
+    w = self.config.sample.get('guidance_scale', 1.0)
+    if cond is None or w == 1.0 or not self.config.model.conditional:
+      return self.model.eps(params, x, t, cond)
+    from cdiff_jax.methods import guidance  # Local: guidance imports the samplers.
+    return guidance.cfg_eps(self.model, params, x, t, cond, w, self.num_classes)
 
   def sampler(self, **overrides) -> Sampler:
     sc = self.config.sample

@@ -1,0 +1,305 @@
+"""Guidance and composition: turn trained models into the eps (or energy) a sampler uses.
+
+Every function here returns an ``eps_fn(params, x, t, cond) -> eps`` for the core samplers
+(``cdiff_jax.sampling.Sampler``: ancestral, DDIM, Euler-Maruyama, Heun) or a ``Potential``
+for the annealed MCMC samplers (``cdiff_jax.sampling.mcmc``). Nothing is retrained.
+
+* Classifier-free guidance (one conditional model whose label ``null`` is the
+  unconditional one): ``eps_u + w (eps_c - eps_u)``; ``w = 1`` is the conditional model.
+* AND / NOT of conditions (composable diffusion): ``eps_u + sum_i w_i (eps_i - eps_u)``, a
+  negative ``w_i`` negates concept i. All conditions, the null one included, go through the
+  network in ONE vmapped call (the batch grows by the number of conditions; there is no
+  Python loop of network calls). Conditions may differ per example, so one sampling batch
+  can hold several compositions.
+* Separately trained models of one family (same architecture, so their parameters stack):
+  product (AND / NOT) ``E = sum_k w_k E_k`` and mixture (OR) ``E = -log sum_k w_k
+  exp(-E_k - log Z_k)``, with signed weights allowed (a box minus a box inside it). One
+  vmapped call over the stacked parameters.
+* Classifier guidance: ``eps - w sigma_t grad_x log p(y | x_t, t)`` with a time-dependent
+  classifier trained on noised data (``cdiff_jax.methods.noisy_classifier``, shared with
+  the TIW-DSM discriminator).
+
+Energy and gradient of a composed potential are always computed together, as the value
+and the chain-rule gradient of ONE function of the component energies, so they cannot
+disagree (a known defect of public ports, where the composed gradient and the energy used
+in the Metropolis test were assembled separately).
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.scipy.special import logsumexp
+
+from cdiff_jax.config import ConfigError
+from cdiff_jax.sampling.mcmc import Potential
+
+# Label that stands for "any" (the unconditional model) in a composition's concept list.
+ANY = -1
+
+
+def _bcast(v, x):
+  return jnp.reshape(v, (-1,) + (1,) * (x.ndim - 1))
+
+
+# ----------------------------------------------------------------------------- CFG
+
+def cfg_eps(model, params, x, t, labels, guidance_scale: float, null_label: int):
+  """``eps_u + w (eps_c - eps_u)`` from one forward pass over the doubled batch."""
+  chex.assert_shape(labels, (x.shape[0],))
+  if guidance_scale == 1.0:
+    return model.eps(params, x, t, labels)
+  n = x.shape[0]
+  x2 = jnp.concatenate([x, x])
+  t2 = jnp.concatenate([t, t])
+  y2 = jnp.concatenate([labels, jnp.full((n,), null_label, labels.dtype)])
+  eps = model.eps(params, x2, t2, y2)
+  eps_c, eps_u = eps[:n], eps[n:]
+  return eps_u + guidance_scale * (eps_c - eps_u)
+
+
+def cfg_eps_fn(model, guidance_scale: float, null_label: int) -> Callable:
+  """``eps_fn(params, x, t, labels)``; ``labels=None`` samples the unconditional model."""
+
+  def eps_fn(params, x, t, labels):
+    if labels is None:
+      return model.eps(params, x, t, jnp.full((x.shape[0],), null_label, jnp.int32))
+    return cfg_eps(model, params, x, t, labels, guidance_scale, null_label)
+
+  return eps_fn
+
+
+# ----------------------------------------------------------------------------- AND / NOT
+
+def make_composition(concepts: Sequence[int], weights: Sequence[float], batch_size: int,
+                     null_label: int, field: str = 'composition') -> dict:
+  """``cond`` for ``composed_eps_fn``: the same composition for every example.
+
+  ``concepts``: class labels, or ``ANY`` (-1) for the unconditional model. ``weights``:
+  one per concept, negative = NOT. At least one weight must be positive (a negation alone
+  is ill-defined: "not a 1" says nothing about what to draw).
+  """
+  concepts, weights = list(concepts), [float(w) for w in weights]
+  if len(concepts) != len(weights) or not concepts:
+    raise ConfigError(f'config.{field}: give one weight per concept (got {len(concepts)} '
+                      f'concepts and {len(weights)} weights).')
+  if not any(w > 0 for w in weights):
+    raise ConfigError(f'config.{field}.weights={tuple(weights)}: NOT needs at least one positive '
+                      'concept; give some concept (or ANY=-1, the unconditional model) a '
+                      'weight > 0.')
+  bad = [c for c in concepts if c != ANY and not 0 <= c < null_label]
+  if bad:
+    raise ConfigError(f'config.{field}.concepts: {bad} are not classes of this model '
+                      f'(0..{null_label - 1}, or -1 for any).')
+  labels = np.asarray([null_label if c == ANY else c for c in concepts], np.int32)
+  return dict(labels=jnp.asarray(np.tile(labels, (batch_size, 1))),
+              weights=jnp.asarray(np.tile(np.asarray(weights, np.float32), (batch_size, 1))))
+
+
+def stack_compositions(conds: Sequence[dict]) -> dict:
+  """Concatenates compositions (same number of concepts) along the batch axis."""
+  return jax.tree.map(lambda *a: jnp.concatenate(a), *conds)
+
+
+def _with_null(cond, null_label):
+  labels, weights = cond['labels'], cond['weights']
+  chex.assert_rank([labels, weights], 2)
+  chex.assert_equal_shape([labels, weights])
+  null = jnp.full(labels.shape[:1] + (1,), null_label, labels.dtype)
+  return jnp.concatenate([null, labels], axis=1), weights
+
+
+def composed_eps_fn(model, null_label: int) -> Callable:
+  """``eps_fn(params, x, t, cond)`` with ``cond = dict(labels=(B, K), weights=(B, K))``:
+  ``eps_u + sum_k w_k (eps_k - eps_u)``, all K + 1 conditions in one vmapped call."""
+
+  def eps_fn(params, x, t, cond):
+    labels, weights = _with_null(cond, null_label)
+    # vmap over the condition axis: one network call on K + 1 stacked batches.
+    eps = jax.vmap(lambda y: model.eps(params, x, t, y), in_axes=1)(labels)  # (K+1, B, ...)
+    eps_u, eps_k = eps[0], eps[1:]
+    w = weights.T.reshape(weights.T.shape + (1,) * (x.ndim - 1))          # (K, B, 1...)
+    return eps_u + jnp.sum(w * (eps_k - eps_u[None]), axis=0)
+
+  return eps_fn
+
+
+def composed_potential(model, null_label: int) -> Potential:
+  """The energy version of ``composed_eps_fn`` (energy-parameterized conditional model):
+  ``E = E_u + sum_k w_k (E_k - E_u)``; its gradient is the same combination of gradients."""
+
+  def fn(params, x, t, cond):
+    labels, weights = _with_null(cond, null_label)
+    sigma = _bcast(model.schedule.sigma(t), x)
+    energy, eps = jax.vmap(lambda y: model.energy_and_eps(params, x, t, y), in_axes=1)(labels)
+    grad = eps / sigma[None]
+    coef = jnp.concatenate([1.0 - weights.sum(1, keepdims=True), weights], axis=1).T  # (K+1, B)
+    coef_x = coef.reshape(coef.shape + (1,) * (x.ndim - 1))
+    return jnp.sum(coef * energy, axis=0), jnp.sum(coef_x * grad, axis=0)
+
+  return Potential(fn, has_energy=model.parameterization == 'energy')
+
+
+# ----------------------------------------------------------------------------- several models
+
+def stack_params(params_list: Sequence) -> object:
+  """Parameters of models of one family, stacked on a new leading axis (for vmap)."""
+  shapes = [jax.tree.map(jnp.shape, p) for p in params_list]
+  if any(s != shapes[0] for s in shapes[1:]):
+    raise ValueError('stack_params: the models differ in architecture; only models of the same '
+                     'family (same network config) can be composed in one batched call.')
+  return jax.tree.map(lambda *a: jnp.stack(a), *params_list)
+
+
+def model_components(model) -> Callable:
+  """``components(stacked_params, x, t, cond) -> (energies (K, B), grads (K, B, ...))`` of K
+  separately trained models of one family, in one vmapped call. Score-only models give
+  zero energies (then only products, sampled without a Metropolis test, make sense)."""
+
+  def components(stacked, x, t, cond):
+    sigma = _bcast(model.schedule.sigma(t), x)
+    if model.parameterization == 'energy':
+      energy, eps = jax.vmap(lambda p: model.energy_and_eps(p, x, t, cond))(stacked)
+    else:
+      eps = jax.vmap(lambda p: model.eps(p, x, t, cond))(stacked)
+      energy = jnp.zeros(eps.shape[:2], jnp.float32)
+    return energy, eps / sigma[None]
+
+  return components
+
+
+def analytic_components(log_probs: Sequence[Callable], schedule) -> Callable:
+  """Components from exact noised log-densities ``log_prob(x, alpha, sigma)`` (toys):
+  ``E_k = -log p_k,t`` and its gradient by autodiff; ``params`` is ignored."""
+
+  def components(params, x, t, cond):
+    del params, cond
+    alpha, sigma = schedule.alpha(t), schedule.sigma(t)
+    out = []
+    for log_prob in log_probs:
+      energy = lambda x_, lp=log_prob: -lp(x_, alpha, sigma)
+      e, vjp = jax.vjp(energy, x)
+      out.append((e, vjp(jnp.ones_like(e))[0]))
+    return jnp.stack([o[0] for o in out]), jnp.stack([o[1] for o in out])
+
+  return components
+
+
+COMBINATIONS = ('product', 'mixture')
+
+
+def combine(components: Callable, kind: str, weights: Sequence[float],
+            log_normalizer: Callable | None = None, has_energy: bool = True,
+            floor: float = 1e-3) -> Potential:
+  """A composed potential from K components.
+
+  ``kind='product'``: ``E = sum_k w_k E_k`` (AND; a negative weight is NOT).
+  ``kind='mixture'``: ``E = -log sum_k w_k exp(-E_k - log Z_k(t))`` with
+  ``log_normalizer(t) -> (K,)`` the components' log-partition functions at time t
+  (normalized energies: mixture weights mean nothing otherwise). Negative weights make a
+  signed mixture (a set difference); where the learned components make the sum
+  non-positive it is floored at ``floor`` times its positive part, so the energy stays
+  finite (density at most ``floor`` of the positive part there).
+
+  Gradient: ``sum_k dE/dE_k grad E_k``, from the VJP of the same function that gives E.
+  """
+  if kind not in COMBINATIONS:
+    raise ValueError(f'composition kind {kind!r} is unknown; use one of {COMBINATIONS}.')
+  w = jnp.asarray(weights, jnp.float32)
+  if kind == 'mixture' and not np.any(np.asarray(weights) > 0):
+    raise ConfigError(f'mixture weights {tuple(weights)}: need at least one positive weight.')
+
+  def energy_of(energies, t):
+    if kind == 'product':
+      return jnp.tensordot(w, energies, axes=1)
+    if log_normalizer is not None:
+      energies = energies + jnp.moveaxis(jax.vmap(log_normalizer)(t), 0, 1)
+    neg = -energies
+    positive = logsumexp(neg, axis=0, b=jnp.maximum(w, 0.0)[:, None])
+    total, sign = logsumexp(neg, axis=0, b=w[:, None], return_sign=True)
+    floored = positive + jnp.log(floor)
+    return -jnp.where((sign > 0) & (total > floored), total, floored)
+
+  def fn(params, x, t, cond):
+    energies, grads = components(params, x, t, cond)
+    energy, vjp = jax.vjp(lambda e: energy_of(e, t), energies)
+    (coef,) = vjp(jnp.ones_like(energy))                       # dE/dE_k, (K, B)
+    grad = jnp.sum(coef.reshape(coef.shape + (1,) * (x.ndim - 1)) * grads, axis=0)
+    return energy, grad
+
+  return Potential(fn, has_energy=has_energy)
+
+
+def product_eps_fn(model, weights: Sequence[float]) -> Callable:
+  """``eps = sum_k w_k eps_k`` of separately trained models (score of the product), one
+  vmapped call over their stacked parameters. Works for eps- and energy-models."""
+  w = jnp.asarray(weights, jnp.float32)
+
+  def eps_fn(stacked, x, t, cond):
+    eps = jax.vmap(lambda p: model.eps(p, x, t, cond))(stacked)
+    return jnp.tensordot(w, eps, axes=1)
+
+  return eps_fn
+
+
+# ----------------------------------------------------------------------------- classifier guidance
+
+def classifier_guided_eps_fn(eps_fn: Callable, classifier, schedule,
+                             guidance_scale: float) -> Callable:
+  """``eps - w sigma_t grad_x log p(y | x_t, t)``.
+
+  Returns ``eps_fn(params, x, t, labels)`` with ``params = dict(model=..., classifier=...)``;
+  ``labels`` are the classes to steer to (the diffusion model itself may be unconditional:
+  it is called with ``cond=None``). ``classifier``: a ``noisy_classifier.NoisyClassifier``
+  (anything with its ``example_logits``).
+  """
+  from cdiff_jax.methods import noisy_classifier as nc  # Local: shared with TIW-DSM.
+
+  def guided(params, x, t, labels):
+    eps = eps_fn(params['model'], x, t, None)
+    _, grad = nc.class_log_prob_and_grad(classifier, params['classifier'], x, t, labels)
+    return eps - guidance_scale * _bcast(schedule.sigma(t), x) * grad
+
+  return guided
+
+
+def train_guidance_classifier(dataset, schedule, steps: int = 1500, batch_size: int = 128,
+                              lr: float = 2e-3, seed: int = 0, net: str = 'conv',
+                              progress: bool = False, **net_kwargs):
+  """Trains ``p(y | x_t, t)`` on data noised by ``schedule`` (cross-entropy, AdamW).
+
+  Returns (classifier, params, metrics of the last steps: ce, accuracy on noised inputs).
+  """
+  from cdiff_jax.methods import noisy_classifier as nc
+  clf = nc.NoisyClassifier(nc.build_net(net, dataset.num_classes, **net_kwargs),
+                           dataset.num_classes)
+  rng = jax.random.key(seed)
+  params = clf.init(rng, dataset.image_shape)
+  tx = optax.adamw(optax.warmup_cosine_decay_schedule(0.0, lr, min(100, steps // 10), steps),
+                   weight_decay=1e-4)
+
+  def loss_fn(p, x, y, key):
+    return nc.noised_ce_loss(clf, p, x, y, key, schedule)
+
+  update = nc.make_update(loss_fn, tx)
+  order = np.random.default_rng(seed)
+
+  def batches(i):
+    del i
+    batch = dataset.get(order.integers(0, len(dataset), batch_size))
+    return batch['image'], batch['label']
+
+  params, _, metrics = nc.fit(update, params, tx.init(params), batches, steps,
+                              jax.random.fold_in(rng, 1), progress, 'guidance classifier')
+  return clf, params, metrics
+
+
+__all__ = ['ANY', 'cfg_eps', 'cfg_eps_fn', 'make_composition', 'stack_compositions',
+           'composed_eps_fn', 'composed_potential', 'stack_params', 'model_components',
+           'analytic_components', 'combine', 'product_eps_fn', 'classifier_guided_eps_fn',
+           'train_guidance_classifier']
