@@ -20,6 +20,20 @@ class IncompatibleCheckpoint(RuntimeError):
   pass
 
 
+def load_params(workdir: str, which: str = 'ema_params'):
+  """Parameters (``ema_params`` or ``params``) of the newest checkpoint of any run's workdir,
+  as a plain pytree; used for fine-tuning and for reference models."""
+  directory = os.path.abspath(os.path.join(workdir, 'checkpoints'))
+  if not os.path.isdir(directory):
+    raise FileNotFoundError(f'{workdir} holds no checkpoints/; train that run first.')
+  with ocp.CheckpointManager(directory, item_names=('state', 'meta')) as mgr:
+    step = mgr.latest_step()
+    if step is None:
+      raise FileNotFoundError(f'{directory} holds no complete checkpoint.')
+    state = mgr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))['state']
+  return state[which]
+
+
 class Checkpointer:
 
   def __init__(self, directory: str, max_to_keep: int = 2):

@@ -8,6 +8,8 @@ names the field and the fix (``ConfigError``).
 
 from __future__ import annotations
 
+import os
+
 import ml_collections
 
 from cdiff_jax import losses
@@ -66,6 +68,7 @@ def base_config() -> ml_collections.ConfigDict:
       on_nonfinite='stop',    # stop | skip
       num_devices=0,          # 0: all visible devices
       compilation_cache=True,
+      init_from='',           # workdir of a trained run: start from its EMA parameters
   ))
 
   c.sample = ml_collections.ConfigDict(dict(
@@ -151,6 +154,8 @@ def validate(c: ml_collections.ConfigDict) -> None:
   if not 0.0 <= c.train.ema_decay < 1.0:
     _fail('train.ema_decay', c.train.ema_decay, 'must lie in [0, 1).')
   _choice(c, 'train.on_nonfinite', ('stop', 'skip'))
+  if c.train.init_from and not os.path.isdir(os.path.join(c.train.init_from, 'checkpoints')):
+    _fail('train.init_from', c.train.init_from, 'holds no checkpoints/; train that run first.')
   k = c.train.steps_per_call
   for f in ('log_every', 'checkpoint_every', 'sample_every'):
     if c.train[f] % k:

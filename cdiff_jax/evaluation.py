@@ -255,4 +255,5 @@ def evaluate_run(exp, state, workdir: str, progress: bool = False) -> dict:
         title=f'{exp.config.method.name}: classifier FID {result["classifier_fid"]:.2f}, '
               f'TV to uniform {result["tv_to_uniform"]:.3f}')
     writers.save_image_grid(os.path.join(workdir, 'samples', 'eval_samples.png'), samples[:100])
+    np.save(os.path.join(workdir, 'eval_samples.npy'), samples.astype(np.float16))
   return result

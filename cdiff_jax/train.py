@@ -93,6 +93,14 @@ class Experiment:
     x = jnp.zeros((n,) + self.image_shape, jnp.float32)
     y = jnp.zeros((n,), jnp.int32) if self.config.model.conditional else None
     params = self.model.init(rng_init, x, jnp.full((n,), 0.5), y)
+    if self.config.train.init_from:  # fine-tuning: start from another run's EMA parameters
+      loaded = checkpoint_lib.load_params(self.config.train.init_from)
+      if jax.tree.structure(loaded) != jax.tree.structure(params) or any(
+          a.shape != b.shape for a, b in zip(jax.tree.leaves(loaded), jax.tree.leaves(params))):
+        raise config_lib.ConfigError(
+            f'config.train.init_from={self.config.train.init_from!r}: its parameters do not '
+            'match this model; use the same config.model as that run.')
+      params = jax.tree.map(jnp.asarray, loaded)
     extras = self.method.init_extras(rng_extras, params)
     state = create_train_state(params, self.tx, rng_train, extras)
     return parallel.put_replicated(state, self.mesh)

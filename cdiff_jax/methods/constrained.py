@@ -166,30 +166,25 @@ class Constrained:
     return warnings
 
   def prepare(self, config, model, batcher, mesh) -> 'Constrained':
-    """threshold_mode='reference': b_i = scale * L_i(reference model) + offset, with L_i
-    measured on ``reference_batches`` batches of this run's data; else unchanged."""
+    """threshold_mode='reference': b_i = scale * L_ref + offset, with L_ref the reference
+    model's L_i (threshold_reference='constraint') or its objective loss L_0 ('objective'),
+    measured on ``reference_batches`` batches of this run's data; else unchanged.
+
+    'objective' asks every constrained set to be fitted as well as the data overall: with
+    ELBO losses and classes of similar entropy, L_c = L_0 exactly when the model gives the
+    classes equal mass, so it is the threshold of "generate the minorities fairly"."""
     mc = config.method
     if mc.threshold_mode != 'reference':
       return self
-    ref = reference_losses(self, load_reference_params(mc.reference_workdir), batcher, mesh,
+    from cdiff_jax import checkpoint
+    ref = reference_losses(self, checkpoint.load_params(mc.reference_workdir), batcher, mesh,
                            mc.reference_batches, config.seed)
-    b = tuple(float(mc.threshold_scale * v + mc.threshold_offset) for v in ref[1:])
+    base = ref[1:] if mc.threshold_reference == 'constraint' else np.full(len(ref) - 1, ref[0])
+    b = tuple(float(mc.threshold_scale * v + mc.threshold_offset) for v in base)
     print(f'reference model losses: objective {ref[0]:.5f}, constraints '
           f'{", ".join(f"{n}={v:.5f}" for n, v in zip(self.constraint_names, ref[1:]))}; '
           f'thresholds b = {", ".join(f"{v:.5f}" for v in b)}')
     return dataclasses.replace(self, thresholds=b, reference=tuple(float(v) for v in ref))
-
-
-def load_reference_params(workdir: str):
-  """EMA parameters of the newest checkpoint in ``workdir`` (any method's run)."""
-  import orbax.checkpoint as ocp
-  directory = os.path.abspath(os.path.join(workdir, 'checkpoints'))
-  with ocp.CheckpointManager(directory, item_names=('state', 'meta')) as mgr:
-    step = mgr.latest_step()
-    if step is None:
-      raise ConfigError(f'config.method.reference_workdir={workdir!r} holds no checkpoint.')
-    state = mgr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))['state']
-  return state['ema_params']
 
 
 def reference_losses(method: Constrained, params, batcher, mesh, num_batches: int,
@@ -238,6 +233,9 @@ def validate(config) -> None:
   if mc.threshold_mode not in THRESHOLD_MODES:
     raise ConfigError(f'config.method.threshold_mode={mc.threshold_mode!r}: must be one of '
                       f'{THRESHOLD_MODES}.')
+  if mc.threshold_reference not in ('constraint', 'objective'):
+    raise ConfigError(f'config.method.threshold_reference={mc.threshold_reference!r}: must be '
+                      "'constraint' or 'objective'.")
   if mc.threshold_mode == 'reference' and not mc.reference_workdir:
     raise ConfigError("config.method.reference_workdir='': threshold_mode='reference' needs "
                       'the workdir of a trained reference run (e.g. the unconstrained model).')
@@ -303,7 +301,8 @@ def default_method_config():
       constraint_batch=64,
       threshold_mode='absolute',     # absolute | reference
       thresholds=(0.05,),            # absolute: b_i (one value or one per constraint)
-      reference_workdir='',          # reference: b_i = scale * L_i(reference model) + offset
+      reference_workdir='',          # reference: b_i = scale * L_ref + offset, where L_ref is
+      threshold_reference='constraint',  # constraint: the reference model's L_i | objective: its L_0
       threshold_scale=1.0,
       threshold_offset=0.0,
       reference_batches=50,

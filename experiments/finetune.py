@@ -1,0 +1,134 @@
+"""Fine-tuning without overfitting (the paper's Figure 4).
+
+  python -m experiments.finetune --config=configs/digits_finetune.py --workdir=runs/finetune
+
+1. pretrain: plain DSM on the training set without the classes in
+   ``finetune.pretrain_drop_classes`` (the 9s);
+2. generate ``finetune.num_generated`` samples from it: the data set q_pre of the constraint;
+3. a new, small data set of ``finetune.new_data_size`` training images of all classes
+   (so it contains 9s) is the objective;
+4. fine-tune from the pre-trained weights, twice: plain fine-tuning on the new data
+   (unconstrained arm: multipliers fixed at 0) and constrained fine-tuning with
+   ``KL(q_pre || p) <= b``, b set relative to the pre-trained model's own loss on q_pre;
+5. evaluate both (class frequencies, classifier FID against held-out real images of all
+   classes, and the mean distance of samples to their nearest new-data image, which falls
+   when a model memorizes the small set) and write WORKDIR/comparison.{md,json} and figures.
+
+Finished stages found in WORKDIR are reused.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+
+import numpy as np
+from absl import app, flags
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file('config', 'configs/digits_finetune.py', 'Fine-tuning config.')
+_WORKDIR = flags.DEFINE_string('workdir', 'runs/finetune', 'Output directory.')
+_PROGRESS = flags.DEFINE_bool('progress', True, 'Show progress bars.')
+
+
+def pretrain_config(config):
+  c = copy.deepcopy(config)
+  fc = config.finetune
+  c.method = type(config.method)(dict(name='dsm'))
+  c.data.drop_classes = tuple(fc.pretrain_drop_classes)
+  c.train.steps = fc.pretrain_steps
+  c.train.batch_size = fc.pretrain_batch
+  c.train.init_from = ''
+  c.eval.enabled = True
+  return c
+
+
+def build_finetune_dataset(config, generated: np.ndarray, generated_labels: np.ndarray):
+  """New small data (source 0) + the pre-trained model's samples (source 1)."""
+  from cdiff_jax.data import sources
+  full = sources.load_dataset(config.data, 'train')
+  rng = np.random.default_rng(config.finetune.new_data_seed)
+  new_idx = np.sort(rng.choice(len(full), config.finetune.new_data_size, replace=False))
+  new = full.subset(new_idx)
+  images = np.concatenate([sources.to_float(new.images), generated.astype(np.float32)])
+  labels = np.concatenate([new.labels, generated_labels]).astype(np.int32)
+  source = np.concatenate([np.zeros(len(new), np.int32), np.ones(len(generated), np.int32)])
+  return sources.ArrayDataset(images, labels, full.num_classes, f'{full.name}+pretrained',
+                              {'source': source}), sources.to_float(new.images)
+
+
+def nearest_distance(samples: np.ndarray, data: np.ndarray) -> float:
+  """Mean L2 distance from each sample to its nearest image of ``data`` (per pixel RMS)."""
+  s = samples.reshape(len(samples), -1).astype(np.float64)
+  d = data.reshape(len(data), -1).astype(np.float64)
+  d2 = (s ** 2).sum(1)[:, None] + (d ** 2).sum(1)[None] - 2 * s @ d.T
+  return float(np.sqrt(np.clip(d2.min(1), 0, None) / s.shape[1]).mean())
+
+
+def main(argv):
+  del argv
+  from cdiff_jax import evaluation, train, writers
+  from experiments.minority import comparison_table, run_arm
+  config = _CONFIG.value
+  fc = config.finetune
+  workdir = os.path.abspath(_WORKDIR.value)
+  progress = _PROGRESS.value
+
+  pre_dir = os.path.join(workdir, 'pretrained')
+  pre_cfg = pretrain_config(config)
+  pre = run_arm(pre_cfg, pre_dir, progress)
+
+  gen_path = os.path.join(workdir, 'pretrained_samples.npz')
+  if not os.path.exists(gen_path):
+    exp = train.build(pre_cfg)
+    state = exp.init_state()
+    from cdiff_jax import checkpoint as ckpt_lib
+    params = ckpt_lib.load_params(pre_dir)
+    state = state.replace(ema_params=params)
+    generated = evaluation.generate(exp, state, fc.num_generated, seed=fc.new_data_seed + 7,
+                                    progress=progress)
+    clf = evaluation.get_classifier(config.data)
+    np.savez(gen_path, images=generated, labels=clf.predict(generated))
+  with np.load(gen_path) as f:
+    generated, generated_labels = f['images'], f['labels']
+  dataset, new_images = build_finetune_dataset(config, generated, generated_labels)
+
+  arms = {}
+  for name in ('unconstrained', 'constrained'):
+    c = copy.deepcopy(config)
+    c.train.init_from = pre_dir
+    if name == 'unconstrained':
+      c.method.enabled = False
+    else:
+      c.method.threshold_mode = 'reference'
+      c.method.threshold_reference = 'constraint'
+      c.method.reference_workdir = pre_dir
+    arm_dir = os.path.join(workdir, name)
+    arms[name] = run_arm(c, arm_dir, progress, dataset=dataset)
+    samples = np.load(os.path.join(arm_dir, 'eval_samples.npy'))
+    arms[name]['eval']['nearest_new_data_distance'] = nearest_distance(samples, new_images)
+
+  table = comparison_table(config, arms)
+  extra = ['', '| arm | fraction of 9s | mean distance to nearest new-data image |', '|---|---|---|']
+  for name, arm in arms.items():
+    ev = arm['eval']
+    nine = ev['class_frequencies'][fc.pretrain_drop_classes[0]]
+    extra.append(f"| {name} | {nine:.3f} | {ev.get('nearest_new_data_distance', float('nan')):.4f} |")
+  extra.append(f"| pretrained (no 9s) | {pre['eval']['class_frequencies'][fc.pretrain_drop_classes[0]]:.3f} | - |")
+  table = table + '\n' + '\n'.join(extra)
+  with open(os.path.join(workdir, 'comparison.md'), 'w') as f:
+    f.write(table + '\n')
+  with open(os.path.join(workdir, 'comparison.json'), 'w') as f:
+    json.dump({'pretrained': pre['eval'], **{n: a['eval'] for n, a in arms.items()}}, f, indent=2)
+  series = {'pretrained': pre['eval']['class_frequencies']}
+  series.update({n: a['eval']['class_frequencies'] for n, a in arms.items()})
+  writers.plot_class_frequencies(os.path.join(workdir, 'comparison_frequencies.png'), series,
+                                 title='fine-tuning: generated class frequencies')
+  print('\n' + table)
+
+
+if __name__ == '__main__':
+  from absl import logging as absl_logging
+  absl_logging.set_verbosity(absl_logging.WARNING)
+  app.run(main)
