@@ -9,9 +9,10 @@ from __future__ import annotations
 
 from cdiff_jax.config import ConfigError
 from cdiff_jax.methods import constrained
+from cdiff_jax.methods import tiw
 from cdiff_jax.methods.dsm import DSM
 
-METHODS = ('dsm', 'constrained')
+METHODS = ('dsm', 'constrained', 'tiw')
 
 
 def build(config, model, num_classes: int, lr_fn=None):
@@ -26,6 +27,8 @@ def build(config, model, num_classes: int, lr_fn=None):
   if name == 'constrained':
     base = DSM(model, **common)
     return constrained.build(config, base, lr_fn)
+  if name == 'tiw':
+    return tiw.build(config, model, num_classes, common)
   raise ConfigError(f'config.method.name={name!r}: must be one of {METHODS}.')
 
 
@@ -35,3 +38,5 @@ def validate(config) -> None:
     raise ConfigError(f'config.method.name={config.method.name!r}: must be one of {METHODS}.')
   if config.method.name == 'constrained':
     constrained.validate(config)
+  if config.method.name == 'tiw':
+    tiw.validate(config)

@@ -1,0 +1,392 @@
+"""TIW-DSM against closed-form answers on Gaussians, plus the shape and reduction contracts.
+
+Gaussians: p_data = N(mu_d, diag var_d), p_bias = N(mu_b, diag var_b); a score minibatch is
+half from each, so p_obs = (p_data + p_bias) / 2. Under the VP forward process every noised
+density is Gaussian, p_t = N(a_t mu, a_t^2 var + sigma_t^2), so the exact balanced
+discriminator logit log p_data_t - log p_bias_t and the true eps of p_data_t,
+eps*(x, t) = sigma_t (x - a_t mu_d) / (a_t^2 var_d + sigma_t^2), are known. An affine eps model
+eps(x) = x A + b contains eps* at a fixed t, and the loss is quadratic in (A, b), so one
+Newton step on the method's own scalar loss gives its exact minimizer over that family.
+"""
+
+import dataclasses
+
+import chex
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import pytest
+from jax.flatten_util import ravel_pytree
+
+from cdiff_jax import config as config_lib
+from cdiff_jax import parallel, schedules, train
+from cdiff_jax.data import imbalance
+from cdiff_jax.data.sources import ArrayDataset
+from cdiff_jax.methods import noisy_classifier as nc
+from cdiff_jax.methods import tiw
+from cdiff_jax.methods.dsm import DSM
+from cdiff_jax.models import MLPScore, ScoreModel
+
+# Affine fits with 100k Monte Carlo examples land within ~0.003 of eps*; a wrong sign of the
+# correction is ~0.5 off, a sigma_t^2 (instead of sigma_t) scale ~0.06, weight alone >= 0.08.
+COEF_TOL = 0.015
+
+
+@dataclasses.dataclass(frozen=True)
+class FixedTime(schedules.VPSchedule):
+  """VP schedule whose training times are all ``t_fixed`` (a minimizer at one t)."""
+  t_fixed: float = 0.5
+
+  def sample_t(self, rng, shape, stratified=False):
+    del rng, stratified
+    return jnp.full(shape, self.t_fixed, jnp.float32)
+
+
+class AffineEps(nn.Module):
+  dim: int
+
+  @nn.compact
+  def __call__(self, x, t, y=None, train=False):
+    a = self.param('A', nn.initializers.zeros, (self.dim, self.dim))
+    b = self.param('b', nn.initializers.zeros, (self.dim,))
+    return x @ a + b
+
+
+class ExactLogit(nn.Module):
+  """The optimal balanced discriminator's logit, log p_data_t(x) - log p_bias_t(x)."""
+  schedule: schedules.Schedule
+  mu_d: tuple
+  var_d: tuple
+  mu_b: tuple
+  var_b: tuple
+
+  @nn.compact
+  def __call__(self, x, t, train=False):
+    self.param('unused', nn.initializers.zeros, ())
+    a = self.schedule.alpha(t)[:, None]
+    s2 = self.schedule.sigma(t)[:, None] ** 2
+
+    def log_normal(mu, var):
+      v = a ** 2 * jnp.asarray(var) + s2
+      return jnp.sum(-0.5 * (x - a * jnp.asarray(mu)) ** 2 / v - 0.5 * jnp.log(v), -1)
+
+    return (log_normal(self.mu_d, self.var_d) - log_normal(self.mu_b, self.var_b))[:, None]
+
+
+def gaussian_batch(mu_d, var_d, mu_b, var_b, n, seed=0):
+  """n examples, half from p_data (group 1 = ref) and half from p_bias (group 0)."""
+  r = np.random.default_rng(seed)
+  d, h = len(mu_d), n // 2
+  x0 = np.concatenate([np.asarray(mu_d) + np.sqrt(var_d) * r.standard_normal((h, d)),
+                       np.asarray(mu_b) + np.sqrt(var_b) * r.standard_normal((h, d))])
+  group = np.r_[np.ones(h), np.zeros(h)].astype(np.int32)
+  return dict(image=jnp.asarray(x0, jnp.float32), label=jnp.zeros(n, jnp.int32),
+              group=jnp.asarray(group))
+
+
+def affine_minimizer(gauss, t, n=100_000, **method_kwargs):
+  """(A, b) minimizing the method's loss at time t, and the true (A*, b*) of p_data_t."""
+  mu_d, var_d, mu_b, var_b = gauss
+  dim = len(mu_d)
+  schedule = FixedTime(t_fixed=t)
+  model = ScoreModel(AffineEps(dim), schedule)
+  disc = nc.NoisyClassifier(ExactLogit(schedule, mu_d, var_d, mu_b, var_b), 1)
+  method = tiw.TIW(DSM(model, stratified_t=False), disc, split_fn=None, batch_size=n,
+                   ref_batch_fraction=0.5, **method_kwargs)
+  extras = {'disc': {'params': {'unused': jnp.zeros(())}}}
+  batch = gaussian_batch(mu_d, var_d, mu_b, var_b, n)
+  theta0, unravel = ravel_pytree(model.init(jax.random.key(0), batch['image'][:2], jnp.zeros(2)))
+  loss = lambda th: method.loss(unravel(th), extras, batch, jax.random.key(1))[0]
+  newton = jax.jit(lambda th: th - jnp.linalg.solve(jax.hessian(loss)(th), jax.grad(loss)(th)))
+  theta = newton(theta0)
+  fit = unravel(theta)
+  a, s = float(schedule.alpha(t)), float(schedule.sigma(t))
+  v = a ** 2 * np.asarray(var_d) + s ** 2
+  return (np.asarray(fit['A']), np.asarray(fit['b'])), (np.diag(s / v), -s * a * np.asarray(mu_d) / v)
+
+
+GAUSS_1D = ((0.5,), (1.0,), (1.5,), (0.25,))
+GAUSS_2D = ((0.5, 0.5), (1.0, 0.5), (1.5, -0.5), (0.25, 1.0))
+
+
+@pytest.mark.parametrize('gauss,times', [(GAUSS_1D, (0.1, 0.3, 0.6)), (GAUSS_2D, (0.1, 0.4))],
+                         ids=['1d', '2d'])
+def test_exact_ratio_minimizer_is_data_score_and_weight_alone_is_not(gauss, times):
+  for t in times:
+    (a, b), (a_true, b_true) = affine_minimizer(gauss, t, variant='tiw')
+    err = max(np.abs(a - a_true).max(), np.abs(b - b_true).max())
+    assert err < COEF_TOL, f't={t}: TIW-DSM minimizer is {err:.4f} from the score of p_data_t'
+    (a, b), _ = affine_minimizer(gauss, t, variant='tiw', score_correction=False)
+    err_w = max(np.abs(a - a_true).max(), np.abs(b - b_true).max())
+    assert err_w > 4 * COEF_TOL, f't={t}: weight alone should be biased, is only {err_w:.4f} off'
+
+
+def test_time_independent_exact_weight_is_unbiased_too():
+  """IW-DSM with the exact clean-data ratio also targets p_data (its weakness is estimating
+  that ratio, not the objective): a check that the iw path weights by w~(x_0)."""
+  (a, b), (a_true, b_true) = affine_minimizer(GAUSS_1D, 0.3, variant='iw')
+  assert max(np.abs(a - a_true).max(), np.abs(b - b_true).max()) < COEF_TOL
+  (a, b), _ = affine_minimizer(GAUSS_1D, 0.3, variant='dsm_obs')
+  assert max(np.abs(a - a_true).max(), np.abs(b - b_true).max()) > 4 * COEF_TOL
+
+
+# ----------------------------------------------------------------------------- discriminator
+
+MU_D, SD_D, MU_B, SD_B = 0.0, 1.0, 1.0, 0.5
+# Mean |w~_est - w~_true| under p_obs_t. The true w~ is 0.3-0.5 away from 1 on average at
+# these t, and a time-blind estimate (t = 0.02 used at every t) is 0.2-0.5 off at t >= 0.2.
+RATIO_TOL = 0.08
+
+
+def _true_logit(x, t, schedule):
+  a, s = float(schedule.alpha(t)), float(schedule.sigma(t))
+  vd, vb = a ** 2 * SD_D ** 2 + s ** 2, a ** 2 * SD_B ** 2 + s ** 2
+  return (-0.5 * (x - a * MU_D) ** 2 / vd - 0.5 * np.log(vd)
+          + 0.5 * (x - a * MU_B) ** 2 / vb + 0.5 * np.log(vb))
+
+
+def test_discriminator_recovers_time_dependent_ratio():
+  schedule = schedules.VPSchedule()
+  r = np.random.default_rng(0)
+  n = 20_000
+  x = np.r_[MU_D + SD_D * r.standard_normal(n), MU_B + SD_B * r.standard_normal(n)]
+  ds = ArrayDataset(x[:, None].astype(np.float32), np.r_[np.zeros(n), np.ones(n)], 2, 'toy')
+  ref, bias = np.arange(n), np.arange(n, 2 * n)
+  steps = 1200
+  disc = nc.NoisyClassifier(nc.build_net('mlp', 1, hidden=64, depth=2), 1)
+  method = tiw.TIW(DSM(ScoreModel(MLPScore(hidden=8, depth=1), schedule)), disc,
+                   split_fn=lambda d, i: (bias, ref), variant='tiw', batch_size=64,
+                   disc_tx=optax.adam(optax.cosine_decay_schedule(3e-3, steps, 0.05)),
+                   disc_pretrain_steps=steps, disc_batch_size=256, progress=False)
+  method.data_groups(ds, np.arange(2 * n))
+  params = method.init_extras(jax.random.key(0), None)['disc']['params']
+  w = lambda logit: np.exp(np.asarray(tiw.log_density_ratio(jnp.asarray(logit), 0.5)))
+  r2 = np.random.default_rng(1)
+  for t in (0.05, 0.2, 0.4):
+    a, s = float(schedule.alpha(t)), float(schedule.sigma(t))
+    k = 4000  # test points from p_obs_t
+    xs = np.r_[a * MU_D + np.sqrt(a ** 2 * SD_D ** 2 + s ** 2) * r2.standard_normal(k),
+               a * MU_B + np.sqrt(a ** 2 * SD_B ** 2 + s ** 2) * r2.standard_normal(k)]
+    xs = xs.astype(np.float32)
+    true = _true_logit(xs, t, schedule)
+    est = np.asarray(disc.logits(params, xs[:, None], jnp.full(2 * k, t)))[:, 0]
+    err = np.abs(w(est) - w(true)).mean()
+    assert err < RATIO_TOL, f't={t}: mean |w~ error| {err:.3f}'
+    assert np.abs(w(true) - 1).mean() > 1.5 * RATIO_TOL  # the ratio at t is far from flat
+    central = np.abs(true) < 3  # log-ratio where both densities have mass
+    assert np.abs(est - true)[central].mean() < 0.2, f't={t}: log-ratio error'
+
+
+# ----------------------------------------------------------------------------- contracts
+
+
+class MeanPixelLogit(nn.Module):
+  """A discriminator whose logit spreads widely over examples: 8 * (mean of x - 0.1)."""
+
+  @nn.compact
+  def __call__(self, x, t, train=False):
+    scale = self.param('scale', nn.initializers.constant(8.0), ())
+    return scale * (x.reshape(x.shape[0], -1).mean(-1, keepdims=True) - 0.1)
+
+
+def _image_method(variant='tiw', alpha=1.0, **kw):
+  schedule = schedules.get_schedule(config_lib.base_config().diffusion)
+  model = ScoreModel(MLPFlat(), schedule)
+  disc = nc.NoisyClassifier(MeanPixelLogit(), 1)
+  return tiw.TIW(DSM(model), disc, split_fn=None, variant=variant, alpha=alpha,
+                 batch_size=16, **kw)
+
+
+class MLPFlat(nn.Module):
+  """eps-network for small images: flatten, MLP, reshape (fast to trace and run)."""
+
+  @nn.compact
+  def __call__(self, x, t, y=None, train=False):
+    h = MLPScore(hidden=32, depth=1)(x.reshape(x.shape[0], -1), t)
+    return h.reshape(x.shape)
+
+
+def _image_batch(n=16, seed=0):
+  r = np.random.default_rng(seed)
+  # Per-example offsets spread the discriminator's logits (and so the weights).
+  img = np.clip(r.normal(0, 0.3, (n, 4, 4, 1)) + r.uniform(-0.6, 0.6, (n, 1, 1, 1)), -1, 1)
+  return dict(image=jnp.asarray(img, jnp.float32), label=jnp.zeros(n, jnp.int32),
+              group=jnp.asarray(np.r_[np.zeros(n // 2), np.ones(n // 2)].astype(np.int32)))
+
+
+def _init(method, batch):
+  params = method.dsm.model.init(jax.random.key(0), batch['image'][:2], jnp.zeros(2))
+  extras = {'disc': {'params': method.disc.init(jax.random.key(1), batch['image'].shape[1:])}}
+  return params, extras
+
+
+def test_each_example_loss_is_multiplied_by_its_own_weight():
+  method = _image_method()
+  batch = _image_batch()
+  params, extras = _init(method, batch)
+  rng = jax.random.key(3)
+  terms = method.per_example_terms(params, extras, batch, rng)
+  n = batch['image'].shape[0]
+  for key in ('loss', 'weight', 'dsm_loss', 'log_ratio'):
+    assert terms[key].shape == (n,), key
+  w, l = np.asarray(terms['weight']), np.asarray(terms['loss'])
+  assert w.max() / w.min() > 5  # weights differ a lot between examples
+  objective = float(method.loss(params, extras, batch, rng)[0])
+  np.testing.assert_allclose(objective, np.mean(w * l), rtol=1e-6)
+  # The test can tell the right reduction from a broadcast that decouples w and loss.
+  assert abs(np.mean(w) * np.mean(l) - np.mean(w * l)) > 1e-3 * np.mean(w * l)
+  # Weight i belongs to example i: recompute each example's weight on its own.
+  log_ratio = jax.jit(method.example_log_ratio_fn(extras['disc']))
+  for i in (0, 5, n - 1):
+    one = float(jnp.exp(log_ratio(terms['x_t'][i], terms['t'][i])))
+    np.testing.assert_allclose(w[i], one, rtol=1e-5)
+  # The reduction refuses a weight of any other shape (e.g. (B, 1), which would broadcast).
+  with pytest.raises(AssertionError):
+    tiw.weighted_mean(terms['loss'], terms['weight'][:, None])
+  # The gradient is the weighted sum of per-example gradients.
+  g = jax.jit(jax.grad(lambda p: method.loss(p, extras, batch, rng)[0]))(params)
+  per_ex = jax.jit(jax.jacrev(
+      lambda p: method.per_example_terms(p, extras, batch, rng)['loss']))(params)
+  expected = jax.tree.map(lambda pe: jnp.tensordot(jnp.asarray(w), pe, 1) / n, per_ex)
+  chex.assert_trees_all_close(g, expected, rtol=1e-4, atol=1e-6)
+
+
+def test_alpha_zero_is_dsm_obs_exactly():
+  batch = _image_batch()
+  tiw0 = _image_method('tiw', alpha=0.0)
+  params, extras = _init(tiw0, batch)
+  rng = jax.random.key(7)
+  terms = tiw0.per_example_terms(params, extras, batch, rng)
+  assert np.asarray(terms['log_ratio']).std() > 0.1  # the discriminator is not trivial
+  plain, _ = tiw0.dsm.per_example_loss(params, batch, rng)
+  np.testing.assert_array_equal(terms['loss'], plain)
+  np.testing.assert_array_equal(terms['weight'], np.ones(16))
+  obs = _image_method('dsm_obs')
+
+  def value_and_grad(method):
+    return jax.jit(jax.value_and_grad(lambda p: method.loss(p, extras, batch, rng)[0]))(params)
+
+  (l0, g0), (l1, g1) = value_and_grad(tiw0), value_and_grad(obs)
+  assert float(l0) == float(l1)
+  # The two programs differ (one also runs the discriminator), so XLA may sum the batch
+  # in another order: the gradients agree to float32 rounding, not necessarily bitwise.
+  chex.assert_trees_all_close(g0, g1, rtol=1e-5, atol=1e-8)
+  # and alpha != 0 does change it (the comparison is not vacuous)
+  l2, _ = value_and_grad(_image_method('tiw', alpha=1.0))
+  assert abs(float(l2) - float(l0)) > 1e-4
+
+
+def test_per_example_input_gradient_matches_finite_differences():
+  clf = nc.NoisyClassifier(nc.build_net('mlp', 3, hidden=16, depth=1), 3)
+  params = clf.init(jax.random.key(0), (2,))
+  x = jax.random.normal(jax.random.key(1), (5, 2))
+  t = jnp.linspace(0.1, 0.9, 5)
+  y = jnp.array([0, 1, 2, 0, 1])
+  logp, grad = jax.jit(nc.class_log_prob_and_grad, static_argnums=0)(clf, params, x, t, y)
+  assert logp.shape == (5,) and grad.shape == x.shape
+  batched_log_prob = jax.jit(
+      lambda x_: jax.nn.log_softmax(clf.logits(params, x_, t))[jnp.arange(5), y])
+  np.testing.assert_allclose(logp, batched_log_prob(x), rtol=1e-5, atol=1e-6)
+  h = 1e-3
+  for d in range(2):
+    e = jnp.zeros_like(x).at[:, d].set(h)
+    fd = (batched_log_prob(x + e) - batched_log_prob(x - e)) / (2 * h)
+    np.testing.assert_allclose(grad[:, d], fd, rtol=2e-2, atol=2e-3)
+
+
+# ----------------------------------------------------------------------------- data + config
+
+
+def test_long_tail_split_profile_balance_and_disjointness():
+  labels = np.repeat(np.arange(10), 500)
+  bias, ref = imbalance.long_tail_split(labels, 10, 0.01, 0.1, seed=0)
+  assert not set(bias) & set(ref)
+  nb, nr = np.bincount(labels[bias], minlength=10), np.bincount(labels[ref], minlength=10)
+  assert (nr == nr[0]).all()                                     # reference is balanced
+  np.testing.assert_allclose(nr.sum() / nb.sum(), 0.1, atol=0.01)  # 10% of the biased set
+  np.testing.assert_allclose(nb[-1] / nb[0], 0.01, atol=0.003)   # imbalance ratio
+  np.testing.assert_allclose(nb / nb[0], 0.01 ** (np.arange(10) / 9), atol=0.01)
+  assert nb[0] + nr[0] <= 500
+  b2, r2 = imbalance.long_tail_split(labels, 10, 0.01, 0.1, seed=0)
+  np.testing.assert_array_equal(bias, b2)  # deterministic
+  np.testing.assert_array_equal(ref, r2)
+  order = (9, 8, 7, 6, 5, 4, 3, 2, 1, 0)
+  bias, _ = imbalance.long_tail_split(labels, 10, 0.01, 0.05, 0, class_order=order)
+  assert np.argmax(np.bincount(labels[bias])) == 9
+
+
+def test_attribute_bias_split():
+  r = np.random.default_rng(0)
+  attr = r.integers(0, 2, 4000)
+  bias, ref = imbalance.attribute_bias_split(attr, 2, majority_value=0, majority_fraction=0.8,
+                                             ref_fraction=0.05, seed=1)
+  np.testing.assert_allclose((attr[bias] == 0).mean(), 0.8, atol=0.01)
+  np.testing.assert_allclose((attr[ref] == 0).mean(), 0.5, atol=0.01)
+  np.testing.assert_allclose(len(ref) / len(bias), 0.05, atol=0.005)
+  assert not set(bias) & set(ref)
+
+
+def _toy_config(**method):
+  c = config_lib.base_config()
+  c.data.name = 'toy'
+  c.model.name = 'mlp'
+  c.model.hidden, c.model.depth = 32, 1
+  c.diffusion.schedule = 'vp'
+  c.train.batch_size = 32
+  c.train.compilation_cache = False
+  c.method = tiw.default_config()
+  c.method.update(dict(disc_hidden=32, disc_depth=1, disc_pretrain_steps=5,
+                       disc_batch_size=32, disc_cache=False, imbalance_ratio=0.1))
+  c.method.update(method)
+  return c
+
+
+def _toy_dataset(n=2000):
+  r = np.random.default_rng(0)
+  labels = r.integers(0, 2, n)
+  x = np.where(labels == 0, -1.0, 1.0) + 0.3 * r.standard_normal(n)
+  return ArrayDataset(x[:, None].astype(np.float32), labels, 2, 'toy')
+
+
+@pytest.mark.parametrize('joint', [False, True])
+def test_train_step_compiles_once_and_discriminator_is_frozen_or_joint(joint):
+  exp = train.build(_toy_config(disc_joint=joint), _toy_dataset())
+  assert isinstance(exp.method, tiw.TIW)
+  assert [g for g in exp.batcher.group_names] == ['bias', 'ref']
+  assert exp.batcher.batch_sizes == [16, 16]
+  state = exp.init_state()
+  disc0 = jax.tree.map(np.asarray, state.extras['disc']['params'])
+  for s in range(3):
+    state, m = exp.step(state, parallel.put_batch(exp.batcher.batch(s), exp.mesh))
+  assert exp.step.num_traces == 1
+  assert np.isfinite(float(m['loss'])) and 'weight_ref' in m and 'correction_rms' in m
+  moved = max(float(np.abs(a - np.asarray(b)).max()) for a, b in
+              zip(jax.tree.leaves(disc0), jax.tree.leaves(state.extras['disc']['params'])))
+  if joint:
+    assert moved > 0 and 'disc_bce' in m
+  else:
+    assert moved == 0.0
+
+
+@pytest.mark.parametrize('field,value,match', [
+    ('variant', 'tiwdsm', 'config.method.variant'),
+    ('alpha', -1.0, 'config.method.alpha'),
+    ('ref_fraction', 0.0, 'config.method.ref_fraction'),
+    ('ref_batch_fraction', 1.0, 'config.method.ref_batch_fraction'),
+    ('disc_pretrain_steps', 0, 'config.method.disc_pretrain_steps'),
+    ('disc_batch_size', 7, 'config.method.disc_batch_size'),
+])
+def test_bad_method_config_names_the_field(field, value, match):
+  c = _toy_config(**{field: value})
+  with pytest.raises(config_lib.ConfigError, match=match):
+    train.build(c, _toy_dataset())
+
+
+def test_unknown_method_field_is_refused():
+  c = _toy_config()
+  c.method.disc_lrr = 1.0
+  with pytest.raises(config_lib.ConfigError, match='config.method.disc_lrr'):
+    train.build(c, _toy_dataset())
