@@ -171,13 +171,15 @@ def fit(exp: Experiment, state: TrainState, until: int | None = None,
   return state, jax.device_get(history)
 
 
-def _summarize(metric_list: list[dict]) -> dict:
-  """Mean over the calls since the last log (stacked multi-step metrics flattened)."""
+def _summarize(metric_list: list[dict], steps_per_call: int = 1) -> dict:
+  """Mean over the steps since the last log. With k steps per call every metric carries a
+  leading axis of k, which is flattened into the steps axis (vector metrics such as the
+  per-constraint multipliers keep their own axis)."""
   host = jax.device_get(metric_list)
   out = {}
   for key in host[0]:
     values = np.stack([np.asarray(m[key]) for m in host])
-    if values.ndim >= 2 and values.shape[1:] != np.asarray(host[0][key]).shape[1:]:
+    if steps_per_call > 1:
       values = values.reshape((-1,) + values.shape[2:])
     out[key] = values.sum(0) if key == 'nonfinite' else values.mean(0)
   return out
@@ -253,7 +255,7 @@ def train_and_evaluate(config, workdir: str, dataset: sources.ArrayDataset | Non
     nonlocal pending, pending_start, t_last, step_last
     if not pending:
       return None
-    summary = _summarize(pending)
+    summary = _summarize(pending, k)
     if summary['nonfinite'] > 0:
       where = _first_nonfinite(pending, pending_start, k)
       if tc.on_nonfinite == 'stop':

@@ -198,3 +198,22 @@ def test_bad_method_config_messages(tiny_config, field, value, needle):
   tiny_config.method[field] = value
   with pytest.raises(config_lib.ConfigError, match=needle):
     train.build(tiny_config)
+
+
+def test_constrained_run_logs_per_constraint_figures(tiny_config, tmp_path):
+  tiny_config.method = constrained.default_method_config()
+  tiny_config.method.constraint_classes = (4, 5, 7)
+  tiny_config.method.objective_batch, tiny_config.method.constraint_batch = 16, 8
+  tiny_config.method.thresholds = (0.01, 0.02, 0.03)
+  tiny_config.train.steps_per_call = 2
+  from cdiff_jax import writers
+  train.train_and_evaluate(tiny_config, str(tmp_path), progress=False)
+  records = writers.read_metrics(str(tmp_path))
+  assert [r['step'] for r in records] == [4, 8]
+  for key in ('lam', 'constraint_loss', 'constraint_gap', 'threshold', 'slack'):
+    assert all(len(r[key]) == 3 for r in records), key
+  np.testing.assert_allclose(records[-1]['threshold'], [0.01, 0.02, 0.03], rtol=1e-6)
+  gap = np.asarray(records[-1]['constraint_gap'])
+  np.testing.assert_allclose(gap, np.asarray(records[-1]['constraint_loss']) - [0.01, 0.02, 0.03],
+                             atol=0.05)  # the gap of the window estimate vs the logged mean
+  assert (tmp_path / 'lambda.png').exists() and (tmp_path / 'constraints.png').exists()
