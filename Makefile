@@ -30,7 +30,7 @@ $(VENV)/.installed: setup.py | $(PY)
 venv: $(VENV)/.installed
 
 demo: $(VENV)/.installed
-	$(PY) -m cdiff_jax.main --config=configs/digits_dsm.py --workdir=$(WORKDIR)
+	$(PY) -m experiments.minority --config=configs/digits_minority.py --workdir=$(WORKDIR)
 
 test: $(VENV)/.installed
 	$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS)

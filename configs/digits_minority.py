@@ -27,7 +27,7 @@ def get_config():
 
   c.model.ch, c.model.ch_mult, c.model.num_res_blocks, c.model.attn_levels = 32, (1, 2), 1, (1,)
   c.optim.lr, c.optim.warmup_steps = 2e-3, 100
-  c.train.steps = 2000
+  c.train.steps = 1500
   c.train.log_every, c.train.checkpoint_every = 100, 500
 
   c.method = constrained.default_method_config()
@@ -41,7 +41,7 @@ def get_config():
   c.method.threshold_reference = 'objective'
   c.method.dual_lr = 0.5
   c.method.dual_lr_schedule = 'primal'
-  c.method.dual_start = 200
+  c.method.dual_start = 150
 
   c.sample.sampler = 'ddim'
   c.sample.num_steps = 100
