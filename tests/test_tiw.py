@@ -390,3 +390,17 @@ def test_unknown_method_field_is_refused():
   c.method.disc_lrr = 1.0
   with pytest.raises(config_lib.ConfigError, match='config.method.disc_lrr'):
     train.build(c, _toy_dataset())
+
+
+def test_composed_per_example_loss_weights_only_the_objective_groups():
+  """The drop-in for a composed method (constrained Lagrangian): weight * corrected loss on
+  the bias/ref groups, the plain DSM loss on any other group (a constraint set)."""
+  method = _image_method()
+  batch = _image_batch()
+  batch['group'] = jnp.asarray(np.r_[np.zeros(6), np.ones(6), np.full(4, 2)].astype(np.int32))
+  params, extras = _init(method, batch)
+  vec, terms = method.per_example_loss(params, batch, jax.random.key(4), extras)
+  assert vec.shape == (16,)
+  np.testing.assert_allclose(vec[:12], (terms['weight'] * terms['loss'])[:12], rtol=1e-6)
+  np.testing.assert_allclose(vec[12:], terms['dsm_loss'][12:], rtol=1e-6)
+  assert np.abs(np.asarray(terms['loss'] - terms['dsm_loss'])).max() > 0  # correction is on
