@@ -53,18 +53,29 @@ def weighted_sq_error(eps_hat, eps_target, t, schedule, weighting: str = 'eps'):
   return sq_error(eps_hat, eps_target, time_weight(schedule, t, weighting), weighting)
 
 
-def sample_time(rng, n: int, schedule, weighting: str = 'eps', stratified: bool = False):
+def sample_time(rng, n: int, schedule, weighting: str = 'eps', stratified: bool = False,
+                t_lo=None):
   """(t, weight) of shape (n,): t from the training distribution of ``weighting``, and the
-  per-example weight that makes ``weight * sq_error`` an unbiased estimate of the loss."""
+  per-example weight that makes ``weight * sq_error`` an unbiased estimate of the loss.
+
+  ``t_lo`` (optional, per example): the example's loss covers only the window [t_lo, 1];
+  the weight then estimates the integral of the weighted loss over that window (the
+  default window is the schedule's whole range, where the 'eps' weight is exactly 1).
+  """
+  t_min = 1.0 / schedule.num_steps if schedule.num_steps else schedule.t_min
+  lo = jnp.full((n,), t_min) if t_lo is None else jnp.maximum(jnp.asarray(t_lo, jnp.float32), t_min)
+  u = _uniform(rng, n, stratified)
   if weighting == 'eps':
-    return schedule.sample_t(rng, (n,), stratified), jnp.ones((n,), jnp.float32)
+    if schedule.num_steps:  # uniform on the grid times i / T >= lo
+      T = schedule.num_steps
+      i_lo = jnp.ceil(lo * T - 1e-4)
+      i = jnp.minimum(i_lo + jnp.floor(u * (T - i_lo + 1)), T)
+      return i / T, (T - i_lo + 1) / T
+    return lo + (1.0 - lo) * u, (1.0 - lo) / (1.0 - t_min)
   if weighting == 'elbo':
-    t_lo = 1.0 / schedule.num_steps if schedule.num_steps else schedule.t_min
-    lam_max, lam_min = schedule.log_snr(t_lo), schedule.log_snr(1.0)
-    u = (schedule.sample_t(rng, (n,), stratified) - t_lo) / (1.0 - t_lo) if not schedule.num_steps \
-        else _uniform(rng, n, stratified)
-    t = schedule.t_from_log_snr(lam_max - u * (lam_max - lam_min))
-    return t, jnp.full((n,), 0.5 * (lam_max - lam_min), jnp.float32)
+    lam_hi, lam_lo = schedule.log_snr(lo), schedule.log_snr(1.0)
+    t = schedule.t_from_log_snr(lam_hi - u * (lam_hi - lam_lo))
+    return t, (0.5 * (lam_hi - lam_lo)).astype(jnp.float32)
   raise ValueError(f'loss weighting {weighting!r} is unknown; use one of {WEIGHTINGS}.')
 
 
@@ -74,10 +85,11 @@ def _uniform(rng, n, stratified):
   return jnp.mod(jax.random.uniform(rng, ()) + jnp.arange(n) * 0.6180339887498949, 1.0)
 
 
-def noise_batch_weighted(rng, x0, schedule, weighting: str = 'eps', stratified: bool = False):
+def noise_batch_weighted(rng, x0, schedule, weighting: str = 'eps', stratified: bool = False,
+                         t_lo=None):
   """Draws times and noise: returns (x_t, t, eps, weight) for a batch x0."""
   rng_t, rng_eps = jax.random.split(rng)
-  t, weight = sample_time(rng_t, x0.shape[0], schedule, weighting, stratified)
+  t, weight = sample_time(rng_t, x0.shape[0], schedule, weighting, stratified, t_lo)
   eps = jax.random.normal(rng_eps, x0.shape, x0.dtype)
   return schedules_lib.q_sample(schedule, x0, t, eps), t, eps, weight
 
@@ -89,13 +101,14 @@ def noise_batch(rng, x0, schedule, stratified: bool = False):
 
 
 def dsm_loss(eps_fn: Callable, x0, rng, schedule, weighting: str = 'eps',
-             stratified: bool = False, **model_kwargs):
+             stratified: bool = False, t_lo=None, **model_kwargs):
   """Per-example DSM loss of ``eps_fn(x_t, t, **model_kwargs)`` on clean data x0.
 
   Returns (loss of shape (batch,), aux) where aux holds x_t, t, eps and the time weight for
   methods that need them (TIW-DSM computes its score correction at the same x_t).
+  ``t_lo``: optional per-example start of the time window (see ``sample_time``).
   """
-  x_t, t, eps, weight = noise_batch_weighted(rng, x0, schedule, weighting, stratified)
+  x_t, t, eps, weight = noise_batch_weighted(rng, x0, schedule, weighting, stratified, t_lo)
   eps_hat = eps_fn(x_t, t, **model_kwargs)
   loss = sq_error(eps_hat, eps, weight, weighting)
   return loss, dict(x_t=x_t, t=t, eps=eps, weight=weight)

@@ -34,12 +34,15 @@ def get_config():
   c.method.constraint_classes = (4, 5, 7)
   c.method.objective_batch = 64
   c.method.constraint_batch = 16
-  # Without a reference run: an absolute threshold in eps-loss units (calibrated on this
-  # model); experiments/minority.py instead sets b_i from the unconstrained arm's losses.
-  c.method.threshold_mode = 'absolute'
-  c.method.thresholds = (0.05,)
-  c.method.threshold_reference = 'objective'
-  c.method.dual_lr = 0.5
+  # KL thresholds in nats: ELBO losses, and b_c = L_c(unconstrained model) - log(0.1 / pi_c),
+  # the loss class c has when it is generated with frequency 0.1 instead of pi_c.
+  c.diffusion.loss_weighting = 'elbo'
+  c.method.threshold_mode = 'reference'
+  c.method.threshold_reference = 'constraint'
+  c.method.reference_workdir = ''   # experiments/minority.py: its unconstrained arm
+  c.method.target_frequency = 0.1
+  c.method.constraint_t_min = 0.25
+  c.method.dual_lr = 0.05
   c.method.dual_lr_schedule = 'primal'
   c.method.dual_start = 150
 

@@ -5,9 +5,9 @@
 Runs two arms of the same config into WORKDIR/unconstrained and WORKDIR/constrained:
 
 1. unconstrained: the same batches and logs, multipliers fixed at 0;
-2. constrained: dual training; when the config's threshold_mode is 'absolute' the script
-   switches it to 'reference' with the unconstrained arm as the reference model (so b is
-   set in the loss units of this very model and data; override with --absolute).
+2. constrained: dual training; with threshold_mode='reference' and no reference_workdir,
+   the unconstrained arm is the reference model (so b is set in the loss units of this very
+   model and data).
 
 Then writes WORKDIR/comparison.{md,json} (class frequencies, total-variation distance to
 uniform, classifier FID, thresholds, final multipliers, run times) and the figures
@@ -27,7 +27,6 @@ from ml_collections import config_flags
 _CONFIG = config_flags.DEFINE_config_file('config', 'configs/digits_minority.py',
                                           'Config of the constrained arm.')
 _WORKDIR = flags.DEFINE_string('workdir', 'runs/demo', 'Output directory of both arms.')
-_ABSOLUTE = flags.DEFINE_bool('absolute', False, "Keep the config's absolute thresholds.")
 _PROGRESS = flags.DEFINE_bool('progress', True, 'Show progress bars.')
 
 
@@ -109,14 +108,11 @@ def main(argv):
 
   unconstrained = copy.deepcopy(config)
   unconstrained.method.enabled = False
-  unconstrained.method.threshold_mode = 'absolute'
-  unconstrained.method.reference_workdir = ''
   arms = {'unconstrained': run_arm(unconstrained, os.path.join(workdir, 'unconstrained'),
                                    _PROGRESS.value)}
 
   constrained = copy.deepcopy(config)
-  if constrained.method.threshold_mode == 'absolute' and not _ABSOLUTE.value:
-    constrained.method.threshold_mode = 'reference'
+  if constrained.method.threshold_mode == 'reference' and not constrained.method.reference_workdir:
     constrained.method.reference_workdir = os.path.join(workdir, 'unconstrained')
   arms['constrained'] = run_arm(constrained, os.path.join(workdir, 'constrained'), _PROGRESS.value)
 

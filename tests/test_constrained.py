@@ -217,3 +217,30 @@ def test_constrained_run_logs_per_constraint_figures(tiny_config, tmp_path):
   np.testing.assert_allclose(gap, np.asarray(records[-1]['constraint_loss']) - [0.01, 0.02, 0.03],
                              atol=0.05)  # the gap of the window estimate vs the logged mean
   assert (tmp_path / 'lambda.png').exists() and (tmp_path / 'constraints.png').exists()
+
+
+def test_frequency_target_thresholds(monkeypatch, tiny_config, tmp_path):
+  # b_c = L_c(reference) - log(target / pi_c): the ELBO loss of class c at frequency target.
+  tiny_config.method = constrained.default_method_config()
+  tiny_config.method.constraint_classes = (4, 5)
+  tiny_config.method.objective_batch, tiny_config.method.constraint_batch = 16, 8
+  tiny_config.data.minority_classes, tiny_config.data.minority_fraction = (4, 5), 0.2
+  tiny_config.diffusion.loss_weighting = 'elbo'
+  tiny_config.method.threshold_mode = 'reference'
+  tiny_config.method.reference_workdir = str(tmp_path)
+  (tmp_path / 'checkpoints').mkdir()
+  tiny_config.method.target_frequency = 0.1
+  from cdiff_jax import checkpoint
+  monkeypatch.setattr(checkpoint, 'load_params', lambda workdir: None)
+  monkeypatch.setattr(constrained, 'reference_losses',
+                      lambda *a, **k: np.array([300.0, 310.0, 320.0]))
+  exp = train.build(tiny_config)
+  labels = exp.dataset.labels[exp.train_idx]
+  pi = np.array([np.mean(labels == 4), np.mean(labels == 5)])
+  np.testing.assert_allclose(exp.method.thresholds, np.array([310.0, 320.0]) - np.log(0.1 / pi),
+                             rtol=1e-6)
+  assert pi[0] < 0.05  # the minority really is one
+  # The frequency target needs ELBO losses (a threshold in nats).
+  tiny_config.diffusion.loss_weighting = 'eps'
+  with pytest.raises(config_lib.ConfigError, match='loss_weighting'):
+    train.build(tiny_config)

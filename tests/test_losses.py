@@ -96,3 +96,23 @@ def test_stratified_times_cover_every_group():
   for chunk in (t[:64], t[64:128], t[300:428]):
     hist = np.histogram(chunk, bins=4, range=(s.t_min, 1.0))[0]
     assert hist.min() >= 0.2 * len(chunk), hist  # even coverage within any contiguous run
+
+
+def test_time_window_estimates_the_window_integral():
+  # sum over the window [t_lo, 1] of w(t) f(t) dt, by the importance weights of sample_time.
+  f = lambda t: 1.0 + jnp.sin(3 * t)
+  for sched in (schedules.VPSchedule(), schedules.DDPMSchedule()):
+    for weighting in ('eps', 'elbo'):
+      n = 200_000
+      t_lo = jnp.full((n,), 0.3)
+      t, w = losses.sample_time(jax.random.key(0), n, sched, weighting, t_lo=t_lo)
+      assert float(t.min()) >= 0.3 - 1e-6
+      grid = jnp.linspace(0.3, 1.0, 20001)
+      tw = losses.time_weight(sched, grid, weighting)
+      t_min = 1 / sched.num_steps if sched.num_steps else sched.t_min
+      scale = 1.0 / (1.0 - t_min) if weighting == 'eps' else 1.0  # eps: mean over the range
+      exact = float(jnp.trapezoid(tw * f(grid), grid)) * scale
+      assert float((w * f(t)).mean()) == pytest.approx(exact, rel=0.02), (sched, weighting)
+      # Without a window the 'eps' weight is exactly 1 (the plain simple loss).
+      _, w_full = losses.sample_time(jax.random.key(1), 8, sched, 'eps')
+      np.testing.assert_allclose(w_full, 1.0)

@@ -66,12 +66,16 @@ class Constrained:
   normalize: bool = True
   enabled: bool = True                        # False: lam stays 0 (the unconstrained arm)
   reference: tuple[float, ...] = ()           # reference model's (L_0, L_1..m), if measured
+  constraint_t_min: float = 0.0               # constraint losses cover only t in [this, 1]
   history: list = dataclasses.field(default_factory=list, repr=False)
 
   # ------------------------------------------------------------------ data
   def data_groups(self, dataset, train_indices: np.ndarray):
     groups = [('objective', np.asarray(train_indices), self.objective_batch)]
     if self.constraint_source == 'classes':
+      from cdiff_jax.data import imbalance
+      imbalance._check_classes(self.constraint_classes, dataset.num_classes,
+                               'config.method.constraint_classes')
       for name, c in zip(self.constraint_names, self.constraint_classes):
         idx = train_indices[dataset.labels[train_indices] == c]
         if len(idx) == 0:
@@ -103,7 +107,14 @@ class Constrained:
   # ------------------------------------------------------------------ losses
   def group_losses(self, params, batch, rng):
     """(L of shape (1 + m,), aux of the base loss): L[0] objective, L[1:] constraints."""
-    per_example, aux = self.base.per_example_loss(params, batch, rng)
+    if self.constraint_t_min > 0:
+      # KL constraints on the noised distributions at t = constraint_t_min (the path-measure
+      # KL of [t_c, 1] bounds it): class proportions are already decided there, while the
+      # few images of a minority cannot be memorized through them.
+      t_lo = jnp.where(batch['group'] > 0, self.constraint_t_min, 0.0)
+      per_example, aux = self.base.per_example_loss(params, batch, rng, t_lo=t_lo)
+    else:
+      per_example, aux = self.base.per_example_loss(params, batch, rng)
     return losses.group_means(per_example, batch['group'], self.num_constraints + 1), aux
 
   def lagrangian(self, group_loss, lam):
@@ -148,7 +159,8 @@ class Constrained:
     constraint stays violated means the threshold is probably infeasible."""
     if not self.enabled:
       return []
-    self.history.append((step, np.asarray(summary['lam']), np.asarray(summary['constraint_gap'])))
+    self.history.append((step, np.atleast_1d(summary['lam']),
+                         np.atleast_1d(summary['constraint_gap'])))
     del self.history[:-(patience + 1)]
     if len(self.history) <= patience:
       return []
@@ -174,13 +186,23 @@ class Constrained:
     ELBO losses and classes of similar entropy, L_c = L_0 exactly when the model gives the
     classes equal mass, so it is the threshold of "generate the minorities fairly"."""
     mc = config.method
-    if mc.threshold_mode != 'reference':
+    if mc.threshold_mode != 'reference' or not mc.enabled:
       return self
     from cdiff_jax import checkpoint
     ref = reference_losses(self, checkpoint.load_params(mc.reference_workdir), batcher, mesh,
                            mc.reference_batches, config.seed)
     base = ref[1:] if mc.threshold_reference == 'constraint' else np.full(len(ref) - 1, ref[0])
-    b = tuple(float(mc.threshold_scale * v + mc.threshold_offset) for v in base)
+    b = mc.threshold_scale * base + mc.threshold_offset
+    if mc.target_frequency > 0:
+      # With ELBO losses L_c = H_c - log rho_c + const, so moving class c from its training
+      # frequency pi_c (which the reference model reproduces) to the target lowers its loss
+      # by log(target / pi_c) nats.
+      labels = batcher.dataset.labels[batcher.groups[0]]
+      pi = np.array([np.mean(labels == c) for c in self.constraint_classes])
+      b = b - np.log(mc.target_frequency / pi)
+      print(f'training frequencies of the constrained classes: {np.round(pi, 4).tolist()}; '
+            f'target {mc.target_frequency}')
+    b = tuple(float(v) for v in b)
     print(f'reference model losses: objective {ref[0]:.5f}, constraints '
           f'{", ".join(f"{n}={v:.5f}" for n, v in zip(self.constraint_names, ref[1:]))}; '
           f'thresholds b = {", ".join(f"{v:.5f}" for v in b)}')
@@ -236,12 +258,22 @@ def validate(config) -> None:
   if mc.threshold_reference not in ('constraint', 'objective'):
     raise ConfigError(f'config.method.threshold_reference={mc.threshold_reference!r}: must be '
                       "'constraint' or 'objective'.")
-  if mc.threshold_mode == 'reference' and not mc.reference_workdir:
+  if mc.threshold_mode == 'reference' and not mc.reference_workdir and mc.enabled:
     raise ConfigError("config.method.reference_workdir='': threshold_mode='reference' needs "
                       'the workdir of a trained reference run (e.g. the unconstrained model).')
-  if mc.threshold_mode == 'reference' and not os.path.isdir(os.path.join(mc.reference_workdir, 'checkpoints')):
+  if (mc.threshold_mode == 'reference' and mc.enabled and
+      not os.path.isdir(os.path.join(mc.reference_workdir, 'checkpoints'))):
     raise ConfigError(f'config.method.reference_workdir={mc.reference_workdir!r} holds no '
                       'checkpoints/; train the reference run first.')
+  if mc.target_frequency > 0 and config.diffusion.loss_weighting != 'elbo':
+    raise ConfigError(f'config.method.target_frequency={mc.target_frequency}: a frequency '
+                      "target converts to a threshold in nats only with ELBO losses; set "
+                      "diffusion.loss_weighting='elbo' (or target_frequency=0).")
+  if mc.target_frequency > 0 and (mc.constraint_source != 'classes' or mc.threshold_mode != 'reference'):
+    raise ConfigError(f'config.method.target_frequency={mc.target_frequency}: needs '
+                      "constraint_source='classes' and threshold_mode='reference'.")
+  if not 0.0 <= mc.constraint_t_min < 1.0:
+    raise ConfigError(f'config.method.constraint_t_min={mc.constraint_t_min}: must lie in [0, 1).')
   for field in ('dual_lr', 'init_lambda', 'resilient_alpha'):
     if mc[field] < 0:
       raise ConfigError(f'config.method.{field}={mc[field]}: must be >= 0.')
@@ -282,7 +314,7 @@ def build(config, base, lr_fn: Callable | None = None) -> Constrained:
       constraint_classes=tuple(int(c) for c in mc.constraint_classes),
       constraint_source=mc.constraint_source, objective_batch=mc.objective_batch,
       constraint_batch=mc.constraint_batch, dual_lr=mc.dual_lr, dual_every=mc.dual_every,
-      dual_start=mc.dual_start,
+      dual_start=mc.dual_start, constraint_t_min=mc.constraint_t_min,
       dual_estimate=mc.dual_estimate, dual_ema=mc.dual_ema, dual_lr_fn=dual_lr_fn,
       init_lambda=mc.init_lambda, resilient_alpha=mc.resilient_alpha, normalize=mc.normalize,
       enabled=mc.enabled)
@@ -305,6 +337,8 @@ def default_method_config():
       threshold_reference='constraint',  # constraint: the reference model's L_i | objective: its L_0
       threshold_scale=1.0,
       threshold_offset=0.0,
+      target_frequency=0.0,          # > 0 (ELBO losses, classes): b_c -= log(target / pi_c)
+      constraint_t_min=0.0,          # > 0: constraint losses cover t in [this, 1] only
       reference_batches=50,
       dual_lr=1.0,
       dual_lr_schedule='constant',   # constant | primal (scaled like the primal LR)

@@ -45,14 +45,15 @@ class DSM:
       y = jnp.where(drop, self.num_classes, y)
     return y
 
-  def per_example_loss(self, params, batch, rng, x0=None):
-    """(loss vector (batch,), aux with x_t, t, eps) of the DSM loss on ``batch``."""
+  def per_example_loss(self, params, batch, rng, x0=None, t_lo=None):
+    """(loss vector (batch,), aux with x_t, t, eps) of the DSM loss on ``batch``; ``t_lo``
+    optionally restricts each example's times to [t_lo, 1]."""
     rng_noise, rng_label, rng_dropout = jax.random.split(rng, 3)
     y = self.labels(batch, rng_label)
     eps_fn = lambda x, t: self.model.eps(params, x, t, y, train=True, rng=rng_dropout)
     x0 = batch['image'] if x0 is None else x0
     return losses.dsm_loss(eps_fn, x0, rng_noise, self.model.schedule, self.weighting,
-                           self.stratified_t)
+                           self.stratified_t, t_lo)
 
   def loss(self, params, extras, batch, rng):
     del extras
