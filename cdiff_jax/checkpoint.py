@@ -1,9 +1,9 @@
 """Orbax checkpoints of the whole train state, with a config fingerprint.
 
 ``Checkpointer.restore_latest`` returns the newest complete checkpoint (Orbax writes to a
-temporary folder and renames, so a run killed mid-save leaves the previous one intact) or
-None; a checkpoint whose structural config fields differ from the current run is refused
-with ``IncompatibleCheckpoint`` listing the differences.
+temporary folder and renames, so a run killed mid-save, even by SIGKILL, leaves the
+previous one intact) or None; a checkpoint whose structural config fields differ from the
+current run is refused with ``IncompatibleCheckpoint`` listing the differences.
 """
 
 from __future__ import annotations
@@ -22,23 +22,36 @@ class IncompatibleCheckpoint(RuntimeError):
 
 def load_params(workdir: str, which: str = 'ema_params'):
   """Parameters (``ema_params`` or ``params``) of the newest checkpoint of any run's workdir,
-  as a plain pytree; used for fine-tuning and for reference models."""
+  as a plain pytree on this process's first device; used for fine-tuning and for reference
+  models. Works whatever the topology that wrote it (e.g. a multi-host run)."""
   directory = os.path.abspath(os.path.join(workdir, 'checkpoints'))
   if not os.path.isdir(directory):
     raise FileNotFoundError(f'{workdir} holds no checkpoints/; train that run first.')
-  with ocp.CheckpointManager(directory, item_names=('state', 'meta')) as mgr:
+  handlers = dict(state=ocp.StandardCheckpointHandler(), meta=ocp.JsonCheckpointHandler())
+  with ocp.CheckpointManager(directory, item_handlers=handlers) as mgr:
     step = mgr.latest_step()
     if step is None:
       raise FileNotFoundError(f'{directory} holds no complete checkpoint.')
-    state = mgr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))['state']
-  return state[which]
+    metadata = mgr.item_metadata(step)['state']
+    # A target with this process's shardings: restoring with the saved ones fails when
+    # the devices that wrote the checkpoint are not all here.
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
+                          getattr(metadata, 'tree', metadata),
+                          is_leaf=lambda m: hasattr(m, 'shape') and hasattr(m, 'dtype'))
+    state = mgr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))
+  return state['state'][which]
 
 
 class Checkpointer:
+  """Every process of a multi-process run takes part in saves and restores (Orbax writes
+  each array's shards from the processes that hold them, the metadata from process 0)."""
 
   def __init__(self, directory: str, max_to_keep: int = 2):
     self.directory = os.path.abspath(directory)
-    options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep or None, create=True)
+    # The folder is made by the first save, so a run that stops at a bad config, a missing
+    # dataset or an incompatible checkpoint leaves a fresh workdir empty.
+    options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep or None, create=False)
     self.manager = ocp.CheckpointManager(self.directory, options=options,
                                          item_names=('state', 'meta'))
 
@@ -47,6 +60,7 @@ class Checkpointer:
 
   def save(self, step: int, state, config) -> None:
     meta = dict(fingerprint=config_lib.fingerprint(config), step=int(step))
+    os.makedirs(self.directory, exist_ok=True)
     self.manager.save(int(step), args=ocp.args.Composite(
         state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)), force=True)
 

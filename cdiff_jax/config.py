@@ -69,6 +69,18 @@ def base_config() -> ml_collections.ConfigDict:
       num_devices=0,          # 0: all visible devices
       compilation_cache=True,
       init_from='',           # workdir of a trained run: start from its EMA parameters
+      debug_nan_step=-1,      # fault injection: the loss of this step is NaN (-1: off)
+  ))
+
+  # Multi-process runs (several hosts, or one process per GPU): see the README's
+  # "Running at scale". Empty fields come from the environment or the cluster.
+  c.parallel = ml_collections.ConfigDict(dict(
+      distributed=False,      # True: jax.distributed.initialize() before anything else
+      coordinator_address='',  # host:port of process 0 ('': JAX_COORDINATOR_ADDRESS/cluster)
+      num_processes=0,        # 0: JAX_NUM_PROCESSES or the cluster's
+      process_id=-1,          # -1: JAX_PROCESS_ID or the cluster's
+      cpu_collectives='',     # CPU-only clusters: 'gloo' (or 'mpi'); '': JAX's default
+      initialization_timeout=300,  # seconds to wait for all processes
   ))
 
   c.sample = ml_collections.ConfigDict(dict(
@@ -115,6 +127,10 @@ def validate(c: ml_collections.ConfigDict) -> None:
 
   _choice(c, 'data.name', ('digits', 'mnist', 'fashion_mnist', 'cifar10', 'celeb_a', 'toy'))
   _choice(c, 'data.source', ('auto', 'sklearn', 'tfds', 'idx', 'npz'))
+  if c.data.data_dir and not os.path.exists(os.path.expanduser(c.data.data_dir)):
+    _fail('data.data_dir', c.data.data_dir, 'does not exist; point it at the folder (or '
+          '.npz file) that holds the data.')
+  _positive(c, 'data.image_size', allow_zero=True)
   if not 0.0 < c.data.minority_fraction <= 1.0:
     _fail('data.minority_fraction', c.data.minority_fraction, 'must lie in (0, 1].')
   _choice(c, 'model.name', ('unet', 'mlp'))
@@ -127,6 +143,10 @@ def validate(c: ml_collections.ConfigDict) -> None:
       if (c.model.ch * m) % c.model.num_groups:
         _fail('model.num_groups', c.model.num_groups,
               f'must divide every level width ch * ch_mult = {c.model.ch} * {m}.')
+    widths = [c.model.ch * m for m in c.model.ch_mult]
+    if c.model.num_heads < 1 or any(w % c.model.num_heads for w in widths):
+      _fail('model.num_heads', c.model.num_heads,
+            f'must be >= 1 and divide every level width {widths}.')
     bad = [a for a in c.model.attn_levels if not 0 <= a < len(c.model.ch_mult)]
     if bad:
       _fail('model.attn_levels', tuple(c.model.attn_levels),
@@ -156,6 +176,10 @@ def validate(c: ml_collections.ConfigDict) -> None:
   _choice(c, 'train.on_nonfinite', ('stop', 'skip'))
   if c.train.init_from and not os.path.isdir(os.path.join(c.train.init_from, 'checkpoints')):
     _fail('train.init_from', c.train.init_from, 'holds no checkpoints/; train that run first.')
+  if c.train.get('debug_nan_step', -1) < -1:
+    _fail('train.debug_nan_step', c.train.debug_nan_step, 'must be a step >= 0, or -1 (off).')
+  if 'parallel' in c:
+    _validate_parallel(c)
   k = c.train.steps_per_call
   for f in ('log_every', 'checkpoint_every', 'sample_every'):
     if c.train[f] % k:
@@ -171,6 +195,36 @@ def validate(c: ml_collections.ConfigDict) -> None:
   _positive(c, 'eval.num_samples')
   if c.eval.enabled and c.data.name == 'toy':
     _fail('eval.enabled', True, 'the evaluation classifier needs an image dataset.')
+
+
+def check_image_shape(model_config, image_shape) -> None:
+  """The data's image shape against the model (once the data is loaded, since
+  ``data.image_size=0`` takes the size from the data)."""
+  mc = model_config
+  if mc.name != 'unet':
+    return
+  if len(image_shape) != 3:
+    _fail('model.name', mc.name, f'the UNet takes images (H, W, C); the data has examples of '
+          f'shape {tuple(image_shape)}; use model.name=\'mlp\'.')
+  levels = len(mc.ch_mult)
+  smallest = min(image_shape[:2])
+  if smallest < 2 ** (levels - 1):
+    _fail('model.ch_mult', tuple(mc.ch_mult),
+          f'{levels} levels downsample the data\'s {image_shape[0]}x{image_shape[1]} images '
+          f'below 1 pixel; use at most {smallest.bit_length()} levels.')
+
+
+def _validate_parallel(c) -> None:
+  pc = c.parallel
+  if pc.num_processes < 0:
+    _fail('parallel.num_processes', pc.num_processes, 'must be >= 0 (0: from the environment).')
+  if pc.process_id < -1:
+    _fail('parallel.process_id', pc.process_id, 'must be >= 0, or -1 (from the environment).')
+  if pc.num_processes and pc.process_id >= pc.num_processes:
+    _fail('parallel.process_id', pc.process_id,
+          f'must be below parallel.num_processes={pc.num_processes}.')
+  _choice(c, 'parallel.cpu_collectives', ('', 'gloo', 'mpi'))
+  _positive(c, 'parallel.initialization_timeout')
 
 
 # Fields whose change makes a checkpoint meaningless for this run (state layout, data,

@@ -2,6 +2,10 @@
 
 Fields are overridden with ``--config.FIELD=VALUE`` (e.g. ``--config.train.steps=500``).
 A wrong field name or value stops here with one line naming it.
+
+Exit status: 0 done; 2 the run cannot start or went non-finite (one ``error:`` line on
+stderr, nothing written to the workdir, its checkpoints untouched); 3 preempted (SIGTERM):
+a checkpoint was saved at the next step boundary, rerun the same command to resume.
 """
 
 from __future__ import annotations
@@ -15,6 +19,9 @@ from ml_collections import config_flags
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Path to a config file under configs/.')
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Directory for checkpoints, metrics and samples.')
 _NO_PROGRESS = flags.DEFINE_bool('no_progress', False, 'Hide progress bars.')
+
+EXIT_ERROR = 2
+EXIT_PREEMPTED = 3
 
 
 def _one_line_error(e: BaseException) -> str:
@@ -32,13 +39,17 @@ def main(argv):
   from cdiff_jax import train
   from cdiff_jax.checkpoint import IncompatibleCheckpoint
   from cdiff_jax.data.sources import DatasetNotFound
+  from cdiff_jax.parallel import DistributedSetupError
   config = _CONFIG.value
   try:
     result = train.train_and_evaluate(config, _WORKDIR.value, progress=not _NO_PROGRESS.value)
   except (config_lib.ConfigError, DatasetNotFound, IncompatibleCheckpoint,
-          train.NonFiniteError) as e:
+          train.NonFiniteError, DistributedSetupError) as e:
     print(f'error: {_one_line_error(e)}', file=sys.stderr)
-    sys.exit(2)
+    sys.exit(EXIT_ERROR)
+  except train.Preempted as e:
+    print(str(e), file=sys.stderr)
+    sys.exit(EXIT_PREEMPTED)
   print(f"done: step {result['final_step']}, outputs in {result['workdir']}")
 
 
@@ -54,7 +65,7 @@ def _parse_flags(argv):
     if isinstance(e, AttributeError):
       text = 'no such config field. ' + text.replace("'", '')
     print(f'error: {where}{text}', file=sys.stderr)
-    sys.exit(2)
+    sys.exit(EXIT_ERROR)
 
 
 def run():

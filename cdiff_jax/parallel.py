@@ -1,13 +1,21 @@
-"""Device mesh, shardings and global batch assembly for data-parallel training.
+"""Device mesh, shardings, multi-host setup and global batch assembly for data parallelism.
 
 One mesh axis, ``data``. Parameters and the rest of the train state are replicated; the
 leading (example) axis of every batch is sharded. Under ``jax.jit`` the gradient mean
 over the global batch is computed by XLA's collectives, so no explicit ``pmean`` appears
-anywhere. Multi-host: every process builds its local slice of the global batch and
-``make_array_from_process_local_data`` assembles the global array.
+anywhere.
+
+Multi-host (several processes, e.g. one per GPU host or TPU VM worker): every process
+runs the same program. ``initialize_distributed`` connects them (``config.parallel``),
+the mesh spans the devices of all processes ordered by process, every process builds
+only its contiguous slice of the global batch and ``make_array_from_process_local_data``
+assembles the global array, so the global batch (and hence the result) is the same as on
+one host with the same number of devices.
 """
 
 from __future__ import annotations
+
+import os
 
 import jax
 import numpy as np
@@ -16,15 +24,75 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 DATA_AXIS = 'data'
 
 
+class DistributedSetupError(RuntimeError):
+  """``jax.distributed.initialize`` failed (coordinator unreachable, wrong process id, ...)."""
+
+
+def distributed_requested(parallel_config) -> bool:
+  """True when ``config.parallel.distributed`` is set or the environment names a
+  coordinator (``JAX_COORDINATOR_ADDRESS``, as cluster launch scripts do)."""
+  if parallel_config is None:
+    return False
+  return bool(parallel_config.distributed) or bool(os.environ.get('JAX_COORDINATOR_ADDRESS'))
+
+
+def initialize_distributed(parallel_config) -> bool:
+  """Calls ``jax.distributed.initialize`` once, before anything touches a device.
+
+  Fields left empty (``coordinator_address=''``, ``num_processes=0``, ``process_id=-1``)
+  come from the environment: ``JAX_COORDINATOR_ADDRESS``, ``JAX_NUM_PROCESSES`` and
+  ``JAX_PROCESS_ID``, else JAX's cluster detection (TPU VM pods, SLURM, Open MPI,
+  Kubernetes). Returns whether this is a multi-process run.
+  """
+  if not distributed_requested(parallel_config):
+    return False
+  if jax.distributed.is_initialized():
+    return jax.process_count() > 1
+  pc = parallel_config
+  kwargs = {}
+  address = pc.coordinator_address or os.environ.get('JAX_COORDINATOR_ADDRESS', '')
+  num = pc.num_processes or int(os.environ.get('JAX_NUM_PROCESSES', '0') or 0)
+  pid = pc.process_id if pc.process_id >= 0 else int(os.environ.get('JAX_PROCESS_ID', '-1') or -1)
+  if address:
+    kwargs['coordinator_address'] = address
+  if num:
+    kwargs['num_processes'] = num
+  if pid >= 0:
+    kwargs['process_id'] = pid
+  if pc.get('cpu_collectives'):
+    # CPU-only clusters (and the tests' local processes) need a cross-process
+    # collectives implementation; GPUs and TPUs bring their own.
+    jax.config.update('jax_cpu_collectives_implementation', pc.cpu_collectives)
+  try:
+    jax.distributed.initialize(initialization_timeout=int(pc.initialization_timeout), **kwargs)
+  except Exception as e:  # Connection refused, timeout, missing fields, ...
+    detail = ' '.join(str(e).split())[:300]
+    raise DistributedSetupError(
+        f'jax.distributed.initialize({", ".join(f"{k}={v!r}" for k, v in kwargs.items())}) '
+        f'failed: {detail}. Set config.parallel.coordinator_address (host:port of process 0), '
+        'num_processes and process_id, or launch through a cluster JAX detects.') from e
+  return jax.process_count() > 1
+
+
+def is_main_process() -> bool:
+  """Process 0 writes metrics, samples, plots and logs; every process checkpoints."""
+  return jax.process_index() == 0
+
+
 def make_mesh(num_devices: int | None = None) -> jax.sharding.Mesh:
-  devices = jax.devices()
+  # Ordered by process, so each process's devices hold one contiguous block of the
+  # batch (the block GroupedBatcher gives it), on any platform.
+  devices = sorted(jax.devices(), key=lambda d: (d.process_index, d.id))
   n = num_devices or len(devices)
   if n > len(devices):
-    raise ValueError(f'parallel.num_devices={n} but only {len(devices)} devices are visible.')
+    raise ValueError(f'train.num_devices={n} but only {len(devices)} devices are visible.')
+  if jax.process_count() > 1 and n != len(devices):
+    raise ValueError(f'train.num_devices={n}: a multi-process run uses all {len(devices)} '
+                     'devices of its processes; set train.num_devices=0.')
   # Auto axis types: classic sharding propagation (Explicit mode rejects some reshapes
   # of sharded dimensions that the models do).
-  return jax.make_mesh((n,), (DATA_AXIS,), axis_types=(jax.sharding.AxisType.Auto,),
-                       devices=devices[:n])
+  return jax.sharding.Mesh(np.asarray(devices[:n]), (DATA_AXIS,),
+                           axis_types=(jax.sharding.AxisType.Auto,))
 
 
 def replicated(mesh) -> NamedSharding:
@@ -51,10 +119,55 @@ def put_batch(batch, mesh, leading_axes: int = 0):
       lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), batch)
 
 
+_barrier_count = 0
+
+
+def barrier(name: str, timeout_s: int = 1800) -> None:
+  """Waits until every process gets here (no-op for one process).
+
+  Processes reach their first collective at different times (imports, initialization and
+  compilation run at their own speed) and JAX's CPU collectives give up after ~30 s of
+  waiting for a peer; this barrier goes through the coordination service instead, with a
+  long timeout. Every process must call the same barriers in the same order.
+  """
+  global _barrier_count
+  if jax.process_count() == 1:
+    return
+  from orbax.checkpoint import multihost
+  _barrier_count += 1
+  multihost.get_barrier_sync_fn()(key=f'cdiff_jax_{name}_{_barrier_count}',
+                                  timeout_ms=timeout_s * 1000)
+
+
+def _put_global(x, sharding):
+  """One leaf, identical on every process, -> a global array (typed keys included).
+  Built from each process's own copy without comparing them across processes
+  (``device_put`` would, with one collective per leaf)."""
+  if isinstance(x, jax.Array) and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+    data = _put_global(jax.random.key_data(x), sharding)
+    return jax.random.wrap_key_data(data, impl=jax.random.key_impl(x))
+  value = np.asarray(x)
+  return jax.make_array_from_callback(value.shape, sharding, lambda index: value[index])
+
+
 def put_replicated(tree, mesh):
-  return jax.device_put(tree, replicated(mesh))
+  sharding = replicated(mesh)
+  if jax.process_count() == 1:
+    return jax.device_put(tree, sharding)
+  # Across processes device_put only takes host values (a process cannot place its
+  # local device buffers on another host's devices).
+  return jax.tree.map(lambda x: _put_global(x, sharding), tree)
 
 
 def to_host(tree):
-  """Fully replicated or addressable arrays -> numpy (all processes get the same)."""
-  return jax.tree.map(lambda x: np.asarray(jax.device_get(x)), tree)
+  """jax arrays -> numpy, the same full value on every process: sharded arrays that span
+  several processes are gathered (every process must call this)."""
+  from jax.experimental import multihost_utils
+
+  def get(x):
+    if not isinstance(x, jax.Array) or x.is_fully_addressable or x.is_fully_replicated:
+      return np.asarray(jax.device_get(x))
+    barrier('to_host')
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+  return jax.tree.map(get, tree)

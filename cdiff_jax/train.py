@@ -10,6 +10,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import signal
+import threading
 import time
 from typing import Any, Callable
 
@@ -36,7 +38,66 @@ class NonFiniteError(FloatingPointError):
   """A training step produced a non-finite loss or gradient (train.on_nonfinite='stop')."""
 
 
+class Preempted(Exception):
+  """SIGTERM (or the cluster's preemption notice) arrived: the run saved a checkpoint at
+  the next step boundary and stopped; rerunning the same command resumes from it."""
+
+  def __init__(self, step: int, directory: str):
+    self.step = step
+    super().__init__(f'preempted: saved a checkpoint at step {step} in {directory}; rerun '
+                     'the same command to resume from it.')
+
+
+class _PreemptionWatch:
+  """Tells the training loop when to save and stop.
+
+  One process: a SIGTERM handler (installed from the start of the run until the last
+  step is saved, when called from the main thread) sets a flag that the loop reads at
+  every step boundary. Several processes: JAX's
+  preemption service (started by ``jax.distributed.initialize``) receives the notice and
+  agrees with the other processes on one step at which all of them save.
+  """
+
+  def __init__(self):
+    self.requested = False
+    self._previous = None
+    self._multi = jax.process_count() > 1
+
+  def __enter__(self):
+    if not self._multi and threading.current_thread() is threading.main_thread():
+      self._previous = signal.signal(signal.SIGTERM, self._on_sigterm)
+    return self
+
+  def _on_sigterm(self, signum, frame):
+    del signum, frame
+    self.requested = True
+
+  def should_stop(self, step: int) -> bool:
+    if self._multi:
+      from jax.experimental import multihost_utils
+      try:
+        return multihost_utils.reached_preemption_sync_point(step)
+      except RuntimeError:  # preemption service not running (disabled by a flag)
+        return False
+    return self.requested
+
+  def release(self) -> bool:
+    """Puts the previous SIGTERM handler back; returns whether a SIGTERM had arrived."""
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
+      self._previous = None
+    return self.requested
+
+  def __exit__(self, *exc):
+    self.release()
+    return False
+
+
 def setup_jax(config) -> None:
+  """Process-wide JAX setup, before any device is touched: multi-process initialization
+  (``config.parallel``) and the persistent compilation cache."""
+  if 'parallel' in config:
+    parallel.initialize_distributed(config.parallel)
   if config.train.get('compilation_cache', True):
     cache = os.environ.get('CDIFF_JAX_CACHE', os.path.expanduser('~/.cache/cdiff_jax/xla'))
     jax.config.update('jax_compilation_cache_dir', cache)
@@ -56,6 +117,15 @@ def train_indices(data_config, dataset: sources.ArrayDataset) -> np.ndarray:
   if len(idx) == 0:
     raise config_lib.ConfigError('config.data: the class selection leaves no training examples.')
   return idx
+
+
+def load_training_data(data_config) -> sources.ArrayDataset:
+  try:
+    return sources.load_dataset(data_config, 'train')
+  except sources.DatasetNotFound:
+    raise
+  except ValueError as e:  # The loaders' messages name the data.* field at fault.
+    raise config_lib.ConfigError(str(e)) from e
 
 
 def build_score_model(config, num_classes: int) -> ScoreModel:
@@ -92,7 +162,8 @@ class Experiment:
     n = 2
     x = jnp.zeros((n,) + self.image_shape, jnp.float32)
     y = jnp.zeros((n,), jnp.int32) if self.config.model.conditional else None
-    params = self.model.init(rng_init, x, jnp.full((n,), 0.5), y)
+    # Jitted: one (cacheable) compile instead of one per layer op; same values as eager.
+    params = jax.jit(self.model.init)(rng_init, x, jnp.full((n,), 0.5), y)
     if self.config.train.init_from:  # fine-tuning: start from another run's EMA parameters
       loaded = checkpoint_lib.load_params(self.config.train.init_from)
       if jax.tree.structure(loaded) != jax.tree.structure(params) or any(
@@ -131,23 +202,31 @@ def build(config, dataset: sources.ArrayDataset | None = None) -> Experiment:
   """Validates the config and builds everything but the state (``init_state``)."""
   config_lib.validate(config)
   methods_lib.validate(config)
-  dataset = dataset if dataset is not None else sources.load_dataset(config.data, 'train')
+  dataset = dataset if dataset is not None else load_training_data(config.data)
+  config_lib.check_image_shape(config.model, dataset.image_shape)
   idx = train_indices(config.data, dataset)
   model = build_score_model(config, dataset.num_classes)
   tx, lr_fn = optim.make_optimizer(config.optim, config.train.steps)
   method = methods_lib.build(config, model, dataset.num_classes, lr_fn)
-  mesh = parallel.make_mesh(config.train.num_devices or None)
   groups = method.data_groups(dataset, idx)
-  for name, _, b in groups:
-    parallel.check_batch_size(b, mesh, f'batch size of group {name!r}')
-  batcher = pipeline.GroupedBatcher(
-      dataset, [g[1] for g in groups], [g[2] for g in groups], config.seed,
-      process_index=jax.process_index(), process_count=jax.process_count(),
-      group_names=[g[0] for g in groups])
+  try:  # Device count, batch sizes and data groups that do not fit: one line, no traceback.
+    mesh = parallel.make_mesh(config.train.num_devices or None)
+    for name, _, b in groups:
+      parallel.check_batch_size(b, mesh, f"the {name!r} part of the batch (config.train."
+                                f"batch_size or the method's *_batch fields), size")
+    batcher = pipeline.GroupedBatcher(
+        dataset, [g[1] for g in groups], [g[2] for g in groups], config.seed,
+        process_index=jax.process_index(), process_count=jax.process_count(),
+        group_names=[g[0] for g in groups])
+  except config_lib.ConfigError:
+    raise
+  except ValueError as e:
+    raise config_lib.ConfigError(str(e)) from e
   if hasattr(method, 'prepare'):  # e.g. thresholds measured on a reference model
     method = method.prepare(config, model, batcher, mesh)
   step = train_step_lib.make_train_step(method, tx, lr_fn, config.train.ema_decay, mesh,
-                                        config.train.steps_per_call)
+                                        config.train.steps_per_call,
+                                        config.train.get('debug_nan_step', -1))
   return Experiment(config, dataset, idx, model, method, tx, lr_fn, mesh, batcher, step)
 
 
@@ -215,28 +294,50 @@ def save_samples(exp: Experiment, state: TrainState, path: str, num: int | None 
 def train_and_evaluate(config, workdir: str, dataset: sources.ArrayDataset | None = None,
                        progress: bool = True, hooks: dict | None = None) -> dict:
   """Trains (resuming from ``workdir`` if it holds a checkpoint), samples, and returns a
-  summary dict; everything a run produces is written under ``workdir``."""
+  summary dict; everything a run produces is written under ``workdir``.
+
+  Faults: SIGTERM saves a checkpoint at the next step boundary and raises ``Preempted``;
+  a non-finite step raises ``NonFiniteError`` (``train.on_nonfinite='stop'``) without
+  saving the state it left. Nothing is written to ``workdir`` before the config, the
+  data and an existing checkpoint have been checked. Multi-process: every process calls
+  this; only process 0 writes files other than checkpoints.
+  """
+  config_lib.validate(config)  # Before setup: a wrong parallel.* must not start a cluster.
+  methods_lib.validate(config)
   setup_jax(config)
+  with _PreemptionWatch() as preemption:
+    return _train_and_evaluate(config, workdir, dataset, progress, hooks, preemption)
+
+
+def _train_and_evaluate(config, workdir, dataset, progress, hooks, preemption) -> dict:
   exp = build(config, dataset)
   tc = config.train
   workdir = os.path.abspath(workdir)
-  is_main = jax.process_index() == 0
+  is_main = parallel.is_main_process()
+  state = exp.init_state()
+  parallel.barrier('initialized')  # Orbax's first collective must not wait long for a peer.
+  ckpt_dir = os.path.join(workdir, 'checkpoints')
+  ckpt = checkpoint_lib.Checkpointer(ckpt_dir, tc.keep_checkpoints)
+  try:  # Refuses an incompatible checkpoint before anything is written.
+    restored, restored_step = ckpt.restore_latest(state, config)
+  except BaseException:
+    ckpt.close()
+    raise
+  if restored is not None:
+    state = restored
+    if restored_step % tc.steps_per_call:
+      ckpt.close()
+      raise config_lib.ConfigError(f'config.train.steps_per_call={tc.steps_per_call}: the '
+                                   f'checkpoint is at step {restored_step}; use a divisor of it.')
+    if is_main:
+      print(f'Resumed from step {restored_step} ({ckpt_dir}).')
+  start = int(state.step)
   if is_main:
     os.makedirs(os.path.join(workdir, 'samples'), exist_ok=True)
     with open(os.path.join(workdir, 'config.json'), 'w') as f:
       f.write(config.to_json_best_effort(indent=2, sort_keys=True))
-
-  ckpt = checkpoint_lib.Checkpointer(os.path.join(workdir, 'checkpoints'), tc.keep_checkpoints)
-  state = exp.init_state()
-  restored, restored_step = ckpt.restore_latest(state, config)
-  if restored is not None:
-    state = restored
-    print(f'Resumed from step {restored_step} ({workdir}/checkpoints).')
-  start = int(state.step)
-  if start % tc.steps_per_call:
-    raise config_lib.ConfigError(f'config.train.steps_per_call={tc.steps_per_call}: the '
-                                 f'checkpoint is at step {start}; use a divisor of it.')
   writer = writers.MetricWriter(workdir, active=is_main)
+  writer.drop_after(start)  # Steps logged after the checkpoint by a killed run.
   if is_main and start == 0:
     print(f'{config.method.name}: {num_params(state.params):,} parameters, '
           f'{len(exp.train_idx)} training examples, global batch '
@@ -261,18 +362,21 @@ def train_and_evaluate(config, workdir: str, dataset: sources.ArrayDataset | Non
       if tc.on_nonfinite == 'stop':
         ckpt.wait()
         good = ckpt.latest_step()
+        kept = (f'the last good checkpoint is step {good} in {ckpt.directory}' if good is not None
+                else 'no checkpoint had been written yet')
         raise NonFiniteError(
-            f'{where}. The state was not updated by that step; the last good checkpoint is '
-            f'step {good} in {ckpt.directory}. Lower optim.lr or set '
-            "train.on_nonfinite='skip' to skip such steps.")
-      print(f'Skipped non-finite step(s): {where}')
+            f'{where}. The state was not updated by that step and was not saved; {kept}. '
+            "Lower optim.lr or set train.on_nonfinite='skip' to skip such steps.")
+      if is_main:
+        tqdm.write(f'Skipped non-finite step(s): {where}')
     now = time.perf_counter()
     summary['images_per_sec'] = (step_now - step_last) * exp.batcher.global_batch_size / max(now - t_last, 1e-9)
     t_last, step_last = now, step_now
     writer.write(step_now, summary)
     if hasattr(exp.method, 'host_metrics'):
       for warning in exp.method.host_metrics(summary, step_now):
-        tqdm.write(f'WARNING: {warning}')
+        if is_main:
+          tqdm.write(f'WARNING: {warning}')
     pending, pending_start = [], step_now
     bar.set_postfix(loss=f"{float(summary['loss']):.4f}")
     return summary
@@ -280,6 +384,9 @@ def train_and_evaluate(config, workdir: str, dataset: sources.ArrayDataset | Non
   try:
     for step_now in range(start, tc.steps, k):
       batch = parallel.put_batch(next(batches), exp.mesh, leading_axes=0 if k == 1 else 1)
+      if step_now == start and jax.process_count() > 1:
+        exp.step.lower(state, batch).compile()  # At each process's own speed, then meet.
+        parallel.barrier('step_compiled')
       state, metrics = exp.step(state, batch)
       pending.append(metrics)
       done = step_now + k
@@ -292,14 +399,26 @@ def train_and_evaluate(config, workdir: str, dataset: sources.ArrayDataset | Non
         last_saved = done
       if tc.sample_every and done % tc.sample_every == 0 and done != tc.steps:
         save_samples(exp, state, os.path.join(workdir, 'samples', f'step_{done:07d}.png'))
+      if done != tc.steps and preemption.should_stop(done):
+        flush(done)  # Raises instead of saving if a pending step was not finite.
+        if last_saved != done:
+          ckpt.save(done, state, config)
+        ckpt.wait()
+        raise Preempted(done, ckpt.directory)
     flush(tc.steps)
     if last_saved != tc.steps and int(state.step) == tc.steps:
       ckpt.save(tc.steps, state, config)
+    if preemption.should_stop(tc.steps):  # Arrived during the last step: skip sampling.
+      ckpt.wait()
+      raise Preempted(int(state.step), ckpt.directory)
   finally:
     bar.close()
     batches.close()
     ckpt.close()
     writer.close()
+  # From here on the final checkpoint is complete: a SIGTERM may end the process at once.
+  if preemption.release():
+    raise Preempted(int(state.step), ckpt.directory)
 
   result = {'workdir': workdir, 'final_step': int(state.step)}
   records = writers.read_metrics(workdir)

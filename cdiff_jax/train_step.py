@@ -50,14 +50,24 @@ def _select(pred, on_true, on_false):
 
 
 def make_step_fn(method: Method, tx: optax.GradientTransformation,
-                 lr_fn: Callable, ema_decay: float) -> Callable:
-  """The pure, unjitted single step (exposed for tests and custom loops)."""
+                 lr_fn: Callable, ema_decay: float, debug_nan_step: int = -1) -> Callable:
+  """The pure, unjitted single step (exposed for tests and custom loops).
+
+  ``debug_nan_step >= 0`` is fault injection for tests of the non-finite guard: the loss
+  (and so every gradient) of that step is NaN. With the default -1 the program is unchanged.
+  """
+
+  def loss_fn(params, extras, batch, rng, step):
+    loss, aux = method.loss(params, extras, batch, rng)
+    if debug_nan_step >= 0:
+      loss = loss + jnp.where(step == debug_nan_step, jnp.nan, 0.0).astype(loss.dtype)
+    return loss, aux
 
   def step_fn(state: TrainState, batch) -> tuple[TrainState, dict]:
     rng = jax.random.fold_in(state.rng, state.step)
     rng_loss, rng_extras = jax.random.split(rng)
-    (loss, aux), grads = jax.value_and_grad(method.loss, has_aux=True)(
-        state.params, state.extras, batch, rng_loss)
+    (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+        state.params, state.extras, batch, rng_loss, state.step)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     ema = ema_update(state.ema_params, params, state.step, ema_decay)
@@ -108,5 +118,6 @@ class CompiledStep:
 
 
 def make_train_step(method: Method, tx, lr_fn, ema_decay: float, mesh,
-                    steps_per_call: int = 1) -> CompiledStep:
-  return CompiledStep(make_step_fn(method, tx, lr_fn, ema_decay), mesh, steps_per_call)
+                    steps_per_call: int = 1, debug_nan_step: int = -1) -> CompiledStep:
+  return CompiledStep(make_step_fn(method, tx, lr_fn, ema_decay, debug_nan_step), mesh,
+                      steps_per_call)

@@ -21,6 +21,13 @@ def _to_python(v):
   return v
 
 
+def _step_of(line: str) -> float:
+  try:
+    return json.loads(line)['step']
+  except (ValueError, KeyError, TypeError):  # a line cut short by a killed process
+    return float('inf')
+
+
 class MetricWriter:
   """Appends one JSON object per logging step to metrics.jsonl and mirrors scalars to
   TensorBoard. Appending (not truncating) keeps the history of a resumed run whole."""
@@ -37,6 +44,20 @@ class MetricWriter:
           self._tb = SummaryWriter(os.path.join(workdir, 'tensorboard'), flush_secs=30)
         except ImportError:  # TensorBoard is optional; metrics.jsonl is the record.
           self._tb = None
+
+  def drop_after(self, step: int) -> None:
+    """Removes records of steps after ``step``: a run killed after its last checkpoint
+    logged steps that the resumed run logs again."""
+    if not self.active or not os.path.exists(self.path):
+      return
+    with open(self.path) as f:
+      lines = [l for l in f if l.strip()]
+    keep = [l for l in lines if _step_of(l) <= step]
+    if len(keep) != len(lines):
+      tmp = self.path + '.tmp'
+      with open(tmp, 'w') as f:
+        f.writelines(keep)
+      os.replace(tmp, self.path)
 
   def write(self, step: int, metrics: Mapping[str, object]) -> None:
     if not self.active:

@@ -9,8 +9,9 @@ Order: group g walks through epoch permutations drawn from ``(seed, g, epoch)``,
 batch at step s is a pure function of ``(seed, s)``. A resumed run therefore sees exactly
 the batches an uninterrupted run would, with no iterator state to checkpoint.
 
-Multi-host: each process materializes only its contiguous slice of every group's part of
-the global batch, so all local batches have the same group composition.
+Multi-host: each process materializes only its contiguous slice of the global batch (the
+rows its devices hold, see ``parallel.make_mesh``), so the global batch, and with it every
+random draw indexed by batch position, is the same as on a single host.
 """
 
 from __future__ import annotations
@@ -36,9 +37,6 @@ class GroupedBatcher:
     for name, g, b in zip(names, groups, batch_sizes):
       if len(g) == 0:
         raise ValueError(f'data group {name!r} is empty; check the class selection in config.data.')
-      if b % process_count:
-        raise ValueError(f'batch size {b} of group {name!r} is not divisible by the '
-                         f'{process_count} processes.')
     self.dataset = dataset
     self.groups = [np.asarray(g, np.int64) for g in groups]
     self.batch_sizes = [int(b) for b in batch_sizes]
@@ -47,6 +45,9 @@ class GroupedBatcher:
     self.process_index = process_index
     self.process_count = process_count
     self._perms = collections.OrderedDict()
+    if self.global_batch_size % process_count:
+      raise ValueError(f'global batch size {self.global_batch_size} is not divisible by the '
+                       f'{process_count} processes.')
 
   @property
   def global_batch_size(self) -> int:
@@ -73,14 +74,13 @@ class GroupedBatcher:
     return out
 
   def indices(self, step: int) -> tuple[np.ndarray, np.ndarray]:
-    """(dataset indices, group ids) of this process's slice of the batch at ``step``."""
-    idx, gid = [], []
-    for g, b in enumerate(self.batch_sizes):
-      local = b // self.process_count
-      start = self.process_index * local
-      idx.append(self.group_positions(g, step)[start:start + local])
-      gid.append(np.full(local, g, np.int32))
-    return np.concatenate(idx), np.concatenate(gid)
+    """(dataset indices, group ids) of this process's slice of the batch at ``step``: rows
+    [p * B / P, (p + 1) * B / P) of the global batch (groups one after the other)."""
+    idx = np.concatenate([self.group_positions(g, step) for g in range(len(self.groups))])
+    gid = np.concatenate([np.full(b, g, np.int32) for g, b in enumerate(self.batch_sizes)])
+    local = self.global_batch_size // self.process_count
+    rows = slice(self.process_index * local, (self.process_index + 1) * local)
+    return idx[rows], gid[rows]
 
   def batch(self, step: int) -> dict:
     idx, gid = self.indices(step)

@@ -1,0 +1,132 @@
+"""Catalogue of bad input through the launcher: each case stops with exit status 2 and ONE
+`error:` line naming the problem, no traceback, and leaves the workdir as it was (an
+existing run's checkpoints, config and metrics untouched; a new workdir not created)."""
+
+import hashlib
+import importlib.util
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = {'model.ch': 16, 'model.attn_levels': (), 'train.steps': 4, 'train.batch_size': 16,
+        'sample.num_steps': 2, 'sample.num_samples': 4}
+TINY_ARGS = [f'--config.{f}={"()" if v == () else v}' for f, v in TINY.items()]
+MISSING = '/nonexistent/mnist_idx'
+
+# (config file, overrides, text the error line must contain)
+CASES = {
+    'wrong field name': ('digits_dsm', ['--config.train.stepz=3'], 'stepz'),
+    'wrong section': ('digits_dsm', ['--config.optimizer.lr=0.1'], 'optimizer'),
+    'wrong type (int)': ('digits_dsm', ['--config.train.batch_size=abc'], 'batch_size'),
+    'wrong type (float)': ('digits_dsm', ['--config.optim.lr=fast'], 'lr'),
+    'unknown choice': ('digits_dsm', ['--config.sample.sampler=euler'], 'sample.sampler'),
+    'negative dual step': ('digits_minority', ['--config.method.dual_lr=-0.5'],
+                           'config.method.dual_lr=-0.5'),
+    'reference fraction above 1': ('digits_tiw', ['--config.method.ref_fraction=1.5'],
+                                   'ref_fraction'),
+    'unknown dataset': ('digits_dsm', ['--config.data.name=imagenet'], "data.name='imagenet'"),
+    'image size of the data': ('digits_dsm', ['--config.data.image_size=16'],
+                               'data.image_size=16'),
+    'image size the model cannot take': ('digits_dsm', ['--config.model.ch_mult=(1,2,2,2,2)'],
+                                         'model.ch_mult'),
+    'heads that do not divide the width': ('digits_dsm', ['--config.model.num_heads=3'],
+                                           'model.num_heads=3'),
+    'missing data directory': ('digits_dsm', ['--config.data.name=mnist', '--config.data.source=idx',
+                                              f'--config.data.data_dir={MISSING}'],
+                               'data.data_dir'),
+    'data directory without the data': ('digits_dsm', ['--config.data.name=mnist',
+                                                       '--config.data.source=idx',
+                                                       '--config.data.data_dir={empty}'],
+                                        'not found in data.data_dir'),
+    'constraint on a class that does not exist': (
+        'digits_minority', ['--config.method.constraint_classes=(4,12)'],
+        'config.method.constraint_classes=[4, 12] names classes [12]'),
+    'batch the devices cannot split': ('digits_dsm', ['--config.train.batch_size=15'],
+                                       'config.train.batch_size'),
+    'checkpoint of another model': ('digits_dsm', ['--config.model.ch=24'],
+                                    'model.ch: checkpoint 16 vs now 24'),
+}
+
+
+def _load_config(name):
+  spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, 'configs', f'{name}.py'))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config()
+
+
+def _snapshot(directory):
+  out = {}
+  for root, _, files in os.walk(directory):
+    for f in files:
+      path = os.path.join(root, f)
+      with open(path, 'rb') as fh:
+        digest = hashlib.sha1(fh.read()).hexdigest()
+      out[os.path.relpath(path, directory)] = (os.stat(path).st_mtime_ns, digest)
+  return out
+
+
+@pytest.fixture(scope='module')
+def existing_run(tmp_path_factory):
+  """A workdir holding what a finished run leaves (checkpoint with the tiny digits_dsm
+  config's fingerprint, config.json, metrics.jsonl)."""
+  from cdiff_jax import checkpoint
+  workdir = tmp_path_factory.mktemp('existing')
+  c = _load_config('digits_dsm')
+  for field, value in TINY.items():
+    section, name = field.split('.')
+    c[section][name] = value
+  ckpt = checkpoint.Checkpointer(str(workdir / 'checkpoints'))
+  ckpt.save(4, {'params': {'w': np.arange(3.0)}}, c)
+  ckpt.close()
+  (workdir / 'config.json').write_text(c.to_json_best_effort())
+  (workdir / 'metrics.jsonl').write_text('{"step": 4, "loss": 0.5}\n')
+  return workdir
+
+
+def _launch(config, workdir, extra):
+  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=2')
+  return subprocess.run([sys.executable, '-m', 'cdiff_jax.main', f'--config=configs/{config}.py',
+                         f'--workdir={workdir}', '--no_progress', *TINY_ARGS, *extra],
+                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+
+
+def _check_one_line(out, needle):
+  assert out.returncode == 2, (out.returncode, out.stderr[-2000:])
+  assert 'Traceback' not in out.stderr, out.stderr[-2000:]
+  errors = [l for l in out.stderr.splitlines() if l.startswith('error:')]
+  assert len(errors) == 1, out.stderr[-2000:]
+  assert needle in errors[0], errors[0]
+  return errors[0]
+
+
+SLOW = {'checkpoint of another model'}  # builds and initializes the model first
+
+
+@pytest.mark.parametrize('case', [pytest.param(c, marks=pytest.mark.slow) if c in SLOW else c
+                                  for c in CASES])
+def test_bad_input_gets_one_line_and_no_damage(case, existing_run, tmp_path):
+  config, extra, needle = CASES[case]
+  if not os.path.exists(os.path.join(ROOT, 'configs', f'{config}.py')):
+    pytest.skip(f'configs/{config}.py is not in this checkout')
+  empty = tmp_path / 'empty_data'
+  empty.mkdir()
+  extra = [e.format(empty=empty) for e in extra]
+  workdir = tmp_path / 'run'
+  shutil.copytree(existing_run, workdir)
+  before = _snapshot(workdir)
+  line = _check_one_line(_launch(config, workdir, extra), needle)
+  assert _snapshot(workdir) == before, line
+  assert len(line) < 400, line
+
+
+@pytest.mark.parametrize('case', ['wrong field name', 'constraint on a class that does not exist'])
+def test_bad_input_does_not_create_the_workdir(case, tmp_path):
+  config, extra, needle = CASES[case]
+  _check_one_line(_launch(config, tmp_path / 'new_run', extra), needle)
+  assert not (tmp_path / 'new_run').exists()

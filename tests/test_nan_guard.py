@@ -1,0 +1,56 @@
+"""The non-finite guard with an injected NaN (``train.debug_nan_step``): 'stop' names the
+step and the metric and keeps the last good checkpoint; 'skip' leaves the state of the bad
+step untouched and goes on."""
+
+import os
+
+import jax
+import numpy as np
+import pytest
+
+from cdiff_jax import checkpoint, train, writers
+
+
+def _leaves(tree):
+  return [np.asarray(x) for x in jax.tree.leaves(jax.device_get(tree))]
+
+
+def test_nan_stops_and_keeps_last_good_checkpoint(tiny_config, tmp_path):
+  c = tiny_config
+  c.train.steps, c.train.checkpoint_every, c.train.log_every = 8, 2, 4
+  c.train.debug_nan_step = 5  # the 6th step; checkpoints exist at 2 and 4, the next is due at 6
+  with pytest.raises(train.NonFiniteError) as info:
+    train.train_and_evaluate(c, str(tmp_path), progress=False)
+  msg = str(info.value)
+  assert msg.startswith('step 5: loss is not finite'), msg
+  assert 'last good checkpoint is step 4' in msg
+  ckpt_dir = tmp_path / 'checkpoints'
+  assert sorted(int(n) for n in os.listdir(ckpt_dir) if n.isdigit()) == [2, 4]
+
+  # The kept checkpoint is the clean state of step 4.
+  c.train.debug_nan_step = -1
+  exp = train.build(c)
+  clean4, _ = train.fit(exp, exp.init_state(), until=4)
+  for a, b in zip(_leaves(clean4.params), _leaves(checkpoint.load_params(str(tmp_path), 'params'))):
+    np.testing.assert_array_equal(a, b)
+
+
+def test_nan_skip_keeps_state_and_continues(tiny_config, tmp_path):
+  c = tiny_config
+  c.train.steps, c.train.checkpoint_every, c.train.log_every = 8, 4, 4
+  c.train.debug_nan_step = 5
+  c.train.on_nonfinite = 'skip'
+  exp = train.build(c)
+  before, _ = train.fit(exp, exp.init_state(), until=5)
+  before_leaves = _leaves((before.params, before.ema_params, before.opt_state, before.extras))
+  after, history = train.fit(exp, before, until=6)
+  assert int(history[-1]['nonfinite']) == 1 and int(after.step) == 6
+  for a, b in zip(before_leaves, _leaves((after.params, after.ema_params, after.opt_state,
+                                          after.extras))):
+    np.testing.assert_array_equal(a, b)
+
+  out = train.train_and_evaluate(c, str(tmp_path), progress=False)
+  assert out['final_step'] == 8
+  records = writers.read_metrics(str(tmp_path))
+  assert [r['nonfinite'] for r in records] == [0, 1]
+  assert all(np.isfinite(x).all() for x in _leaves(out['state'].params))

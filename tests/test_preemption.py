@@ -1,0 +1,121 @@
+"""Preemption through the launcher: SIGTERM saves at the next step boundary and exits with
+status 3; SIGKILL at any moment loses at most the steps since the last checkpoint. Either
+way, rerunning the command ends with exactly the parameters of an uninterrupted run."""
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from cdiff_jax import checkpoint, config as config_lib, train
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+STEPS = 12
+OVERRIDES = {
+    'model.ch': 16, 'model.attn_levels': (), 'train.steps': STEPS, 'train.batch_size': 16,
+    'train.log_every': 2, 'train.checkpoint_every': 2, 'optim.warmup_steps': 2,
+    'sample.num_steps': 2, 'sample.num_samples': 4,
+}
+ARGS = [f'--config.{f}={"()" if v == () else v}' for f, v in OVERRIDES.items()]
+
+
+def _command(workdir):
+  return [sys.executable, '-m', 'cdiff_jax.main', '--config=configs/digits_dsm.py',
+          f'--workdir={workdir}', '--no_progress', *ARGS]
+
+
+def _env():
+  # The same two CPU devices as this test session, so the runs are comparable bit for bit.
+  return dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=2')
+
+
+def _run(workdir):
+  return subprocess.run(_command(workdir), cwd=ROOT, env=_env(), capture_output=True,
+                        text=True, timeout=600)
+
+
+def _start(workdir):
+  return subprocess.Popen(_command(workdir), cwd=ROOT, env=_env(), stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True)
+
+
+def _wait_for(predicate, proc, timeout=300):
+  end = time.time() + timeout
+  while not predicate():
+    if proc.poll() is not None:
+      raise AssertionError(f'the run ended early: {proc.communicate()[1][-2000:]}')
+    if time.time() > end:
+      proc.kill()
+      raise AssertionError('timed out')
+    time.sleep(0.05)
+
+
+def _committed_steps(workdir):
+  d = os.path.join(workdir, 'checkpoints')
+  return sorted(int(n) for n in os.listdir(d) if n.isdigit()) if os.path.isdir(d) else []
+
+
+@pytest.fixture(scope='module')
+def uninterrupted():
+  """Parameters after STEPS steps of the same config in this process (no I/O)."""
+  c = config_lib.base_config()
+  for field, value in OVERRIDES.items():
+    section, name = field.split('.')
+    c[section][name] = value
+  exp = train.build(c)
+  state, _ = train.fit(exp, exp.init_state())
+  return jax.device_get(state.params), jax.device_get(state.ema_params)
+
+
+def _assert_same_as(uninterrupted, workdir):
+  for which, expected in zip(('params', 'ema_params'), uninterrupted):
+    got = checkpoint.load_params(str(workdir), which)
+    for a, b in zip(jax.tree.leaves(expected), jax.tree.leaves(got)):
+      np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def _metric_steps(workdir):
+  return [json.loads(l)['step'] for l in open(os.path.join(workdir, 'metrics.jsonl'))]
+
+
+def test_sigterm_saves_and_resumes_exactly(tmp_path, uninterrupted):
+  proc = _start(tmp_path)
+  # config.json is written once the run has checked its config and data and holds its
+  # SIGTERM handler; the signal then lands before or during the first steps.
+  _wait_for(lambda: os.path.exists(tmp_path / 'config.json'), proc)
+  proc.send_signal(signal.SIGTERM)
+  out, err = proc.communicate(timeout=600)
+  assert proc.returncode == 3, err[-2000:]
+  assert 'Traceback' not in err
+  saved = _committed_steps(tmp_path)
+  assert saved and 0 < saved[-1] < STEPS, saved
+  assert f'preempted: saved a checkpoint at step {saved[-1]}' in err
+  assert 'rerun the same command to resume' in err
+
+  resumed = _run(tmp_path)
+  assert resumed.returncode == 0, resumed.stderr[-2000:]
+  assert f'Resumed from step {saved[-1]}' in resumed.stdout
+  _assert_same_as(uninterrupted, tmp_path)
+
+
+def test_sigkill_resumes_from_last_complete_checkpoint(tmp_path, uninterrupted):
+  proc = _start(tmp_path)
+  _wait_for(lambda: _committed_steps(tmp_path), proc)
+  time.sleep(random.uniform(0.0, 0.3))  # anywhere: mid-step, mid-save, mid-log
+  proc.kill()
+  proc.communicate(timeout=60)
+  killed_at = _committed_steps(tmp_path)
+  assert killed_at and killed_at[-1] < STEPS, killed_at
+
+  resumed = _run(tmp_path)
+  assert resumed.returncode == 0, resumed.stderr[-2000:]
+  _assert_same_as(uninterrupted, tmp_path)
+  # Steps the killed run logged after its last checkpoint are not duplicated.
+  assert _metric_steps(tmp_path) == list(range(2, STEPS + 1, 2))
