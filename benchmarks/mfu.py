@@ -1,0 +1,166 @@
+"""Model FLOP utilization of the train step and sampling throughput, on whatever devices
+JAX sees (meant for GPUs and TPUs; runs on CPU too, without an MFU unless --peak_tflops).
+
+  python benchmarks/mfu.py --config=configs/digits_minority.py
+  python benchmarks/mfu.py --config=configs/mnist_minority.py --config.model.dtype=bfloat16 \\
+      --config.train.batch_size=256 --out=mfu.json
+
+* FLOPs per step: XLA's cost analysis of the compiled one-step program (forward, backward,
+  optimizer, EMA and the method's extra updates; per device, so the global figure is
+  times the device count). Measured on a k=1 program even when the config runs
+  ``train.steps_per_call=k`` steps per call, because XLA counts a loop body once.
+* Step time: median over ``--rounds`` rounds of ``--calls`` calls each, after warm-up,
+  timed with ``block_until_ready``; the data are real batches prepared beforehand.
+* MFU: achieved FLOP/s per device over the device's dense peak for the compute dtype
+  (bf16 peak for ``model.dtype=bfloat16``; on GPUs the TF32 peak for float32, which is
+  what XLA's default matmul precision uses there), from the table below or
+  ``--peak_tflops``.
+* Sampling: images/s and network evaluations/s of the config's sampler (``sample.*``) on
+  ``--samples`` images, after a warm-up call that compiles it.
+
+Prints a table with the device name and writes JSON with ``--out``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import numpy as np  # noqa: E402
+
+# Dense peak TFLOP/s per device from the vendors' spec sheets: (bf16, float32 as computed
+# by default). Matched against jax's device_kind, first match wins.
+PEAK_TFLOPS = (
+    ('H100 PCIe', (756.0, 378.0)),
+    ('H100', (989.0, 495.0)),      # SXM; float32 matmuls run as TF32
+    ('H200', (989.0, 495.0)),
+    ('A100', (312.0, 156.0)),
+    ('L4', (121.0, 60.0)),
+    ('A10G', (125.0, 62.5)),
+    ('TPU v4', (275.0, 275.0)),    # TPUs run float32 matmuls as bf16 passes by default
+    ('TPU v5 lite', (197.0, 197.0)),
+    ('TPU v5e', (197.0, 197.0)),
+    ('TPU v5p', (459.0, 459.0)),
+    ('TPU v5', (459.0, 459.0)),
+    ('TPU v6 lite', (918.0, 918.0)),
+    ('TPU v6e', (918.0, 918.0)),
+)
+
+
+def peak_tflops(device_kind: str, dtype: str) -> float | None:
+  for name, (bf16, f32) in PEAK_TFLOPS:
+    if name.lower() in device_kind.lower():
+      return bf16 if dtype == 'bfloat16' else f32
+  return None
+
+
+def step_flops(exp, state, batch) -> float:
+  """Per-device FLOPs of one training step (cost analysis of a k=1 program)."""
+  from cdiff_jax import train_step as train_step_lib
+  one = train_step_lib.make_train_step(exp.method, exp.tx, exp.lr_fn,
+                                       exp.config.train.ema_decay, exp.mesh, 1)
+  cost = one.lower(state, batch).compile().cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  return float(cost.get('flops', 0.0))
+
+
+def measure(config, calls: int = 10, rounds: int = 3, warmup: int = 2, num_samples: int = 256,
+            peak: float | None = None) -> dict:
+  import jax
+  from cdiff_jax import parallel, train
+  from cdiff_jax.state import num_params
+
+  parallel.initialize_distributed(config.parallel)  # multi-host: every process runs this
+  exp = train.build(config)
+  k = config.train.steps_per_call
+  state = exp.init_state()
+  lead = 0 if k == 1 else 1
+  host = [exp.batcher.batch(s) if k == 1 else exp.batcher.stacked(s * k, k)
+          for s in range(warmup + calls)]
+  batches = [parallel.put_batch(b, exp.mesh, leading_axes=lead) for b in host]
+  flops = step_flops(exp, state, parallel.put_batch(exp.batcher.batch(0), exp.mesh))
+
+  t0 = time.perf_counter()
+  for b in batches[:warmup]:
+    state, metrics = exp.step(state, b)
+  jax.block_until_ready((state, metrics))
+  compile_and_warmup = time.perf_counter() - t0
+  times = []
+  for _ in range(rounds):
+    t0 = time.perf_counter()
+    for b in batches[warmup:]:
+      state, metrics = exp.step(state, b)
+    jax.block_until_ready((state, metrics))
+    times.append((time.perf_counter() - t0) / (calls * k))
+  step_time = float(np.median(times))
+
+  devices = exp.mesh.devices.size
+  device_kind = jax.devices()[0].device_kind
+  peak = peak if peak is not None else peak_tflops(device_kind, config.model.dtype)
+  achieved = flops / step_time / 1e12  # TFLOP/s per device
+  result = dict(
+      device=device_kind, platform=jax.default_backend(), num_devices=devices,
+      num_processes=jax.process_count(), dtype=config.model.dtype,
+      params=num_params(state.params), image_shape=list(exp.image_shape),
+      global_batch=exp.batcher.global_batch_size, steps_per_call=k,
+      step_time_ms=step_time * 1e3, train_images_per_sec=exp.batcher.global_batch_size / step_time,
+      flops_per_step_per_device=flops, tflops_per_device=achieved,
+      peak_tflops_per_device=peak, mfu=(achieved / peak) if peak else None,
+      compile_and_warmup_s=compile_and_warmup)
+
+  n = -(-num_samples // devices) * devices
+  sampler = exp.sampler()
+  params = state.ema_params
+  labels = exp.sample_labels(n)
+  jax.block_until_ready(sampler(params, jax.random.key(0), n, labels))  # compile
+  t0 = time.perf_counter()
+  jax.block_until_ready(sampler(params, jax.random.key(1), n, labels))
+  seconds = time.perf_counter() - t0
+  result.update(sampler=config.sample.sampler, sample_steps=config.sample.num_steps,
+                samples=n, sample_images_per_sec=n / seconds,
+                network_evals_per_sec=n * config.sample.num_steps / seconds)
+  return result
+
+
+def table(r: dict) -> str:
+  mfu = f"{100 * r['mfu']:.1f}%" if r['mfu'] is not None else 'n/a (no peak known; --peak_tflops)'
+  rows = [
+      ('device', f"{r['num_devices']} x {r['device']} ({r['platform']}, {r['num_processes']} process(es))"),
+      ('model', f"{r['params']:,} parameters, images {tuple(r['image_shape'])}, compute {r['dtype']}"),
+      ('global batch', f"{r['global_batch']} ({r['steps_per_call']} step(s) per call)"),
+      ('train step', f"{r['step_time_ms']:.2f} ms, {r['train_images_per_sec']:.0f} images/s"),
+      ('FLOPs / step / device', f"{r['flops_per_step_per_device'] / 1e9:.2f} GFLOP"),
+      ('achieved', f"{r['tflops_per_device']:.2f} TFLOP/s per device"),
+      ('MFU', mfu),
+      ('sampling', f"{r['sample_images_per_sec']:.1f} images/s ({r['sampler']}, {r['sample_steps']} "
+                   f"steps, {r['samples']} images; {r['network_evals_per_sec']:.0f} network evals/s)"),
+  ]
+  return '\n'.join(['| | |', '|---|---|'] + [f'| {a} | {b} |' for a, b in rows])
+
+
+def main(argv):
+  del argv
+  config = _CONFIG.value
+  result = measure(config, _CALLS.value, _ROUNDS.value, num_samples=_SAMPLES.value,
+                   peak=_PEAK.value)
+  print(table(result))
+  if _OUT.value:
+    with open(_OUT.value, 'w') as f:
+      json.dump(result, f, indent=2)
+
+
+if __name__ == '__main__':
+  from absl import app, flags
+  from ml_collections import config_flags
+  _CONFIG = config_flags.DEFINE_config_file('config', 'configs/digits_minority.py',
+                                            'Config file (its fields can be overridden).')
+  _CALLS = flags.DEFINE_integer('calls', 20, 'Timed step calls per round.')
+  _ROUNDS = flags.DEFINE_integer('rounds', 3, 'Rounds (the median is reported).')
+  _SAMPLES = flags.DEFINE_integer('samples', 256, 'Images per sampling call.')
+  _PEAK = flags.DEFINE_float('peak_tflops', None, 'Dense peak TFLOP/s per device (overrides the table).')
+  _OUT = flags.DEFINE_string('out', '', 'Write the figures as JSON here.')
+  app.run(main)

@@ -1,0 +1,33 @@
+"""benchmarks/mfu.py runs end to end (on CPU here; its figures are meant for accelerators)."""
+
+import importlib.util
+import os
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope='module')
+def mfu():
+  spec = importlib.util.spec_from_file_location('mfu', os.path.join(ROOT, 'benchmarks', 'mfu.py'))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def test_peak_table(mfu):
+  assert mfu.peak_tflops('NVIDIA H100 80GB HBM3', 'bfloat16') == 989.0
+  assert mfu.peak_tflops('NVIDIA H100 PCIe', 'float32') == 378.0
+  assert mfu.peak_tflops('TPU v5 lite', 'float32') == 197.0
+  assert mfu.peak_tflops('cpu', 'float32') is None
+
+
+def test_measure_tiny(mfu, tiny_config):
+  r = mfu.measure(tiny_config, calls=2, rounds=1, warmup=1, num_samples=4, peak=1.0)
+  assert r['num_devices'] == 2 and r['global_batch'] == 16
+  # A 2-device step does half the work per device: well above the forward pass alone.
+  assert r['flops_per_step_per_device'] > 1e7
+  assert r['step_time_ms'] > 0 and r['sample_images_per_sec'] > 0
+  assert r['mfu'] == pytest.approx(r['tflops_per_device'] / 1.0)
+  assert '| MFU |' in mfu.table(r)
