@@ -33,10 +33,25 @@ demo: $(VENV)/.installed
 	$(PY) -m experiments.minority --config=configs/digits_minority.py --workdir=$(WORKDIR)
 
 test: $(VENV)/.installed
-	$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS)
+	$(PY) -m pytest -q -n 2 -m "not slow" $(PYTEST_ARGS)
 
 test-all: $(VENV)/.installed
 	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+# Speed benchmarks (README, Speed). PyTorch for the side-by-side runs in its own venv; set
+# TORCH_PYTHON to a Python with a CPU build of torch (pip's default torch is a CUDA build).
+TORCH_VENV := .venv-torch
+TORCH_PYTHON ?= $(firstword $(shell command -v python3.11 python3.12 2>/dev/null))
+TORCH_SPEC ?= torch==2.13.0
+
+$(TORCH_VENV)/bin/python:
+	$(TORCH_PYTHON) -m venv $(TORCH_VENV)
+	$(TORCH_VENV)/bin/pip install -q numpy '$(TORCH_SPEC)'
+
+bench: $(VENV)/.installed $(TORCH_VENV)/bin/python
+	$(PY) benchmarks/train_step.py --torch-python $(TORCH_VENV)/bin/python
+	$(PY) benchmarks/constrained_step.py
+	$(PY) benchmarks/tiw_step.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

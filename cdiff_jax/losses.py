@@ -62,6 +62,8 @@ def sample_time(rng, n: int, schedule, weighting: str = 'eps', stratified: bool 
   the weight then estimates the integral of the weighted loss over that window (the
   default window is the schedule's whole range, where the 'eps' weight is exactly 1).
   """
+  if weighting == 'eps' and t_lo is None:  # the whole range: the schedule's own sampler
+    return schedule.sample_t(rng, (n,), stratified), jnp.ones((n,), jnp.float32)
   t_min = 1.0 / schedule.num_steps if schedule.num_steps else schedule.t_min
   lo = jnp.full((n,), t_min) if t_lo is None else jnp.maximum(jnp.asarray(t_lo, jnp.float32), t_min)
   u = _uniform(rng, n, stratified)

@@ -126,6 +126,8 @@ def plot_curves(path: str, records: list[dict], keys: list[str], title: str = ''
   plotted = False
   for key in keys:
     pts = [(r['step'], r[key]) for r in records if key in r and not isinstance(r[key], str)]
+    # A metric may have changed shape across a resumed run's versions; plot the last shape.
+    pts = [p for p in pts if np.shape(p[1]) == np.shape(pts[-1][1])] if pts else pts
     if not pts:
       continue
     steps = np.array([p[0] for p in pts])

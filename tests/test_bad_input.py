@@ -17,6 +17,8 @@ TINY = {'model.ch': 16, 'model.attn_levels': (), 'train.steps': 4, 'train.batch_
         'sample.num_steps': 2, 'sample.num_samples': 4}
 TINY_ARGS = [f'--config.{f}={"()" if v == () else v}' for f, v in TINY.items()]
 MISSING = '/nonexistent/mnist_idx'
+# The constrained demo takes its thresholds from a reference run's workdir.
+REFERENCE = '--config.method.reference_workdir={existing}'
 
 # (config file, overrides, text the error line must contain)
 CASES = {
@@ -25,7 +27,7 @@ CASES = {
     'wrong type (int)': ('digits_dsm', ['--config.train.batch_size=abc'], 'batch_size'),
     'wrong type (float)': ('digits_dsm', ['--config.optim.lr=fast'], 'lr'),
     'unknown choice': ('digits_dsm', ['--config.sample.sampler=euler'], 'sample.sampler'),
-    'negative dual step': ('digits_minority', ['--config.method.dual_lr=-0.5'],
+    'negative dual step': ('digits_minority', ['--config.method.dual_lr=-0.5', REFERENCE],
                            'config.method.dual_lr=-0.5'),
     'reference fraction above 1': ('digits_tiw', ['--config.method.ref_fraction=1.5'],
                                    'ref_fraction'),
@@ -44,7 +46,7 @@ CASES = {
                                                        '--config.data.data_dir={empty}'],
                                         'not found in data.data_dir'),
     'constraint on a class that does not exist': (
-        'digits_minority', ['--config.method.constraint_classes=(4,12)'],
+        'digits_minority', ['--config.method.constraint_classes=(4,12)', REFERENCE],
         'config.method.constraint_classes=[4, 12] names classes [12]'),
     'batch the devices cannot split': ('digits_dsm', ['--config.train.batch_size=15'],
                                        'config.train.batch_size'),
@@ -116,7 +118,7 @@ def test_bad_input_gets_one_line_and_no_damage(case, existing_run, tmp_path):
     pytest.skip(f'configs/{config}.py is not in this checkout')
   empty = tmp_path / 'empty_data'
   empty.mkdir()
-  extra = [e.format(empty=empty) for e in extra]
+  extra = [e.format(empty=empty, existing=existing_run) for e in extra]
   workdir = tmp_path / 'run'
   shutil.copytree(existing_run, workdir)
   before = _snapshot(workdir)
@@ -126,7 +128,8 @@ def test_bad_input_gets_one_line_and_no_damage(case, existing_run, tmp_path):
 
 
 @pytest.mark.parametrize('case', ['wrong field name', 'constraint on a class that does not exist'])
-def test_bad_input_does_not_create_the_workdir(case, tmp_path):
+def test_bad_input_does_not_create_the_workdir(case, existing_run, tmp_path):
   config, extra, needle = CASES[case]
+  extra = [e.format(existing=existing_run) for e in extra]
   _check_one_line(_launch(config, tmp_path / 'new_run', extra), needle)
   assert not (tmp_path / 'new_run').exists()

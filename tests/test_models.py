@@ -16,12 +16,13 @@ def test_unet_shapes(size, channels, ch_mult):
              num_groups=4, dropout=0.1, num_classes=10)
   x = jnp.ones((2, size, size, channels))
   t = jnp.array([0.1, 0.9])
-  params = net.init(jax.random.key(0), x, t, jnp.array([1, 2]))['params']
-  out = net.apply({'params': params}, x, t, jnp.array([1, 2]))
+  # Shapes and dtypes by abstract evaluation (compiling four UNets would take a minute).
+  params = jax.eval_shape(net.init, jax.random.key(0), x, t, jnp.array([1, 2]))['params']
+  out = jax.eval_shape(net.apply, {'params': params}, x, t, jnp.array([1, 2]))
   assert out.shape == x.shape and out.dtype == jnp.float32
   # Dropout is active only with train=True and a dropout rng.
-  out_train = net.apply({'params': params}, x, t, None, train=True,
-                        rngs={'dropout': jax.random.key(1)})
+  out_train = jax.eval_shape(lambda p, k: net.apply(p, x, t, None, train=True, rngs={'dropout': k}),
+                             {'params': params}, jax.random.key(1))
   assert out_train.shape == x.shape
 
 
@@ -73,3 +74,45 @@ def test_energy_parameterization_is_a_gradient():
 def test_bad_parameterization_message():
   with pytest.raises(ValueError, match='model.parameterization'):
     ScoreModel(MLPScore(), schedules.VPSchedule(), 'score')
+
+
+@pytest.mark.parametrize('silu', [True, False])
+@pytest.mark.parametrize('dtype', [None, jnp.bfloat16])
+def test_fused_group_norm_matches_flax(silu, dtype):
+  """The hand-written GroupNorm(+SiLU) and its custom gradient against flax's GroupNorm and
+  autodiff: same parameters, values and gradients (x, scale, bias)."""
+  import flax.linen as nn
+  from cdiff_jax.models import unet
+  x = jax.random.normal(jax.random.key(0), (3, 5, 4, 8)) * 2.0 + 0.5
+  x = x if dtype is None else x.astype(dtype)
+  ours = unet.GroupNorm(4, silu=silu, dtype=dtype)
+  ref_gn = nn.GroupNorm(4, dtype=dtype)
+  params = ours.init(jax.random.key(1), x)
+  assert jax.tree.map(jnp.shape, params) == jax.tree.map(jnp.shape, ref_gn.init(jax.random.key(1), x))
+  params = jax.tree.map(lambda p: p + jax.random.normal(jax.random.key(2), p.shape), params)
+  ref = lambda p, x: nn.silu(ref_gn.apply(p, x)) if silu else ref_gn.apply(p, x)
+  w = jax.random.normal(jax.random.key(3), x.shape)
+  loss = lambda f: lambda p, x: jnp.sum(f(p, x).astype(jnp.float32) * w)
+  tol = 1e-5 if dtype is None else 3e-2
+  np.testing.assert_allclose(np.asarray(ours.apply(params, x), np.float32),
+                             np.asarray(ref(params, x), np.float32), atol=tol, rtol=tol)
+  g_ours = jax.grad(loss(ours.apply), (0, 1))(params, x)
+  g_ref = jax.grad(loss(ref), (0, 1))(params, x)
+  for a, b in zip(jax.tree.leaves(g_ours), jax.tree.leaves(g_ref)):
+    scale = float(np.abs(np.asarray(b, np.float32)).max())
+    np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32),
+                               atol=tol * max(scale, 1.0) * (1 if dtype is None else 4))
+
+
+def test_pointwise_conv_and_upsample_match_the_plain_ops():
+  import flax.linen as nn
+  from cdiff_jax.models import unet
+  x = jax.random.normal(jax.random.key(0), (2, 4, 4, 6))
+  plain, fast = nn.Conv(5, (1, 1)), nn.Conv(5, (1, 1), conv_general_dilated=unet.pointwise_conv)
+  p = plain.init(jax.random.key(1), x)
+  np.testing.assert_allclose(fast.apply(p, x), plain.apply(p, x), atol=1e-5)
+  gf = jax.grad(lambda p: jnp.sum(fast.apply(p, x) ** 2))(p)
+  gp = jax.grad(lambda p: jnp.sum(plain.apply(p, x) ** 2))(p)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4), gf, gp)
+  up = unet.upsample_nearest(x, (8, 8))
+  np.testing.assert_array_equal(up, jax.image.resize(x, (2, 8, 8, 6), 'nearest'))

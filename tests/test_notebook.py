@@ -23,5 +23,7 @@ def test_notebook_executes(tmp_path, monkeypatch):
   images = [o for c in nb.cells if c.cell_type == 'code' for o in c.outputs
             if 'image/png' in o.get('data', {})]
   assert len(images) == 3  # class frequencies, lambda curves, sample grids
-  for f in ('eval.json', 'class_frequencies.png', 'lambda.png', 'samples/final.png'):
-    assert (workdir / f).exists(), f
+  for arm in ('unconstrained', 'constrained'):
+    for f in ('eval.json', 'class_frequencies.png', 'samples/final.png'):
+      assert (workdir / arm / f).exists(), (arm, f)
+  assert (workdir / 'constrained' / 'lambda.png').exists()

@@ -34,7 +34,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from jax.scipy.special import logsumexp
 
 from cdiff_jax.config import ConfigError
 from cdiff_jax.sampling.mcmc import Potential
@@ -219,11 +218,16 @@ def combine(components: Callable, kind: str, weights: Sequence[float],
       return jnp.tensordot(w, energies, axes=1)
     if log_normalizer is not None:
       energies = energies + jnp.moveaxis(jax.vmap(log_normalizer)(t), 0, 1)
+    # Shift by the largest positive-weight term; negative-weight terms are clipped before
+    # exp (if they are that large the sum is floored anyway). Both branches of the floor
+    # stay finite, so neither the value nor its gradient can become NaN.
     neg = -energies
-    positive = logsumexp(neg, axis=0, b=jnp.maximum(w, 0.0)[:, None])
-    total, sign = logsumexp(neg, axis=0, b=w[:, None], return_sign=True)
-    floored = positive + jnp.log(floor)
-    return -jnp.where((sign > 0) & (total > floored), total, floored)
+    is_pos = (w > 0)[:, None]
+    shift = jax.lax.stop_gradient(jnp.max(jnp.where(is_pos, neg, -jnp.inf), axis=0))
+    terms = jnp.exp(jnp.minimum(neg - shift, 30.0))
+    positive = jnp.sum(jnp.where(is_pos, w[:, None] * terms, 0.0), axis=0)
+    total = jnp.sum(w[:, None] * terms, axis=0)
+    return -(shift + jnp.log(jnp.maximum(total, floor * positive)))
 
   def fn(params, x, t, cond):
     energies, grads = components(params, x, t, cond)

@@ -1,0 +1,221 @@
+"""Shared pieces of the benchmarks: the models compared, the PyTorch worker, timing, tables.
+
+The PyTorch side runs in ``benchmarks/torch_reference.py``: in this process when ``torch``
+is importable here, otherwise in a worker process of another Python (``--torch-python``;
+``make bench`` makes one with a CPU build of torch). Either way JAX and PyTorch are timed
+in alternation in one run, so a change in the machine's load hits both, and the ratio of
+their medians is what the tables report.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+if ROOT not in sys.path:  # `python benchmarks/x.py` from the repository root
+  sys.path.insert(0, ROOT)
+
+# The models of the benchmarks. 'default' is configs/digits_dsm.py unchanged; 'mnist28' is a
+# 28x28x1 UNet of 0.92M parameters (3 levels 28/14/7, attention at 7x7), batch 64.
+MODELS = {
+    'default': dict(overrides={}, image_shape=None),
+    'mnist28': dict(overrides={'model.ch': 24, 'model.ch_mult': (1, 2, 2),
+                               'model.num_res_blocks': 2, 'model.attn_levels': (2,),
+                               'train.batch_size': 64},
+                    image_shape=(28, 28, 1)),
+}
+
+
+def model_config(name: str, steps_per_call: int = 1):
+  from configs import digits_dsm
+  config = digits_dsm.get_config()
+  for field, value in MODELS[name]['overrides'].items():
+    section, key = field.split('.')
+    config[section][key] = value
+  config.train.steps_per_call = steps_per_call
+  config.train.log_every = config.train.checkpoint_every = steps_per_call
+  config.train.compilation_cache = False  # the benchmarks time cold compiles
+  return config
+
+
+def synthetic_dataset(image_shape, n: int = 512, seed: int = 0):
+  """Random images of the given shape (the step's cost does not depend on the pixels)."""
+  from cdiff_jax.data import sources
+  rng = np.random.default_rng(seed)
+  return sources.ArrayDataset(rng.integers(0, 256, (n,) + tuple(image_shape), dtype=np.uint8),
+                              rng.integers(0, 10, n), 10, 'synthetic')
+
+
+def build_experiment(name: str, steps_per_call: int = 1):
+  from cdiff_jax import train
+  shape = MODELS[name]['image_shape']
+  dataset = synthetic_dataset(shape) if shape else None
+  return train.build(model_config(name, steps_per_call), dataset)
+
+
+def torch_args(exp, seed: int = 0, params_npz: str = '', channels_last: bool = True) -> dict:
+  """The Reference(**args) of the PyTorch side for a cdiff_jax experiment."""
+  c = exp.config
+  net = exp.model.net
+  model = dict(ch=net.ch, ch_mult=list(net.ch_mult), num_res_blocks=net.num_res_blocks,
+               attn_levels=list(net.attn_levels), num_heads=net.num_heads,
+               num_groups=net.num_groups, dropout=net.dropout, num_classes=net.num_classes)
+  return dict(model=model, image_shape=list(exp.image_shape),
+              batch_size=exp.batcher.global_batch_size,
+              optim=dict(lr=c.optim.lr, b1=c.optim.b1, b2=c.optim.b2, eps=c.optim.eps,
+                         weight_decay=c.optim.weight_decay, grad_clip=c.optim.grad_clip),
+              ema_decay=c.train.ema_decay,
+              diffusion=dict(num_steps=c.diffusion.num_steps, beta_start=c.diffusion.beta_start,
+                             beta_end=c.diffusion.beta_end),
+              seed=seed, params_npz=params_npz, channels_last=channels_last)
+
+
+def flatten_params(tree, prefix: str = '') -> dict:
+  out = {}
+  for key, value in tree.items():
+    path = f'{prefix}/{key}' if prefix else str(key)
+    if hasattr(value, 'items'):
+      out.update(flatten_params(value, path))
+    else:
+      out[path] = np.asarray(value)
+  return out
+
+
+class TorchWorker:
+  """Sends requests to torch_reference.Worker, in this process or in a ``--serve`` child."""
+
+  def __init__(self, torch_python: str = ''):
+    self.proc = None
+    if torch_python:
+      self.proc = subprocess.Popen(
+          [torch_python, os.path.join(HERE, 'torch_reference.py'), '--serve'],
+          stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1)
+    else:
+      sys.path.insert(0, HERE)
+      import torch_reference  # noqa: E402 (only importable when torch is)
+      self.worker = torch_reference.Worker()
+    self.info = self('info')
+
+  def __call__(self, op: str, **kwargs) -> dict:
+    request = dict(op=op, **kwargs)
+    if self.proc is None:
+      return self.worker.handle(request)
+    self.proc.stdin.write(json.dumps(request) + '\n')
+    line = self.proc.stdout.readline()
+    if not line:
+      raise RuntimeError(f'the PyTorch worker exited (request {op!r}); see its stderr above.')
+    reply = json.loads(line)
+    if 'error' in reply:
+      raise RuntimeError(f'PyTorch worker, request {op!r}: {reply["error"]}')
+    return reply
+
+  def close(self):
+    if self.proc is not None:
+      self.proc.stdin.close()
+      self.proc.wait(timeout=60)
+
+
+def open_torch(torch_python: str) -> TorchWorker | None:
+  """The PyTorch worker, or None (with a message) when no PyTorch is available."""
+  if not torch_python and importlib.util.find_spec('torch') is None:
+    default = os.path.join(ROOT, '.venv-torch', 'bin', 'python')
+    if os.path.exists(default):
+      torch_python = default
+    else:
+      print('PyTorch is not importable and no --torch-python was given (make bench creates '
+            '.venv-torch): timing JAX alone.', file=sys.stderr)
+      return None
+  return TorchWorker(torch_python)
+
+
+def check_same_function(exp, params, torch: TorchWorker, n: int = 4) -> tuple[float, float]:
+  """Loads the JAX parameters into the PyTorch model and compares the two networks'
+  outputs on the same inputs. Returns (max |difference|, max |output|)."""
+  import jax
+  import jax.numpy as jnp
+  params = jax.tree.map(lambda p: p + 0.05 * jax.random.normal(jax.random.key(1), p.shape),
+                        jax.device_get(params))  # move off the zero init of output convs
+  x = np.asarray(jax.random.normal(jax.random.key(0), (n,) + tuple(exp.image_shape)))
+  t = np.linspace(0.05, 0.95, n).astype(np.float32)
+  out = np.asarray(exp.model.net.apply({'params': params}, jnp.asarray(x), jnp.asarray(t)))
+  with tempfile.TemporaryDirectory() as tmp:
+    p_path, in_path, out_path = (os.path.join(tmp, f) for f in ('p.npz', 'in.npz', 'out.npy'))
+    np.savez(p_path, **flatten_params(params))
+    np.savez(in_path, x=x, t=t)
+    torch('build', args=torch_args(exp, params_npz=p_path))
+    torch('forward', inputs=in_path, output=out_path)
+    ref = np.load(out_path)
+  return float(np.max(np.abs(out - ref))), float(np.max(np.abs(out)))
+
+
+def jax_matmul_flops_per_sec(n: int = 2048, repeats: int = 5) -> float:
+  import jax
+  import jax.numpy as jnp
+  a = jax.random.normal(jax.random.key(0), (n, n))
+  b = jax.random.normal(jax.random.key(1), (n, n))
+  dot = jax.jit(jnp.dot)
+  dot(a, b).block_until_ready()
+  times = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    dot(a, b).block_until_ready()
+    times.append(time.perf_counter() - start)
+  return 2 * n ** 3 / float(np.median(times))
+
+
+def machine() -> str:
+  cpu = platform.processor() or platform.machine()
+  try:
+    with open('/proc/cpuinfo') as f:
+      names = [l.split(':', 1)[1].strip() for l in f if l.startswith('model name')]
+    cpu = names[0] if names else cpu
+  except OSError:
+    pass
+  import jax
+  devices = jax.devices()
+  kind = devices[0].platform.upper()
+  return (f'{os.cpu_count()}-core {cpu} ({kind}: {devices[0].device_kind}, '
+          f'{len(devices)} device(s)), {platform.system()}')
+
+
+def load_average() -> str:
+  try:
+    return ', '.join(f'{x:.1f}' for x in os.getloadavg())
+  except OSError:
+    return 'n/a'
+
+
+def markdown_table(header: list[str], rows: list[list]) -> str:
+  lines = ['| ' + ' | '.join(header) + ' |', '|' + '|'.join('---' for _ in header) + '|']
+  for row in rows:
+    lines.append('| ' + ' | '.join(str(c) for c in row) + ' |')
+  return '\n'.join(lines)
+
+
+def base_parser(description: str) -> argparse.ArgumentParser:
+  p = argparse.ArgumentParser(description=description)
+  p.add_argument('--torch-python', default='',
+                 help='a Python with torch to run the PyTorch side in (default: this one if '
+                      'it has torch, else .venv-torch/bin/python if present)')
+  p.add_argument('--models', default=','.join(MODELS), help='comma-separated: ' + ', '.join(MODELS))
+  p.add_argument('--repeats', type=int, default=5,
+                 help='timed rounds per model, alternating JAX and PyTorch; medians reported')
+  p.add_argument('--seconds', type=float, default=2.0, help='target length of one timed round')
+  p.add_argument('--json', default='', help='also write the results to this JSON file')
+  p.add_argument('--no-torch', action='store_true', help='time JAX alone')
+  return p
+
+
+def median(xs) -> float:
+  return float(np.median(np.asarray(xs, np.float64)))

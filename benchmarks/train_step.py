@@ -1,0 +1,195 @@
+"""Train-step speed of cdiff_jax next to the same model in PyTorch, in one run.
+
+For each model (``--models``; see ``benchmarks/common.py``): the jitted, donated train step
+that ``cdiff_jax.train.build`` makes (DSM eps loss on the DDPM schedule, clipping + AdamW,
+EMA), and a PyTorch port of the same network, loss, optimizer and EMA at the same batch
+(``benchmarks/torch_reference.py``; the benchmark first loads the JAX parameters into it
+and checks that both networks compute the same function). Reported:
+
+* images/s of both (median over ``--repeats`` rounds that alternate JAX and PyTorch) and
+  their ratio; with ``--steps-per-call k`` also the JAX step that runs k steps per call
+  through ``lax.scan``;
+* the JAX step's first compile (trace + lower + compile, persistent cache off);
+* the step's FLOPs (XLA cost analysis of the compiled step) and the FLOP/s both reach, as
+  a fraction of a 2048x2048 float32 matmul's FLOP/s measured in the same run.
+
+Run: ``make bench`` (makes the PyTorch venv), or
+``.venv/bin/python benchmarks/train_step.py --torch-python .venv-torch/bin/python``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from benchmarks import common  # noqa: E402
+
+
+def jax_step_runner(name: str, steps_per_call: int = 1):
+  """(run(n_calls) -> seconds, images per call, info) for the real jitted step."""
+  import jax
+  from cdiff_jax import parallel
+
+  exp = common.build_experiment(name, steps_per_call)
+  state = exp.init_state()
+  k = steps_per_call
+  host = exp.batcher.batch(0) if k == 1 else exp.batcher.stacked(0, k)
+  batch = parallel.put_batch(host, exp.mesh, 0 if k == 1 else 1)
+  start = time.perf_counter()
+  compiled = exp.step.lower(state, batch).compile()
+  compile_s = time.perf_counter() - start
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  info = dict(exp=exp, compile_s=compile_s, flops_per_call=float(cost.get('flops', 0.0)),
+              params=jax.device_get(state.params))  # host copy: the step donates the state
+  holder = [state]
+
+  def run(calls: int) -> float:
+    s = holder[0]
+    begin = time.perf_counter()
+    for _ in range(calls):
+      s, metrics = exp.step(s, batch)
+    jax.block_until_ready((s, metrics))
+    holder[0] = s
+    return time.perf_counter() - begin
+
+  begin = time.perf_counter()
+  run(1)  # first call of the jitted function (reuses the compiled executable)
+  info['first_call_s'] = time.perf_counter() - begin
+  return run, exp.batcher.global_batch_size * k, info
+
+
+def calls_for(seconds_per_call: float, target: float) -> int:
+  return max(1, int(round(target / max(seconds_per_call, 1e-6))))
+
+
+def bench_model(name: str, args, torch, matmul: dict) -> dict:
+  import jax
+  print(f'\n[{name}] building and compiling the JAX step...', flush=True)
+  run, imgs_per_call, info = jax_step_runner(name)
+  exp = info['exp']
+  result = dict(model=name, batch=exp.batcher.global_batch_size,
+                image_shape=list(exp.image_shape),
+                params=int(sum(x.size for x in jax.tree.leaves(info['params']))),
+                jax_compile_s=info['compile_s'], flops_per_step=info['flops_per_call'])
+  runs = [('jax', run, imgs_per_call)]
+  if args.steps_per_call > 1:
+    run_k, imgs_k, info_k = jax_step_runner(name, args.steps_per_call)
+    result['jax_scan_compile_s'] = info_k['compile_s']
+    runs.append(('jax_scan', run_k, imgs_k))
+  if torch is not None:
+    diff, scale = common.check_same_function(exp, info['params'], torch)
+    result['same_function_max_abs_diff'] = diff
+    print(f'[{name}] PyTorch port vs JAX on the same parameters: max |diff| {diff:.1e} '
+          f'(outputs up to {scale:.2f})', flush=True)
+    with tempfile.TemporaryDirectory() as tmp:
+      path = os.path.join(tmp, 'init.npz')
+      import numpy as np
+      np.savez(path, **common.flatten_params(jax.device_get(info['params'])))
+      built = torch('build', args=common.torch_args(exp, params_npz=path,
+                                                    channels_last=args.torch_channels_last))
+    result['torch_params'] = built['num_params']
+    if built['num_params'] != result['params']:
+      raise SystemExit(f'{name}: PyTorch model has {built["num_params"]} parameters, '
+                       f'JAX {result["params"]}: not the same architecture.')
+    start = time.perf_counter()
+    torch('train', steps=1)
+    result['torch_first_step_s'] = time.perf_counter() - start
+
+    def torch_run(calls):
+      return torch('train', steps=calls)['seconds']
+    runs.append(('torch', torch_run, exp.batcher.global_batch_size))
+
+  # Warm up and size the rounds (each about args.seconds long).
+  calls = {}
+  for key, fn, per_call in runs:
+    fn(1)
+    calls[key] = calls_for(fn(1), args.seconds)
+  times = {key: [] for key, _, _ in runs}
+  for r in range(args.repeats):
+    for key, fn, per_call in runs:
+      times[key].append(fn(calls[key]) / calls[key])
+    print(f'[{name}] round {r + 1}/{args.repeats}: ' + ', '.join(
+        f'{key} {per_call / times[key][-1]:.0f} img/s' for key, _, per_call in runs)
+        + f' (load {common.load_average()})', flush=True)
+  for key, _, per_call in runs:
+    sec = common.median(times[key])
+    result[f'{key}_images_per_s'] = per_call / sec
+    result[f'{key}_step_ms'] = 1e3 * sec * (imgs_per_call / per_call)
+  step_s = result['jax_step_ms'] / 1e3
+  result['jax_flops_per_s'] = result['flops_per_step'] / step_s
+  result['jax_matmul_fraction'] = result['jax_flops_per_s'] / matmul['jax']
+  if torch is not None:
+    result['ratio'] = result['jax_images_per_s'] / result['torch_images_per_s']
+    result['torch_flops_per_s'] = result['flops_per_step'] / (result['torch_step_ms'] / 1e3)
+    result['torch_matmul_fraction'] = result['torch_flops_per_s'] / matmul['torch']
+    if 'jax_scan_images_per_s' in result:
+      result['scan_ratio'] = result['jax_scan_images_per_s'] / result['torch_images_per_s']
+  return result
+
+
+def main(argv=None):
+  p = common.base_parser(__doc__.split('\n')[0])
+  p.add_argument('--steps-per-call', type=int, default=8,
+                 help='also time the lax.scan step with this many steps per call (1: skip)')
+  p.add_argument('--torch-channels-last', type=int, default=1,
+                 help='PyTorch in channels-last memory format (1, its faster format on '
+                      'CPU here) or NCHW (0)')
+  p.add_argument('--plain-layers', action='store_true',
+                 help="flax's own GroupNorm, 1x1 conv and resize in the UNet (the 'before' of "
+                      "the README's speed table) instead of the faster equivalents")
+  args = p.parse_args(argv)
+  import jax
+  if args.plain_layers:
+    from cdiff_jax.models import unet
+    unet.FUSED_GN = unet.POINTWISE_DOT = unet.REPEAT_UPSAMPLE = False
+  jax.config.update('jax_enable_compilation_cache', False)
+  torch = None if args.no_torch else common.open_torch(args.torch_python)
+  print(f'machine: {common.machine()}; jax {jax.__version__}'
+        + (f', torch {torch.info["torch"]} ({torch.info["threads"]} threads)' if torch else ''))
+  matmul = dict(jax=common.jax_matmul_flops_per_sec())
+  if torch is not None:
+    matmul['torch'] = torch('matmul', n=2048)['flops_per_sec']
+  print('2048x2048 float32 matmul: ' + ', '.join(f'{k} {v / 1e9:.0f} GFLOP/s'
+                                                  for k, v in matmul.items()))
+  results = [bench_model(m, args, torch, matmul) for m in args.models.split(',')]
+  if torch is not None:
+    torch.close()
+
+  header = ['model', 'params', 'batch', 'JAX img/s', 'PyTorch img/s', 'JAX / PyTorch',
+            'JAX first compile', 'GFLOP/step', 'JAX FLOP/s (of matmul)',
+            'PyTorch FLOP/s (of matmul)']
+  rows = []
+  for r in results:
+    shape = 'x'.join(str(s) for s in r['image_shape'])
+    jax_ips = f"{r['jax_images_per_s']:.0f}"
+    if 'jax_scan_images_per_s' in r:
+      jax_ips += f" ({r['jax_scan_images_per_s']:.0f} scan x{args.steps_per_call})"
+    ratio = f"{r['ratio']:.2f}x" if 'ratio' in r else '-'
+    if 'scan_ratio' in r:
+      ratio += f" ({r['scan_ratio']:.2f}x)"
+    rows.append([f"{r['model']} ({shape})", f"{r['params'] / 1e6:.2f}M", r['batch'], jax_ips,
+                 f"{r['torch_images_per_s']:.0f}" if 'torch_images_per_s' in r else '-',
+                 ratio, f"{r['jax_compile_s']:.1f} s", f"{r['flops_per_step'] / 1e9:.1f}",
+                 f"{r['jax_flops_per_s'] / 1e9:.0f} G ({100 * r['jax_matmul_fraction']:.0f}%)",
+                 f"{r['torch_flops_per_s'] / 1e9:.0f} G ({100 * r['torch_matmul_fraction']:.0f}%)"
+                 if 'torch_flops_per_s' in r else '-'])
+  print()
+  print(common.markdown_table(header, rows))
+  print(f'\nmachine: {common.machine()}; medians of {args.repeats} alternating rounds; '
+        f'matmul peak ' + ', '.join(f'{k} {v / 1e9:.0f} GFLOP/s' for k, v in matmul.items())
+        + f'; load average at end {common.load_average()}')
+  if args.json:
+    with open(args.json, 'w') as f:
+      json.dump(dict(machine=common.machine(), matmul_flops_per_s=matmul, results=results,
+                     steps_per_call=args.steps_per_call), f, indent=2)
+  return results
+
+
+if __name__ == '__main__':
+  main()

@@ -1,0 +1,45 @@
+"""Class-conditional UNet on the embedded 8x8 digits with classifier-free guidance.
+
+Training with label dropout (10% of labels replaced by the null class), so one network is
+both the conditional and the unconditional model.
+
+The model alone (final grid: one column per class, guided with sample.guidance_scale):
+  python -m cdiff_jax.main --config=configs/digits_cfg.py --workdir=runs/digits_cfg
+
+The guidance and composition demonstration (trains the same model, reusing the run if it
+is finished, then measures everything with the evaluation classifier):
+  python -m experiments.digits_guidance --config=configs/digits_cfg.py --workdir=runs/digits_guidance
+
+Expected (2-core CPU, about 10 minutes for the demonstration): conditional samples are
+recognised as the requested digit most of the time, and more often with guidance weight 3
+than 1; "any digit but 1" (NOT) brings the frequency of 1s from about 10% (unconditional)
+to nearly 0 while the other digits stay present; classifier guidance of the unconditional
+model with a noise-aware classifier raises the hit rate of the requested digit. The
+measured figures are in the README.
+"""
+
+import ml_collections
+
+from cdiff_jax.config import base_config
+
+
+def get_config():
+  c = base_config()
+  c.model.conditional = True
+  c.model.class_dropout = 0.1
+  c.model.ch, c.model.ch_mult, c.model.num_res_blocks, c.model.attn_levels = 32, (1, 2), 1, (1,)
+  c.train.steps = 3000
+  c.train.log_every, c.train.checkpoint_every = 100, 1000
+  c.sample.sampler = 'ancestral'   # stochastic: DDIM with few steps biases class masses
+  c.sample.guidance_scale = 2.0
+  c.sample.num_samples = 100
+
+  c.guidance = ml_collections.ConfigDict(dict(
+      num_samples=1000,              # per setting (conditional: spread evenly over classes)
+      cfg_scales=(1.0, 3.0),         # classifier-free guidance weights w
+      not_class=1,                   # "any digit but not_class"
+      not_scales=(1.0, 3.0),         # weight of the NOT concept
+      classifier_scales=(1.0, 3.0),  # classifier guidance of the unconditional model
+      classifier_steps=1500,         # training steps of the noise-aware classifier
+  ))
+  return c

@@ -1,0 +1,216 @@
+"""Guidance and composition on the embedded 8x8 digits, measured by the evaluation classifier.
+
+  python -m experiments.digits_guidance --config=configs/digits_cfg.py --workdir=runs/digits_guidance
+
+1. Trains the class-conditional model of the config (label dropout to a null class) with
+   ``train.train_and_evaluate`` in WORKDIR/model (a finished run there is reused).
+2. Samples, with the config's sampler, ``guidance.num_samples`` images per setting:
+   * unconditional (the null class);
+   * conditional with classifier-free guidance ``eps_u + w (eps_c - eps_u)`` for each
+     ``w`` in ``guidance.cfg_scales`` (labels spread evenly over the classes);
+   * "any digit but N" (``N = guidance.not_class``): the composition
+     ``eps_u - w (eps_N - eps_u)`` (ANY as the positive concept, N with weight ``-w``),
+     all conditions in one batched call;
+   * classifier guidance of the unconditional model, ``eps_u - w sigma_t grad log p(y|x_t, t)``,
+     with a noise-aware classifier trained here on noised digits.
+3. Labels every sample with the evaluation classifier (trained once on the real balanced
+   training set and cached) and writes WORKDIR/guidance.{md,json} (class frequencies, hit
+   rate of the requested class, classifier FID), WORKDIR/frequencies.png and one sample
+   grid per setting under WORKDIR/grids/ (conditional grids: one column per class).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import time
+
+from absl import app, flags
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file('config', 'configs/digits_cfg.py',
+                                          'Config of the class-conditional model.')
+_WORKDIR = flags.DEFINE_string('workdir', 'runs/digits_guidance', 'Output directory.')
+_PROGRESS = flags.DEFINE_bool('progress', True, 'Show progress bars.')
+
+
+def validate(config, num_classes: int):
+  from cdiff_jax.config import ConfigError
+  g = config.guidance
+  if not config.model.conditional or config.model.class_dropout <= 0:
+    raise ConfigError('config.model.conditional/class_dropout: guidance needs a conditional model '
+                      'trained with label dropout; set model.conditional=True and '
+                      'model.class_dropout=0.1.')
+  if not 0 <= g.not_class < num_classes:
+    raise ConfigError(f'config.guidance.not_class={g.not_class}: must be a class in '
+                      f'0..{num_classes - 1}.')
+  if g.num_samples < num_classes:
+    raise ConfigError(f'config.guidance.num_samples={g.num_samples}: need at least one sample '
+                      f'per class ({num_classes}).')
+
+
+def train_model(config, workdir: str, progress: bool):
+  """The trained conditional model (the run in WORKDIR/model, resumed or reused)."""
+  from cdiff_jax import checkpoint as checkpoint_lib
+  from cdiff_jax import train
+  model_dir = os.path.join(workdir, 'model')
+  summary = os.path.join(model_dir, 'summary.json')
+  if os.path.exists(summary) and json.load(open(summary)).get('final_step') == config.train.steps:
+    exp = train.build(config)
+    ckpt = checkpoint_lib.Checkpointer(os.path.join(model_dir, 'checkpoints'),
+                                       config.train.keep_checkpoints)
+    state, _ = ckpt.restore_latest(exp.init_state(), config)
+    ckpt.close()
+    print(f'model: reusing the finished run in {model_dir}')
+    return exp, state, None
+  start = time.time()
+  result = train.train_and_evaluate(config, model_dir, progress=progress)
+  return result['experiment'], result['state'], time.time() - start
+
+
+def sample_in_batches(sampler, params, num: int, cond_fn, seed: int, batch: int = 500,
+                      progress: bool = False):
+  """``num`` samples; ``cond_fn(start, n)`` gives the conditioning of each batch."""
+  import jax
+  import numpy as np
+  from cdiff_jax import parallel
+  out = []
+  for i, start in enumerate(range(0, num, batch)):
+    n = min(batch, num - start)
+    x = sampler(params, jax.random.fold_in(jax.random.key(seed), i), n, cond_fn(start, n),
+                progress=progress)
+    out.append(np.asarray(parallel.to_host(x)))
+  return np.concatenate(out)
+
+
+def main(argv):
+  del argv
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+  from cdiff_jax import evaluation, train, writers
+  from cdiff_jax.config import ConfigError
+  from cdiff_jax.data import sources
+  from cdiff_jax.methods import guidance
+  from cdiff_jax.sampling import Sampler
+
+  config = _CONFIG.value
+  workdir = os.path.abspath(_WORKDIR.value)
+  progress = _PROGRESS.value
+  os.makedirs(os.path.join(workdir, 'grids'), exist_ok=True)
+  train.setup_jax(config)
+  t_start = time.time()
+  exp, state, train_seconds = train_model(config, workdir, progress)
+  try:
+    validate(config, exp.num_classes)
+  except ConfigError as e:
+    raise app.UsageError(str(e))
+  g = config.guidance
+  model, sched, k = exp.model, exp.model.schedule, exp.num_classes
+  params = state.ema_params if config.sample.use_ema else state.params
+  sc = config.sample
+  sampler_kw = dict(sampler=sc.sampler, num_steps=sc.num_steps, eta=sc.eta,
+                    clip=sc.clip or None, mesh=exp.mesh)
+  make = lambda eps_fn: Sampler(eps_fn, sched, exp.image_shape, **sampler_kw)
+  n = g.num_samples
+  per_class = lambda start, m: jnp.arange(start, start + m, dtype=jnp.int32) % k
+
+  print('evaluation classifier (trained once, cached)...')
+  clf = evaluation.get_classifier(config.data, progress=progress)
+  test_images = sources.to_float(sources.load_dataset(config.data, 'test').images)
+
+  settings = {}   # name -> (samples, requested labels or None, description)
+  t0 = time.time()
+  settings['unconditional'] = (sample_in_batches(
+      make(guidance.cfg_eps_fn(model, 1.0, k)), params, n, lambda s, m: None, 1,
+      progress=progress), None, 'null class')
+  for w in g.cfg_scales:
+    x = sample_in_batches(make(guidance.cfg_eps_fn(model, w, k)), params, n, per_class, 2,
+                          progress=progress)
+    settings[f'CFG w={w:g}'] = (x, np.arange(n) % k, f'eps_u + {w:g} (eps_c - eps_u)')
+  for w in g.not_scales:
+    sampler = make(guidance.composed_eps_fn(model, k))
+    cond = lambda s, m, w=w: guidance.make_composition((guidance.ANY, g.not_class), (1.0, -w),
+                                                       m, k, field='guidance')
+    x = sample_in_batches(sampler, params, n, cond, 3, progress=progress)
+    settings[f'NOT {g.not_class} w={w:g}'] = (
+        x, None, f'eps_u - {w:g} (eps_{g.not_class} - eps_u)')
+  sampling_seconds = time.time() - t0
+
+  t0 = time.time()
+  print('noise-aware classifier for classifier guidance...')
+  clf_net, clf_params, clf_metrics = guidance.train_guidance_classifier(
+      exp.dataset.subset(exp.train_idx), sched, steps=g.classifier_steps, seed=config.seed,
+      progress=progress)
+  classifier_train_seconds = time.time() - t0
+  t0 = time.time()
+  for w in g.classifier_scales:
+    eps_fn = guidance.classifier_guided_eps_fn(guidance.cfg_eps_fn(model, 1.0, k), clf_net,
+                                               sched, w)
+    x = sample_in_batches(make(eps_fn), dict(model=params, classifier=clf_params), n,
+                          per_class, 4, progress=progress)
+    settings[f'classifier guidance w={w:g}'] = (
+        x, np.arange(n) % k, f'eps_u - {w:g} sigma_t grad log p(y|x_t)')
+  sampling_seconds += time.time() - t0
+
+  rows = {}
+  for name, (x, requested, formula) in settings.items():
+    ev = evaluation.evaluate_samples(clf, x, test_images)
+    pred = clf.predict(x)
+    row = dict(formula=formula, class_frequencies=ev['class_frequencies'],
+               classifier_fid=ev['classifier_fid'], num_samples=ev['num_samples'])
+    if requested is not None:
+      row['hit_rate'] = float(np.mean(pred == requested))
+      row['per_class_hit_rate'] = [float(np.mean(pred[requested == c] == c)) for c in range(k)]
+    rows[name] = row
+    # Conditional settings cycle the labels 0..k-1, so each grid column is one class.
+    writers.save_image_grid(os.path.join(workdir, 'grids', name.replace(' ', '_') + '.png'),
+                            x[:100], ncols=k if requested is not None else None)
+
+  writers.plot_class_frequencies(
+      os.path.join(workdir, 'frequencies.png'),
+      {name: r['class_frequencies'] for name, r in rows.items()
+       if name == 'unconditional' or name.startswith('NOT')},
+      target=None, title=f'class frequencies (evaluation classifier): unconditional vs '
+                         f'"any digit but {g.not_class}"')
+  total = time.time() - t_start
+  meta = dict(evaluation_classifier_accuracy=clf.accuracy,
+              guidance_classifier=clf_metrics, sampler=sc.sampler, num_steps=sc.num_steps,
+              train_seconds=train_seconds, classifier_train_seconds=classifier_train_seconds,
+              sampling_seconds=sampling_seconds, total_seconds=total,
+              devices=[str(d) for d in jax.devices()])
+  table = markdown(rows, meta, g.not_class)
+  with open(os.path.join(workdir, 'guidance.md'), 'w') as f:
+    f.write(table)
+  with open(os.path.join(workdir, 'guidance.json'), 'w') as f:
+    json.dump(dict(settings=rows, **meta), f, indent=2)
+  print(table)
+  print(f'outputs in {workdir}')
+
+
+def markdown(rows: dict, meta: dict, not_class: int) -> str:
+  lines = ['| setting | hit rate of requested class | frequency of ' + str(not_class) +
+           ' | class frequencies 0..9 | classifier FID |', '|---|---|---|---|---|']
+  for name, r in rows.items():
+    hit = f"{r['hit_rate']:.3f}" if 'hit_rate' in r else '-'
+    freqs = ' '.join(f'{v:.2f}' for v in r['class_frequencies'])
+    lines.append(f"| {name} | {hit} | {r['class_frequencies'][not_class]:.3f} | {freqs} | "
+                 f"{r['classifier_fid']:.2f} |")
+  gc = meta['guidance_classifier']
+  minutes = lambda s: '-' if s is None else f'{s / 60:.1f} min'
+  lines += ['', f"{rows[next(iter(rows))]['num_samples']} samples per setting, "
+            f"{meta['sampler']} sampler with {meta['num_steps']} steps. Evaluation classifier "
+            f"test accuracy {meta['evaluation_classifier_accuracy']:.4f}; the guidance "
+            f"classifier's accuracy on noised training digits (all t) "
+            f"{gc.get('accuracy', float('nan')):.3f}. Run time {minutes(meta['total_seconds'])} "
+            f"(model training {minutes(meta['train_seconds'])}, guidance classifier "
+            f"{minutes(meta['classifier_train_seconds'])}, sampling "
+            f"{minutes(meta['sampling_seconds'])}).", '']
+  return '\n'.join(lines)
+
+
+if __name__ == '__main__':
+  from absl import logging as absl_logging
+  absl_logging.set_verbosity(absl_logging.WARNING)
+  app.run(main)

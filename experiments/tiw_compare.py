@@ -1,0 +1,255 @@
+"""DSM(ref), DSM(obs), IW-DSM, TIW-DSM and a weight-temperature sweep on one biased dataset.
+
+  python experiments/tiw_compare.py --workdir=runs/tiw_compare          # digits, CPU minutes
+  python experiments/tiw_compare.py --config=configs/mnist_tiw.py --workdir=runs/mnist_cmp \\
+      --ref_fractions=0.05,0.1 --source=idx --data_dir=DIR_WITH_IDX_FILES
+
+Every arm is one ``train_and_evaluate`` run of the config with ``method.variant`` and
+``method.alpha`` set, in ``WORKDIR/ref{fraction}/{arm}`` (an interrupted comparison resumes:
+finished arms are read back, unfinished ones resume from their checkpoints). Evaluation is
+the project's: the classifier trained on the real balanced training set gives the class
+frequencies of the generated samples and the classifier FID against the held-out set. The
+IW/TIW arms of one reference fraction share one pretrained discriminator (cached).
+
+Columns: classifier FID (lower is better), total variation of the generated class
+frequencies to uniform, the generated mass of the tail half of the classes, and the copying
+check ``NN ratio to D_ref`` (median distance of samples to their nearest reference image over
+the same for held-out images; ~1 is healthy, << 1 means the model reproduces D_ref).
+
+Writes ``results.md`` (the table), ``results.json``, ``class_frequencies.png`` and
+``alpha_sweep.png`` to WORKDIR. Alpha = 0 is DSM(obs), so the sweep's first point is that arm.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import platform
+import time
+
+import jax
+import numpy as np
+
+from cdiff_jax import evaluation, train
+from cdiff_jax.data import sources
+from cdiff_jax.methods import tiw
+
+
+def load_config(path: str):
+  spec = importlib.util.spec_from_file_location('experiment_config', path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config()
+
+
+def arms(alphas):
+  out = [('DSM(ref)', 'dsm_ref', 1.0), ('DSM(obs)', 'dsm_obs', 1.0), ('IW-DSM', 'iw', 1.0),
+         ('TIW-DSM', 'tiw', 1.0)]
+  out += [(f'TIW-DSM a={a:g}', 'tiw', a) for a in alphas if a != 1.0]
+  return out
+
+
+def slug(label: str) -> str:
+  return ''.join(c if c.isalnum() else '_' for c in label).strip('_').lower()
+
+
+def run_arm(config, workdir: str, progress: bool) -> dict:
+  done = os.path.join(workdir, 'arm.json')
+  if os.path.exists(done):
+    with open(done) as f:
+      return json.load(f)
+  t0 = time.perf_counter()
+  result = train.train_and_evaluate(config, workdir, progress=progress)
+  record = dict(eval=result['eval'], seconds=time.perf_counter() - t0,
+                final_metrics={k: v for k, v in result.get('final_metrics', {}).items()
+                               if np.ndim(v) == 0})
+  with open(done, 'w') as f:
+    json.dump(record, f, indent=2, default=float)
+  return record
+
+
+def nearest_distances(queries: np.ndarray, images: np.ndarray, chunk: int = 500) -> np.ndarray:
+  """L2 distance from every query image to its nearest image in ``images``."""
+  x = images.reshape(len(images), -1).astype(np.float32)
+  x2 = (x ** 2).sum(1)
+  out = []
+  for i in range(0, len(queries), chunk):
+    q = queries[i:i + chunk].reshape(-1, x.shape[1]).astype(np.float32)
+    d2 = (q ** 2).sum(1)[:, None] + x2[None] - 2 * q @ x.T
+    out.append(np.sqrt(np.maximum(d2.min(1), 0.0)))
+  return np.concatenate(out)
+
+
+def copying(samples: np.ndarray, config) -> dict:
+  """How close samples sit to the reference images, relative to held-out real images.
+
+  ``ref_nn_ratio`` = median distance of a sample to its nearest D_ref image divided by the
+  same median for held-out test images: about 1 for a model of p_data, well below 1 for a
+  model that reproduces the few reference images (the risk of DSM(ref)). The classifier
+  FID hardly sees such copying, so the table reports both.
+  """
+  dataset = sources.load_dataset(config.data, 'train')
+  bias, ref = tiw.split_indices(config.method, dataset, train.train_indices(config.data, dataset))
+  test = sources.to_float(sources.load_dataset(config.data, 'test').images)
+  ref_images = sources.to_float(dataset.images[ref])
+  obs_images = sources.to_float(dataset.images[np.concatenate([bias, ref])])
+  ratio = lambda pool: float(np.median(nearest_distances(samples, pool))
+                             / np.median(nearest_distances(test, pool)))
+  return dict(ref_nn_ratio=ratio(ref_images), obs_nn_ratio=ratio(obs_images))
+
+
+def split_frequencies(config, num_classes: int) -> dict:
+  """Class frequencies of the biased set, the reference set and the score minibatch mix."""
+  dataset = sources.load_dataset(config.data, 'train')
+  idx = train.train_indices(config.data, dataset)
+  bias, ref = tiw.split_indices(config.method, dataset, idx)
+  freq = lambda i: np.bincount(dataset.labels[i], minlength=num_classes) / len(i)
+  pi = round(config.method.ref_batch_fraction * config.train.batch_size) / config.train.batch_size
+  return dict(bias=freq(bias).tolist(), ref=freq(ref).tolist(),
+              obs_mix=(pi * freq(ref) + (1 - pi) * freq(bias)).tolist(),
+              num_bias=int(len(bias)), num_ref=int(len(ref)))
+
+
+def write_plots(workdir: str, results: dict, alphas) -> None:
+  import matplotlib
+  matplotlib.use('Agg')
+  import matplotlib.pyplot as plt
+  fracs = sorted(results)
+  fig, axes = plt.subplots(1, len(fracs), figsize=(6.5 * len(fracs), 3.8), squeeze=False)
+  for ax, frac in zip(axes[0], fracs):
+    r = results[frac]
+    k = len(r['data']['bias'])
+    ax.plot(range(k), r['data']['bias'], 'k:', lw=1.5, label='biased set')
+    ax.plot(range(k), r['data']['obs_mix'], 'k--', lw=1, label='minibatch mix (pi)')
+    for label, row in r['arms'].items():
+      ax.plot(range(k), row['class_frequencies'], marker='o', ms=3, lw=1, label=label)
+    ax.axhline(1 / k, color='gray', lw=0.8)
+    ax.set_xticks(range(k))
+    ax.set_xlabel('class')
+    ax.set_ylabel('frequency in 1,000 samples' if r['arms'] else 'frequency')
+    ax.set_title(f'reference = {float(frac):g} x |biased set|', fontsize=9)
+    ax.legend(fontsize=6.5, ncol=2)
+  fig.tight_layout()
+  fig.savefig(os.path.join(workdir, 'class_frequencies.png'), dpi=110)
+  plt.close(fig)
+
+  fig, axes = plt.subplots(1, 2, figsize=(9, 3.4))
+  for frac in fracs:
+    arms_ = results[frac]['arms']
+    pts = [(0.0, arms_.get('DSM(obs)'))] + [
+        (a, arms_.get('TIW-DSM' if a == 1.0 else f'TIW-DSM a={a:g}')) for a in sorted(set(alphas) | {1.0})]
+    pts = [(a, row) for a, row in pts if row]
+    for ax, key in zip(axes, ('classifier_fid', 'tv_to_uniform')):
+      ax.plot([a for a, _ in pts], [row[key] for _, row in pts], marker='o',
+              label=f'TIW-DSM, ref {float(frac):g}')
+      if 'IW-DSM' in arms_:
+        ax.axhline(arms_['IW-DSM'][key], ls=':', lw=1, label=f'IW-DSM, ref {float(frac):g}')
+  for ax, title in zip(axes, ('classifier FID (lower is better)', 'TV to uniform classes')):
+    ax.set_xlabel('alpha (0 = DSM(obs))')
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=7)
+  fig.tight_layout()
+  fig.savefig(os.path.join(workdir, 'alpha_sweep.png'), dpi=110)
+  plt.close(fig)
+
+
+def write_table(workdir: str, results: dict, header: str) -> str:
+  lines = [header, '']
+  for frac in sorted(results):
+    r = results[frac]
+    k = len(r['data']['bias'])
+    tail = list(range(k // 2, k))
+    lines += [f'Reference = {float(frac):g} x |biased set| ({r["data"]["num_ref"]} reference, '
+              f'{r["data"]["num_bias"]} biased images). Tail = classes {tail[0]}-{tail[-1]} '
+              f'(uniform: {len(tail) / k:.2f}; biased set: {sum(r["data"]["bias"][c] for c in tail):.2f}).',
+              '',
+              '| arm | classifier FID | TV to uniform | tail mass | NN ratio to D_ref | minutes |',
+              '|---|---:|---:|---:|---:|---:|']
+    for label, row in r['arms'].items():
+      lines.append(f'| {label} | {row["classifier_fid"]:.2f} | {row["tv_to_uniform"]:.3f} | '
+                   f'{sum(row["class_frequencies"][c] for c in tail):.3f} | '
+                   f'{row["ref_nn_ratio"]:.2f} | {row["seconds"] / 60:.1f} |')
+    a = r['arms']
+    if {'TIW-DSM', 'DSM(obs)', 'IW-DSM'} <= set(a):
+      fid = {n: a[n]['classifier_fid'] for n in ('TIW-DSM', 'DSM(obs)', 'IW-DSM')}
+      lines += ['', f'Paper ordering (FID): TIW-DSM < DSM(obs): '
+                f'{"yes" if fid["TIW-DSM"] < fid["DSM(obs)"] else "no"}; '
+                f'DSM(obs) < IW-DSM: {"yes" if fid["DSM(obs)"] < fid["IW-DSM"] else "no"}.']
+    lines.append('')
+  text = '\n'.join(lines)
+  with open(os.path.join(workdir, 'results.md'), 'w') as f:
+    f.write(text)
+  return text
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  here = os.path.dirname(os.path.abspath(__file__))
+  parser.add_argument('--config', default=os.path.join(here, '..', 'configs', 'digits_tiw.py'))
+  parser.add_argument('--workdir', default='runs/tiw_compare')
+  parser.add_argument('--ref_fractions', default='0.1', help='comma-separated, e.g. 0.05,0.1')
+  parser.add_argument('--alphas', default='0.5,2', help='extra TIW-DSM temperatures')
+  parser.add_argument('--arms', default='', help='comma-separated arm labels to run (default all)')
+  parser.add_argument('--steps', type=int, default=0, help='override train.steps')
+  parser.add_argument('--num_samples', type=int, default=0, help='override eval.num_samples')
+  parser.add_argument('--source', default='', help='override data.source (e.g. idx)')
+  parser.add_argument('--data_dir', default='', help='override data.data_dir')
+  parser.add_argument('--seed', type=int, default=0)
+  parser.add_argument('--no_progress', action='store_true')
+  args = parser.parse_args()
+
+  base = load_config(args.config)
+  base.seed = args.seed
+  if args.steps:
+    base.train.steps = args.steps
+  if args.num_samples:
+    base.eval.num_samples = args.num_samples
+  if args.source:
+    base.data.source = args.source
+  if args.data_dir:
+    base.data.data_dir = args.data_dir
+  base.eval.enabled = True
+  alphas = [float(a) for a in args.alphas.split(',') if a]
+  selected = [a for a in args.arms.split(',') if a]
+  os.makedirs(args.workdir, exist_ok=True)
+
+  t_start = time.perf_counter()
+  clf = evaluation.get_classifier(base.data, progress=not args.no_progress)
+  results = {}
+  for frac in [float(f) for f in args.ref_fractions.split(',')]:
+    key = f'{frac:g}'
+    results[key] = dict(arms={})
+    for label, variant, alpha in arms(alphas):
+      if selected and label not in selected:
+        continue
+      config = base.copy_and_resolve_references()
+      config.method.variant, config.method.alpha = variant, alpha
+      config.method.ref_fraction = frac
+      wd = os.path.join(args.workdir, f'ref{key}', slug(label))
+      print(f'=== reference {key}: {label} -> {wd}')
+      record = run_arm(config, wd, progress=not args.no_progress)
+      samples = np.load(os.path.join(wd, 'eval_samples.npy')).astype(np.float32)
+      results[key]['arms'][label] = dict(record['eval'], seconds=record['seconds'],
+                                         **copying(samples, config))
+    results[key]['data'] = split_frequencies(_with_fraction(base, frac), clf.num_classes)
+  minutes = (time.perf_counter() - t_start) / 60
+  header = (f'TIW-DSM comparison: {base.data.name}, {base.train.steps} steps per arm, '
+            f'{base.eval.num_samples} samples per arm, evaluation classifier accuracy '
+            f'{clf.accuracy:.3f}; {os.cpu_count()}-core {platform.machine()} '
+            f'{jax.default_backend()}, {minutes:.0f} minutes in this invocation.')
+  with open(os.path.join(args.workdir, 'results.json'), 'w') as f:
+    json.dump(dict(header=header, results=results), f, indent=2, default=float)
+  write_plots(args.workdir, results, alphas)
+  print(write_table(args.workdir, results, header))
+
+
+def _with_fraction(base, frac):
+  config = base.copy_and_resolve_references()
+  config.method.ref_fraction = frac
+  return config
+
+
+if __name__ == '__main__':
+  main()
