@@ -244,3 +244,52 @@ def test_frequency_target_thresholds(monkeypatch, tiny_config, tmp_path):
   tiny_config.diffusion.loss_weighting = 'eps'
   with pytest.raises(config_lib.ConfigError, match='loss_weighting'):
     train.build(tiny_config)
+
+
+def test_tiw_objective_with_minority_constraints_in_one_step(tiny_config, tmp_path):
+  """Debiasing and constraints from one config: the primal objective is TIW-DSM on the
+  biased/reference split (groups bias, ref), the constraints are plain DSM on classes. The
+  Lagrangian's L_0 is the mean of weight * corrected loss over the objective's examples and
+  L_c the plain DSM loss of class c, recomputed here from TIW's own per-example terms; the
+  pretrained discriminator rides in the state, frozen, and survives a checkpoint."""
+  from cdiff_jax import checkpoint
+  c = tiny_config
+  c.method = constrained.default_method_config()
+  c.method.objective = 'tiw'
+  c.method.tiw.imbalance_ratio, c.method.tiw.ref_fraction = 0.1, 0.1
+  c.method.tiw.disc_pretrain_steps, c.method.tiw.disc_cache = 20, False
+  c.method.constraint_classes = (8, 9)   # the tail of the long-tailed split
+  c.method.objective_batch, c.method.constraint_batch = 16, 4
+  c.method.thresholds, c.method.dual_lr = (0.0,), 1.0   # unreachable: lam must grow
+  exp = train.build(c)
+  assert exp.batcher.group_names == ['bias', 'ref', 'class_8', 'class_9']
+  assert exp.method.num_objective_groups == 2
+  state = exp.init_state()
+  disc0 = jax.device_get(state.extras['base']['disc']['params'])
+
+  batch = exp.batcher.batch(0)
+  rng = jax.random.key(3)
+  L, _ = exp.method.group_losses(state.params, batch, rng, state.extras)
+  g = np.asarray(batch['group'])
+  t_lo = jnp.where(batch['group'] >= 2, c.method.constraint_t_min, 0.0)
+  terms = exp.method.base.per_example_terms(state.params, state.extras['base'], batch, rng, t_lo)
+  w, loss, dsm = (np.asarray(terms[k]) for k in ('weight', 'loss', 'dsm_loss'))
+  assert np.std(w[g < 2]) > 1e-3   # the discriminator's weights are not all equal
+  np.testing.assert_allclose(L[0], np.mean((w * loss)[g < 2]), rtol=1e-5)
+  np.testing.assert_allclose(L[1:], [dsm[g == 2].mean(), dsm[g == 3].mean()], rtol=1e-5)
+
+  workdir = str(tmp_path / 'run')
+  exp.config.train.steps = 4
+  state, hist = train.fit(exp, state, until=4)
+  assert exp.step.num_traces == 1
+  assert np.all(np.asarray(state.extras['lam']) > 0)
+  jax.tree.map(np.testing.assert_array_equal, disc0,
+               jax.device_get(state.extras['base']['disc']['params']))
+  ckpt = checkpoint.Checkpointer(workdir)
+  ckpt.save(4, state, exp.config)
+  ckpt.wait()
+  restored, step = ckpt.restore_latest(state, exp.config)
+  assert step == 4
+  ckpt.close()
+  jax.tree.map(np.testing.assert_array_equal, jax.device_get(state.extras),
+               jax.device_get(restored.extras))

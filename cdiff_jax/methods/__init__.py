@@ -25,7 +25,8 @@ def build(config, model, num_classes: int, lr_fn=None):
   if name == 'dsm':
     return DSM(model, batch_size=config.train.batch_size, **common)
   if name == 'constrained':
-    base = DSM(model, **common)
+    base = (constrained.tiw_objective(config, model, num_classes, common)
+            if config.method.objective == 'tiw' else DSM(model, **common))
     return constrained.build(config, base, lr_fn)
   if name == 'tiw':
     return tiw.build(config, model, num_classes, common)

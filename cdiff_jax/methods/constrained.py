@@ -37,6 +37,7 @@ from cdiff_jax.config import ConfigError
 ESTIMATES = ('minibatch', 'window', 'ema')
 THRESHOLD_MODES = ('absolute', 'reference')
 CONSTRAINT_SOURCES = ('classes', 'source')
+OBJECTIVES = ('dsm', 'tiw')   # the primal objective: plain DSM or TIW-DSM (debiasing)
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -67,11 +68,22 @@ class Constrained:
   enabled: bool = True                        # False: lam stays 0 (the unconstrained arm)
   reference: tuple[float, ...] = ()           # reference model's (L_0, L_1..m), if measured
   constraint_t_min: float = 0.0               # constraint losses cover only t in [this, 1]
+  # The primal objective's own groups come first in the batch: 1 for DSM; 2 (bias, ref) for
+  # a TIW-DSM objective, whose per-example weight * corrected loss is then the objective.
+  num_objective_groups: int = 1
   history: list = dataclasses.field(default_factory=list, repr=False)
 
   # ------------------------------------------------------------------ data
+  @property
+  def composed(self) -> bool:
+    """True when the objective is another method's (TIW-DSM) with its own groups/extras."""
+    return hasattr(self.base, 'per_example_terms')
+
   def data_groups(self, dataset, train_indices: np.ndarray):
     groups = [('objective', np.asarray(train_indices), self.objective_batch)]
+    if self.composed:
+      groups = list(self.base.data_groups(dataset, np.asarray(train_indices)))
+      assert len(groups) == self.num_objective_groups, (len(groups), self.num_objective_groups)
     if self.constraint_source == 'classes':
       from cdiff_jax.data import imbalance
       imbalance._check_classes(self.constraint_classes, dataset.num_classes,
@@ -94,10 +106,10 @@ class Constrained:
 
   # ------------------------------------------------------------------ state
   def init_extras(self, rng, params):
-    del rng, params
     m = self.num_constraints
     lam0 = self.init_lambda if self.enabled else 0.0
-    return dict(lam=jnp.full((m,), lam0, jnp.float32),
+    base = self.base.init_extras(rng, params) if self.composed else {}
+    return dict(**({'base': base} if base else {}), lam=jnp.full((m,), lam0, jnp.float32),
                 thresholds=jnp.asarray(self.thresholds, jnp.float32).reshape(m),
                 window_sum=jnp.zeros((m,), jnp.float32),
                 loss_ema=jnp.zeros((m,), jnp.float32),
@@ -105,27 +117,38 @@ class Constrained:
                 num_dual_steps=jnp.zeros((), jnp.int32))
 
   # ------------------------------------------------------------------ losses
-  def group_losses(self, params, batch, rng):
+  def group_losses(self, params, batch, rng, extras=None):
     """(L of shape (1 + m,), aux of the base loss): L[0] objective, L[1:] constraints."""
+    k = self.num_objective_groups
+    kwargs = {'extras': (extras or {}).get('base', {})} if self.composed else {}
     if self.constraint_t_min > 0:
       # KL constraints on the noised distributions at t = constraint_t_min (the path-measure
       # KL of [t_c, 1] bounds it): class proportions are already decided there, while the
       # few images of a minority cannot be memorized through them.
-      t_lo = jnp.where(batch['group'] > 0, self.constraint_t_min, 0.0)
-      per_example, aux = self.base.per_example_loss(params, batch, rng, t_lo=t_lo)
+      t_lo = jnp.where(batch['group'] >= k, self.constraint_t_min, 0.0)
+      per_example, aux = self.base.per_example_loss(params, batch, rng, t_lo=t_lo, **kwargs)
     else:
-      per_example, aux = self.base.per_example_loss(params, batch, rng)
-    return losses.group_means(per_example, batch['group'], self.num_constraints + 1), aux
+      per_example, aux = self.base.per_example_loss(params, batch, rng, **kwargs)
+    means = losses.group_means(per_example, batch['group'], self.num_constraints + k)
+    if k == 1:
+      return means, aux
+    # The objective is the mean over all its examples (TIW-DSM: the pi-mixed minibatch).
+    in_objective = (batch['group'] < k).astype(per_example.dtype)
+    objective = jnp.sum(per_example * in_objective) / jnp.sum(in_objective)
+    return jnp.concatenate([objective[None], means[k:]]), aux
 
   def lagrangian(self, group_loss, lam):
     total = group_loss[0] + jnp.sum(lam * group_loss[1:])
     return total / (1.0 + jnp.sum(lam)) if self.normalize else total
 
   def loss(self, params, extras, batch, rng):
-    group_loss, _ = self.group_losses(params, batch, rng)
+    group_loss, aux = self.group_losses(params, batch, rng, extras)
     lam = jax.lax.stop_gradient(extras['lam'])
     constraint_loss = jax.lax.stop_gradient(group_loss[1:])
     metrics = dict(objective_loss=group_loss[0], constraint_loss=constraint_loss)
+    if self.composed and self.num_objective_groups == 2:   # TIW-DSM objective: its weights
+      w = losses.group_means(aux['weight'], batch['group'], self.num_objective_groups + self.num_constraints)
+      metrics.update(weight_bias=w[self.base.bias_group], weight_ref=w[self.base.ref_group])
     return self.lagrangian(group_loss, lam), dict(metrics=metrics, constraint_loss=constraint_loss)
 
   def update_extras(self, extras, aux, step, rng):
@@ -255,6 +278,22 @@ def validate(config) -> None:
   if mc.threshold_mode not in THRESHOLD_MODES:
     raise ConfigError(f'config.method.threshold_mode={mc.threshold_mode!r}: must be one of '
                       f'{THRESHOLD_MODES}.')
+  if mc.objective not in OBJECTIVES:
+    raise ConfigError(f'config.method.objective={mc.objective!r}: must be one of {OBJECTIVES}.')
+  if mc.objective == 'tiw':
+    if mc.constraint_source != 'classes':
+      raise ConfigError("config.method.objective='tiw' takes its data from the biased/reference "
+                        "split: use constraint_source='classes'.")
+    if mc.threshold_mode == 'reference':
+      raise ConfigError("config.method.threshold_mode='reference' is not available with "
+                        "objective='tiw' yet: give absolute thresholds (method.thresholds).")
+    if mc.tiw.disc_joint:
+      raise ConfigError('config.method.tiw.disc_joint=True: with constraints the discriminator '
+                        'is trained in a first phase and frozen; set it False.')
+    from cdiff_jax.methods import tiw
+    sub = config.copy_and_resolve_references()
+    sub.method = mc.tiw
+    tiw.validate(sub)
   if mc.threshold_reference not in ('constraint', 'objective'):
     raise ConfigError(f'config.method.threshold_reference={mc.threshold_reference!r}: must be '
                       "'constraint' or 'objective'.")
@@ -297,6 +336,8 @@ def num_constraints(config) -> int:
 
 
 def build(config, base, lr_fn: Callable | None = None) -> Constrained:
+  """``base``: the method whose per-example loss the Lagrangian uses (DSM, or TIW-DSM when
+  ``config.method.objective='tiw'``; see ``tiw_objective``)."""
   mc = config.method
   m = num_constraints(config)
   if mc.constraint_source == 'classes':
@@ -317,7 +358,25 @@ def build(config, base, lr_fn: Callable | None = None) -> Constrained:
       dual_start=mc.dual_start, constraint_t_min=mc.constraint_t_min,
       dual_estimate=mc.dual_estimate, dual_ema=mc.dual_ema, dual_lr_fn=dual_lr_fn,
       init_lambda=mc.init_lambda, resilient_alpha=mc.resilient_alpha, normalize=mc.normalize,
-      enabled=mc.enabled)
+      enabled=mc.enabled,
+      num_objective_groups=(2 if hasattr(base, 'per_example_terms') and base.variant != 'dsm_ref'
+                            else 1))
+
+
+def tiw_objective(config, model, num_classes: int, common: dict):
+  """The TIW-DSM method of ``config.method.tiw`` with the objective's batch size: the primal
+  objective of constrained training when ``config.method.objective='tiw'``."""
+  from cdiff_jax.methods import tiw
+  sub = config.copy_and_resolve_references()
+  sub.method = config.method.tiw
+  sub.train.batch_size = config.method.objective_batch
+  return tiw.build(sub, model, num_classes, common)
+
+
+def _tiw_defaults():
+  from cdiff_jax.methods import tiw
+  c = tiw.default_config()
+  return c
 
 
 def default_method_config():
@@ -326,6 +385,8 @@ def default_method_config():
   return ml_collections.ConfigDict(dict(
       name='constrained',
       enabled=True,                  # False: same batches and logs, lam fixed at 0
+      objective='dsm',               # dsm | tiw: TIW-DSM on method.tiw's biased/reference split
+      tiw=_tiw_defaults(),           # objective='tiw': TIW-DSM's fields (variant, alpha, ...)
       constraint_source='classes',   # classes: one constraint per class | source: dataset tag
       constraint_classes=(),
       constraint_names=(),           # constraint_source='source'

@@ -286,7 +286,7 @@ class TIW:
 
   # --- losses
 
-  def per_example_terms(self, params, extras, batch, rng) -> dict:
+  def per_example_terms(self, params, extras, batch, rng, t_lo=None) -> dict:
     """Per-example pieces of the objective, all of shape (batch,) unless noted.
 
     ``loss``: squared error against the (corrected) target; ``weight``: the importance
@@ -302,7 +302,8 @@ class TIW:
     x0 = batch['image']
     # The same draw as DSM.per_example_loss (alpha = 0 must reproduce DSM(obs) bit for bit).
     x_t, t, eps, time_w = losses.noise_batch_weighted(rng_noise, x0, schedule,
-                                                      self.dsm.weighting, self.dsm.stratified_t)
+                                                      self.dsm.weighting, self.dsm.stratified_t,
+                                                      t_lo)
     n = x0.shape[0]
     target, log_w, weight = eps, jnp.zeros((n,)), jnp.ones((n,))
     if self.uses_discriminator:
@@ -328,13 +329,13 @@ class TIW:
     terms = self.per_example_terms(params, extras, batch, rng)
     return terms['weight'] * terms['loss'], terms
 
-  def per_example_loss(self, params, batch, rng, extras):
+  def per_example_loss(self, params, batch, rng, extras, t_lo=None):
     """Drop-in for ``DSM.per_example_loss`` inside a composed method (the constrained
     Lagrangian): ``weight * loss`` on the examples of the bias and ref groups, the plain DSM
     loss on every other group (constraint sets are fitted as they are). Returns
     (vector (batch,), terms). ``extras`` is this method's own extras (``init_extras``).
     """
-    terms = self.per_example_terms(params, extras, batch, rng)
+    terms = self.per_example_terms(params, extras, batch, rng, t_lo)
     g = batch['group']
     in_objective = (g == self.bias_group) | (g == self.ref_group)
     return jnp.where(in_objective, terms['weight'] * terms['loss'], terms['dsm_loss']), terms
