@@ -26,6 +26,7 @@ def get_config():
   c.data.minority_classes = ()
   c.data.minority_fraction = 1.0
 
+  c.diffusion.loss_weighting = 'eps'        # thresholds below are relative eps-loss levels
   c.method = constrained.default_method_config()
   c.method.constraint_source = 'source'     # source 0: new data, source 1: q_pre samples
   c.method.constraint_names = ('pretrained',)

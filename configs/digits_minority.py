@@ -1,19 +1,25 @@
 """Minority classes on the embedded 8x8 digits: constrained vs unconstrained (the demo).
 
 Digits 4, 5 and 7 keep only 10% of their training images (about 14 each, against ~144 for
-the other classes); one constraint per minority class asks the model to fit that class's
-images as well as the reference (unconstrained) model fits the data overall.
+the other classes); one constraint per minority class bounds that class's loss (a KL bound
+in nats, ELBO weighting, on t in [0.25, 1]) by the unconstrained model's loss minus
+log(0.1 / pi_c): the loss the class would have if generated with frequency 0.1.
 
 Both arms and the comparison table (the README's default experiment, `make demo`):
   python -m experiments.minority --config=configs/digits_minority.py --workdir=runs/demo
 
-One arm alone (the unconstrained arm is `--config.method.enabled=False`):
-  python -m cdiff_jax.main --config=configs/digits_minority.py --workdir=runs/digits_minority
+One arm alone: the unconstrained arm (the reference) is `--config.method.enabled=False`;
+the constrained arm then takes its thresholds from that run's workdir:
+  python -m cdiff_jax.main --config=configs/digits_minority.py --workdir=runs/ref \
+      --config.method.enabled=False
+  python -m cdiff_jax.main --config=configs/digits_minority.py --workdir=runs/constrained \
+      --config.method.reference_workdir=runs/ref
 
 Expected (2-core CPU, ~10 minutes for both arms): the constrained model generates the
-minority digits far more often than the unconstrained one (total variation distance to
-uniform of the generated class frequencies about halved) at a similar classifier FID; see
-the README's results table for the measured figures.
+minority digits 4-15x more often than the unconstrained one (measured: 0.12/0.17/0.18 vs
+0.025/0.027/0.009 for the target 0.1), the total variation distance of the generated class
+frequencies to uniform drops from 0.24 to 0.17 and the classifier FID from 5.7 to 2.5; see
+the README's results table.
 """
 
 from cdiff_jax.config import base_config
@@ -42,9 +48,13 @@ def get_config():
   c.method.reference_workdir = ''   # experiments/minority.py: its unconstrained arm
   c.method.target_frequency = 0.1
   c.method.constraint_t_min = 0.25
-  c.method.dual_lr = 0.05
+  # Losses are in nats (tens of nats per image) and the multiplier that reaches the target
+  # is ~0.1-1: a small dual step, started once the primal losses are near their plateau,
+  # avoids the overshoot of a multiplier that integrates the early, large gaps (dual_lr=0.05
+  # from step 150 drove lam to ~20 and the minorities to 0.16-0.28; see the README).
+  c.method.dual_lr = 0.005
   c.method.dual_lr_schedule = 'primal'
-  c.method.dual_start = 150
+  c.method.dual_start = 500
 
   c.sample.sampler = 'ddim'
   c.sample.num_steps = 100
