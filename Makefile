@@ -50,6 +50,7 @@ $(TORCH_VENV)/bin/python:
 
 bench: $(VENV)/.installed $(TORCH_VENV)/bin/python
 	$(PY) benchmarks/train_step.py --torch-python $(TORCH_VENV)/bin/python
+	$(PY) benchmarks/sampling.py --torch-python $(TORCH_VENV)/bin/python
 	$(PY) benchmarks/constrained_step.py
 	$(PY) benchmarks/tiw_step.py
 

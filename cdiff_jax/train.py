@@ -429,10 +429,12 @@ def _train_and_evaluate(config, workdir, dataset, progress, hooks, preemption) -
                          progress=progress and is_main)
   result['samples_png'] = os.path.join(workdir, 'samples', 'final.png')
   if is_main and any('lam' in r for r in records):
+    names = getattr(exp.method, 'constraint_names', None)
     writers.plot_curves(os.path.join(workdir, 'lambda.png'), records, ['lam'],
-                        'dual variables lambda')
+                        'dual variables lambda', entry_names=names)
     writers.plot_curves(os.path.join(workdir, 'constraints.png'), records,
-                        ['constraint_gap'], 'L_i - b_i (constraint slack, <= 0 is satisfied)')
+                        ['constraint_gap'], 'L_i - b_i (constraint slack, <= 0 is satisfied)',
+                        entry_names=names)
   if config.eval.enabled:
     from cdiff_jax import evaluation  # Local: loads the classifier only when asked.
     result['eval'] = evaluation.evaluate_run(exp, state, workdir, progress=progress and is_main)

@@ -117,8 +117,9 @@ def save_image_grid(path: str, images: np.ndarray, ncols: int | None = None,
 
 
 def plot_curves(path: str, records: list[dict], keys: list[str], title: str = '',
-                logy: bool = False) -> str | None:
-  """Line plot of metrics over steps (list-valued metrics get one line per entry)."""
+                logy: bool = False, entry_names=None) -> str | None:
+  """Line plot of metrics over steps (list-valued metrics get one line per entry, labelled
+  ``key[name]`` with ``entry_names`` or ``key[i]``)."""
   import matplotlib
   matplotlib.use('Agg')
   import matplotlib.pyplot as plt
@@ -136,7 +137,8 @@ def plot_curves(path: str, records: list[dict], keys: list[str], title: str = ''
       ax.plot(steps, values, label=key)
     else:
       for i in range(values.shape[1]):
-        ax.plot(steps, values[:, i], label=f'{key}[{i}]')
+        name = entry_names[i] if entry_names and i < len(entry_names) else i
+        ax.plot(steps, values[:, i], label=f'{key}[{name}]')
     plotted = True
   if not plotted:
     plt.close(fig)

@@ -10,7 +10,7 @@ The minority digits keep 10% of their training images (about 590 each).
 Expected: generated class frequencies of the constrained model much closer to uniform than
 the unconstrained model's (the paper reports FID 15.9 -> 13.4 with Inception features; here
 the classifier FID is reported instead). On a GPU this size trains in minutes; on a 2-core
-CPU each arm takes hours (see the README for the measured run and its settings).
+CPU each arm takes hours (not yet measured by this project: no GPU run so far).
 """
 
 from configs import digits_minority

@@ -1,0 +1,143 @@
+"""Sampling speed in one run: 100-step DDIM of cdiff_jax next to PyTorch, and the annealed
+MCMC samplers (ULA, MALA, U-HMC, HMC) of an energy-parameterized model of the same size.
+
+For each model (``--models``; see ``benchmarks/common.py``): images/s of the compiled JAX
+DDIM sampler (``Sampler``, EMA parameters, ``--num-samples`` images per call) and of the
+PyTorch port's DDIM loop (``torch_reference.Reference.ddim``, ``torch.no_grad``) with the
+same parameters and batch, timed in alternating rounds (medians and their ratio); then, for
+an energy-parameterized copy of the model (the score is an input gradient: one forward and
+one backward per network evaluation), ``AnnealedMCMC`` with ``--levels`` noise levels and
+``--mcmc-steps`` MCMC steps per level, reporting images/s and network evaluations per level.
+
+Run: ``.venv/bin/python benchmarks/sampling.py --torch-python .venv-torch/bin/python``
+(``make bench`` runs it with the PyTorch venv it makes).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from benchmarks import common  # noqa: E402
+
+
+def time_rounds(runs: dict, repeats: int) -> dict:
+  """{name: fn() -> seconds}: warm each up, then ``repeats`` alternating rounds; medians."""
+  for fn in runs.values():
+    fn()
+  times = {k: [] for k in runs}
+  for _ in range(repeats):
+    for k, fn in runs.items():
+      times[k].append(fn())
+  return {k: common.median(v) for k, v in times.items()}
+
+
+def bench_model(name: str, args, torch) -> dict:
+  import jax
+  import numpy as np
+  from cdiff_jax.sampling import mcmc
+
+  exp = common.build_experiment(name)
+  state = exp.init_state()
+  # Off the zero init of the output convs, so the samplers do real work on real numbers.
+  params = jax.tree.map(lambda p: p + 0.02 * jax.random.normal(jax.random.key(1), p.shape),
+                        jax.device_get(state.ema_params))
+  n, steps = args.num_samples, args.ddim_steps
+  sampler = exp.sampler(sampler='ddim', num_steps=steps, clip=1.0)
+  start = time.perf_counter()
+  jax.block_until_ready(sampler(params, jax.random.key(0), n))
+  first_s = time.perf_counter() - start
+
+  def jax_ddim():
+    begin = time.perf_counter()
+    jax.block_until_ready(sampler(params, jax.random.key(2), n))
+    return time.perf_counter() - begin
+
+  runs = {'jax_ddim': jax_ddim}
+  if torch is not None:
+    with tempfile.TemporaryDirectory() as tmp:
+      path = os.path.join(tmp, 'p.npz')
+      np.savez(path, **common.flatten_params(params))
+      torch('build', args=common.torch_args(exp, params_npz=path))
+    runs['torch_ddim'] = lambda: torch('sample', n=n, num_steps=steps, clip=1.0)['seconds']
+  med = time_rounds(runs, args.repeats)
+  result = dict(model=name, image_shape=list(exp.image_shape), num_samples=n, ddim_steps=steps,
+                jax_ddim_first_call_s=first_s,
+                **{f'{k}_images_per_s': n / v for k, v in med.items()})
+  if torch is not None:
+    result['ddim_ratio'] = result['jax_ddim_images_per_s'] / result['torch_ddim_images_per_s']
+
+  # Annealed MCMC on an energy-parameterized model of the same architecture.
+  config = common.model_config(name)
+  config.model.parameterization = 'energy'
+  from cdiff_jax import train
+  shape = common.MODELS[name]['image_shape']
+  eexp = train.build(config, common.synthetic_dataset(shape) if shape else None)
+  eparams = jax.tree.map(lambda p: p + 0.02 * jax.random.normal(jax.random.key(1), p.shape),
+                         jax.device_get(eexp.init_state().ema_params))
+  potential = mcmc.potential_from_model(eexp.model)
+  mruns, evals = {}, {}
+  for kind in args.kinds.split(','):
+    s = mcmc.AnnealedMCMC(potential, eexp.model.schedule, eexp.image_shape, kind=kind,
+                          num_steps=args.levels, steps_per_level=args.mcmc_steps,
+                          step_size=0.05, num_leapfrog=args.leapfrog)
+    # Network evaluations (forward + input gradient) per level: the diffusion step, then
+    # MALA/ULA one per step, HMC/U-HMC one per leapfrog step.
+    per_step = args.leapfrog if kind in ('hmc', 'uhmc') else 1
+    evals[kind] = 1 + args.mcmc_steps * per_step
+
+    def run(s=s):
+      begin = time.perf_counter()
+      jax.block_until_ready(s(eparams, jax.random.key(3), n)[0])
+      return time.perf_counter() - begin
+    mruns[f'mcmc_{kind}'] = run
+  med = time_rounds(mruns, max(1, args.repeats // 2))
+  for k, v in med.items():
+    result[f'{k}_images_per_s'] = n / v
+    result[f'{k}_evals_per_level'] = evals[k[5:]]
+  return result
+
+
+def main(argv=None):
+  p = common.base_parser(__doc__.split('\n')[0])
+  p.add_argument('--num-samples', type=int, default=64)
+  p.add_argument('--ddim-steps', type=int, default=100)
+  p.add_argument('--levels', type=int, default=100, help='MCMC: noise levels')
+  p.add_argument('--mcmc-steps', type=int, default=2, help='MCMC: steps per level')
+  p.add_argument('--leapfrog', type=int, default=3, help='HMC/U-HMC: leapfrog steps')
+  p.add_argument('--kinds', default='ula,mala,uhmc,hmc')
+  args = p.parse_args(argv)
+  import jax
+  torch = None if args.no_torch else common.open_torch(args.torch_python)
+  print(f'machine: {common.machine()}; jax {jax.__version__}'
+        + (f', torch {torch.info["torch"]}' if torch else ''))
+  results = [bench_model(m, args, torch) for m in args.models.split(',')]
+  if torch is not None:
+    torch.close()
+  kinds = args.kinds.split(',')
+  header = ['model', f'JAX DDIM-{args.ddim_steps} img/s', 'PyTorch img/s', 'JAX / PyTorch'] + [
+      f'{k.upper()} img/s ({args.levels}x{args.mcmc_steps})' for k in kinds]
+  rows = []
+  for r in results:
+    rows.append([f"{r['model']} ({'x'.join(map(str, r['image_shape']))})",
+                 f"{r['jax_ddim_images_per_s']:.0f}",
+                 f"{r['torch_ddim_images_per_s']:.0f}" if 'torch_ddim_images_per_s' in r else '-',
+                 f"{r['ddim_ratio']:.2f}x" if 'ddim_ratio' in r else '-']
+                + [f"{r[f'mcmc_{k}_images_per_s']:.1f}" for k in kinds])
+  print()
+  print(common.markdown_table(header, rows))
+  print(f'\nmachine: {common.machine()}; batch {args.num_samples}; medians of {args.repeats} '
+        f'alternating rounds; load average at end {common.load_average()}')
+  if args.json:
+    with open(args.json, 'w') as f:
+      json.dump(dict(machine=common.machine(), results=results), f, indent=2)
+  return results
+
+
+if __name__ == '__main__':
+  main()
