@@ -24,10 +24,16 @@ import time
 from absl import app, flags
 from ml_collections import config_flags
 
-_CONFIG = config_flags.DEFINE_config_file('config', 'configs/digits_minority.py',
-                                          'Config of the constrained arm.')
-_WORKDIR = flags.DEFINE_string('workdir', 'runs/demo', 'Output directory of both arms.')
-_PROGRESS = flags.DEFINE_bool('progress', True, 'Show progress bars.')
+_FLAGS = {}
+
+
+def _define_flags():
+  """The command-line flags, defined only when this file is the program (other experiments
+  and the notebook import ``run_arm`` and ``comparison_table`` with flags of their own)."""
+  _FLAGS['config'] = config_flags.DEFINE_config_file('config', 'configs/digits_minority.py',
+                                                     'Config of the constrained arm.')
+  _FLAGS['workdir'] = flags.DEFINE_string('workdir', 'runs/demo', 'Output directory of both arms.')
+  _FLAGS['progress'] = flags.DEFINE_bool('progress', True, 'Show progress bars.')
 
 
 def run_arm(config, workdir: str, progress: bool, dataset=None) -> dict:
@@ -102,19 +108,19 @@ def write_figures(workdir: str, config, arms: dict):
 def main(argv):
   del argv
   import copy
-  config = _CONFIG.value
-  workdir = os.path.abspath(_WORKDIR.value)
+  config = _FLAGS['config'].value
+  workdir = os.path.abspath(_FLAGS['workdir'].value)
   os.makedirs(workdir, exist_ok=True)
 
   unconstrained = copy.deepcopy(config)
   unconstrained.method.enabled = False
   arms = {'unconstrained': run_arm(unconstrained, os.path.join(workdir, 'unconstrained'),
-                                   _PROGRESS.value)}
+                                   _FLAGS['progress'].value)}
 
   constrained = copy.deepcopy(config)
   if constrained.method.threshold_mode == 'reference' and not constrained.method.reference_workdir:
     constrained.method.reference_workdir = os.path.join(workdir, 'unconstrained')
-  arms['constrained'] = run_arm(constrained, os.path.join(workdir, 'constrained'), _PROGRESS.value)
+  arms['constrained'] = run_arm(constrained, os.path.join(workdir, 'constrained'), _FLAGS['progress'].value)
 
   table = comparison_table(config, arms)
   with open(os.path.join(workdir, 'comparison.md'), 'w') as f:
@@ -133,4 +139,5 @@ def main(argv):
 if __name__ == '__main__':
   from absl import logging as absl_logging
   absl_logging.set_verbosity(absl_logging.WARNING)
+  _define_flags()
   app.run(main)

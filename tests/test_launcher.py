@@ -49,3 +49,16 @@ def test_bad_config_gets_one_line(tmp_path, override, needle):
   assert len(err) == 1 and needle in err[0], out.stderr[-1500:]
   assert 'Traceback' not in out.stderr
   assert not os.path.exists(tmp_path / 'w' / 'checkpoints')
+
+
+def test_experiment_scripts_import_each_other_without_flag_clash():
+  """experiments.finetune (like the notebook) imports experiments.minority's helpers after
+  defining its own --config/--workdir flags: the import must not define flags again."""
+  import subprocess
+  import sys
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  code = ('import experiments.finetune, experiments.minority as m; '
+          'assert callable(m.run_arm) and callable(m.comparison_table); print("ok")')
+  out = subprocess.run([sys.executable, '-c', code], cwd=root, capture_output=True, text=True,
+                       timeout=300)
+  assert out.returncode == 0 and 'ok' in out.stdout, out.stderr[-2000:]
