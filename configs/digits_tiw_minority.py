@@ -12,7 +12,8 @@ Command:
   python -m cdiff_jax.main --config=configs/digits_tiw_minority.py --workdir=runs/digits_tiw_minority
 Without constraints (TIW-DSM alone, same batches): add --config.method.enabled=False.
 
-Expected (2-core CPU, about 5 minutes): metrics.jsonl logs lam (one per tail class) and the TIW weight
+Expected (2-core CPU, about 5 minutes; not yet run at this size, tested end to end at a tiny one):
+metrics.jsonl logs lam (one per tail class) and the TIW weight
 figures (weight_ref, weight_bias) side by side; eval.json gives the class frequencies and
 the classifier FID (compare with --config.method.enabled=False).
 """
