@@ -291,9 +291,7 @@ def validate(config) -> None:
       raise ConfigError('config.method.tiw.disc_joint=True: with constraints the discriminator '
                         'is trained in a first phase and frozen; set it False.')
     from cdiff_jax.methods import tiw
-    sub = config.copy_and_resolve_references()
-    sub.method = mc.tiw
-    tiw.validate(sub)
+    tiw.validate(_tiw_config(config))
   if mc.threshold_reference not in ('constraint', 'objective'):
     raise ConfigError(f'config.method.threshold_reference={mc.threshold_reference!r}: must be '
                       "'constraint' or 'objective'.")
@@ -363,30 +361,31 @@ def build(config, base, lr_fn: Callable | None = None) -> Constrained:
                             else 1))
 
 
+def _tiw_config(config):
+  """The config TIW-DSM sees as the primal objective: ``method`` is ``config.method.tiw`` and
+  the batch is the objective's share of the constrained batch."""
+  sub = config.copy_and_resolve_references()
+  sub.method = config.method.tiw
+  sub.train.batch_size = config.method.objective_batch
+  return sub
+
+
 def tiw_objective(config, model, num_classes: int, common: dict):
   """The TIW-DSM method of ``config.method.tiw`` with the objective's batch size: the primal
   objective of constrained training when ``config.method.objective='tiw'``."""
   from cdiff_jax.methods import tiw
-  sub = config.copy_and_resolve_references()
-  sub.method = config.method.tiw
-  sub.train.batch_size = config.method.objective_batch
-  return tiw.build(sub, model, num_classes, common)
-
-
-def _tiw_defaults():
-  from cdiff_jax.methods import tiw
-  c = tiw.default_config()
-  return c
+  return tiw.build(_tiw_config(config), model, num_classes, common)
 
 
 def default_method_config():
   """The ``config.method`` fields of constrained training, with their defaults."""
   import ml_collections
+  from cdiff_jax.methods import tiw
   return ml_collections.ConfigDict(dict(
       name='constrained',
       enabled=True,                  # False: same batches and logs, lam fixed at 0
       objective='dsm',               # dsm | tiw: TIW-DSM on method.tiw's biased/reference split
-      tiw=_tiw_defaults(),           # objective='tiw': TIW-DSM's fields (variant, alpha, ...)
+      tiw=tiw.default_config(),      # objective='tiw': TIW-DSM's fields (variant, alpha, ...)
       constraint_source='classes',   # classes: one constraint per class | source: dataset tag
       constraint_classes=(),
       constraint_names=(),           # constraint_source='source'
