@@ -214,7 +214,19 @@ def base_parser(description: str) -> argparse.ArgumentParser:
   p.add_argument('--seconds', type=float, default=2.0, help='target length of one timed round')
   p.add_argument('--json', default='', help='also write the results to this JSON file')
   p.add_argument('--no-torch', action='store_true', help='time JAX alone')
+  p.add_argument('--no-xla-cpu-flags', action='store_true',
+                 help="XLA's own defaults instead of the project's XLA:CPU options "
+                      '(config.train.xla_cpu_flags; the "before" of the README speed table)')
   return p
+
+
+def setup_xla(plain: bool = False) -> str:
+  """The project's default XLA:CPU options, as the launcher sets them (unless ``plain``);
+  call before anything touches a device. Returns XLA_FLAGS for the report."""
+  from cdiff_jax import parallel
+  if not plain:
+    parallel.configure_xla_cpu()
+  return os.environ.get('XLA_FLAGS', '')
 
 
 def median(xs) -> float:

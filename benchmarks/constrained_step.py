@@ -94,6 +94,9 @@ def main():
   parser.add_argument('--rounds', type=int, default=5)
   parser.add_argument('--seconds', type=float, default=2.0, help='target time per measurement')
   args = parser.parse_args()
+  from cdiff_jax import parallel as parallel_lib
+  parallel_lib.configure_xla_cpu()  # the launcher's default XLA:CPU options
+  print(f'XLA_FLAGS: {os.environ.get("XLA_FLAGS") or "(none)"}')
   print(f'machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores, '
         f'JAX {jax.__version__} on {jax.devices()[0].platform}')
   rows = []

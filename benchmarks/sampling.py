@@ -112,6 +112,8 @@ def main(argv=None):
   p.add_argument('--leapfrog', type=int, default=3, help='HMC/U-HMC: leapfrog steps')
   p.add_argument('--kinds', default='ula,mala,uhmc,hmc')
   args = p.parse_args(argv)
+  xla_flags = common.setup_xla(args.no_xla_cpu_flags)
+  print(f'XLA_FLAGS: {xla_flags or "(none)"}')
   import jax
   torch = None if args.no_torch else common.open_torch(args.torch_python)
   print(f'machine: {common.machine()}; jax {jax.__version__}'

@@ -104,6 +104,9 @@ def main():
   parser.add_argument('--rounds', type=int, default=5)
   parser.add_argument('--steps', type=int, default=10, help='steps per timed round')
   args = parser.parse_args()
+  from cdiff_jax import parallel as parallel_lib
+  parallel_lib.configure_xla_cpu()  # the launcher's default XLA:CPU options
+  print(f'XLA_FLAGS: {os.environ.get("XLA_FLAGS") or "(none)"}')
   print(f'{jax.devices()[0].device_kind} x{jax.device_count()} ({jax.default_backend()}), '
         f'{os.cpu_count()} CPU cores, {platform.processor() or platform.machine()}; '
         f'batch {args.batch}, {args.rounds} interleaved rounds of {args.steps} steps; '

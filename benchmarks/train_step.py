@@ -144,6 +144,8 @@ def main(argv=None):
                  help="flax's own GroupNorm, 1x1 conv and resize in the UNet (the 'before' of "
                       "the README's speed table) instead of the faster equivalents")
   args = p.parse_args(argv)
+  xla_flags = common.setup_xla(args.no_xla_cpu_flags)
+  print(f'XLA_FLAGS: {xla_flags or "(none)"}')
   import jax
   if args.plain_layers:
     from cdiff_jax.models import unet

@@ -68,6 +68,8 @@ def base_config() -> ml_collections.ConfigDict:
       on_nonfinite='stop',    # stop | skip
       num_devices=0,          # 0: all visible devices
       compilation_cache=True,
+      # XLA:CPU options set before the backend starts ('': none); see parallel.py.
+      xla_cpu_flags='--xla_cpu_experimental_ynn_fusion_type=dot',
       init_from='',           # workdir of a trained run: start from its EMA parameters
       debug_nan_step=-1,      # fault injection: the loss of this step is NaN (-1: off)
   ))
@@ -176,6 +178,10 @@ def validate(c: ml_collections.ConfigDict) -> None:
   _choice(c, 'train.on_nonfinite', ('stop', 'skip'))
   if c.train.init_from and not os.path.isdir(os.path.join(c.train.init_from, 'checkpoints')):
     _fail('train.init_from', c.train.init_from, 'holds no checkpoints/; train that run first.')
+  bad = [f for f in str(c.train.get('xla_cpu_flags', '')).split() if not f.startswith('--xla_cpu_')]
+  if bad:
+    _fail('train.xla_cpu_flags', c.train.xla_cpu_flags,
+          f'{bad} are not XLA:CPU options (--xla_cpu_...); other XLA options go in XLA_FLAGS.')
   if c.train.get('debug_nan_step', -1) < -1:
     _fail('train.debug_nan_step', c.train.debug_nan_step, 'must be a step >= 0, or -1 (off).')
   if 'parallel' in c:

@@ -94,8 +94,12 @@ class _PreemptionWatch:
 
 
 def setup_jax(config) -> None:
-  """Process-wide JAX setup, before any device is touched: multi-process initialization
-  (``config.parallel``) and the persistent compilation cache."""
+  """Process-wide JAX setup, before any device is touched: XLA:CPU options
+  (``config.train.xla_cpu_flags``), multi-process initialization (``config.parallel``) and
+  the persistent compilation cache."""
+  flags = config.train.get('xla_cpu_flags', parallel.DEFAULT_XLA_CPU_FLAGS)
+  if flags:
+    parallel.configure_xla_cpu(flags)
   if 'parallel' in config:
     parallel.initialize_distributed(config.parallel)
   if config.train.get('compilation_cache', True):

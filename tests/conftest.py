@@ -1,5 +1,6 @@
 """Test session setup: two host CPU devices, so every test that builds a mesh runs
-data-parallel (the flag must be set before JAX initializes its backend)."""
+data-parallel, and the project's default XLA:CPU options (flags must be set before JAX
+initializes its backend)."""
 
 import os
 
@@ -8,6 +9,12 @@ os.environ.setdefault('CDIFF_JAX_CACHE', os.path.join(os.path.dirname(__file__),
 
 import jax  # noqa: E402
 import pytest  # noqa: E402
+
+from cdiff_jax import parallel  # noqa: E402
+
+# The launcher's default XLA:CPU options, in every test process from the start (train.run
+# would add them only where no test has started the backend yet).
+parallel.configure_xla_cpu()
 
 jax.config.update('jax_compilation_cache_dir', os.environ['CDIFF_JAX_CACHE'])
 
