@@ -150,6 +150,7 @@ def main(argv=None):
   if args.plain_layers:
     from cdiff_jax.models import unet
     unet.FUSED_GN = unet.POINTWISE_DOT = unet.REPEAT_UPSAMPLE = False
+    unet.LOOP_FRIENDLY_CONV_GRAD = False
   jax.config.update('jax_enable_compilation_cache', False)
   torch = None if args.no_torch else common.open_torch(args.torch_python)
   print(f'machine: {common.machine()}; jax {jax.__version__}'

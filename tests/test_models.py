@@ -116,3 +116,38 @@ def test_pointwise_conv_and_upsample_match_the_plain_ops():
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4), gf, gp)
   up = unet.upsample_nearest(x, (8, 8))
   np.testing.assert_array_equal(up, jax.image.resize(x, (2, 8, 8, 6), 'nearest'))
+
+
+@pytest.mark.parametrize('dtype', [None, jnp.bfloat16])
+def test_loop_friendly_conv_matches_lax_in_value_and_gradient(dtype):
+  """The 3x3 convolution with hand-written gradients equals flax's lax convolution in
+  value, input gradient and kernel gradient, also inside a fori_loop (where it is used for
+  speed); strided convolutions fall through to lax."""
+  import flax.linen as nn
+  from cdiff_jax.models import unet
+  x = jax.random.normal(jax.random.key(0), (3, 6, 5, 4))
+  plain = nn.Conv(7, (3, 3), dtype=dtype)
+  fast = nn.Conv(7, (3, 3), dtype=dtype, conv_general_dilated=unet.loop_friendly_conv)
+  p = plain.init(jax.random.key(1), x)
+  tol = 1e-5 if dtype is None else 3e-2
+  np.testing.assert_allclose(np.asarray(fast.apply(p, x), np.float32),
+                             np.asarray(plain.apply(p, x), np.float32), atol=tol * 10)
+
+  def loss(layer):
+    return lambda p, x: jnp.sum(jnp.sin(layer.apply(p, x).astype(jnp.float32)) * x[..., :1])
+  for argnums in (0, 1):
+    ga = jax.grad(loss(fast), argnums)(p, x)
+    gb = jax.grad(loss(plain), argnums)(p, x)
+    for a, b in zip(jax.tree.leaves(ga), jax.tree.leaves(gb)):
+      scale = max(float(np.abs(np.asarray(b, np.float32)).max()), 1.0)
+      np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32),
+                                 atol=tol * scale * 4)
+
+  def walk(layer):  # ten input-gradient steps in one compiled loop
+    step = lambda i, x: x - 0.01 * jax.grad(loss(layer), 1)(p, x)
+    return jax.jit(lambda x: jax.lax.fori_loop(0, 10, step, x))(x)
+  np.testing.assert_allclose(np.asarray(walk(fast), np.float32),
+                             np.asarray(walk(plain), np.float32), atol=tol * 10)
+  strided = nn.Conv(7, (3, 3), strides=(2, 2), conv_general_dilated=unet.loop_friendly_conv)
+  np.testing.assert_allclose(strided.apply(p, x), nn.Conv(7, (3, 3), strides=(2, 2)).apply(p, x),
+                             atol=1e-6)

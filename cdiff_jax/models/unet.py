@@ -12,6 +12,7 @@ guidance (``y=None`` means the null class).
 
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Any, Sequence
 
@@ -27,6 +28,22 @@ from jax import lax
 FUSED_GN = True
 POINTWISE_DOT = True
 REPEAT_UPSAMPLE = True
+# Off by default: outside loops XLA's own convolution gradients are faster (train step
+# ~1.35x); code that differentiates the network inside a compiled loop (MCMC samplers)
+# traces under ``loop_friendly_conv_grads()``.
+LOOP_FRIENDLY_CONV_GRAD = False
+
+
+@contextlib.contextmanager
+def loop_friendly_conv_grads(enabled: bool = True):
+  """Within this block, UNets traced use ``loop_friendly_conv`` for their 3x3 convolutions
+  (same values and gradients; fast gradients inside ``fori_loop``/``scan`` on XLA:CPU)."""
+  global LOOP_FRIENDLY_CONV_GRAD
+  previous, LOOP_FRIENDLY_CONV_GRAD = LOOP_FRIENDLY_CONV_GRAD, enabled
+  try:
+    yield
+  finally:
+    LOOP_FRIENDLY_CONV_GRAD = previous
 
 
 def timestep_embedding(t, dim: int, scale: float = 1000.0, max_period: float = 10000.0):
@@ -50,6 +67,68 @@ def pointwise_conv(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dil
   assert feature_group_count == 1
   return lax.dot_general(lhs, rhs.reshape(rhs.shape[-2:]), (((lhs.ndim - 1,), (0,)), ((), ())),
                          precision=precision)
+
+
+_NHWC = ('NHWC', 'HWIO', 'NHWC')
+
+
+def _conv_same(x, w):
+  return lax.conv_general_dilated(x, w, (1, 1), 'SAME', dimension_numbers=_NHWC)
+
+
+@jax.custom_vjp
+def _conv3x3(x, w):
+  return _conv_same(x, w)
+
+
+def _conv3x3_fwd(x, w):
+  return _conv_same(x, w), (x, w)
+
+
+def _conv3x3_bwd(res, g):
+  # Both gradients as plain ops: dx is a forward convolution of g with the flipped, in/out
+  # transposed kernel; dw[i, j] = sum over pixels of the (i, j)-shifted input times g.
+  x, w = res
+  kh, kw = w.shape[:2]
+  dx = _conv_same(g, jnp.flip(w, (0, 1)).swapaxes(2, 3))
+  h, wd = x.shape[1:3]
+  xp = jnp.pad(x, ((0, 0), (kh // 2, kh // 2), (kw // 2, kw // 2), (0, 0)))
+  g2 = g.reshape(-1, g.shape[-1])
+  dw = jnp.stack([
+      jnp.dot(xp[:, i:i + h, j:j + wd, :].reshape(-1, x.shape[-1]).T, g2)
+      for i in range(kh) for j in range(kw)]).reshape(w.shape)
+  return dx.astype(x.dtype), dw.astype(w.dtype)
+
+
+_conv3x3.defvjp(_conv3x3_fwd, _conv3x3_bwd)
+
+
+def loop_friendly_conv(lhs, rhs, window_strides, padding, lhs_dilation=None,
+                       rhs_dilation=None, dimension_numbers=None, feature_group_count=1,
+                       precision=None, **kwargs):
+  """``lax.conv_general_dilated`` for flax's ``nn.Conv`` whose gradient XLA:CPU also runs
+  fast inside a compiled loop. For a stride-1, 'SAME', odd-sized NHWC convolution the
+  gradients are written as a forward convolution (input) and shifted matmuls (kernel):
+  XLA:CPU runs its own convolution gradients 20-50x slower inside ``fori_loop``/``scan``
+  (benchmarks/loop_grad.py), which MCMC samplers and guidance differentiate in. Same
+  values and gradients (tests/test_models.py); other convolutions go to lax unchanged."""
+  plain = (set(window_strides) <= {1} and not any(d != 1 for d in (lhs_dilation or ())) and
+           not any(d != 1 for d in (rhs_dilation or ())) and feature_group_count == 1 and
+           rhs.ndim == 4 and rhs.shape[0] % 2 == 1 and rhs.shape[1] % 2 == 1 and
+           precision is None and
+           (padding == 'SAME' or tuple(map(tuple, padding)) ==
+            ((rhs.shape[0] // 2,) * 2, (rhs.shape[1] // 2,) * 2)))
+  if plain:
+    return _conv3x3(lhs, rhs)
+  return lax.conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation,
+                                  rhs_dilation, dimension_numbers, feature_group_count,
+                                  precision=precision, **kwargs)
+
+
+def conv3x3(features, dtype, **kwargs):
+  if LOOP_FRIENDLY_CONV_GRAD:
+    kwargs['conv_general_dilated'] = loop_friendly_conv
+  return nn.Conv(features, (3, 3), dtype=dtype, **kwargs)
 
 
 def _gn_stats(x, num_groups: int):
@@ -158,12 +237,12 @@ class ResBlock(nn.Module):
   @nn.compact
   def __call__(self, x, emb, train: bool):
     h = norm_act(self.num_groups, self.dtype)(x)
-    h = nn.Conv(self.out_ch, (3, 3), dtype=self.dtype)(h)
+    h = conv3x3(self.out_ch, self.dtype)(h)
     h = h + nn.Dense(self.out_ch, dtype=self.dtype)(nn.silu(emb))[:, None, None, :]
     h = norm_act(self.num_groups, self.dtype)(h)
     h = nn.Dropout(self.dropout, deterministic=not train)(h)
     # Zero-initialized last conv: every block starts as the identity (as in DDPM).
-    h = nn.Conv(self.out_ch, (3, 3), dtype=self.dtype, kernel_init=nn.initializers.zeros)(h)
+    h = conv3x3(self.out_ch, self.dtype, kernel_init=nn.initializers.zeros)(h)
     if x.shape[-1] != self.out_ch:
       x = conv1x1(self.out_ch, self.dtype)(x)
     return x + h
@@ -211,7 +290,7 @@ class UNet(nn.Module):
     block = lambda c: ResBlock(c, self.num_groups, self.dropout, self.dtype)
     attn = lambda: AttnBlock(self.num_heads, self.num_groups, self.dtype)
 
-    h = nn.Conv(self.ch, (3, 3), dtype=self.dtype)(x.astype(self.dtype))
+    h = conv3x3(self.ch, self.dtype)(x.astype(self.dtype))
     skips = [h]
     for level, mult in enumerate(self.ch_mult):
       for _ in range(self.num_res_blocks):
@@ -236,9 +315,9 @@ class UNet(nn.Module):
       if level != 0:
         target = skips[-1].shape
         h = upsample_nearest(h, target[1:3])
-        h = nn.Conv(h.shape[-1], (3, 3), dtype=self.dtype)(h)
+        h = conv3x3(h.shape[-1], self.dtype)(h)
     assert not skips
 
     h = norm_act(self.num_groups, self.dtype)(h)
-    h = nn.Conv(out_channels, (3, 3), dtype=self.dtype, kernel_init=nn.initializers.zeros)(h)
+    h = conv3x3(out_channels, self.dtype, kernel_init=nn.initializers.zeros)(h)
     return h.astype(jnp.float32)

@@ -302,7 +302,9 @@ class AnnealedMCMC:
   def __call__(self, params, rng, num_samples: int, cond=None):
     if self.mesh is not None:
       parallel.check_batch_size(num_samples, self.mesh, 'number of samples')
-    x, acc = self._run(params, cond, rng, num_samples)
+    from cdiff_jax.models import unet  # energy gradients inside the scan: see unet.py
+    with unet.loop_friendly_conv_grads():
+      x, acc = self._run(params, cond, rng, num_samples)
     chex.assert_shape(x, (num_samples,) + self.shape)
     info = dict(times=self.times[1:], step_size=self.step_sizes)
     if self.kind in ('mala', 'hmc'):
