@@ -13,6 +13,7 @@ machine's speed during the run shows up in the table.
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import subprocess
@@ -57,7 +58,7 @@ def main(argv=None):
   p = common.base_parser(__doc__.split('\n')[0])
   p.add_argument('--flags', action='append', default=[],
                  help='an XLA_FLAGS string to compare (repeatable); default: the candidates')
-  p.add_argument('--child', default='', help=argparse_hidden())
+  p.add_argument('--child', default='', help=argparse.SUPPRESS)
   args = p.parse_args(argv)
   if args.child:
     print('RESULT ' + json.dumps(child(args.child, args.seconds, args.repeats)), flush=True)
@@ -99,11 +100,6 @@ def main(argv=None):
   if args.json:
     with open(args.json, 'w') as f:
       json.dump(dict(machine=common.machine(), results=out), f, indent=2)
-
-
-def argparse_hidden():
-  import argparse
-  return argparse.SUPPRESS
 
 
 if __name__ == '__main__':

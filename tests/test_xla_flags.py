@@ -26,10 +26,7 @@ def test_configure_adds_flags_and_keeps_the_users_value():
 
 
 def test_config_rejects_non_cpu_flags():
-  c = config_lib.get_default_config() if hasattr(config_lib, 'get_default_config') else None
-  if c is None:
-    from configs import digits_dsm
-    c = digits_dsm.get_config()
+  c = config_lib.base_config()
   c.train.xla_cpu_flags = '--xla_gpu_autotune_level=0'
   with pytest.raises(config_lib.ConfigError, match='train.xla_cpu_flags'):
     config_lib.validate(c)

@@ -77,15 +77,15 @@ def _conv_same(x, w):
 
 
 @jax.custom_vjp
-def _conv3x3(x, w):
+def _conv_same_vjp(x, w):
   return _conv_same(x, w)
 
 
-def _conv3x3_fwd(x, w):
+def _conv_same_vjp_fwd(x, w):
   return _conv_same(x, w), (x, w)
 
 
-def _conv3x3_bwd(res, g):
+def _conv_same_vjp_bwd(res, g):
   # Both gradients as plain ops: dx is a forward convolution of g with the flipped, in/out
   # transposed kernel; dw[i, j] = sum over pixels of the (i, j)-shifted input times g.
   x, w = res
@@ -100,7 +100,7 @@ def _conv3x3_bwd(res, g):
   return dx.astype(x.dtype), dw.astype(w.dtype)
 
 
-_conv3x3.defvjp(_conv3x3_fwd, _conv3x3_bwd)
+_conv_same_vjp.defvjp(_conv_same_vjp_fwd, _conv_same_vjp_bwd)
 
 
 def loop_friendly_conv(lhs, rhs, window_strides, padding, lhs_dilation=None,
@@ -112,14 +112,14 @@ def loop_friendly_conv(lhs, rhs, window_strides, padding, lhs_dilation=None,
   XLA:CPU runs its own convolution gradients 20-50x slower inside ``fori_loop``/``scan``
   (benchmarks/loop_grad.py), which MCMC samplers and guidance differentiate in. Same
   values and gradients (tests/test_models.py); other convolutions go to lax unchanged."""
-  plain = (set(window_strides) <= {1} and not any(d != 1 for d in (lhs_dilation or ())) and
+  supported = (set(window_strides) <= {1} and not any(d != 1 for d in (lhs_dilation or ())) and
            not any(d != 1 for d in (rhs_dilation or ())) and feature_group_count == 1 and
            rhs.ndim == 4 and rhs.shape[0] % 2 == 1 and rhs.shape[1] % 2 == 1 and
            precision is None and
            (padding == 'SAME' or tuple(map(tuple, padding)) ==
             ((rhs.shape[0] // 2,) * 2, (rhs.shape[1] // 2,) * 2)))
-  if plain:
-    return _conv3x3(lhs, rhs)
+  if supported:
+    return _conv_same_vjp(lhs, rhs)
   return lax.conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation,
                                   rhs_dilation, dimension_numbers, feature_group_count,
                                   precision=precision, **kwargs)
