@@ -29,6 +29,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
+from benchmarks import common  # noqa: E402
 from cdiff_jax import config as config_lib  # noqa: E402
 from cdiff_jax import parallel, train  # noqa: E402
 from cdiff_jax.data import sources  # noqa: E402
@@ -94,9 +95,7 @@ def main():
   parser.add_argument('--rounds', type=int, default=5)
   parser.add_argument('--seconds', type=float, default=2.0, help='target time per measurement')
   args = parser.parse_args()
-  from cdiff_jax import parallel as parallel_lib
-  parallel_lib.configure_xla_cpu()  # the launcher's default XLA:CPU options
-  print(f'XLA_FLAGS: {os.environ.get("XLA_FLAGS") or "(none)"}')
+  print(f'XLA_FLAGS: {common.setup_xla() or "(none)"}')  # the launcher's XLA:CPU options
   print(f'machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores, '
         f'JAX {jax.__version__} on {jax.devices()[0].platform}')
   rows = []

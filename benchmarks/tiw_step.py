@@ -17,11 +17,15 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+import sys
 import time
 
-import jax
-import numpy as np
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+
+from benchmarks import common  # noqa: E402
 from cdiff_jax import config as config_lib
 from cdiff_jax import parallel, train
 from cdiff_jax.data import sources
@@ -104,9 +108,7 @@ def main():
   parser.add_argument('--rounds', type=int, default=5)
   parser.add_argument('--steps', type=int, default=10, help='steps per timed round')
   args = parser.parse_args()
-  from cdiff_jax import parallel as parallel_lib
-  parallel_lib.configure_xla_cpu()  # the launcher's default XLA:CPU options
-  print(f'XLA_FLAGS: {os.environ.get("XLA_FLAGS") or "(none)"}')
+  print(f'XLA_FLAGS: {common.setup_xla() or "(none)"}')  # the launcher's XLA:CPU options
   print(f'{jax.devices()[0].device_kind} x{jax.device_count()} ({jax.default_backend()}), '
         f'{os.cpu_count()} CPU cores, {platform.processor() or platform.machine()}; '
         f'batch {args.batch}, {args.rounds} interleaved rounds of {args.steps} steps; '

@@ -12,7 +12,7 @@ import os
 
 import ml_collections
 
-from cdiff_jax import losses
+from cdiff_jax import losses, parallel
 
 
 class ConfigError(ValueError):
@@ -69,7 +69,7 @@ def base_config() -> ml_collections.ConfigDict:
       num_devices=0,          # 0: all visible devices
       compilation_cache=True,
       # XLA:CPU options set before the backend starts ('': none); see parallel.py.
-      xla_cpu_flags='--xla_cpu_experimental_ynn_fusion_type=dot',
+      xla_cpu_flags=parallel.DEFAULT_XLA_CPU_FLAGS,
       init_from='',           # workdir of a trained run: start from its EMA parameters
       debug_nan_step=-1,      # fault injection: the loss of this step is NaN (-1: off)
   ))

@@ -76,8 +76,9 @@ def initialize_distributed(parallel_config) -> bool:
 
 # XLA:CPU options the project turns on by default (``config.train.xla_cpu_flags``): dots,
 # and the convolution gradients XLA lowers to dots, run through the YNNPACK library instead
-# of XLA's own emitter. Measured by benchmarks/xla_flags.py: the train step 1.2-1.5x faster
-# on CPU; results equal up to float32 rounding (summation order) (README, Speed). XLA:GPU/TPU ignore it.
+# of XLA's own emitter. Measured by benchmarks/xla_flags.py: the train step 1.2-1.3x faster
+# on CPU; results equal up to float32 rounding (summation order) (README, Speed).
+# XLA:GPU/TPU ignore it. config.base_config() uses this value.
 DEFAULT_XLA_CPU_FLAGS = '--xla_cpu_experimental_ynn_fusion_type=dot'
 # jaxlib versions (major, minor) the default was tested with: XLA aborts on an option it
 # does not know, so with other versions the default is skipped (explicit flags still apply).

@@ -112,12 +112,12 @@ def loop_friendly_conv(lhs, rhs, window_strides, padding, lhs_dilation=None,
   XLA:CPU runs its own convolution gradients 20-50x slower inside ``fori_loop``/``scan``
   (benchmarks/loop_grad.py), which MCMC samplers and guidance differentiate in. Same
   values and gradients (tests/test_models.py); other convolutions go to lax unchanged."""
-  supported = (set(window_strides) <= {1} and not any(d != 1 for d in (lhs_dilation or ())) and
-           not any(d != 1 for d in (rhs_dilation or ())) and feature_group_count == 1 and
-           rhs.ndim == 4 and rhs.shape[0] % 2 == 1 and rhs.shape[1] % 2 == 1 and
-           precision is None and
-           (padding == 'SAME' or tuple(map(tuple, padding)) ==
-            ((rhs.shape[0] // 2,) * 2, (rhs.shape[1] // 2,) * 2)))
+  supported = (set(window_strides) <= {1} and set(lhs_dilation or ()) <= {1} and
+               set(rhs_dilation or ()) <= {1} and feature_group_count == 1 and
+               rhs.ndim == 4 and rhs.shape[0] % 2 == 1 and rhs.shape[1] % 2 == 1 and
+               precision is None and
+               (padding == 'SAME' or tuple(map(tuple, padding)) ==
+                ((rhs.shape[0] // 2,) * 2, (rhs.shape[1] // 2,) * 2)))
   if supported:
     return _conv_same_vjp(lhs, rhs)
   return lax.conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation,
