@@ -118,23 +118,31 @@ def test_pointwise_conv_and_upsample_match_the_plain_ops():
   np.testing.assert_array_equal(up, jax.image.resize(x, (2, 8, 8, 6), 'nearest'))
 
 
-@pytest.mark.parametrize('dtype', [None, jnp.bfloat16])
-def test_loop_friendly_conv_matches_lax_in_value_and_gradient(dtype):
-  """The 3x3 convolution with hand-written gradients equals flax's lax convolution in
-  value, input gradient and kernel gradient, also inside a fori_loop (where it is used for
-  speed); strided convolutions fall through to lax."""
+@pytest.mark.parametrize('dtype,strides,size', [(None, 1, (6, 5)), (jnp.bfloat16, 1, (6, 5)),
+                                                 (None, 2, (8, 8)), (None, 2, (7, 5)),
+                                                 (jnp.bfloat16, 2, (6, 7))])
+def test_loop_friendly_conv_matches_lax_in_value_and_gradient(dtype, strides, size):
+  """The convolution with hand-written gradients equals flax's lax convolution in value,
+  input gradient and kernel gradient (stride 1 and the stride-2 downsampling, even and odd
+  sizes), also inside a fori_loop (where it is used for speed); dilated convolutions fall
+  through to lax."""
   import flax.linen as nn
   from cdiff_jax.models import unet
-  x = jax.random.normal(jax.random.key(0), (3, 6, 5, 4))
-  plain = nn.Conv(7, (3, 3), dtype=dtype)
-  fast = nn.Conv(7, (3, 3), dtype=dtype, conv_general_dilated=unet.loop_friendly_conv)
+  x = jax.random.normal(jax.random.key(0), (3,) + size + (4,))
+  plain = nn.Conv(7, (3, 3), strides=strides, dtype=dtype)
+  with unet.loop_friendly_conv_grads():
+    fast = unet.conv3x3(7, dtype, strides=strides)
+  assert fast.conv_general_dilated is unet.loop_friendly_conv
   p = plain.init(jax.random.key(1), x)
   tol = 1e-5 if dtype is None else 3e-2
   np.testing.assert_allclose(np.asarray(fast.apply(p, x), np.float32),
                              np.asarray(plain.apply(p, x), np.float32), atol=tol * 10)
 
   def loss(layer):
-    return lambda p, x: jnp.sum(jnp.sin(layer.apply(p, x).astype(jnp.float32)) * x[..., :1])
+    def f(p, x):
+      y = layer.apply(p, x).astype(jnp.float32)
+      return jnp.sum(jnp.sin(y) * jnp.arange(y.size, dtype=jnp.float32).reshape(y.shape) / y.size)
+    return f
   for argnums in (0, 1):
     ga = jax.grad(loss(fast), argnums)(p, x)
     gb = jax.grad(loss(plain), argnums)(p, x)
@@ -148,6 +156,6 @@ def test_loop_friendly_conv_matches_lax_in_value_and_gradient(dtype):
     return jax.jit(lambda x: jax.lax.fori_loop(0, 10, step, x))(x)
   np.testing.assert_allclose(np.asarray(walk(fast), np.float32),
                              np.asarray(walk(plain), np.float32), atol=tol * 10)
-  strided = nn.Conv(7, (3, 3), strides=(2, 2), conv_general_dilated=unet.loop_friendly_conv)
-  np.testing.assert_allclose(strided.apply(p, x), nn.Conv(7, (3, 3), strides=(2, 2)).apply(p, x),
+  dilated = nn.Conv(7, (3, 3), kernel_dilation=2, conv_general_dilated=unet.loop_friendly_conv)
+  np.testing.assert_allclose(dilated.apply(p, x), nn.Conv(7, (3, 3), kernel_dilation=2).apply(p, x),
                              atol=1e-6)

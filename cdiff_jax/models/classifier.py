@@ -13,7 +13,7 @@ from typing import Any, Sequence
 import flax.linen as nn
 import jax.numpy as jnp
 
-from cdiff_jax.models.unet import ResBlock, timestep_embedding
+from cdiff_jax.models.unet import ResBlock, conv3x3, timestep_embedding
 
 
 class ConvClassifier(nn.Module):
@@ -30,12 +30,12 @@ class ConvClassifier(nn.Module):
     emb = timestep_embedding(t, self.ch)
     emb = nn.Dense(4 * self.ch, dtype=self.dtype)(emb)
     emb = nn.Dense(4 * self.ch, dtype=self.dtype)(nn.silu(emb))
-    h = nn.Conv(self.ch, (3, 3), dtype=self.dtype)(x.astype(self.dtype))
+    h = conv3x3(self.ch, self.dtype)(x.astype(self.dtype))
     for level, mult in enumerate(self.ch_mult):
       for _ in range(self.num_res_blocks):
         h = ResBlock(self.ch * mult, self.num_groups, self.dropout, self.dtype)(h, emb, train)
       if level != len(self.ch_mult) - 1:
-        h = nn.Conv(h.shape[-1], (3, 3), strides=(2, 2), dtype=self.dtype)(h)
+        h = conv3x3(h.shape[-1], self.dtype, strides=2)(h)
     h = nn.silu(nn.GroupNorm(self.num_groups, dtype=self.dtype)(h))
     features = h.mean(axis=(1, 2)).astype(jnp.float32)
     logits = nn.Dense(self.num_outputs)(features)

@@ -72,63 +72,81 @@ def pointwise_conv(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dil
 _NHWC = ('NHWC', 'HWIO', 'NHWC')
 
 
-def _conv_same(x, w):
-  return lax.conv_general_dilated(x, w, (1, 1), 'SAME', dimension_numbers=_NHWC)
+def _conv(x, w, stride, pads):
+  return lax.conv_general_dilated(x, w, (stride, stride), pads, dimension_numbers=_NHWC)
 
 
-@jax.custom_vjp
-def _conv_same_vjp(x, w):
-  return _conv_same(x, w)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _conv_vjp(x, w, stride, pads):
+  return _conv(x, w, stride, pads)
 
 
-def _conv_same_vjp_fwd(x, w):
-  return _conv_same(x, w), (x, w)
+def _conv_vjp_fwd(x, w, stride, pads):
+  return _conv(x, w, stride, pads), (x, w)
 
 
-def _conv_same_vjp_bwd(res, g):
-  # Both gradients as plain ops: dx is a forward convolution of g with the flipped, in/out
-  # transposed kernel; dw[i, j] = sum over pixels of the (i, j)-shifted input times g.
+def _conv_vjp_bwd(stride, pads, res, g):
+  # Both gradients as plain ops. With xp the padded input, y[o] = sum_k xp[s o + k] w[k]:
+  # dw[k] = sum_o xp[s o + k]^T g[o] (strided slices of xp times g, one matmul per tap);
+  # dx is a stride-1 forward convolution of g (zero-upsampled when s > 1) with the flipped,
+  # in/out-transposed kernel, padded so that it lands on x's pixels.
   x, w = res
-  kh, kw = w.shape[:2]
-  dx = _conv_same(g, jnp.flip(w, (0, 1)).swapaxes(2, 3))
-  h, wd = x.shape[1:3]
-  xp = jnp.pad(x, ((0, 0), (kh // 2, kh // 2), (kw // 2, kw // 2), (0, 0)))
+  (kh, kw), (h, wd), (oh, ow) = w.shape[:2], x.shape[1:3], g.shape[1:3]
+  (lo_h, hi_h), (lo_w, hi_w) = pads
+  gu = g
+  if stride > 1:
+    gu = jnp.zeros((g.shape[0], stride * (oh - 1) + 1, stride * (ow - 1) + 1, g.shape[-1]),
+                   g.dtype).at[:, ::stride, ::stride].set(g)
+  dx_pads = ((kh - 1 - lo_h, h + lo_h - gu.shape[1]), (kw - 1 - lo_w, wd + lo_w - gu.shape[2]))
+  dx = _conv(gu, jnp.flip(w, (0, 1)).swapaxes(2, 3), 1, dx_pads)
+  xp = jnp.pad(x, ((0, 0), (lo_h, hi_h), (lo_w, hi_w), (0, 0)))
   g2 = g.reshape(-1, g.shape[-1])
   dw = jnp.stack([
-      jnp.dot(xp[:, i:i + h, j:j + wd, :].reshape(-1, x.shape[-1]).T, g2)
+      jnp.dot(xp[:, i:i + stride * (oh - 1) + 1:stride, j:j + stride * (ow - 1) + 1:stride, :]
+              .reshape(-1, x.shape[-1]).T, g2)
       for i in range(kh) for j in range(kw)]).reshape(w.shape)
   return dx.astype(x.dtype), dw.astype(w.dtype)
 
 
-_conv_same_vjp.defvjp(_conv_same_vjp_fwd, _conv_same_vjp_bwd)
+_conv_vjp.defvjp(_conv_vjp_fwd, _conv_vjp_bwd)
 
 
 def loop_friendly_conv(lhs, rhs, window_strides, padding, lhs_dilation=None,
                        rhs_dilation=None, dimension_numbers=None, feature_group_count=1,
                        precision=None, **kwargs):
-  """``lax.conv_general_dilated`` for flax's ``nn.Conv`` whose gradient XLA:CPU also runs
-  fast inside a compiled loop. For a stride-1, 'SAME', odd-sized NHWC convolution the
-  gradients are written as a forward convolution (input) and shifted matmuls (kernel):
-  XLA:CPU runs its own convolution gradients 20-50x slower inside ``fori_loop``/``scan``
-  (benchmarks/loop_grad.py), which MCMC samplers and guidance differentiate in. Same
-  values and gradients (tests/test_models.py); other convolutions go to lax unchanged."""
-  supported = (set(window_strides) <= {1} and set(lhs_dilation or ()) <= {1} and
-               set(rhs_dilation or ()) <= {1} and feature_group_count == 1 and
-               rhs.ndim == 4 and rhs.shape[0] % 2 == 1 and rhs.shape[1] % 2 == 1 and
-               precision is None and
-               (padding == 'SAME' or tuple(map(tuple, padding)) ==
-                ((rhs.shape[0] // 2,) * 2, (rhs.shape[1] // 2,) * 2)))
+  """``lax.conv_general_dilated`` for flax's ``nn.Conv`` (NHWC) whose gradients XLA:CPU
+  also runs fast inside a compiled loop: for an undilated, ungrouped convolution with equal
+  strides the gradients are written as a forward convolution (input) and strided slices
+  times matmuls (kernel). XLA:CPU runs its own convolution gradients 20-50x slower inside
+  ``fori_loop``/``scan`` (benchmarks/loop_grad.py), where MCMC samplers and guidance
+  differentiate. Same values and gradients (tests/test_models.py); other convolutions go to
+  lax unchanged."""
+  stride = window_strides[0] if window_strides else 1
+  supported = (rhs.ndim == 4 and set(window_strides) <= {stride} and
+               set(lhs_dilation or ()) <= {1} and set(rhs_dilation or ()) <= {1} and
+               feature_group_count == 1 and precision is None)
   if supported:
-    return _conv_same_vjp(lhs, rhs)
+    pads = (lax.padtype_to_pads(lhs.shape[1:3], rhs.shape[:2], (stride,) * 2, padding)
+            if isinstance(padding, str) else padding)
+    pads = tuple((int(lo), int(hi)) for lo, hi in pads)
+    out = [(n + lo + hi - k) // stride + 1 for n, (lo, hi), k in
+           zip(lhs.shape[1:3], pads, rhs.shape[:2])]
+    # dx's padding must not crop: no more padding than the kernel can reach.
+    supported = all(0 <= lo <= k - 1 and n + lo >= stride * (o - 1) + 1 for n, (lo, hi), k, o in
+                    zip(lhs.shape[1:3], pads, rhs.shape[:2], out))
+  if supported:
+    return _conv_vjp(lhs, rhs, stride, pads)
   return lax.conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation,
                                   rhs_dilation, dimension_numbers, feature_group_count,
                                   precision=precision, **kwargs)
 
 
-def conv3x3(features, dtype, **kwargs):
+def conv3x3(features, dtype, strides=1, **kwargs):
+  """A 3x3 'SAME' ``nn.Conv``; under ``loop_friendly_conv_grads()`` with loop-friendly
+  gradients (same parameters, values and gradients)."""
   if LOOP_FRIENDLY_CONV_GRAD:
     kwargs['conv_general_dilated'] = loop_friendly_conv
-  return nn.Conv(features, (3, 3), dtype=dtype, **kwargs)
+  return nn.Conv(features, (3, 3), strides=(strides, strides), dtype=dtype, **kwargs)
 
 
 def _gn_stats(x, num_groups: int):
@@ -299,7 +317,7 @@ class UNet(nn.Module):
           h = attn()(h)
         skips.append(h)
       if level != len(self.ch_mult) - 1:
-        h = nn.Conv(h.shape[-1], (3, 3), strides=(2, 2), dtype=self.dtype)(h)
+        h = conv3x3(h.shape[-1], self.dtype, strides=2)(h)
         skips.append(h)
 
     h = block(h.shape[-1])(h, emb, train)
