@@ -178,7 +178,7 @@ def validate(c: ml_collections.ConfigDict) -> None:
   _choice(c, 'train.on_nonfinite', ('stop', 'skip'))
   if c.train.init_from and not os.path.isdir(os.path.join(c.train.init_from, 'checkpoints')):
     _fail('train.init_from', c.train.init_from, 'holds no checkpoints/; train that run first.')
-  bad = [f for f in str(c.train.get('xla_cpu_flags', '')).split() if not f.startswith('--xla_cpu_')]
+  bad = parallel.non_cpu_flags(c.train.get('xla_cpu_flags', ''))
   if bad:
     _fail('train.xla_cpu_flags', c.train.xla_cpu_flags,
           f'{bad} are not XLA:CPU options (--xla_cpu_...); other XLA options go in XLA_FLAGS.')

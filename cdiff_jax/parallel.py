@@ -91,6 +91,11 @@ def _backends_initialized() -> bool:
   return bool(check()) if check is not None else bool(getattr(xla_bridge, '_backends', {}))
 
 
+def non_cpu_flags(flags: str) -> list[str]:
+  """The entries of ``flags`` that are not XLA:CPU options (``--xla_cpu_...``)."""
+  return [f for f in str(flags).split() if not f.startswith('--xla_cpu_')]
+
+
 def configure_xla_cpu(flags: str = DEFAULT_XLA_CPU_FLAGS, environ=None) -> list[str]:
   """Appends XLA:CPU ``flags`` (e.g. ``'--xla_cpu_a=1 --xla_cpu_b=x'``) to ``XLA_FLAGS``
   before the XLA backend starts; returns the flags added. A flag whose option ``XLA_FLAGS``
@@ -105,10 +110,9 @@ def configure_xla_cpu(flags: str = DEFAULT_XLA_CPU_FLAGS, environ=None) -> list[
   current = environ.get('XLA_FLAGS', '')
   present = {f.split('=')[0] for f in current.split()}
   new = [f for f in flags.split() if f.split('=')[0] not in present]
-  for f in new:
-    if not f.startswith('--xla_cpu_'):
-      raise ValueError(f'config.train.xla_cpu_flags: {f!r} is not an XLA:CPU option '
-                       "(--xla_cpu_...); put other XLA options in the XLA_FLAGS variable.")
+  if non_cpu_flags(' '.join(new)):
+    raise ValueError(f'config.train.xla_cpu_flags: {non_cpu_flags(" ".join(new))} are not '
+                     'XLA:CPU options (--xla_cpu_...); put other XLA options in XLA_FLAGS.')
   if not new:
     return []
   if environ is os.environ and _backends_initialized():
