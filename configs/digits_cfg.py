@@ -14,9 +14,9 @@ Expected (2-core CPU, about 10 minutes for the demonstration): conditional sampl
 recognised as the requested digit most of the time, and more often with guidance weight 3
 than 1; "any digit but 1" (NOT) brings the frequency of 1s from about 10% (unconditional)
 to nearly 0 while the other digits stay present; classifier guidance of the unconditional
-model with a noise-aware classifier raises the hit rate of the requested digit. (A full
-run of the demonstration is still to be recorded in the README; the guidance and MCMC
-tests check each mechanism against closed forms.)
+model with a noise-aware classifier raises the hit rate of the requested digit. Measured
+(README, "Guidance and NOT on digits"): hit rate 0.990 with CFG w=1 and 1.000 with w=3;
+NOT 1 brings the 1s from 0.086 to 0.001; classifier guidance 0.694 (w=1) -> 0.943 (w=3).
 """
 
 import ml_collections
