@@ -1,0 +1,128 @@
+"""First-compile time of every shipped config: the train step and the sampler, cold.
+
+For each ``configs/*.py`` (or ``--configs``): builds the experiment as the launcher does
+(datasets that are not embedded are replaced by random images of the config's shape and
+class count; thresholds taken from a reference run become absolute ones; a discriminator
+pre-training phase runs 2 steps), then times, with the persistent compilation cache off,
+``step.lower(state, batch).compile()`` (trace + lower + XLA compile of the jitted train
+step: loss, gradient, optimizer, EMA, dual update) and the first call of the configured
+sampler on 8 samples (its compiles and one run). Goal (issue on speed): under 30 s each.
+
+  .venv/bin/python benchmarks/compile_time.py [--configs=digits_dsm,mnist_minority]
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import importlib
+import json
+import os
+import subprocess
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from benchmarks import common  # noqa: E402
+
+# Data of the configs that read files: (image shape from data.image_size, channels, classes).
+SYNTHETIC = {'mnist': (1, 10), 'fashion_mnist': (1, 10), 'cifar10': (3, 10), 'celeb_a': (3, 2)}
+
+
+def shipped_configs() -> list[str]:
+  here = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'configs')
+  return sorted(os.path.basename(p)[:-3] for p in glob.glob(os.path.join(here, '*.py'))
+                if not os.path.basename(p).startswith('_'))
+
+
+def prepare_config(name: str):
+  config = importlib.import_module(f'configs.{name}').get_config()
+  config.train.compilation_cache = False
+  config.train.init_from = ''
+  method = config.method
+  if method.get('threshold_mode') == 'reference':
+    method.threshold_mode = 'absolute'
+  for holder in (method, method.get('tiw')):
+    if holder is not None and holder.get('disc_pretrain_steps', 0) > 0:
+      holder.disc_pretrain_steps = 2
+  dataset = None
+  if config.data.name in SYNTHETIC:
+    channels, classes = SYNTHETIC[config.data.name]
+    size = config.data.image_size or 28
+    dataset = common.synthetic_dataset((size, size, channels), n=2048)
+    dataset = type(dataset)(dataset.images, dataset.labels % classes, classes, 'synthetic')
+  return config, dataset
+
+
+def measure(name: str) -> dict:
+  import jax
+  from cdiff_jax import parallel, train
+  config, dataset = prepare_config(name)
+  start = time.perf_counter()
+  exp = train.build(config, dataset)
+  state = exp.init_state()
+  build_s = time.perf_counter() - start
+  k = config.train.steps_per_call
+  host = exp.batcher.batch(0) if k == 1 else exp.batcher.stacked(0, k)
+  batch = parallel.put_batch(host, exp.mesh, 0 if k == 1 else 1)
+  start = time.perf_counter()
+  exp.step.lower(state, batch).compile()
+  step_s = time.perf_counter() - start
+  sampler = exp.sampler()
+  n = 8
+  start = time.perf_counter()
+  jax.block_until_ready(sampler(state.ema_params, jax.random.key(0), n, exp.sample_labels(n)))
+  sample_s = time.perf_counter() - start
+  return dict(config=name, image_shape=list(exp.image_shape), method=config.method.name,
+              build_s=build_s, step_compile_s=step_s,
+              sampler=f'{config.sample.sampler}-{config.sample.num_steps}',
+              sampler_first_call_s=sample_s)
+
+
+def main(argv=None):
+  p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+  p.add_argument('--configs', default='', help='comma-separated names under configs/ (default: all)')
+  p.add_argument('--json', default='')
+  p.add_argument('--no-xla-cpu-flags', action='store_true')
+  p.add_argument('--child', action='store_true', help=argparse.SUPPRESS)
+  args = p.parse_args(argv)
+  xla_flags = common.setup_xla(args.no_xla_cpu_flags)
+  import jax
+  names = args.configs.split(',') if args.configs else shipped_configs()
+  if not args.child:
+    print(f'XLA_FLAGS: {xla_flags or "(none)"}')
+    print(f'machine: {common.machine()}; jax {jax.__version__}; one fresh process per config')
+  if args.child:
+    print('RESULT ' + json.dumps(measure(names[0])), flush=True)
+    return None
+  results = []
+  for name in names:  # each in a fresh process: nothing cached from the previous config
+    cmd = [sys.executable, os.path.abspath(__file__), '--child', f'--configs={name}']
+    if args.no_xla_cpu_flags:
+      cmd.append('--no-xla-cpu-flags')
+    out = subprocess.run(cmd, capture_output=True, text=True)
+    lines = [line for line in out.stdout.splitlines() if line.startswith('RESULT ')]
+    if out.returncode or not lines:
+      raise RuntimeError(f'{name}: the measurement failed:\n{out.stderr[-3000:]}')
+    r = json.loads(lines[-1][len('RESULT '):])
+    print(f"{name}: build {r['build_s']:.1f} s, step compile {r['step_compile_s']:.1f} s, "
+          f"sampler first call {r['sampler_first_call_s']:.1f} s", flush=True)
+    results.append(r)
+  rows = [[r['config'], 'x'.join(map(str, r['image_shape'])), r['method'],
+           f"{r['step_compile_s']:.1f}", r['sampler'], f"{r['sampler_first_call_s']:.1f}",
+           f"{r['build_s']:.1f}"] for r in results]
+  print()
+  print(common.markdown_table(['config', 'image', 'method', 'step compile (s)', 'sampler',
+                               'sampler first call (s)', 'build + init (s)'], rows))
+  worst = max(r['step_compile_s'] for r in results)
+  print(f'\nslowest step compile {worst:.1f} s (goal < 30 s); load average at end '
+        f'{common.load_average()}')
+  if args.json:
+    with open(args.json, 'w') as f:
+      json.dump(dict(machine=common.machine(), results=results), f, indent=2)
+  return results
+
+
+if __name__ == '__main__':
+  main()
