@@ -61,7 +61,9 @@ def _fmt(values, digits=3):
 
 
 def comparison_table(config, arms: dict) -> str:
-  minority = set(config.data.minority_classes)
+  # The constrained classes: the data's minority classes, or (e.g. a long-tailed TIW-DSM
+  # split, where data.minority_classes is empty) the classes the constraints are on.
+  minority = set(config.data.minority_classes) or set(config.method.get('constraint_classes', ()))
   lines = ['| arm | TV to uniform | classifier FID | minority freq. (' +
            ', '.join(str(c) for c in sorted(minority)) + ') | class frequencies | lambda (end) | '
            'thresholds b | run time |',

@@ -264,6 +264,13 @@ def test_tiw_objective_with_minority_constraints_in_one_step(tiny_config, tmp_pa
   exp = train.build(c)
   assert exp.batcher.group_names == ['bias', 'ref', 'class_8', 'class_9']
   assert exp.method.num_objective_groups == 2
+  # The constraints draw from the split's data only (its tail classes are small), never
+  # from the examples the long-tailed split left out.
+  bias_ref = np.concatenate(exp.batcher.groups[:2])
+  labels = exp.dataset.labels
+  for group, cls in zip(exp.batcher.groups[2:], (8, 9)):
+    np.testing.assert_array_equal(np.sort(group), np.sort(bias_ref[labels[bias_ref] == cls]))
+    assert len(group) < 0.5 * np.sum(labels[exp.train_idx] == cls)
   state = exp.init_state()
   disc0 = jax.device_get(state.extras['base']['disc']['params'])
 

@@ -81,15 +81,19 @@ class Constrained:
 
   def data_groups(self, dataset, train_indices: np.ndarray):
     groups = [('objective', np.asarray(train_indices), self.objective_batch)]
+    pool = np.asarray(train_indices)
     if self.composed:
       groups = list(self.base.data_groups(dataset, np.asarray(train_indices)))
       assert len(groups) == self.num_objective_groups, (len(groups), self.num_objective_groups)
+      # The constraints see only the data the objective has (e.g. TIW-DSM's biased and
+      # reference sets), not the examples its split set aside.
+      pool = np.unique(np.concatenate([g[1] for g in groups]))
     if self.constraint_source == 'classes':
       from cdiff_jax.data import imbalance
       imbalance._check_classes(self.constraint_classes, dataset.num_classes,
                                'config.method.constraint_classes')
       for name, c in zip(self.constraint_names, self.constraint_classes):
-        idx = train_indices[dataset.labels[train_indices] == c]
+        idx = pool[dataset.labels[pool] == c]
         if len(idx) == 0:
           raise ConfigError(f'config.method.constraint_classes: class {c} has no training '
                             'examples left after data selection.')
