@@ -300,3 +300,48 @@ def test_tiw_objective_with_minority_constraints_in_one_step(tiny_config, tmp_pa
   ckpt.close()
   jax.tree.map(np.testing.assert_array_equal, jax.device_get(state.extras),
                jax.device_get(restored.extras))
+
+
+def test_tiw_objective_takes_thresholds_from_a_reference_run(tiny_config, tmp_path, monkeypatch):
+  """threshold_mode='reference' with a TIW-DSM objective: b_c = scale * L_c(ref) + offset,
+  L_c the plain DSM loss of class c on t >= constraint_t_min, without needing the reference
+  run's discriminator. Checked against the constraint losses the training step itself
+  computes (with the discriminator in the state) for the same parameters, averaged over
+  batches; ELBO weighting makes the t window matter (ignoring it multiplies the loss)."""
+  from cdiff_jax import checkpoint
+  c = tiny_config
+  c.diffusion.loss_weighting = 'elbo'
+  c.method = constrained.default_method_config()
+  c.method.objective = 'tiw'
+  c.method.tiw.imbalance_ratio, c.method.tiw.ref_fraction = 0.1, 0.1
+  c.method.tiw.disc_pretrain_steps, c.method.tiw.disc_cache = 5, False
+  c.method.constraint_classes = (8, 9)
+  c.method.objective_batch, c.method.constraint_batch = 16, 8
+  c.method.constraint_t_min = 0.5
+  c.method.threshold_mode = 'reference'
+  c.method.threshold_offset, c.method.threshold_scale = -0.3, 1.0
+  c.method.reference_batches = 40
+  (tmp_path / 'checkpoints').mkdir()
+  c.method.reference_workdir = str(tmp_path)
+  # The reference model: a fresh initialization, the same one the run starts from.
+  c_abs = c.copy_and_resolve_references()
+  c_abs.method.threshold_mode = 'absolute'
+  exp_abs = train.build(c_abs)
+  state = exp_abs.init_state()
+  ref_params = jax.device_get(state.params)
+  monkeypatch.setattr(checkpoint, 'load_params', lambda workdir: ref_params)
+  exp = train.build(c)
+  b = np.asarray(exp.method.thresholds)
+
+  group_losses = jax.jit(lambda p, batch, rng: exp_abs.method.group_losses(p, batch, rng,
+                                                                           state.extras)[0])
+  L = np.mean([np.asarray(group_losses(state.params,
+                                       parallel.put_batch(exp_abs.batcher.batch(500 + i),
+                                                          exp_abs.mesh),
+                                       jax.random.key(100 + i)))[1:] for i in range(40)], 0)
+  np.testing.assert_allclose(b + 0.3, L, rtol=0.15)
+  assert b.shape == (2,) and np.all(np.isfinite(b))
+  # Validation: the objective's own loss cannot be the reference with TIW-DSM.
+  c.method.threshold_reference = 'objective'
+  with pytest.raises(config_lib.ConfigError, match='threshold_reference'):
+    train.build(c)

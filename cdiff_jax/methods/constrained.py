@@ -247,7 +247,19 @@ def reference_losses(method: Constrained, params, batcher, mesh, num_batches: in
 
   @jax.jit
   def group_loss(params, batch, rng):
-    return method.group_losses(params, batch, rng)[0]
+    if not method.composed:
+      return method.group_losses(params, batch, rng)[0]
+    # A TIW-DSM objective needs the run's discriminator, the constraint terms do not: they
+    # are plain DSM (the base's own, same weighting and times). L_0 is then plain DSM on
+    # the objective's examples, only printed (validation allows constraint references only).
+    k = method.num_objective_groups
+    t_lo = (jnp.where(batch['group'] >= k, method.constraint_t_min, 0.0)
+            if method.constraint_t_min > 0 else None)
+    per_example, _ = method.base.dsm.per_example_loss(params, batch, rng, t_lo=t_lo)
+    means = losses.group_means(per_example, batch['group'], method.num_constraints + k)
+    in_objective = (batch['group'] < k).astype(per_example.dtype)
+    objective = jnp.sum(per_example * in_objective) / jnp.sum(in_objective)
+    return jnp.concatenate([objective[None], means[k:]])
 
   params = parallel.put_replicated(params, mesh)
   total = 0.0
@@ -288,9 +300,10 @@ def validate(config) -> None:
     if mc.constraint_source != 'classes':
       raise ConfigError("config.method.objective='tiw' takes its data from the biased/reference "
                         "split: use constraint_source='classes'.")
-    if mc.threshold_mode == 'reference':
-      raise ConfigError("config.method.threshold_mode='reference' is not available with "
-                        "objective='tiw' yet: give absolute thresholds (method.thresholds).")
+    if mc.threshold_mode == 'reference' and mc.threshold_reference != 'constraint':
+      raise ConfigError("config.method.threshold_reference='objective' is not available with "
+                        "objective='tiw' (its loss needs the reference run's discriminator): "
+                        "use threshold_reference='constraint' or absolute thresholds.")
     if mc.tiw.disc_joint:
       raise ConfigError('config.method.tiw.disc_joint=True: with constraints the discriminator '
                         'is trained in a first phase and frozen; set it False.')
@@ -310,6 +323,12 @@ def validate(config) -> None:
     raise ConfigError(f'config.method.target_frequency={mc.target_frequency}: a frequency '
                       "target converts to a threshold in nats only with ELBO losses; set "
                       "diffusion.loss_weighting='elbo' (or target_frequency=0).")
+  if mc.target_frequency > 0 and mc.objective != 'dsm':
+    raise ConfigError(f'config.method.target_frequency={mc.target_frequency}: the conversion '
+                      'assumes the reference model generates the training frequencies, which '
+                      f"an objective={mc.objective!r} model does not; set target_frequency=0 "
+                      'and give the shift in nats as method.threshold_offset (e.g. -0.3: '
+                      'frequency x exp(0.3) of the reference model).')
   if mc.target_frequency > 0 and (mc.constraint_source != 'classes' or mc.threshold_mode != 'reference'):
     raise ConfigError(f'config.method.target_frequency={mc.target_frequency}: needs '
                       "constraint_source='classes' and threshold_mode='reference'.")
