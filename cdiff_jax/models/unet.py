@@ -124,7 +124,10 @@ def loop_friendly_conv(lhs, rhs, window_strides, padding, lhs_dilation=None,
   stride = window_strides[0] if window_strides else 1
   supported = (rhs.ndim == 4 and set(window_strides) <= {stride} and
                set(lhs_dilation or ()) <= {1} and set(rhs_dilation or ()) <= {1} and
-               feature_group_count == 1 and precision is None)
+               feature_group_count == 1 and precision is None and
+               (dimension_numbers is None or
+                lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers) ==
+                lax.conv_dimension_numbers(lhs.shape, rhs.shape, _NHWC)))
   if supported:
     pads = (lax.padtype_to_pads(lhs.shape[1:3], rhs.shape[:2], (stride,) * 2, padding)
             if isinstance(padding, str) else padding)
