@@ -134,6 +134,10 @@ def test_loop_friendly_conv_matches_lax_in_value_and_gradient(dtype, strides, si
     fast = unet.conv3x3(7, dtype, strides=strides)
   assert fast.conv_general_dilated is unet.loop_friendly_conv
   p = plain.init(jax.random.key(1), x)
+  from unittest import mock
+  with mock.patch.object(unet, '_conv_vjp', wraps=unet._conv_vjp) as custom:
+    fast.apply(p, x)
+  assert custom.called   # the hand-written gradients, not a fall-through to lax
   tol = 1e-5 if dtype is None else 3e-2
   np.testing.assert_allclose(np.asarray(fast.apply(p, x), np.float32),
                              np.asarray(plain.apply(p, x), np.float32), atol=tol * 10)
