@@ -7,6 +7,8 @@ weighting, losses are KLs up to constants, so a threshold equal to the minority 
 fixed-lam* model makes lam* the dual optimum: dual training from lam = 0 must find it.
 """
 
+import json
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -240,6 +242,19 @@ def test_frequency_target_thresholds(monkeypatch, tiny_config, tmp_path):
   np.testing.assert_allclose(exp.method.thresholds, np.array([310.0, 320.0]) - np.log(0.1 / pi),
                              rtol=1e-6)
   assert pi[0] < 0.05  # the minority really is one
+  # pi_c measured in the reference run's samples instead (e.g. a TIW-DSM reference, which
+  # does not reproduce its training frequencies); a class it never drew counts as 1/2 sample.
+  tiny_config.method.frequency_source = 'generated'
+  with pytest.raises(config_lib.ConfigError, match='eval.json'):
+    train.build(tiny_config)
+  freqs = [0.1] * 10
+  freqs[4], freqs[5] = 0.04, 0.0
+  (tmp_path / 'eval.json').write_text(json.dumps(dict(class_frequencies=freqs, num_samples=500)))
+  exp = train.build(tiny_config)
+  np.testing.assert_allclose(exp.method.thresholds,
+                             np.array([310.0, 320.0]) - np.log(0.1 / np.array([0.04, 0.001])),
+                             rtol=1e-6)
+  tiny_config.method.frequency_source = 'training'
   # The frequency target needs ELBO losses (a threshold in nats).
   tiny_config.diffusion.loss_weighting = 'eps'
   with pytest.raises(config_lib.ConfigError, match='loss_weighting'):
@@ -341,7 +356,12 @@ def test_tiw_objective_takes_thresholds_from_a_reference_run(tiny_config, tmp_pa
                                        jax.random.key(100 + i)))[1:] for i in range(40)], 0)
   np.testing.assert_allclose(b + 0.3, L, rtol=0.15)
   assert b.shape == (2,) and np.all(np.isfinite(b))
-  # Validation: the objective's own loss cannot be the reference with TIW-DSM.
+  # Validation: the objective's own loss cannot be the reference with TIW-DSM, nor can a
+  # frequency target assume the TIW-DSM reference reproduces its training frequencies.
+  c.method.target_frequency = 0.1
+  with pytest.raises(config_lib.ConfigError, match="frequency_source='generated'"):
+    train.build(c)
+  c.method.target_frequency = 0.0
   c.method.threshold_reference = 'objective'
   with pytest.raises(config_lib.ConfigError, match='threshold_reference'):
     train.build(c)

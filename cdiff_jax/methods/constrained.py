@@ -221,19 +221,41 @@ class Constrained:
     base = ref[1:] if mc.threshold_reference == 'constraint' else np.full(len(ref) - 1, ref[0])
     b = mc.threshold_scale * base + mc.threshold_offset
     if mc.target_frequency > 0:
-      # With ELBO losses L_c = H_c - log rho_c + const, so moving class c from its training
-      # frequency pi_c (which the reference model reproduces) to the target lowers its loss
-      # by log(target / pi_c) nats.
-      labels = batcher.dataset.labels[batcher.groups[0]]
-      pi = np.array([np.mean(labels == c) for c in self.constraint_classes])
+      # With ELBO losses L_c = H_c - log rho_c + const, so moving class c from the frequency
+      # pi_c the reference model gives it to the target lowers its loss by
+      # log(target / pi_c) nats. pi_c: the training frequency (which a DSM reference model
+      # reproduces) or the frequency measured in the reference run's samples (eval.json).
+      pi = reference_frequencies(mc, self.constraint_classes, batcher)
       b = b - np.log(mc.target_frequency / pi)
-      print(f'training frequencies of the constrained classes: {np.round(pi, 4).tolist()}; '
-            f'target {mc.target_frequency}')
+      source = mc.get('frequency_source', 'training')
+      print(f'{source} frequencies of the constrained classes: '
+            f'{np.round(pi, 4).tolist()}; target {mc.target_frequency}')
     b = tuple(float(v) for v in b)
     print(f'reference model losses: objective {ref[0]:.5f}, constraints '
           f'{", ".join(f"{n}={v:.5f}" for n, v in zip(self.constraint_names, ref[1:]))}; '
           f'thresholds b = {", ".join(f"{v:.5f}" for v in b)}')
     return dataclasses.replace(self, thresholds=b, reference=tuple(float(v) for v in ref))
+
+
+def reference_frequencies(mc, constraint_classes, batcher) -> np.ndarray:
+  """pi_c of the frequency target: the training frequency of each constrained class
+  (``frequency_source='training'``) or its frequency in the reference run's samples
+  (``'generated'``: ``class_frequencies`` of the reference workdir's eval.json)."""
+  if mc.get('frequency_source', 'training') == 'training':
+    labels = batcher.dataset.labels[batcher.groups[0]]
+    return np.array([np.mean(labels == c) for c in constraint_classes])
+  path = os.path.join(mc.reference_workdir, 'eval.json')
+  if not os.path.exists(path):
+    raise ConfigError(f"config.method.frequency_source='generated': {path} does not exist; "
+                      "evaluate the reference run (eval.enabled=True) or use "
+                      "frequency_source='training'.")
+  import json
+  with open(path) as f:
+    ev = json.load(f)
+  freqs = np.asarray(ev['class_frequencies'], np.float64)
+  # A class the reference never generated counts as half a sample (a finite threshold).
+  floor = 0.5 / max(int(ev.get('num_samples', 1000)), 1)
+  return np.maximum(freqs[list(constraint_classes)], floor)
 
 
 def reference_losses(method: Constrained, params, batcher, mesh, num_batches: int,
@@ -323,12 +345,15 @@ def validate(config) -> None:
     raise ConfigError(f'config.method.target_frequency={mc.target_frequency}: a frequency '
                       "target converts to a threshold in nats only with ELBO losses; set "
                       "diffusion.loss_weighting='elbo' (or target_frequency=0).")
-  if mc.target_frequency > 0 and mc.objective != 'dsm':
-    raise ConfigError(f'config.method.target_frequency={mc.target_frequency}: the conversion '
-                      'assumes the reference model generates the training frequencies, which '
-                      f"an objective={mc.objective!r} model does not; set target_frequency=0 "
-                      'and give the shift in nats as method.threshold_offset (e.g. -0.3: '
-                      'frequency x exp(0.3) of the reference model).')
+  if mc.get('frequency_source', 'training') not in ('training', 'generated'):
+    raise ConfigError(f'config.method.frequency_source={mc.get('frequency_source', 'training')!r}: must be '
+                      "'training' or 'generated'.")
+  if mc.target_frequency > 0 and mc.objective != 'dsm' and mc.get('frequency_source', 'training') == 'training':
+    raise ConfigError(f'config.method.target_frequency={mc.target_frequency}: with '
+                      "frequency_source='training' the conversion assumes the reference model "
+                      f"generates the training frequencies, which an objective={mc.objective!r} "
+                      "model does not; set frequency_source='generated' (the reference run's "
+                      'measured frequencies).')
   if mc.target_frequency > 0 and (mc.constraint_source != 'classes' or mc.threshold_mode != 'reference'):
     raise ConfigError(f'config.method.target_frequency={mc.target_frequency}: needs '
                       "constraint_source='classes' and threshold_mode='reference'.")
@@ -421,6 +446,7 @@ def default_method_config():
       threshold_scale=1.0,
       threshold_offset=0.0,
       target_frequency=0.0,          # > 0 (ELBO losses, classes): b_c -= log(target / pi_c)
+      frequency_source='training',   # pi_c: training frequency | generated: reference eval.json
       constraint_t_min=0.0,          # > 0: constraint losses cover t in [this, 1] only
       reference_batches=50,
       dual_lr=1.0,
