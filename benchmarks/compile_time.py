@@ -41,8 +41,8 @@ def prepare_config(name: str):
   config.train.compilation_cache = False
   config.train.init_from = ''
   method = config.method
-  if method.get('threshold_mode') == 'reference':
-    method.threshold_mode = 'absolute'
+  if method.get('threshold_mode') == 'reference':  # same program, thresholds are numbers
+    method.threshold_mode, method.target_frequency = 'absolute', 0.0
   for holder in (method, method.get('tiw')):
     if holder is not None and holder.get('disc_pretrain_steps', 0) > 0:
       holder.disc_pretrain_steps = 2
