@@ -23,8 +23,9 @@ TIW-DSM alone: TV to uniform 0.063, classifier FID 1.11, classes 7 / 8 / 9 at 0.
 0.111 / 0.119 / 0.176, so the tail rose 1.1-2.1x, but 9 overshot and TV (0.112) and FID
 (1.72) got worse: with ELBO weighting TIW-DSM alone is already close to uniform, and one
 offset for all classes pushes the classes that are already there too. A threshold per
-class from the reference's generated frequency (b_c = L_c(ref) - log(0.1 / q_c), q_c
-measured) is the natural next step.
+class from the reference's generated frequency, b_c = L_c(ref) - log(0.1 / q_c) with q_c
+measured (`--config.method.threshold_offset=0 --config.method.target_frequency=0.1
+--config.method.frequency_source=generated`), is the next setting to run.
 An earlier setting (eps-loss weighting, absolute thresholds 0.075, dual step 1.0 from step
 150; TIW-DSM alone there: TV 0.105, FID 1.06, tail 0.070 / 0.080 / 0.075) had thresholds
 out of reach: the infeasibility warning fired, lambda grew to 9.5-15 and classes 7-9 took
