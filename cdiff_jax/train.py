@@ -103,7 +103,10 @@ def setup_jax(config) -> None:
   if 'parallel' in config:
     parallel.initialize_distributed(config.parallel)
   if config.train.get('compilation_cache', True):
-    cache = os.environ.get('CDIFF_JAX_CACHE', os.path.expanduser('~/.cache/cdiff_jax/xla'))
+    # One root for every cache of the project: xla/ here, classifiers/ and
+    # discriminators/ (evaluation.py, methods/tiw.py) beside it.
+    root = os.environ.get('CDIFF_JAX_CACHE', os.path.expanduser('~/.cache/cdiff_jax'))
+    cache = os.path.join(root, 'xla')
     jax.config.update('jax_compilation_cache_dir', cache)
     jax.config.update('jax_persistent_cache_min_compile_time_secs', 1.0)
 

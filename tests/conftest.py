@@ -5,7 +5,7 @@ initializes its backend)."""
 import os
 
 os.environ.setdefault('XLA_FLAGS', '--xla_force_host_platform_device_count=2')
-os.environ.setdefault('CDIFF_JAX_CACHE', os.path.join(os.path.dirname(__file__), '..', '.cache', 'xla'))
+os.environ.setdefault('CDIFF_JAX_CACHE', os.path.join(os.path.dirname(__file__), '..', '.cache'))
 
 import jax  # noqa: E402
 import pytest  # noqa: E402
@@ -16,7 +16,7 @@ from cdiff_jax import parallel  # noqa: E402
 # would add them only where no test has started the backend yet).
 parallel.configure_xla_cpu()
 
-jax.config.update('jax_compilation_cache_dir', os.environ['CDIFF_JAX_CACHE'])
+jax.config.update('jax_compilation_cache_dir', os.path.join(os.environ['CDIFF_JAX_CACHE'], 'xla'))
 
 
 @pytest.fixture
