@@ -57,6 +57,14 @@ def synthetic_dataset(image_shape, n: int = 512, seed: int = 0):
                               rng.integers(0, 10, n), 10, 'synthetic')
 
 
+def first_batch(exp):
+  """The run's first (grouped) batch on its devices, stacked when steps_per_call > 1."""
+  from cdiff_jax import parallel
+  k = exp.config.train.steps_per_call
+  host = exp.batcher.batch(0) if k == 1 else exp.batcher.stacked(0, k)
+  return parallel.put_batch(host, exp.mesh, 0 if k == 1 else 1)
+
+
 def build_experiment(name: str, steps_per_call: int = 1):
   from cdiff_jax import train
   shape = MODELS[name]['image_shape']

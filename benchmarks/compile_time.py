@@ -66,15 +66,13 @@ def prepare_config(name: str):
 
 def measure(name: str) -> dict:
   import jax
-  from cdiff_jax import parallel, train
+  from cdiff_jax import train
   config, dataset = prepare_config(name)
   start = time.perf_counter()
   exp = train.build(config, dataset)
   state = exp.init_state()
   build_s = time.perf_counter() - start
-  k = config.train.steps_per_call
-  host = exp.batcher.batch(0) if k == 1 else exp.batcher.stacked(0, k)
-  batch = parallel.put_batch(host, exp.mesh, 0 if k == 1 else 1)
+  batch = common.first_batch(exp)
   start = time.perf_counter()
   exp.step.lower(state, batch).compile()
   step_s = time.perf_counter() - start

@@ -31,7 +31,7 @@ import numpy as np  # noqa: E402
 
 from benchmarks import common  # noqa: E402
 from cdiff_jax import config as config_lib  # noqa: E402
-from cdiff_jax import parallel, train  # noqa: E402
+from cdiff_jax import train  # noqa: E402
 from cdiff_jax.data import sources  # noqa: E402
 from cdiff_jax.methods import constrained  # noqa: E402
 
@@ -66,9 +66,7 @@ def dataset_for(size: int) -> sources.ArrayDataset:
 def runner(config, dataset):
   exp = train.build(config, dataset)
   state = exp.init_state()
-  k = config.train.steps_per_call
-  host = exp.batcher.batch(0) if k == 1 else exp.batcher.stacked(0, k)
-  batch = parallel.put_batch(host, exp.mesh, 0 if k == 1 else 1)
+  batch = common.first_batch(exp)
   start = time.perf_counter()
   exp.step.lower(state, batch).compile()
   compile_s = time.perf_counter() - start
@@ -85,7 +83,7 @@ def runner(config, dataset):
     holder[0] = s
     return time.perf_counter() - begin
 
-  return run, exp.batcher.global_batch_size * k, compile_s
+  return run, exp.batcher.global_batch_size * config.train.steps_per_call, compile_s
 
 
 def main():

@@ -33,13 +33,11 @@ from benchmarks import common  # noqa: E402
 def jax_step_runner(name: str, steps_per_call: int = 1):
   """(run(n_calls) -> seconds, images per call, info) for the real jitted step."""
   import jax
-  from cdiff_jax import parallel
 
   exp = common.build_experiment(name, steps_per_call)
   state = exp.init_state()
   k = steps_per_call
-  host = exp.batcher.batch(0) if k == 1 else exp.batcher.stacked(0, k)
-  batch = parallel.put_batch(host, exp.mesh, 0 if k == 1 else 1)
+  batch = common.first_batch(exp)
   start = time.perf_counter()
   compiled = exp.step.lower(state, batch).compile()
   compile_s = time.perf_counter() - start
