@@ -345,10 +345,11 @@ def validate(config) -> None:
     raise ConfigError(f'config.method.target_frequency={mc.target_frequency}: a frequency '
                       "target converts to a threshold in nats only with ELBO losses; set "
                       "diffusion.loss_weighting='elbo' (or target_frequency=0).")
-  if mc.get('frequency_source', 'training') not in ('training', 'generated'):
-    raise ConfigError(f'config.method.frequency_source={mc.get('frequency_source', 'training')!r}: must be '
-                      "'training' or 'generated'.")
-  if mc.target_frequency > 0 and mc.objective != 'dsm' and mc.get('frequency_source', 'training') == 'training':
+  source = mc.get('frequency_source', 'training')
+  if source not in ('training', 'generated'):
+    raise ConfigError(f"config.method.frequency_source={source!r}: must be 'training' or "
+                      "'generated'.")
+  if mc.target_frequency > 0 and mc.objective != 'dsm' and source == 'training':
     raise ConfigError(f'config.method.target_frequency={mc.target_frequency}: with '
                       "frequency_source='training' the conversion assumes the reference model "
                       f"generates the training frequencies, which an objective={mc.objective!r} "
