@@ -57,6 +57,13 @@ def synthetic_dataset(image_shape, n: int = 512, seed: int = 0):
                               rng.integers(0, 10, n), 10, 'synthetic')
 
 
+def write_json(path: str, **fields) -> None:
+  """Writes a benchmark's results with the machine they ran on; no-op for an empty path."""
+  if path:
+    with open(path, 'w') as f:
+      json.dump(dict(machine=machine(), **fields), f, indent=2)
+
+
 def first_batch(exp):
   """The run's first (grouped) batch on its devices, stacked when steps_per_call > 1."""
   from cdiff_jax import parallel

@@ -126,9 +126,7 @@ def main(argv=None):
   worst = max(r['step_compile_s'] for r in results)
   print(f'\nslowest step compile {worst:.1f} s (goal < 30 s); load average at end '
         f'{common.load_average()}')
-  if args.json:
-    with open(args.json, 'w') as f:
-      json.dump(dict(machine=common.machine(), results=results), f, indent=2)
+  common.write_json(args.json, results=results)
   return results
 
 

@@ -15,7 +15,6 @@ Run: ``.venv/bin/python benchmarks/sampling.py --torch-python .venv-torch/bin/py
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 import tempfile
@@ -179,9 +178,7 @@ def main(argv=None):
   print(common.markdown_table(header, rows))
   print(f'\nmachine: {common.machine()}; batch {args.num_samples}; medians of {args.repeats} '
         f'alternating rounds; load average at end {common.load_average()}')
-  if args.json:
-    with open(args.json, 'w') as f:
-      json.dump(dict(machine=common.machine(), results=results), f, indent=2)
+  common.write_json(args.json, results=results)
   return results
 
 

@@ -19,7 +19,6 @@ Run: ``make bench`` (makes the PyTorch venv), or
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 import tempfile
@@ -185,10 +184,8 @@ def main(argv=None):
   print(f'\nmachine: {common.machine()}; medians of {args.repeats} alternating rounds; '
         f'matmul peak ' + ', '.join(f'{k} {v / 1e9:.0f} GFLOP/s' for k, v in matmul.items())
         + f'; load average at end {common.load_average()}')
-  if args.json:
-    with open(args.json, 'w') as f:
-      json.dump(dict(machine=common.machine(), matmul_flops_per_s=matmul, results=results,
-                     steps_per_call=args.steps_per_call), f, indent=2)
+  common.write_json(args.json, matmul_flops_per_s=matmul, results=results,
+                    steps_per_call=args.steps_per_call)
   return results
 
 

@@ -97,9 +97,7 @@ def main(argv=None):
       out.append(r)
   print()
   print(common.markdown_table(header, rows))
-  if args.json:
-    with open(args.json, 'w') as f:
-      json.dump(dict(machine=common.machine(), results=out), f, indent=2)
+  common.write_json(args.json, results=out)
 
 
 if __name__ == '__main__':
