@@ -100,7 +100,7 @@ def train_classifier(train: sources.ArrayDataset, test: sources.ArrayDataset, st
   net = dataclasses.replace(_net_for(train.image_shape), num_outputs=train.num_classes)
   rng = jax.random.key(seed)
   x0 = jnp.zeros((2,) + train.image_shape)
-  params = net.init(rng, x0, jnp.zeros(2))['params']
+  params = parallel.run_once(lambda r, x: net.init(r, x, jnp.zeros(2))['params'], rng, x0)
   tx = optax.adamw(optax.warmup_cosine_decay_schedule(0.0, lr, min(100, steps // 10), steps),
                    weight_decay=1e-4)
   opt_state = tx.init(params)
@@ -155,7 +155,8 @@ def get_classifier(data_config, steps: int | None = None, seed: int = 0,
   net = dataclasses.replace(_net_for(train.image_shape), num_outputs=train.num_classes)
   if os.path.exists(path + '.json') and os.path.exists(path + '.msgpack'):
     meta = json.load(open(path + '.json'))
-    template = net.init(jax.random.key(0), jnp.zeros((2,) + train.image_shape), jnp.zeros(2))['params']
+    template = jax.eval_shape(lambda x: net.init(jax.random.key(0), x, jnp.zeros(2))['params'],
+                              jnp.zeros((2,) + train.image_shape))
     with open(path + '.msgpack', 'rb') as f:
       params = flax.serialization.from_bytes(template, f.read())
     return EvalClassifier(net, params, train.num_classes, meta['accuracy'], train.image_shape)

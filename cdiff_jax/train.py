@@ -169,8 +169,8 @@ class Experiment:
     n = 2
     x = jnp.zeros((n,) + self.image_shape, jnp.float32)
     y = jnp.zeros((n,), jnp.int32) if self.config.model.conditional else None
-    # Jitted: one (cacheable) compile instead of one per layer op; same values as eager.
-    params = jax.jit(self.model.init)(rng_init, x, jnp.full((n,), 0.5), y)
+    # One program (compiled for compile speed, cacheable) instead of one per layer op.
+    params = parallel.run_once(self.model.init, rng_init, x, jnp.full((n,), 0.5), y)
     if self.config.train.init_from:  # fine-tuning: start from another run's EMA parameters
       loaded = checkpoint_lib.load_params(self.config.train.init_from)
       if jax.tree.structure(loaded) != jax.tree.structure(params) or any(

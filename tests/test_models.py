@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cdiff_jax import schedules
+from cdiff_jax import parallel, schedules
 from cdiff_jax.models import ConvClassifier, MLPScore, ScoreModel, UNet
 
 
@@ -24,6 +24,20 @@ def test_unet_shapes(size, channels, ch_mult):
   out_train = jax.eval_shape(lambda p, k: net.apply(p, x, t, None, train=True, rngs={'dropout': k}),
                              {'params': params}, jax.random.key(1))
   assert out_train.shape == x.shape
+
+
+def test_initializer_compiled_for_compile_speed_gives_the_same_parameters():
+  # parallel.run_once (XLA:CPU backend optimization off) is how runs initialize parameters;
+  # the values must be those of the ordinary compiled initializer.
+  net = UNet(ch=8, ch_mult=(1,), num_res_blocks=1, attn_levels=(0,), num_groups=4)
+  args = (jax.random.key(5), jnp.ones((2, 8, 8, 1)), jnp.array([0.1, 0.9]))
+  fast = parallel.run_once(net.init, *args)
+  ref = jax.jit(net.init)(*args)
+  assert jax.tree.structure(fast) == jax.tree.structure(ref)
+  for a, b in zip(jax.tree.leaves(fast), jax.tree.leaves(ref)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
+  other = parallel.run_once(net.init, jax.random.key(6), *args[1:])
+  assert any(not np.allclose(a, b) for a, b in zip(jax.tree.leaves(other), jax.tree.leaves(fast)))
 
 
 def test_unet_uses_time_and_class():

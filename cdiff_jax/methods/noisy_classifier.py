@@ -31,6 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from cdiff_jax import parallel
 from cdiff_jax import schedules as schedules_lib
 from cdiff_jax.models.classifier import ConvClassifier
 from cdiff_jax.models.mlp import MLPScore
@@ -85,9 +86,11 @@ class NoisyClassifier:
   def init(self, rng, example_shape, frozen=None):
     x = jnp.zeros((2,) + tuple(example_shape), jnp.float32)
     t = jnp.full((2,), 0.5)
-    if self.feature_fn is not None:
-      x = self.feature_fn(frozen, x, t)
-    return self.net.init({'params': rng, 'dropout': rng}, x, t)['params']
+    def init(rng, x, t, frozen):
+      if self.feature_fn is not None:
+        x = self.feature_fn(frozen, x, t)
+      return self.net.init({'params': rng, 'dropout': rng}, x, t)['params']
+    return parallel.run_once(init, rng, x, t, frozen)
 
   def logits(self, params, x, t, frozen=None, train: bool = False, rng=None):
     """Batched logits (B, num_outputs)."""
