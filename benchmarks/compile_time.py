@@ -5,8 +5,11 @@ For each ``configs/*.py`` (or ``--configs``): builds the experiment as the launc
 class count; thresholds taken from a reference run become absolute ones; a discriminator
 pre-training phase runs 2 steps), then times, with the persistent compilation cache off,
 ``step.lower(state, batch).compile()`` (trace + lower + XLA compile of the jitted train
-step: loss, gradient, optimizer, EMA, dual update) and the first call of the configured
-sampler on 8 samples (its compiles and one run). Goal (issue on speed): under 30 s each.
+step: loss, gradient, optimizer, EMA, dual update), the same for the configured sampler's
+programs on 8 samples (``Sampler.lower``), and "build + init" (data, thresholds, the
+parameter initializer's compile). Goal (issue on speed): under 30 s each.
+``toy_composition`` is not an image-launcher config (its experiment trains small MLPs) and
+is left out.
 
   .venv/bin/python benchmarks/compile_time.py [--configs=digits_dsm,mnist_minority]
 """
@@ -29,13 +32,15 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks import common  # noqa: E402
 
 # Data of the configs that read files: (image shape from data.image_size, channels, classes).
+NOT_LAUNCHER_CONFIGS = ('toy_composition',)
 SYNTHETIC = {'mnist': (1, 10), 'fashion_mnist': (1, 10), 'cifar10': (3, 10), 'celeb_a': (3, 2)}
 
 
 def shipped_configs() -> list[str]:
   here = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'configs')
   return sorted(os.path.basename(p)[:-3] for p in glob.glob(os.path.join(here, '*.py'))
-                if not os.path.basename(p).startswith('_'))
+                if not os.path.basename(p).startswith('_')
+                and os.path.basename(p)[:-3] not in NOT_LAUNCHER_CONFIGS)
 
 
 def prepare_config(name: str):
@@ -79,12 +84,13 @@ def measure(name: str) -> dict:
   sampler = exp.sampler()
   n = 8
   start = time.perf_counter()
-  jax.block_until_ready(sampler(state.ema_params, jax.random.key(0), n, exp.sample_labels(n)))
+  for lowered in sampler.lower(state.ema_params, n, exp.sample_labels(n)):
+    lowered.compile()
   sample_s = time.perf_counter() - start
   return dict(config=name, image_shape=list(exp.image_shape), method=config.method.name,
               build_s=build_s, step_compile_s=step_s,
               sampler=f'{config.sample.sampler}-{config.sample.num_steps}',
-              sampler_first_call_s=sample_s)
+              sampler_compile_s=sample_s)
 
 
 def main(argv=None):
@@ -115,14 +121,14 @@ def main(argv=None):
       continue
     r = json.loads(lines[-1][len('RESULT '):])
     print(f"{name}: build {r['build_s']:.1f} s, step compile {r['step_compile_s']:.1f} s, "
-          f"sampler first call {r['sampler_first_call_s']:.1f} s", flush=True)
+          f"sampler compile {r['sampler_compile_s']:.1f} s", flush=True)
     results.append(r)
   rows = [[r['config'], 'x'.join(map(str, r['image_shape'])), r['method'],
-           f"{r['step_compile_s']:.1f}", r['sampler'], f"{r['sampler_first_call_s']:.1f}",
+           f"{r['step_compile_s']:.1f}", r['sampler'], f"{r['sampler_compile_s']:.1f}",
            f"{r['build_s']:.1f}"] for r in results]
   print()
   print(common.markdown_table(['config', 'image', 'method', 'step compile (s)', 'sampler',
-                               'sampler first call (s)', 'build + init (s)'], rows))
+                               'sampler compile (s)', 'build + init (s)'], rows))
   worst = max(r['step_compile_s'] for r in results)
   print(f'\nslowest step compile {worst:.1f} s (goal < 30 s); load average at end '
         f'{common.load_average()}')

@@ -106,6 +106,7 @@ class Sampler:
     step = make_step(eps_fn, schedule, sampler, eta, clip)
     times = self.times
     out_sharding = parallel.batch_sharding(mesh) if mesh is not None else None
+    self._x_sharding = out_sharding
 
     def init(rng, n):
       x = jax.random.normal(rng, (n,) + self.shape)
@@ -124,6 +125,17 @@ class Sampler:
     self._init = jax.jit(init, static_argnums=1)
     self._run = jax.jit(run, donate_argnums=2)
     self._finish = jax.jit(finish)
+
+  def lower(self, params, num_samples: int, cond=None) -> list:
+    """The sampler's three programs (initial noise, a chunk of steps, the final denoising)
+    lowered for ``num_samples`` samples; ``.compile()`` each to compile them ahead of time
+    (e.g. to measure compile time; calls compile on first use all the same)."""
+    rng = jax.random.key(0)
+    x = jax.ShapeDtypeStruct((num_samples,) + self.shape, jnp.float32,
+                             sharding=self._x_sharding)
+    return [self._init.lower(rng, num_samples),
+            self._run.lower(params, cond, x, rng, 0, 1),
+            self._finish.lower(params, cond, x)]
 
   def __call__(self, params, rng, num_samples: int, cond=None, progress: bool = False):
     if self.mesh is not None:
