@@ -45,5 +45,6 @@ def get_config():
 
   c.finetune = ml_collections.ConfigDict(dict(
       pretrain_steps=2000, pretrain_batch=128, pretrain_drop_classes=(9,),
+      pretrain_lr=0.0,                      # 0: optim.lr, as for the fine-tuning
       num_generated=1000, new_data_size=100, new_data_seed=0))
   return c

@@ -39,6 +39,8 @@ def pretrain_config(config):
   c.data.drop_classes = tuple(fc.pretrain_drop_classes)
   c.train.steps = fc.pretrain_steps
   c.train.batch_size = fc.pretrain_batch
+  if fc.get('pretrain_lr'):  # pre-training from scratch may want a larger rate than fine-tuning
+    c.optim.lr = fc.pretrain_lr
   c.train.init_from = ''
   c.eval.enabled = True
   return c
