@@ -244,7 +244,7 @@ def evaluate_run(exp, state, workdir: str, progress: bool = False) -> dict:
   samples = generate(exp, state, ec.num_samples, progress=progress)
   feature_fn = load_feature_fn(ec.feature_fn) if ec.feature_fn else None
   result = evaluate_samples(clf, samples, sources.to_float(test.images), feature_fn)
-  train_freqs = class_frequencies(exp.dataset.labels[exp.train_idx], exp.num_classes)
+  train_freqs = class_frequencies(exp.dataset.labels[exp.objective_indices()], exp.num_classes)
   result['training_class_frequencies'] = train_freqs.tolist()
   if jax.process_index() == 0:
     with open(os.path.join(workdir, 'eval.json'), 'w') as f:

@@ -163,6 +163,13 @@ class Experiment:
   def image_shape(self):
     return self.dataset.image_shape
 
+  def objective_indices(self) -> np.ndarray:
+    """Indices of the examples the objective trains on: the method's objective data groups
+    (not constraint sets; for TIW-DSM the biased and reference sets, not the examples its
+    long-tailed split sets aside)."""
+    groups = self.batcher.groups[:getattr(self.method, 'num_objective_groups', None)]
+    return np.unique(np.concatenate(groups))
+
   def init_state(self) -> TrainState:
     rng = jax.random.key(self.config.seed)
     rng_init, rng_extras, rng_train = jax.random.split(rng, 3)

@@ -242,6 +242,8 @@ def test_frequency_target_thresholds(monkeypatch, tiny_config, tmp_path):
   np.testing.assert_allclose(exp.method.thresholds, np.array([310.0, 320.0]) - np.log(0.1 / pi),
                              rtol=1e-6)
   assert pi[0] < 0.05  # the minority really is one
+  # Constraint sets are classes of the objective's data: its training data is all of it.
+  np.testing.assert_array_equal(exp.objective_indices(), np.sort(exp.train_idx))
   # pi_c measured in the reference run's samples instead (e.g. a TIW-DSM reference, which
   # does not reproduce its training frequencies); a class it never drew counts as 1/2 sample.
   tiny_config.method.frequency_source = 'generated'
@@ -286,6 +288,9 @@ def test_tiw_objective_with_minority_constraints_in_one_step(tiny_config, tmp_pa
   for group, cls in zip(exp.batcher.groups[2:], (8, 9)):
     np.testing.assert_array_equal(np.sort(group), np.sort(bias_ref[labels[bias_ref] == cls]))
     assert len(group) < 0.5 * np.sum(labels[exp.train_idx] == cls)
+  # The training data the evaluation reports is the objective's: bias + ref, not the set-aside.
+  np.testing.assert_array_equal(exp.objective_indices(), np.unique(bias_ref))
+  assert len(exp.objective_indices()) < 0.8 * len(exp.train_idx)
   state = exp.init_state()
   disc0 = jax.device_get(state.extras['base']['disc']['params'])
 
