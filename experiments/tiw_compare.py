@@ -216,7 +216,8 @@ def main():
   os.makedirs(args.workdir, exist_ok=True)
 
   t_start = time.perf_counter()
-  clf = evaluation.get_classifier(base.data, progress=not args.no_progress)
+  clf = evaluation.get_classifier(base.data, steps=base.eval.classifier_steps or None,
+                                  progress=not args.no_progress)
   results = {}
   for frac in [float(f) for f in args.ref_fractions.split(',')]:
     key = f'{frac:g}'
