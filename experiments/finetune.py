@@ -76,6 +76,7 @@ def main(argv):
   fc = config.finetune
   workdir = os.path.abspath(_WORKDIR.value)
   progress = _PROGRESS.value
+  train.setup_jax(config)  # XLA options before the samples of step 2 start the backend
 
   pre_dir = os.path.join(workdir, 'pretrained')
   pre_cfg = pretrain_config(config)

@@ -215,6 +215,7 @@ def main():
   selected = [a for a in args.arms.split(',') if a]
   os.makedirs(args.workdir, exist_ok=True)
 
+  train.setup_jax(base)  # XLA options before the classifier starts the backend
   t_start = time.perf_counter()
   clf = evaluation.get_classifier(base.data, steps=base.eval.classifier_steps or None,
                                   progress=not args.no_progress)
