@@ -138,6 +138,14 @@ def default_steps(dataset: sources.ArrayDataset) -> int:
   return 1500 if dataset.image_shape[0] <= 16 else 3000
 
 
+def classifier_for(config, progress: bool = False) -> EvalClassifier:
+  """The evaluation classifier a run's config asks for (``config.data``, trained for
+  ``config.eval.classifier_steps`` steps or the default): the one every evaluation and
+  experiment of that run labels its samples with."""
+  return get_classifier(config.data, steps=config.eval.classifier_steps or None,
+                        progress=progress)
+
+
 def get_classifier(data_config, steps: int | None = None, seed: int = 0,
                    train: sources.ArrayDataset | None = None,
                    test: sources.ArrayDataset | None = None,
@@ -239,7 +247,7 @@ def generate(exp, state, num_samples: int, seed: int = 1234, progress: bool = Fa
 def evaluate_run(exp, state, workdir: str, progress: bool = False) -> dict:
   """Samples a trained run, evaluates it, writes eval.json and the plots; returns the dict."""
   ec = exp.config.eval
-  clf = get_classifier(exp.config.data, steps=ec.classifier_steps or None, progress=progress)
+  clf = classifier_for(exp.config, progress=progress)
   test = sources.load_dataset(exp.config.data, 'test')
   samples = generate(exp, state, ec.num_samples, progress=progress)
   feature_fn = load_feature_fn(ec.feature_fn) if ec.feature_fn else None

@@ -117,8 +117,7 @@ def main(argv):
   per_class = lambda start, m: jnp.arange(start, start + m, dtype=jnp.int32) % k
 
   print('evaluation classifier (trained once, cached)...')
-  clf = evaluation.get_classifier(config.data, steps=config.eval.classifier_steps or None,
-                                  progress=progress)
+  clf = evaluation.classifier_for(config, progress=progress)
   test_images = sources.to_float(sources.load_dataset(config.data, 'test').images)
 
   settings = {}   # name -> (samples, requested labels or None, description)

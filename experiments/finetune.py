@@ -91,7 +91,7 @@ def main(argv):
     state = state.replace(ema_params=params)
     generated = evaluation.generate(exp, state, fc.num_generated, seed=fc.new_data_seed + 7,
                                     progress=progress)
-    clf = evaluation.get_classifier(config.data, steps=config.eval.classifier_steps or None)
+    clf = evaluation.classifier_for(config)
     np.savez(gen_path, images=generated, labels=clf.predict(generated))
   with np.load(gen_path) as f:
     generated, generated_labels = f['images'], f['labels']

@@ -217,8 +217,7 @@ def main():
 
   train.setup_jax(base)  # XLA options before the classifier starts the backend
   t_start = time.perf_counter()
-  clf = evaluation.get_classifier(base.data, steps=base.eval.classifier_steps or None,
-                                  progress=not args.no_progress)
+  clf = evaluation.classifier_for(base, progress=not args.no_progress)
   results = {}
   for frac in [float(f) for f in args.ref_fractions.split(',')]:
     key = f'{frac:g}'

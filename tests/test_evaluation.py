@@ -54,3 +54,23 @@ def test_classifier_is_cached(digits_classifier):
   assert again.accuracy == digits_classifier.accuracy
   np.testing.assert_array_equal(np.asarray(again.params['Dense_2']['kernel']),
                                 np.asarray(digits_classifier.params['Dense_2']['kernel']))
+
+
+def test_classifier_for_a_run_config_is_that_of_its_eval_steps(digits_classifier, monkeypatch):
+  # Experiments label samples with the classifier the run's evaluation uses: the one of
+  # config.eval.classifier_steps (here the cached 600-step one), not a default-size one.
+  config = config_lib.base_config()
+  config.eval.classifier_steps = 600
+  trained = []
+
+  def train_classifier(train, test, steps, *args, **kwargs):
+    trained.append(steps)
+    raise RuntimeError('would train a new classifier')
+
+  monkeypatch.setattr(evaluation, 'train_classifier', train_classifier)
+  clf = evaluation.classifier_for(config)
+  assert not trained and clf.accuracy == digits_classifier.accuracy
+  config.eval.classifier_steps = 0   # the default size: another classifier, trained anew
+  with pytest.raises(RuntimeError, match='would train'):
+    evaluation.classifier_for(config)
+  assert trained == [1500]

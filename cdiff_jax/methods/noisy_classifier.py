@@ -86,11 +86,11 @@ class NoisyClassifier:
   def init(self, rng, example_shape, frozen=None):
     x = jnp.zeros((2,) + tuple(example_shape), jnp.float32)
     t = jnp.full((2,), 0.5)
-    def init(rng, x, t, frozen):
+    def init_params(rng, x, t, frozen):
       if self.feature_fn is not None:
         x = self.feature_fn(frozen, x, t)
       return self.net.init({'params': rng, 'dropout': rng}, x, t)['params']
-    return parallel.run_once(init, rng, x, t, frozen)
+    return parallel.run_once(init_params, rng, x, t, frozen)
 
   def logits(self, params, x, t, frozen=None, train: bool = False, rng=None):
     """Batched logits (B, num_outputs)."""
