@@ -5,9 +5,9 @@ For each ``configs/*.py`` (or ``--configs``): builds the experiment as the launc
 class count; thresholds taken from a reference run become absolute ones; a discriminator
 pre-training phase runs 2 steps), then times, with the persistent compilation cache off,
 ``step.lower(state, batch).compile()`` (trace + lower, also reported apart, + XLA compile of
-the jitted train step: loss, gradient, optimizer, EMA, dual update), the same for the configured sampler's
-programs on 8 samples (``Sampler.lower``), and "build + init" (data, thresholds, the
-parameter initializer's compile). Goal (issue on speed): under 30 s each.
+the jitted train step: loss, gradient, optimizer, EMA, dual update), the same for the
+configured sampler's programs on 8 samples (``Sampler.lower``), and "build + init" (data,
+thresholds, the parameter initializer's compile). Goal (issue on speed): under 30 s each.
 ``toy_composition`` is not an image-launcher config (its experiment trains small MLPs) and
 is left out.
 
