@@ -23,6 +23,7 @@ Writes ``results.md`` (the table), ``results.json``, ``class_frequencies.png`` a
 from __future__ import annotations
 
 import argparse
+import ast
 import importlib.util
 import json
 import os
@@ -196,6 +197,9 @@ def main():
   parser.add_argument('--num_samples', type=int, default=0, help='override eval.num_samples')
   parser.add_argument('--source', default='', help='override data.source (e.g. idx)')
   parser.add_argument('--data_dir', default='', help='override data.data_dir')
+  parser.add_argument('--set', action='append', default=[], metavar='FIELD=VALUE',
+                      help='override any config field, e.g. --set train.batch_size=64 '
+                           '(repeatable; VALUE is a Python literal or a bare string)')
   parser.add_argument('--seed', type=int, default=0)
   parser.add_argument('--no_progress', action='store_true')
   args = parser.parse_args()
@@ -210,6 +214,8 @@ def main():
     base.data.source = args.source
   if args.data_dir:
     base.data.data_dir = args.data_dir
+  for item in args.set:
+    set_field(base, item)
   base.eval.enabled = True
   alphas = [float(a) for a in args.alphas.split(',') if a]
   selected = [a for a in args.arms.split(',') if a]
@@ -236,7 +242,8 @@ def main():
                                          **copying(samples, config))
     results[key]['data'] = split_frequencies(_with_fraction(base, frac), clf.num_classes)
   minutes = (time.perf_counter() - t_start) / 60
-  header = (f'TIW-DSM comparison: {base.data.name}, {base.train.steps} steps per arm, '
+  header = (f'TIW-DSM comparison: {base.data.name}, {base.train.steps} steps of batch '
+            f'{base.train.batch_size} per arm, '
             f'{base.eval.num_samples} samples per arm, evaluation classifier accuracy '
             f'{clf.accuracy:.3f}; {os.cpu_count()}-core {platform.machine()} '
             f'{jax.default_backend()}, {minutes:.0f} minutes in this invocation.')
@@ -244,6 +251,27 @@ def main():
     json.dump(dict(header=header, results=results), f, indent=2, default=float)
   write_plots(args.workdir, results, alphas)
   print(write_table(args.workdir, results, header))
+
+
+def set_field(config, item: str):
+  """Applies ``'a.b.c=value'`` to ``config``; the field must exist (a typo is an error)."""
+  if '=' not in item:
+    raise SystemExit(f'--set expects FIELD=VALUE, got {item!r}')
+  path, raw = item.split('=', 1)
+  *parents, leaf = path.strip().split('.')
+  node = config
+  for name in parents:
+    if name not in node:
+      raise SystemExit(f'--set {item!r}: config has no field {path!r} (no {name!r})')
+    node = node[name]
+  if leaf not in node:
+    raise SystemExit(f'--set {item!r}: config has no field {path!r}; fields here: '
+                     f'{sorted(node.keys())}')
+  try:
+    value = ast.literal_eval(raw)
+  except (ValueError, SyntaxError):
+    value = raw
+  node[leaf] = value
 
 
 def _with_fraction(base, frac):

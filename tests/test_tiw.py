@@ -404,3 +404,48 @@ def test_composed_per_example_loss_weights_only_the_objective_groups():
   np.testing.assert_allclose(vec[:12], (terms['weight'] * terms['loss'])[:12], rtol=1e-6)
   np.testing.assert_allclose(vec[12:], terms['dsm_loss'][12:], rtol=1e-6)
   assert np.abs(np.asarray(terms['loss'] - terms['dsm_loss'])).max() > 0  # correction is on
+
+
+def test_feature_head_discriminator_uses_the_run_classifier_frozen(tiny_config, tmp_path,
+                                                                  monkeypatch):
+  """disc_features='eval_classifier': the head sits on the features of the classifier the
+  run's evaluation uses (config.eval.classifier_steps), which the step leaves unchanged."""
+  from cdiff_jax import evaluation
+  monkeypatch.setenv('CDIFF_JAX_CACHE', str(tmp_path))
+  trained = []
+  real_train = evaluation.train_classifier
+
+  def recording_train(train_set, test_set, steps, *args, **kwargs):
+    trained.append(steps)
+    return real_train(train_set, test_set, steps, *args, **kwargs)
+
+  monkeypatch.setattr(evaluation, 'train_classifier', recording_train)
+  c = tiny_config
+  c.eval.classifier_steps = 40
+  c.train.num_devices = 1   # the case where placing the state could alias its arrays
+  c.method = tiw.default_config()
+  c.method.update(dict(variant='tiw', disc_features='eval_classifier', disc_pretrain_steps=3,
+                       disc_batch_size=16, disc_cache=False, imbalance_ratio=0.1,
+                       ref_fraction=0.2))
+  exp = train.build(c)
+  state = exp.init_state()
+  assert trained == [40]               # the run's classifier, not a default-size one
+  clf = evaluation.classifier_for(c)   # now read from the cache
+  assert trained == [40]
+  frozen = jax.tree.map(np.asarray, state.extras['disc']['frozen'])
+  for a, b in zip(jax.tree.leaves(frozen), jax.tree.leaves(clf.params), strict=True):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  head0 = jax.tree.map(np.asarray, state.extras['disc']['params'])
+  for _ in range(2):
+    state, m = exp.step(state, parallel.put_batch(exp.batcher.batch(0), exp.mesh))
+  assert np.isfinite(float(m['loss']))
+  for a, b in zip(jax.tree.leaves(frozen), jax.tree.leaves(state.extras['disc']['frozen'])):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  # The donated step did not consume the feature extractor's own arrays: a second state
+  # (as a resume builds) still initializes from them.
+  again = exp.init_state()
+  for a, b in zip(jax.tree.leaves(frozen), jax.tree.leaves(again.extras['disc']['frozen'])):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  # The trained parameters are the head's alone (the classifier's live only in 'frozen').
+  fresh = exp.method.disc.init(jax.random.key(1), (8, 8, 1), frozen)
+  assert jax.tree.structure(fresh) == jax.tree.structure(head0)

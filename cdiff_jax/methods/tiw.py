@@ -477,17 +477,18 @@ def split_indices(method_config, dataset, train_indices):
 
 class _EvalClassifierFeatures:
   """Frozen penultimate features of the evaluation classifier (trained on clean images, so
-  it is called at t = 0; the head gets the real t). Loaded on first use."""
+  it is called at t = 0; the head gets the real t). The same classifier the run's
+  evaluation labels with (``evaluation.classifier_for``). Loaded on first use."""
 
-  def __init__(self, data_config):
-    self.data_config = data_config
+  def __init__(self, config):
+    self.config = config
     self._clf = None
 
   @property
   def clf(self):
     if self._clf is None:
       from cdiff_jax import evaluation  # Local: trains/loads the classifier only when asked.
-      self._clf = evaluation.get_classifier(self.data_config, progress=True)
+      self._clf = evaluation.classifier_for(self.config, progress=True)
     return self._clf
 
   def params(self):
@@ -507,7 +508,7 @@ def build(config, model, num_classes: int, common: dict) -> TIW:
       kind = 'conv' if config.model.name == 'unet' else 'mlp'
     feature_fn = None
     if mc.disc_features == 'eval_classifier':
-      feature_fn = _EvalClassifierFeatures(config.data)
+      feature_fn = _EvalClassifierFeatures(config)
       frozen = feature_fn.params
     net = nc.build_net('head' if feature_fn is not None else kind, 1, ch=mc.disc_ch,
                        ch_mult=mc.disc_ch_mult, num_res_blocks=mc.disc_num_res_blocks,
