@@ -177,3 +177,32 @@ def test_loop_friendly_conv_matches_lax_in_value_and_gradient(dtype, strides, si
   dilated = nn.Conv(7, (3, 3), kernel_dilation=2, conv_general_dilated=unet.loop_friendly_conv)
   np.testing.assert_allclose(dilated.apply(p, x), nn.Conv(7, (3, 3), kernel_dilation=2).apply(p, x),
                              atol=1e-6)
+
+
+def test_dropout_keeps_units_at_the_right_rate_and_ignores_sharding():
+  from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+  from cdiff_jax.models.unet import Dropout
+  x = jnp.ones((8, 16, 16, 32))
+  drop = Dropout(0.25)
+
+  def apply(x, seed):
+    return drop.apply({}, x, rngs={'dropout': jax.random.key(seed)})
+
+  y = np.asarray(jax.jit(apply)(x, 0))
+  kept = y != 0
+  # Inverted dropout: kept units scaled by 1/(1 - rate), 75% kept (65k units: 4 sigma ~ 0.007).
+  np.testing.assert_allclose(y[kept], 1 / 0.75, rtol=1e-6)
+  assert abs(kept.mean() - 0.75) < 0.007
+  # Independent of the position: per-example and per-channel keep rates agree.
+  assert np.abs(kept.mean(axis=(1, 2, 3)) - 0.75).max() < 0.03
+  assert np.abs(kept.mean(axis=(0, 1, 2)) - 0.75).max() < 0.06
+  # A new key, a new mask; the same key, the same mask; eval mode is the identity.
+  assert (np.asarray(jax.jit(apply)(x, 1)) != y).mean() > 0.2
+  np.testing.assert_array_equal(np.asarray(jax.jit(apply)(x, 0)), y)
+  np.testing.assert_array_equal(Dropout(0.25, deterministic=True).apply({}, x), x)
+  # Data-parallel: the batch split over 2 devices gets the same mask as on one device.
+  mesh = Mesh(np.array(jax.devices()[:2]), ('data',))
+  sharded = NamedSharding(mesh, P('data'))
+  y2 = jax.jit(apply, in_shardings=(sharded, None), out_shardings=sharded)(
+      jax.device_put(x, sharded), 0)
+  np.testing.assert_array_equal(np.asarray(y2), y)
