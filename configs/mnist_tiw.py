@@ -10,7 +10,8 @@ Commands:
       --config.data.source=idx --config.data.data_dir=DIR_WITH_IDX_FILES \\
       --config.method.variant=tiw --config.method.ref_fraction=0.05
   python experiments/tiw_compare.py --config=configs/mnist_tiw.py --workdir=runs/mnist_cmp \\
-      --ref_fractions=0.05,0.1 --source=idx --data_dir=DIR_WITH_IDX_FILES
+      --ref_fractions=0.05,0.1 --config.data.source=idx \\
+      --config.data.data_dir=DIR_WITH_IDX_FILES
 
 Expected: an accelerator run (20k steps, batch 128) per arm; the paper's ordering on
 CIFAR-10-LT is TIW-DSM better (lower FID, more uniform classes) than DSM(obs), which can

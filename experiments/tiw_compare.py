@@ -2,7 +2,10 @@
 
   python experiments/tiw_compare.py --workdir=runs/tiw_compare          # digits, CPU minutes
   python experiments/tiw_compare.py --config=configs/mnist_tiw.py --workdir=runs/mnist_cmp \\
-      --ref_fractions=0.05,0.1 --source=idx --data_dir=DIR_WITH_IDX_FILES
+      --ref_fractions=0.05,0.1 --config.data.source=idx --config.data.data_dir=IDX_DIR
+
+Any config field is overridden as in the launcher (``--config.train.steps=1500``); ``--arms``
+picks arms by label (``--arms='DSM(obs),TIW-DSM'``), ``--alphas=`` drops the sweep.
 
 Every arm is one ``train_and_evaluate`` run of the config with ``method.variant`` and
 ``method.alpha`` set, in ``WORKDIR/ref{fraction}/{arm}`` (an interrupted comparison resumes:
@@ -22,9 +25,6 @@ Writes ``results.md`` (the table), ``results.json``, ``class_frequencies.png`` a
 
 from __future__ import annotations
 
-import argparse
-import ast
-import importlib.util
 import json
 import os
 import platform
@@ -32,17 +32,14 @@ import time
 
 import jax
 import numpy as np
+from absl import app, flags
+from ml_collections import config_flags
 
 from cdiff_jax import evaluation, train
 from cdiff_jax.data import sources
 from cdiff_jax.methods import tiw
 
-
-def load_config(path: str):
-  spec = importlib.util.spec_from_file_location('experiment_config', path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config()
+_FLAGS = {}
 
 
 def arms(alphas):
@@ -185,47 +182,39 @@ def write_table(workdir: str, results: dict, header: str) -> str:
   return text
 
 
-def main():
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  here = os.path.dirname(os.path.abspath(__file__))
-  parser.add_argument('--config', default=os.path.join(here, '..', 'configs', 'digits_tiw.py'))
-  parser.add_argument('--workdir', default='runs/tiw_compare')
-  parser.add_argument('--ref_fractions', default='0.1', help='comma-separated, e.g. 0.05,0.1')
-  parser.add_argument('--alphas', default='0.5,2', help='extra TIW-DSM temperatures')
-  parser.add_argument('--arms', default='', help='comma-separated arm labels to run (default all)')
-  parser.add_argument('--steps', type=int, default=0, help='override train.steps')
-  parser.add_argument('--num_samples', type=int, default=0, help='override eval.num_samples')
-  parser.add_argument('--source', default='', help='override data.source (e.g. idx)')
-  parser.add_argument('--data_dir', default='', help='override data.data_dir')
-  parser.add_argument('--set', action='append', default=[], metavar='FIELD=VALUE',
-                      help='override any config field, e.g. --set train.batch_size=64 '
-                           '(repeatable; VALUE is a Python literal or a bare string)')
-  parser.add_argument('--seed', type=int, default=0)
-  parser.add_argument('--no_progress', action='store_true')
-  args = parser.parse_args()
+def _define_flags():
+  """The command-line flags, defined only when this file is the program."""
+  _FLAGS['config'] = config_flags.DEFINE_config_file(
+      'config', 'configs/digits_tiw.py', 'Config of every arm (method.variant and '
+      'method.alpha are set per arm); override fields as --config.train.steps=1500.')
+  _FLAGS['workdir'] = flags.DEFINE_string('workdir', 'runs/tiw_compare', 'Output directory.')
+  _FLAGS['ref_fractions'] = flags.DEFINE_list('ref_fractions', ['0.1'],
+                                              'Reference-set sizes, e.g. 0.05,0.1.')
+  _FLAGS['alphas'] = flags.DEFINE_list('alphas', ['0.5', '2'], 'Extra TIW-DSM temperatures.')
+  _FLAGS['arms'] = flags.DEFINE_list('arms', [], 'Arm labels to run (default: all).')
+  _FLAGS['progress'] = flags.DEFINE_bool('progress', True, 'Show progress bars.')
 
-  base = load_config(args.config)
-  base.seed = args.seed
-  if args.steps:
-    base.train.steps = args.steps
-  if args.num_samples:
-    base.eval.num_samples = args.num_samples
-  if args.source:
-    base.data.source = args.source
-  if args.data_dir:
-    base.data.data_dir = args.data_dir
-  for item in args.set:
-    set_field(base, item)
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  base = _FLAGS['config'].value
+  workdir, progress = _FLAGS['workdir'].value, _FLAGS['progress'].value
   base.eval.enabled = True
-  alphas = [float(a) for a in args.alphas.split(',') if a]
-  selected = [a for a in args.arms.split(',') if a]
-  os.makedirs(args.workdir, exist_ok=True)
+  alphas = [float(a) for a in _FLAGS['alphas'].value]
+  selected = _FLAGS['arms'].value
+  labels = [label for label, _, _ in arms(alphas)]
+  unknown = [a for a in selected if a not in labels]
+  if unknown:
+    raise app.UsageError(f'--arms: no arm {unknown}; the arms are {labels} '
+                         '(TIW-DSM a=... from --alphas).')
+  os.makedirs(workdir, exist_ok=True)
 
   train.setup_jax(base)  # XLA options before the classifier starts the backend
   t_start = time.perf_counter()
-  clf = evaluation.classifier_for(base, progress=not args.no_progress)
+  clf = evaluation.classifier_for(base, progress=progress)
   results = {}
-  for frac in [float(f) for f in args.ref_fractions.split(',')]:
+  for frac in [float(f) for f in _FLAGS['ref_fractions'].value]:
     key = f'{frac:g}'
     results[key] = dict(arms={})
     for label, variant, alpha in arms(alphas):
@@ -234,9 +223,9 @@ def main():
       config = base.copy_and_resolve_references()
       config.method.variant, config.method.alpha = variant, alpha
       config.method.ref_fraction = frac
-      wd = os.path.join(args.workdir, f'ref{key}', slug(label))
+      wd = os.path.join(workdir, f'ref{key}', slug(label))
       print(f'=== reference {key}: {label} -> {wd}')
-      record = run_arm(config, wd, progress=not args.no_progress)
+      record = run_arm(config, wd, progress=progress)
       samples = np.load(os.path.join(wd, 'eval_samples.npy')).astype(np.float32)
       results[key]['arms'][label] = dict(record['eval'], seconds=record['seconds'],
                                          **copying(samples, config))
@@ -247,31 +236,10 @@ def main():
             f'{base.eval.num_samples} samples per arm, evaluation classifier accuracy '
             f'{clf.accuracy:.3f}; {os.cpu_count()}-core {platform.machine()} '
             f'{jax.default_backend()}, {minutes:.0f} minutes in this invocation.')
-  with open(os.path.join(args.workdir, 'results.json'), 'w') as f:
+  with open(os.path.join(workdir, 'results.json'), 'w') as f:
     json.dump(dict(header=header, results=results), f, indent=2, default=float)
-  write_plots(args.workdir, results, alphas)
-  print(write_table(args.workdir, results, header))
-
-
-def set_field(config, item: str):
-  """Applies ``'a.b.c=value'`` to ``config``; the field must exist (a typo is an error)."""
-  if '=' not in item:
-    raise SystemExit(f'--set expects FIELD=VALUE, got {item!r}')
-  path, raw = item.split('=', 1)
-  *parents, leaf = path.strip().split('.')
-  node = config
-  for name in parents:
-    if name not in node:
-      raise SystemExit(f'--set {item!r}: config has no field {path!r} (no {name!r})')
-    node = node[name]
-  if leaf not in node:
-    raise SystemExit(f'--set {item!r}: config has no field {path!r}; fields here: '
-                     f'{sorted(node.keys())}')
-  try:
-    value = ast.literal_eval(raw)
-  except (ValueError, SyntaxError):
-    value = raw
-  node[leaf] = value
+  write_plots(workdir, results, alphas)
+  print(write_table(workdir, results, header))
 
 
 def _with_fraction(base, frac):
@@ -281,4 +249,7 @@ def _with_fraction(base, frac):
 
 
 if __name__ == '__main__':
-  main()
+  from absl import logging as absl_logging
+  absl_logging.set_verbosity(absl_logging.WARNING)
+  _define_flags()
+  app.run(main)

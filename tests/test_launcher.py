@@ -64,16 +64,14 @@ def test_experiment_scripts_import_each_other_without_flag_clash():
   assert out.returncode == 0 and 'ok' in out.stdout, out.stderr[-2000:]
 
 
-def test_tiw_compare_set_overrides_any_field_and_refuses_typos():
-  sys.path.insert(0, ROOT)
-  from experiments import tiw_compare
-  config = tiw_compare.load_config(os.path.join(ROOT, 'configs', 'mnist_tiw.py'))
-  tiw_compare.set_field(config, 'train.batch_size=64')
-  tiw_compare.set_field(config, 'method.disc_ch_mult=(1, 2)')
-  tiw_compare.set_field(config, 'data.source=idx')          # a bare string
-  assert (config.train.batch_size, config.method.disc_ch_mult, config.data.source) == (
-      64, (1, 2), 'idx')
-  with pytest.raises(SystemExit, match="no field 'train.batchsize'.*batch_size"):
-    tiw_compare.set_field(config, 'train.batchsize=64')
-  with pytest.raises(SystemExit, match='FIELD=VALUE'):
-    tiw_compare.set_field(config, 'train.batch_size')
+def test_tiw_compare_refuses_an_unknown_field_or_arm_before_any_work(tmp_path):
+  def run(*extra):
+    return subprocess.run([sys.executable, 'experiments/tiw_compare.py',
+                           f'--workdir={tmp_path}', *extra], cwd=ROOT, capture_output=True,
+                          text=True, timeout=300)
+  out = run('--config.train.batchsize=64')
+  assert out.returncode != 0 and 'batchsize' in out.stderr
+  out = run('--arms=DSM(obs),TIW', '--alphas=')
+  assert out.returncode != 0
+  assert "no arm ['TIW']" in out.stderr and "'TIW-DSM'" in out.stderr
+  assert not os.listdir(tmp_path)   # nothing trained, nothing written
