@@ -235,6 +235,14 @@ def base_parser(description: str) -> argparse.ArgumentParser:
   return p
 
 
+def use_plain_layers():
+  """flax's own GroupNorm, 1x1 convolution, resize and dropout in the UNet instead of the
+  project's equivalents (the "before" of the README's speed tables)."""
+  from cdiff_jax.models import unet
+  unet.FUSED_GN = unet.POINTWISE_DOT = unet.REPEAT_UPSAMPLE = unet.RBG_DROPOUT = False
+  unet.LOOP_FRIENDLY_CONV_GRAD = False
+
+
 def setup_xla(plain: bool = False) -> str:
   """The project's default XLA:CPU options, as the launcher sets them (unless ``plain``);
   call before anything touches a device. Returns XLA_FLAGS for the report."""

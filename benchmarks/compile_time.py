@@ -12,6 +12,7 @@ thresholds, the parameter initializer's compile). Goal (issue on speed): under 3
 is left out.
 
   .venv/bin/python benchmarks/compile_time.py [--configs=digits_dsm,mnist_minority]
+      [--plain-layers]   # also with flax's own layers: the compile ratio per config
 """
 
 from __future__ import annotations
@@ -100,10 +101,16 @@ def main(argv=None):
   p.add_argument('--configs', default='', help='comma-separated names under configs/ (default: all)')
   p.add_argument('--json', default='')
   p.add_argument('--no-xla-cpu-flags', action='store_true')
+  p.add_argument('--plain-layers', action='store_true',
+                 help="also compile each config with flax's own layers (GroupNorm, 1x1 conv, "
+                      "resize, threefry dropout), right after the project's: the step "
+                      "compile ratio in one run")
   p.add_argument('--child', action='store_true', help=argparse.SUPPRESS)
   args = p.parse_args(argv)
   xla_flags = common.setup_xla(args.no_xla_cpu_flags)
   import jax
+  if args.child and args.plain_layers:
+    common.use_plain_layers()
   names = args.configs.split(',') if args.configs else shipped_configs()
   if not args.child:
     print(f'XLA_FLAGS: {xla_flags or "(none)"}')
@@ -111,30 +118,44 @@ def main(argv=None):
   if args.child:
     print('RESULT ' + json.dumps(measure(names[0])), flush=True)
     return None
-  results = []
+  results, plain = [], {}
   for name in names:  # each in a fresh process: nothing cached from the previous config
-    cmd = [sys.executable, os.path.abspath(__file__), '--child', f'--configs={name}']
-    if args.no_xla_cpu_flags:
-      cmd.append('--no-xla-cpu-flags')
-    out = subprocess.run(cmd, capture_output=True, text=True)
-    lines = [line for line in out.stdout.splitlines() if line.startswith('RESULT ')]
-    if out.returncode or not lines:
-      print(f'{name}: the measurement failed:\n{out.stderr[-3000:]}', flush=True)
-      continue
-    r = json.loads(lines[-1][len('RESULT '):])
-    print(f"{name}: build {r['build_s']:.1f} s, step compile {r['step_compile_s']:.1f} s, "
-          f"sampler compile {r['sampler_compile_s']:.1f} s", flush=True)
-    results.append(r)
+    for use_plain in (False, True) if args.plain_layers else (False,):
+      cmd = [sys.executable, os.path.abspath(__file__), '--child', f'--configs={name}']
+      if args.no_xla_cpu_flags:
+        cmd.append('--no-xla-cpu-flags')
+      if use_plain:
+        cmd.append('--plain-layers')
+      out = subprocess.run(cmd, capture_output=True, text=True)
+      lines = [line for line in out.stdout.splitlines() if line.startswith('RESULT ')]
+      if out.returncode or not lines:
+        print(f'{name}: the measurement failed:\n{out.stderr[-3000:]}', flush=True)
+        continue
+      r = json.loads(lines[-1][len('RESULT '):])
+      print(f"{name}{' (plain layers)' if use_plain else ''}: build {r['build_s']:.1f} s, "
+            f"step compile {r['step_compile_s']:.1f} s, sampler compile "
+            f"{r['sampler_compile_s']:.1f} s", flush=True)
+      if use_plain:
+        plain[name] = r
+      else:
+        results.append(r)
   rows = [[r['config'], 'x'.join(map(str, r['image_shape'])), r['method'],
            f"{r['step_compile_s']:.1f} ({r['step_trace_lower_s']:.1f})", r['sampler'],
            f"{r['sampler_compile_s']:.1f}", f"{r['build_s']:.1f}"] for r in results]
+  header = ['config', 'image', 'method', 'step compile (s) (trace + lower)', 'sampler',
+            'sampler compile (s)', 'build + init (s)']
+  if plain:
+    header.append("step compile, flax's layers (s): project / flax")
+    for row, r in zip(rows, results):
+      q = plain.get(r['config'])
+      row.append(f"{q['step_compile_s']:.1f}: {r['step_compile_s'] / q['step_compile_s']:.2f}x"
+                 if q else '-')
   print()
-  print(common.markdown_table(['config', 'image', 'method', 'step compile (s) (trace + lower)',
-                               'sampler', 'sampler compile (s)', 'build + init (s)'], rows))
+  print(common.markdown_table(header, rows))
   worst = max(r['step_compile_s'] for r in results)
   print(f'\nslowest step compile {worst:.1f} s (goal < 30 s); load average at end '
         f'{common.load_average()}')
-  common.write_json(args.json, results=results)
+  common.write_json(args.json, results=results, plain_layers=plain)
   return results
 
 

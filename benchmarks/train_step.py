@@ -138,16 +138,14 @@ def main(argv=None):
                  help='PyTorch in channels-last memory format (1, its faster format on '
                       'CPU here) or NCHW (0)')
   p.add_argument('--plain-layers', action='store_true',
-                 help="flax's own GroupNorm, 1x1 conv and resize in the UNet (the 'before' of "
-                      "the README's speed table) instead of the faster equivalents")
+                 help="flax's own GroupNorm, 1x1 conv, resize and dropout in the UNet (the "
+                      "'before' of the README's speed table) instead of the faster equivalents")
   args = p.parse_args(argv)
   xla_flags = common.setup_xla(args.no_xla_cpu_flags)
   print(f'XLA_FLAGS: {xla_flags or "(none)"}')
   import jax
   if args.plain_layers:
-    from cdiff_jax.models import unet
-    unet.FUSED_GN = unet.POINTWISE_DOT = unet.REPEAT_UPSAMPLE = False
-    unet.LOOP_FRIENDLY_CONV_GRAD = False
+    common.use_plain_layers()
   jax.config.update('jax_enable_compilation_cache', False)
   torch = None if args.no_torch else common.open_torch(args.torch_python)
   print(f'machine: {common.machine()}; jax {jax.__version__}'

@@ -24,10 +24,12 @@ import jax.numpy as jnp
 from jax import lax
 
 # Layer implementations: True uses the faster equivalents below (tested equal to flax's
-# layers); benchmarks/train_step.py --plain-layers sets them False for a before/after.
+# layers; the dropout has nn.Dropout's distribution, another random stream);
+# benchmarks/train_step.py and compile_time.py --plain-layers set them False for a before/after.
 FUSED_GN = True
 POINTWISE_DOT = True
 REPEAT_UPSAMPLE = True
+RBG_DROPOUT = True
 # Off by default: outside loops XLA's own convolution gradients are faster (train step
 # ~1.35x); code that differentiates the network inside a compiled loop (MCMC samplers)
 # traces under ``loop_friendly_conv_grads()``.
@@ -255,9 +257,8 @@ class Dropout(nn.Module):
   Same distribution as ``nn.Dropout`` (keep each unit with probability 1 - rate, scale by
   1 / (1 - rate)), another random stream: the key of the 'dropout' collection is rewrapped
   as an 'rbg' key, so the bits are one RngBitGenerator op instead of an unrolled threefry
-  hash per block. Measured (benchmarks/compile_time.py, 2-core CPU): the train step of the
-  MNIST config compiles ~20% faster and runs ~4% faster; the mask is the same under any
-  data-parallel sharding (test).
+  hash per block (``benchmarks/compile_time.py --plain-layers`` compares compile times with
+  ``nn.Dropout``); the mask is the same under any data-parallel sharding (test).
   """
   rate: float
   deterministic: bool = False
@@ -266,9 +267,11 @@ class Dropout(nn.Module):
   def __call__(self, x):
     if self.deterministic or self.rate == 0.0:
       return x
+    if not RBG_DROPOUT:
+      return nn.Dropout(self.rate, deterministic=False)(x)
     data = jax.random.key_data(self.make_rng('dropout')).reshape(-1).astype(jnp.uint32)
     if data.shape[0] < 4:  # threefry (2 words): spread to rbg's 4 words
-      data = jnp.concatenate([data, data ^ jnp.uint32(0x9E3779B9)])[:4]
+      data = jnp.concatenate([data, data ^ jnp.uint32(0x9E3779B9)])
     key = jax.random.wrap_key_data(data[:4], impl='rbg')
     keep = jax.random.bernoulli(key, 1.0 - self.rate, x.shape)
     return jnp.where(keep, x / (1.0 - self.rate), 0.0).astype(x.dtype)
