@@ -433,19 +433,15 @@ def test_feature_head_discriminator_uses_the_run_classifier_frozen(tiny_config, 
   clf = evaluation.classifier_for(c)   # now read from the cache
   assert trained == [40]
   frozen = jax.tree.map(np.asarray, state.extras['disc']['frozen'])
-  for a, b in zip(jax.tree.leaves(frozen), jax.tree.leaves(clf.params), strict=True):
-    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  chex.assert_trees_all_equal(frozen, clf.params)
   head0 = jax.tree.map(np.asarray, state.extras['disc']['params'])
   for _ in range(2):
     state, m = exp.step(state, parallel.put_batch(exp.batcher.batch(0), exp.mesh))
   assert np.isfinite(float(m['loss']))
-  for a, b in zip(jax.tree.leaves(frozen), jax.tree.leaves(state.extras['disc']['frozen'])):
-    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  chex.assert_trees_all_equal(frozen, state.extras['disc']['frozen'])
   # The donated step did not consume the feature extractor's own arrays: a second state
   # (as a resume builds) still initializes from them.
-  again = exp.init_state()
-  for a, b in zip(jax.tree.leaves(frozen), jax.tree.leaves(again.extras['disc']['frozen'])):
-    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  chex.assert_trees_all_equal(frozen, exp.init_state().extras['disc']['frozen'])
   # The trained parameters are the head's alone (the classifier's live only in 'frozen').
   fresh = exp.method.disc.init(jax.random.key(1), (8, 8, 1), frozen)
   assert jax.tree.structure(fresh) == jax.tree.structure(head0)
