@@ -8,6 +8,7 @@ fixed-lam* model makes lam* the dual optimum: dual training from lam = 0 must fi
 """
 
 import json
+import re
 
 import jax
 import jax.numpy as jnp
@@ -202,7 +203,7 @@ def test_bad_method_config_messages(tiny_config, field, value, needle):
     train.build(tiny_config)
 
 
-def test_constrained_run_logs_per_constraint_figures(tiny_config, tmp_path):
+def test_constrained_run_logs_per_constraint_figures(tiny_config, tmp_path, capsys):
   tiny_config.method = constrained.default_method_config()
   tiny_config.method.constraint_classes = (4, 5, 7)
   tiny_config.method.objective_batch, tiny_config.method.constraint_batch = 16, 8
@@ -210,6 +211,10 @@ def test_constrained_run_logs_per_constraint_figures(tiny_config, tmp_path):
   tiny_config.train.steps_per_call = 2
   from cdiff_jax import writers
   train.train_and_evaluate(tiny_config, str(tmp_path), progress=False)
+  # The start line names each batch group with its size (not only the dataset's size).
+  groups = re.search(r'batch groups: (.*)', capsys.readouterr().out).group(1).split(', ')
+  assert [g.split()[0] for g in groups] == ['objective', 'class_4', 'class_5', 'class_7']
+  assert [g.split('(')[1] for g in groups] == ['16 per batch)'] + ['8 per batch)'] * 3
   records = writers.read_metrics(str(tmp_path))
   assert [r['step'] for r in records] == [4, 8]
   for key in ('lam', 'constraint_loss', 'constraint_gap', 'threshold', 'slack'):
