@@ -8,6 +8,7 @@ names the field and the fix (``ConfigError``).
 
 from __future__ import annotations
 
+import json
 import os
 
 import ml_collections
@@ -260,6 +261,35 @@ def fingerprint(c: ml_collections.ConfigDict) -> dict:
     v = _get(c, f)
     _flatten(f, v.to_dict() if isinstance(v, ml_collections.ConfigDict) else v, out)
   return out
+
+
+# Fields that change where a run finds its data and how it logs, checkpoints or compiles,
+# not what it computes: a finished run is still the answer for a config that differs only here.
+BOOKKEEPING_FIELDS = ('data.data_dir', 'train.log_every', 'train.checkpoint_every',
+                      'train.keep_checkpoints', 'train.sample_every', 'train.compilation_cache',
+                      'train.xla_cpu_flags', 'train.num_devices', 'sample.num_samples', 'parallel')
+
+
+def saved_config_mismatch(path: str, c: ml_collections.ConfigDict) -> list[str]:
+  """Fields where a run's saved ``config.json`` differs from ``c``, bookkeeping fields aside."""
+  with open(path) as f:
+    saved, now = {}, {}
+    _flatten('', json.load(f), saved)
+  _flatten('', json.loads(c.to_json_best_effort()), now)
+  skip = lambda k: any(k == b or k.startswith(b + '.') for b in BOOKKEEPING_FIELDS)
+  keys = sorted(k for k in set(saved) | set(now) if not skip(k))
+  return [f'{k}: saved {saved.get(k, "<absent>")!r} vs now {now.get(k, "<absent>")!r}'
+          for k in keys if saved.get(k, '<absent>') != now.get(k, '<absent>')]
+
+
+def check_finished_run(workdir: str, c: ml_collections.ConfigDict) -> None:
+  """Refuses to reuse the finished run in ``workdir`` as the answer for another config."""
+  path = os.path.join(workdir, 'config.json')
+  diffs = saved_config_mismatch(path, c) if os.path.exists(path) else []
+  if diffs:
+    raise ConfigError(f'{workdir} holds a run finished with another config ({"; ".join(diffs[:4])}'
+                      f'{" ..." if len(diffs) > 4 else ""}); use a new --workdir or delete that '
+                      'folder.')
 
 
 def fingerprint_mismatch(saved: dict, current: dict) -> list[str]:

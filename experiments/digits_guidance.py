@@ -27,10 +27,11 @@ import os
 import time
 
 from absl import app, flags
-from ml_collections import config_flags
 
-_CONFIG = config_flags.DEFINE_config_file('config', 'configs/digits_cfg.py',
-                                          'Config of the class-conditional model.')
+from cdiff_jax import cli
+
+_CONFIG = cli.define_config_file('config', 'configs/digits_cfg.py',
+                                 'Config of the class-conditional model.')
 _WORKDIR = flags.DEFINE_string('workdir', 'runs/digits_guidance', 'Output directory.')
 _PROGRESS = flags.DEFINE_bool('progress', True, 'Show progress bars.')
 
@@ -213,4 +214,4 @@ def markdown(rows: dict, meta: dict, not_class: int) -> str:
 if __name__ == '__main__':
   from absl import logging as absl_logging
   absl_logging.set_verbosity(absl_logging.WARNING)
-  app.run(main)
+  cli.run(main)

@@ -24,10 +24,11 @@ import json
 import os
 
 import numpy as np
-from absl import app, flags
-from ml_collections import config_flags
+from absl import flags
 
-_CONFIG = config_flags.DEFINE_config_file('config', 'configs/digits_finetune.py', 'Fine-tuning config.')
+from cdiff_jax import cli
+
+_CONFIG = cli.define_config_file('config', 'configs/digits_finetune.py', 'Fine-tuning config.')
 _WORKDIR = flags.DEFINE_string('workdir', 'runs/finetune', 'Output directory.')
 _PROGRESS = flags.DEFINE_bool('progress', True, 'Show progress bars.')
 
@@ -134,4 +135,4 @@ def main(argv):
 if __name__ == '__main__':
   from absl import logging as absl_logging
   absl_logging.set_verbosity(absl_logging.WARNING)
-  app.run(main)
+  cli.run(main)

@@ -21,8 +21,9 @@ import json
 import os
 import time
 
-from absl import app, flags
-from ml_collections import config_flags
+from absl import flags
+
+from cdiff_jax import cli
 
 _FLAGS = {}
 
@@ -30,8 +31,8 @@ _FLAGS = {}
 def _define_flags():
   """The command-line flags, defined only when this file is the program (other experiments
   and the notebook import ``run_arm`` and ``comparison_table`` with flags of their own)."""
-  _FLAGS['config'] = config_flags.DEFINE_config_file('config', 'configs/digits_minority.py',
-                                                     'Config of the constrained arm.')
+  _FLAGS['config'] = cli.define_config_file('config', 'configs/digits_minority.py',
+                                            'Config of the constrained arm.')
   _FLAGS['workdir'] = flags.DEFINE_string('workdir', 'runs/demo', 'Output directory of both arms.')
   _FLAGS['progress'] = flags.DEFINE_bool('progress', True, 'Show progress bars.')
 
@@ -44,6 +45,8 @@ def run_arm(config, workdir: str, progress: bool, dataset=None) -> dict:
   if os.path.exists(summary_path) and os.path.exists(eval_path):
     summary = json.load(open(summary_path))
     if summary.get('final_step') == config.train.steps:
+      from cdiff_jax import config as config_lib
+      config_lib.check_finished_run(workdir, config)
       print(f'{workdir}: finished earlier, reusing it.')
       return dict(eval=json.load(open(eval_path)), seconds=summary.get('seconds'),
                   final_metrics=summary.get('final_metrics', {}))
@@ -142,4 +145,4 @@ if __name__ == '__main__':
   from absl import logging as absl_logging
   absl_logging.set_verbosity(absl_logging.WARNING)
   _define_flags()
-  app.run(main)
+  cli.run(main)

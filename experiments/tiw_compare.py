@@ -5,7 +5,10 @@
       --ref_fractions=0.05,0.1 --config.data.source=idx --config.data.data_dir=IDX_DIR
 
 Any config field is overridden as in the launcher (``--config.train.steps=1500``); ``--arms``
-picks arms by label (``--arms='DSM(obs),TIW-DSM'``), ``--alphas=`` drops the sweep.
+picks the arms to run by label (``--arms='DSM(obs),TIW-DSM'``), ``--alphas=`` drops the sweep.
+Arms finished earlier in WORKDIR with the same config are tabulated too, so the arms can run
+as separate jobs (one ``--arms`` each) and any of them writes the whole table; an arm
+finished with another config (other steps, learning rate, ...) is refused, not reported.
 
 Every arm is one ``train_and_evaluate`` run of the config with ``method.variant`` and
 ``method.alpha`` set, in ``WORKDIR/ref{fraction}/{arm}`` (an interrupted comparison resumes:
@@ -33,9 +36,9 @@ import time
 import jax
 import numpy as np
 from absl import app, flags
-from ml_collections import config_flags
 
-from cdiff_jax import evaluation, train
+from cdiff_jax import cli, evaluation, train
+from cdiff_jax import config as config_lib
 from cdiff_jax.data import sources
 from cdiff_jax.methods import tiw
 
@@ -53,11 +56,25 @@ def slug(label: str) -> str:
   return ''.join(c if c.isalnum() else '_' for c in label).strip('_').lower()
 
 
-def run_arm(config, workdir: str, progress: bool) -> dict:
+def finished_arm(config, workdir: str) -> dict | None:
+  """The record of an arm finished earlier in ``workdir`` with this config, else None.
+
+  An arm finished with another config (say other steps or learning rate; log/checkpoint
+  cadence and the data path do not count) is refused rather than reported as this one.
+  """
   done = os.path.join(workdir, 'arm.json')
-  if os.path.exists(done):
-    with open(done) as f:
-      return json.load(f)
+  if not os.path.exists(done):
+    return None
+  config_lib.check_finished_run(workdir, config)
+  with open(done) as f:
+    return json.load(f)
+
+
+def run_arm(config, workdir: str, progress: bool) -> dict:
+  record = finished_arm(config, workdir)
+  if record is not None:
+    return record
+  done = os.path.join(workdir, 'arm.json')
   t0 = time.perf_counter()
   result = train.train_and_evaluate(config, workdir, progress=progress)
   record = dict(eval=result['eval'], seconds=time.perf_counter() - t0,
@@ -184,7 +201,7 @@ def write_table(workdir: str, results: dict, header: str) -> str:
 
 def _define_flags():
   """The command-line flags, defined only when this file is the program."""
-  _FLAGS['config'] = config_flags.DEFINE_config_file(
+  _FLAGS['config'] = cli.define_config_file(
       'config', 'configs/digits_tiw.py', 'Config of every arm (method.variant and '
       'method.alpha are set per arm); override fields as --config.train.steps=1500.')
   _FLAGS['workdir'] = flags.DEFINE_string('workdir', 'runs/tiw_compare', 'Output directory.')
@@ -218,14 +235,19 @@ def main(argv):
     key = f'{frac:g}'
     results[key] = dict(arms={})
     for label, variant, alpha in arms(alphas):
-      if selected and label not in selected:
-        continue
       config = base.copy_and_resolve_references()
       config.method.variant, config.method.alpha = variant, alpha
       config.method.ref_fraction = frac
       wd = os.path.join(workdir, f'ref{key}', slug(label))
-      print(f'=== reference {key}: {label} -> {wd}')
-      record = run_arm(config, wd, progress=progress)
+      if selected and label not in selected:
+        # Not asked for, but finished earlier with this config (one arm per job): tabulated.
+        record = finished_arm(config, wd)
+        if record is None:
+          continue
+        print(f'=== reference {key}: {label}: finished earlier in {wd}')
+      else:
+        print(f'=== reference {key}: {label} -> {wd}')
+        record = run_arm(config, wd, progress=progress)
       samples = np.load(os.path.join(wd, 'eval_samples.npy')).astype(np.float32)
       results[key]['arms'][label] = dict(record['eval'], seconds=record['seconds'],
                                          **copying(samples, config))
@@ -252,4 +274,4 @@ if __name__ == '__main__':
   from absl import logging as absl_logging
   absl_logging.set_verbosity(absl_logging.WARNING)
   _define_flags()
-  app.run(main)
+  cli.run(main)

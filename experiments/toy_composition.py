@@ -30,10 +30,11 @@ import os
 import time
 
 from absl import app, flags
-from ml_collections import config_flags
 
-_CONFIG = config_flags.DEFINE_config_file('config', 'configs/toy_composition.py',
-                                          'Config of the toy composition experiment.')
+from cdiff_jax import cli
+
+_CONFIG = cli.define_config_file('config', 'configs/toy_composition.py',
+                                 'Config of the toy composition experiment.')
 _WORKDIR = flags.DEFINE_string('workdir', 'runs/toy', 'Output directory.')
 _PROGRESS = flags.DEFINE_bool('progress', True, 'Show progress bars.')
 
@@ -393,4 +394,4 @@ def markdown_table(rows, config, total_seconds, train_seconds) -> str:
 
 
 if __name__ == '__main__':
-  app.run(main)
+  cli.run(main)

@@ -51,6 +51,18 @@ def test_bad_config_gets_one_line(tmp_path, override, needle):
   assert not os.path.exists(tmp_path / 'w' / 'checkpoints')
 
 
+@pytest.mark.parametrize('module', ['experiments.minority', 'experiments.finetune',
+                                    'experiments.digits_guidance'])
+def test_experiment_scripts_report_a_wrong_field_in_one_line(module, tmp_path):
+  # Their --config has a default file, so ml_collections applies overrides at definition.
+  out = subprocess.run([sys.executable, '-m', module, f'--workdir={tmp_path}',
+                        '--config.train.stepz=3'], cwd=ROOT, capture_output=True, text=True,
+                       timeout=300)
+  err = [l for l in out.stderr.splitlines() if l.startswith('error')]
+  assert out.returncode == 2 and len(err) == 1 and 'stepz' in err[0], out.stderr[-1500:]
+  assert 'Traceback' not in out.stderr and not os.listdir(tmp_path)
+
+
 def test_experiment_scripts_import_each_other_without_flag_clash():
   """experiments.finetune (like the notebook) imports experiments.minority's helpers after
   defining its own --config/--workdir flags: the import must not define flags again."""
@@ -70,8 +82,41 @@ def test_tiw_compare_refuses_an_unknown_field_or_arm_before_any_work(tmp_path):
                            f'--workdir={tmp_path}', *extra], cwd=ROOT, capture_output=True,
                           text=True, timeout=300)
   out = run('--config.train.batchsize=64')
-  assert out.returncode != 0 and 'batchsize' in out.stderr
+  err = [l for l in out.stderr.splitlines() if l.startswith('error')]
+  assert out.returncode == 2 and len(err) == 1 and 'batchsize' in err[0], out.stderr[-1500:]
+  assert 'Traceback' not in out.stderr
+  # A missing dataset, met inside the run (the evaluation classifier loads it first): one line.
+  out = run('--config=configs/mnist_tiw.py', '--config.data.source=idx',
+            f'--config.data.data_dir={tmp_path / "no_mnist"}')
+  err = [l for l in out.stderr.splitlines() if l.startswith('error')]
+  assert out.returncode == 2 and len(err) == 1 and 'no_mnist' in err[0], out.stderr[-1500:]
+  assert 'Traceback' not in out.stderr
   out = run('--arms=DSM(obs),TIW', '--alphas=')
   assert out.returncode != 0
   assert "no arm ['TIW']" in out.stderr and "'TIW-DSM'" in out.stderr
   assert not os.listdir(tmp_path)   # nothing trained, nothing written
+
+
+def test_a_finished_arm_is_reused_only_for_the_same_config(tiny_config, tmp_path):
+  """experiments reuse finished arms; one finished with other settings must not be reported
+  as this config's (it was: arm.json was read back whatever the config)."""
+  sys.path.insert(0, ROOT)
+  from cdiff_jax import config as config_lib
+  from cdiff_jax import train
+  from experiments import tiw_compare
+  wd = str(tmp_path / 'arm')
+  train.train_and_evaluate(tiny_config, wd, progress=False)
+  assert tiw_compare.finished_arm(tiny_config, wd) is None    # trained, but no arm.json
+  with open(os.path.join(wd, 'arm.json'), 'w') as f:
+    json.dump(dict(eval=dict(fid=1.0), seconds=2.0), f)
+  assert tiw_compare.finished_arm(tiny_config, wd)['eval'] == dict(fid=1.0)  # no spurious diff
+  same = tiny_config.copy_and_resolve_references()
+  same.train.checkpoint_every, same.train.log_every = 100, 1     # bookkeeping only
+  same.data.data_dir = str(tmp_path / 'elsewhere')
+  assert tiw_compare.finished_arm(same, wd)['seconds'] == 2.0
+  for field, value in (('optim.lr', 1e-3), ('train.steps', 16), ('model.ch', 32)):
+    other = tiny_config.copy_and_resolve_references()
+    section, name = field.split('.')
+    other[section][name] = value
+    with pytest.raises(config_lib.ConfigError, match=rf'{field}: saved .* vs now {value!r}'):
+      tiw_compare.finished_arm(other, wd)

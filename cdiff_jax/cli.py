@@ -1,0 +1,81 @@
+"""Command-line plumbing shared by the launcher (``cdiff_jax.main``) and ``experiments/``.
+
+A wrong ``--config.FIELD=VALUE`` and the errors a run can meet before or while it trains
+(bad config, missing dataset, incompatible checkpoint, non-finite loss) end the program
+with one ``error:`` line and exit status 2, not a traceback; a preempted run (SIGTERM)
+exits with 3 after its checkpoint is saved.
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+
+from absl import app, flags
+
+EXIT_ERROR = 2
+EXIT_PREEMPTED = 3
+
+
+def one_line_error(e: BaseException) -> str:
+  msg = str(e).strip().splitlines()
+  return msg[0] if msg else type(e).__name__
+
+
+def _flag_error(e: Exception, argv) -> None:
+  """One line naming the ``--config.FIELD=VALUE`` at fault; exits with EXIT_ERROR."""
+  text = ' '.join(str(e).replace('\\n', ' ').replace('\\', '').split()).strip('\'"')
+  culprits = [a for a in argv[1:] if a.startswith('--config.') and
+              a.split('=')[0].split('.')[-1] in text]
+  where = f'{culprits[0]}: ' if culprits else ''
+  if isinstance(e, AttributeError):
+    text = 'no such config field. ' + text.replace("'", '')
+  print(f'error: {where}{text}', file=sys.stderr)
+  sys.exit(EXIT_ERROR)
+
+
+def parse_flags(argv):
+  """absl's parser, with a wrong ``--config.FIELD=VALUE`` turned into one line."""
+  try:
+    return flags.FLAGS(argv)
+  except Exception as e:  # flags.Error, or the config's AttributeError/TypeError/KeyError.
+    _flag_error(e, argv)
+
+
+def define_config_file(name: str, default: str | None, help_string: str):
+  """``config_flags.DEFINE_config_file`` with a wrong override reported in one line.
+
+  With a default config file, ml_collections applies the command line's ``--config.X=V``
+  overrides while the flag is defined, before ``app.run`` parses anything.
+  """
+  from ml_collections import config_flags
+  try:
+    return config_flags.DEFINE_config_file(name, default, help_string)
+  except Exception as e:  # the config's AttributeError/TypeError/KeyError/ValueError
+    _flag_error(e, sys.argv)
+
+
+def reporting_errors(main):
+  """``main(argv)`` with the run's expected errors reported in one line (see the module doc)."""
+  @functools.wraps(main)
+  def wrapped(argv):
+    from cdiff_jax import config as config_lib
+    from cdiff_jax import train
+    from cdiff_jax.checkpoint import IncompatibleCheckpoint
+    from cdiff_jax.data.sources import DatasetNotFound
+    from cdiff_jax.parallel import DistributedSetupError
+    try:
+      return main(argv)
+    except (config_lib.ConfigError, DatasetNotFound, IncompatibleCheckpoint,
+            train.NonFiniteError, DistributedSetupError) as e:
+      print(f'error: {one_line_error(e)}', file=sys.stderr)
+      sys.exit(EXIT_ERROR)
+    except train.Preempted as e:
+      print(str(e), file=sys.stderr)
+      sys.exit(EXIT_PREEMPTED)
+  return wrapped
+
+
+def run(main) -> None:
+  """``app.run`` with the parser and error reporting above."""
+  app.run(reporting_errors(main), flags_parser=parse_flags)
