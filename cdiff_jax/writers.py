@@ -116,14 +116,22 @@ def save_image_grid(path: str, images: np.ndarray, ncols: int | None = None,
   return path
 
 
+def new_figure(nrows: int = 1, ncols: int = 1, figsize=None, **subplots_kw):
+  """``(figure, axes)`` drawn off-screen without pyplot (save with ``fig.savefig``).
+
+  The project's figures never touch matplotlib's global backend, so writing them inside a
+  notebook or an interactive session leaves the user's inline/GUI plotting as it was.
+  """
+  from matplotlib.figure import Figure
+  fig = Figure(figsize=figsize)
+  return fig, fig.subplots(nrows, ncols, **subplots_kw)
+
+
 def plot_curves(path: str, records: list[dict], keys: list[str], title: str = '',
                 logy: bool = False, entry_names=None) -> str | None:
   """Line plot of metrics over steps (list-valued metrics get one line per entry, labelled
   ``key[name]`` with ``entry_names`` or ``key[i]``)."""
-  import matplotlib
-  matplotlib.use('Agg')
-  import matplotlib.pyplot as plt
-  fig, ax = plt.subplots(figsize=(6, 3.5))
+  fig, ax = new_figure(figsize=(6, 3.5))
   plotted = False
   for key in keys:
     pts = [(r['step'], r[key]) for r in records if key in r and not isinstance(r[key], str)]
@@ -141,7 +149,6 @@ def plot_curves(path: str, records: list[dict], keys: list[str], title: str = ''
         ax.plot(steps, values[:, i], label=f'{key}[{name}]')
     plotted = True
   if not plotted:
-    plt.close(fig)
     return None
   if logy:
     ax.set_yscale('log')
@@ -151,21 +158,17 @@ def plot_curves(path: str, records: list[dict], keys: list[str], title: str = ''
   fig.tight_layout()
   os.makedirs(os.path.dirname(path) or '.', exist_ok=True)
   fig.savefig(path, dpi=110)
-  plt.close(fig)
   return path
 
 
 def plot_class_frequencies(path: str, series: Mapping[str, object], target=None,
                            title: str = '', class_names=None) -> str:
   """Grouped bar chart of class frequencies (one bar per series), target as a dashed line."""
-  import matplotlib
-  matplotlib.use('Agg')
-  import matplotlib.pyplot as plt
   names = list(series)
   values = [np.asarray(series[n], np.float64) for n in names]
   num = len(values[0])
   width = 0.8 / len(values)
-  fig, ax = plt.subplots(figsize=(max(5, 0.6 * num + 2), 3.5))
+  fig, ax = new_figure(figsize=(max(5, 0.6 * num + 2), 3.5))
   for i, (name, v) in enumerate(zip(names, values)):
     ax.bar(np.arange(num) + (i - (len(values) - 1) / 2) * width, v, width, label=name)
   if target is not None:
@@ -179,5 +182,4 @@ def plot_class_frequencies(path: str, series: Mapping[str, object], target=None,
   fig.tight_layout()
   os.makedirs(os.path.dirname(path) or '.', exist_ok=True)
   fig.savefig(path, dpi=110)
-  plt.close(fig)
   return path

@@ -37,7 +37,7 @@ import jax
 import numpy as np
 from absl import app, flags
 
-from cdiff_jax import cli, evaluation, train
+from cdiff_jax import cli, evaluation, train, writers
 from cdiff_jax import config as config_lib
 from cdiff_jax.data import sources
 from cdiff_jax.methods import tiw
@@ -128,11 +128,9 @@ def split_frequencies(config, num_classes: int) -> dict:
 
 
 def write_plots(workdir: str, results: dict, alphas) -> None:
-  import matplotlib
-  matplotlib.use('Agg')
-  import matplotlib.pyplot as plt
   fracs = sorted(results)
-  fig, axes = plt.subplots(1, len(fracs), figsize=(6.5 * len(fracs), 3.8), squeeze=False)
+  fig, axes = writers.new_figure(1, len(fracs), figsize=(6.5 * len(fracs), 3.8),
+                                 squeeze=False)
   for ax, frac in zip(axes[0], fracs):
     r = results[frac]
     k = len(r['data']['bias'])
@@ -148,9 +146,8 @@ def write_plots(workdir: str, results: dict, alphas) -> None:
     ax.legend(fontsize=6.5, ncol=2)
   fig.tight_layout()
   fig.savefig(os.path.join(workdir, 'class_frequencies.png'), dpi=110)
-  plt.close(fig)
 
-  fig, axes = plt.subplots(1, 2, figsize=(9, 3.4))
+  fig, axes = writers.new_figure(1, 2, figsize=(9, 3.4))
   for frac in fracs:
     arms_ = results[frac]['arms']
     pts = [(0.0, arms_.get('DSM(obs)'))] + [
@@ -167,7 +164,6 @@ def write_plots(workdir: str, results: dict, alphas) -> None:
     ax.legend(fontsize=7)
   fig.tight_layout()
   fig.savefig(os.path.join(workdir, 'alpha_sweep.png'), dpi=110)
-  plt.close(fig)
 
 
 def write_table(workdir: str, results: dict, header: str) -> str:

@@ -214,12 +214,9 @@ def plot_benchmark(path, title, panels: dict, target, exact=None):
   ``panels``: {(row, column): (samples, label)}. Grey lines: contours of the exact
   log-density (so flat and sharp parts both show).
   """
-  import matplotlib
-  matplotlib.use('Agg')
-  import matplotlib.pyplot as plt
   import jax.numpy as jnp
   import numpy as np
-  from cdiff_jax import toys
+  from cdiff_jax import toys, writers
 
   rows = list(dict.fromkeys(r for r, _ in panels))
   cols = (['exact'] if exact is not None else []) + list(dict.fromkeys(c for _, c in panels))
@@ -229,8 +226,8 @@ def plot_benchmark(path, title, panels: dict, target, exact=None):
   peak = np.max(log_dens[np.isfinite(log_dens)])
   levels = peak - np.array([8.0, 4.0, 2.0, 1.0])
   g = np.linspace(-1.5, 1.5, num)
-  fig, axes = plt.subplots(len(rows), len(cols), figsize=(2.1 * len(cols), 2.3 * len(rows)),
-                           squeeze=False)
+  fig, axes = writers.new_figure(len(rows), len(cols), squeeze=False,
+                                 figsize=(2.1 * len(cols), 2.3 * len(rows)))
   for i, r in enumerate(rows):
     for j, c in enumerate(cols):
       ax = axes[i, j]
@@ -248,17 +245,14 @@ def plot_benchmark(path, title, panels: dict, target, exact=None):
   fig.suptitle(title, fontsize=9)
   fig.tight_layout()
   fig.savefig(path, dpi=110)
-  plt.close(fig)
 
 
 def plot_acceptance(path, curves: dict):
-  import matplotlib
-  matplotlib.use('Agg')
-  import matplotlib.pyplot as plt
   import numpy as np
+  from cdiff_jax import writers
   if not curves:
     return
-  fig, ax = plt.subplots(figsize=(6, 3.5))
+  fig, ax = writers.new_figure(figsize=(6, 3.5))
   for label, (t, acc) in curves.items():
     ax.plot(np.asarray(t), np.asarray(acc), label=label, lw=1)
   ax.set_xlabel('noise level t (sampling runs from 1 to 0)')
@@ -267,7 +261,6 @@ def plot_acceptance(path, curves: dict):
   ax.legend(fontsize=6, ncol=2)
   fig.tight_layout()
   fig.savefig(path, dpi=110)
-  plt.close(fig)
 
 
 # ----------------------------------------------------------------------------- main

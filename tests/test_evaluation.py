@@ -74,3 +74,25 @@ def test_classifier_for_a_run_config_is_that_of_its_eval_steps(digits_classifier
   with pytest.raises(RuntimeError, match='would train'):
     evaluation.classifier_for(config)
   assert trained == [1500]
+
+
+def test_figures_leave_the_users_matplotlib_backend_alone(tmp_path):
+  """Plots written during training inside a notebook must not switch its backend (they did:
+  matplotlib.use('Agg') turned the notebook's inline figures off after the first run)."""
+  import matplotlib
+  from PIL import Image
+
+  from cdiff_jax import writers
+  before = matplotlib.get_backend()
+  matplotlib.use('pdf')
+  try:
+    p1 = writers.plot_class_frequencies(str(tmp_path / 'f.png'),
+                                        {'a': [0.2, 0.8], 'b': [0.5, 0.5]}, target=[0.5, 0.5])
+    p2 = writers.plot_curves(str(tmp_path / 'c.png'), [{'step': 1, 'loss': 1.0},
+                                                      {'step': 2, 'loss': 0.5}], ['loss'])
+    assert matplotlib.get_backend() == 'pdf'
+  finally:
+    matplotlib.use(before)
+  for p in (p1, p2):   # real PNGs of the requested size
+    with Image.open(p) as im:
+      assert im.format == 'PNG' and im.size[0] > 300 and im.size[1] > 200
