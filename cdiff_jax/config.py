@@ -277,9 +277,8 @@ def saved_config_mismatch(path: str, c: ml_collections.ConfigDict) -> list[str]:
     _flatten('', json.load(f), saved)
   _flatten('', json.loads(c.to_json_best_effort()), now)
   skip = lambda k: any(k == b or k.startswith(b + '.') for b in BOOKKEEPING_FIELDS)
-  keys = sorted(k for k in set(saved) | set(now) if not skip(k))
-  return [f'{k}: saved {saved.get(k, "<absent>")!r} vs now {now.get(k, "<absent>")!r}'
-          for k in keys if saved.get(k, '<absent>') != now.get(k, '<absent>')]
+  return _mismatch({k: v for k, v in saved.items() if not skip(k)},
+                   {k: v for k, v in now.items() if not skip(k)}, 'saved')
 
 
 def check_finished_run(workdir: str, c: ml_collections.ConfigDict) -> None:
@@ -292,7 +291,12 @@ def check_finished_run(workdir: str, c: ml_collections.ConfigDict) -> None:
                       'folder.')
 
 
-def fingerprint_mismatch(saved: dict, current: dict) -> list[str]:
+def _mismatch(saved: dict, current: dict, what: str) -> list[str]:
+  """'field: {what} A vs now B' for every field of two flat dicts that differs."""
   keys = sorted(set(saved) | set(current))
-  return [f'{k}: checkpoint {saved.get(k, "<absent>")!r} vs now {current.get(k, "<absent>")!r}'
+  return [f'{k}: {what} {saved.get(k, "<absent>")!r} vs now {current.get(k, "<absent>")!r}'
           for k in keys if saved.get(k, '<absent>') != current.get(k, '<absent>')]
+
+
+def fingerprint_mismatch(saved: dict, current: dict) -> list[str]:
+  return _mismatch(saved, current, 'checkpoint')

@@ -358,8 +358,9 @@ def _train_and_evaluate(config, workdir, dataset, progress, hooks, preemption) -
           f'{exp.batcher.global_batch_size}, {exp.mesh.devices.size} device(s); workdir {workdir}')
     b = exp.batcher
     if len(b.groups) > 1 or len(b.groups[0]) != len(exp.train_idx):  # what is really drawn
-      print('batch groups: ' + ', '.join(f'{name} {len(g):,} examples ({bs} per batch)' for name, g, bs
-                                         in zip(b.group_names, b.groups, b.batch_sizes)))
+      print('batch groups: ' + ', '.join(f'{name} {len(g):,} examples ({bs} per batch)'
+                                         for name, g, bs in zip(b.group_names, b.groups,
+                                                                b.batch_sizes)))
 
   k = tc.steps_per_call
   pending: list[dict] = []
