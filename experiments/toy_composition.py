@@ -29,7 +29,7 @@ import json
 import os
 import time
 
-from absl import app, flags
+from absl import flags
 
 from cdiff_jax import cli
 
@@ -277,11 +277,8 @@ def main(argv):
   config = _CONFIG.value
   workdir = os.path.abspath(_WORKDIR.value)
   os.makedirs(workdir, exist_ok=True)
-  try:
-    config_lib.validate(config)
-    validate(config)
-  except config_lib.ConfigError as e:
-    raise app.UsageError(str(e))
+  config_lib.validate(config)  # a ConfigError is one error line (cli.run)
+  validate(config)
   with open(os.path.join(workdir, 'config.json'), 'w') as f:
     f.write(config.to_json_best_effort(indent=2, sort_keys=True))
   from cdiff_jax import train

@@ -21,6 +21,13 @@ def _launch(workdir, *extra, config='configs/digits_dsm.py'):
                         capture_output=True, text=True, timeout=600)
 
 
+def _assert_one_error_line(out, needle):
+  """Exit status 2, one ``error:`` line that contains ``needle``, no traceback."""
+  err = [l for l in out.stderr.strip().splitlines() if l.startswith('error')]
+  assert out.returncode == 2 and len(err) == 1 and needle in err[0], out.stderr[-1500:]
+  assert 'Traceback' not in out.stderr
+
+
 def test_launcher_writes_everything(tmp_path):
   out = _launch(tmp_path, *TINY)
   assert out.returncode == 0, out.stderr[-2000:]
@@ -44,23 +51,23 @@ def test_launcher_writes_everything(tmp_path):
 ])
 def test_bad_config_gets_one_line(tmp_path, override, needle):
   out = _launch(tmp_path / 'w', *TINY, override)
-  assert out.returncode != 0
-  err = [l for l in out.stderr.strip().splitlines() if l.startswith('error')]
-  assert len(err) == 1 and needle in err[0], out.stderr[-1500:]
-  assert 'Traceback' not in out.stderr
+  _assert_one_error_line(out, needle)
   assert not os.path.exists(tmp_path / 'w' / 'checkpoints')
 
 
-@pytest.mark.parametrize('module', ['experiments.minority', 'experiments.finetune',
-                                    'experiments.digits_guidance'])
-def test_experiment_scripts_report_a_wrong_field_in_one_line(module, tmp_path):
-  # Their --config has a default file, so ml_collections applies overrides at definition.
-  out = subprocess.run([sys.executable, '-m', module, f'--workdir={tmp_path}',
-                        '--config.train.stepz=3'], cwd=ROOT, capture_output=True, text=True,
-                       timeout=300)
-  err = [l for l in out.stderr.splitlines() if l.startswith('error')]
-  assert out.returncode == 2 and len(err) == 1 and 'stepz' in err[0], out.stderr[-1500:]
-  assert 'Traceback' not in out.stderr and not os.listdir(tmp_path)
+@pytest.mark.parametrize('module,override,needle', [
+    # Their --config has a default file, so ml_collections applies overrides at definition.
+    ('experiments.minority', '--config.train.stepz=3', 'stepz'),
+    ('experiments.finetune', '--config.train.stepz=3', 'stepz'),
+    ('experiments.digits_guidance', '--config.train.stepz=3', 'stepz'),
+    # A ConfigError from the script's own checks, before any work.
+    ('experiments.toy_composition', "--config.toy.benchmarks=('nope',)", 'config.toy.benchmarks'),
+])
+def test_experiment_scripts_report_bad_input_in_one_line(module, override, needle, tmp_path):
+  out = subprocess.run([sys.executable, '-m', module, f'--workdir={tmp_path}', override],
+                       cwd=ROOT, capture_output=True, text=True, timeout=300)
+  _assert_one_error_line(out, needle)
+  assert not os.listdir(tmp_path)
 
 
 def test_experiment_scripts_import_each_other_without_flag_clash():
@@ -81,16 +88,10 @@ def test_tiw_compare_refuses_an_unknown_field_or_arm_before_any_work(tmp_path):
     return subprocess.run([sys.executable, 'experiments/tiw_compare.py',
                            f'--workdir={tmp_path}', *extra], cwd=ROOT, capture_output=True,
                           text=True, timeout=300)
-  out = run('--config.train.batchsize=64')
-  err = [l for l in out.stderr.splitlines() if l.startswith('error')]
-  assert out.returncode == 2 and len(err) == 1 and 'batchsize' in err[0], out.stderr[-1500:]
-  assert 'Traceback' not in out.stderr
+  _assert_one_error_line(run('--config.train.batchsize=64'), 'batchsize')
   # A missing dataset, met inside the run (the evaluation classifier loads it first): one line.
-  out = run('--config=configs/mnist_tiw.py', '--config.data.source=idx',
-            f'--config.data.data_dir={tmp_path / "no_mnist"}')
-  err = [l for l in out.stderr.splitlines() if l.startswith('error')]
-  assert out.returncode == 2 and len(err) == 1 and 'no_mnist' in err[0], out.stderr[-1500:]
-  assert 'Traceback' not in out.stderr
+  _assert_one_error_line(run('--config=configs/mnist_tiw.py', '--config.data.source=idx',
+                             f'--config.data.data_dir={tmp_path / "no_mnist"}'), 'no_mnist')
   out = run('--arms=DSM(obs),TIW', '--alphas=')
   assert out.returncode != 0
   assert "no arm ['TIW']" in out.stderr and "'TIW-DSM'" in out.stderr
