@@ -97,11 +97,13 @@ def main(argv):
   config = _CONFIG.value
   workdir = os.path.abspath(_WORKDIR.value)
   progress = _PROGRESS.value
+  # Checked before training, so a bad guidance field costs no training run; a ConfigError
+  # is one error line (cli.run).
+  validate(config, sources.load_dataset(config.data, 'train').num_classes)
   os.makedirs(os.path.join(workdir, 'grids'), exist_ok=True)
   train.setup_jax(config)
   t_start = time.time()
   exp, state, train_seconds = train_model(config, workdir, progress)
-  validate(config, exp.num_classes)  # a ConfigError is one error line (cli.run)
   g = config.guidance
   model, sched, k = exp.model, exp.model.schedule, exp.num_classes
   params = state.ema_params if config.sample.use_ema else state.params

@@ -168,10 +168,9 @@ def build_potential(config, bench_name: str, source: str, params: dict):
                                       [model.schedule.t_min]]))
     table = log_normalizer_table(model, stacked, times, config.toy.quadrature_points)
     t_grid, table = jnp.asarray(times), jnp.asarray(table)
-
-    def log_z(t):  # (K,) at scalar t, interpolated between the quadrature levels
-      return jnp.stack([jnp.interp(t, t_grid, table[:, k]) for k in range(table.shape[1])])
-
+    # (K,) at scalar t, interpolated between the quadrature levels.
+    log_z = lambda t: jnp.stack([jnp.interp(t, t_grid, table[:, k])
+                                 for k in range(table.shape[1])])
   return guidance.combine(comps, kind, bench.weights, log_normalizer=log_z), stacked
 
 

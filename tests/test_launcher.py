@@ -62,6 +62,7 @@ def test_bad_config_gets_one_line(tmp_path, override, needle):
     ('experiments.digits_guidance', '--config.train.stepz=3', 'stepz'),
     # A ConfigError from the script's own checks, before any work.
     ('experiments.toy_composition', "--config.toy.benchmarks=('nope',)", 'config.toy.benchmarks'),
+    ('experiments.digits_guidance', '--config.guidance.not_class=12', 'guidance.not_class'),
 ])
 def test_experiment_scripts_report_bad_input_in_one_line(module, override, needle, tmp_path):
   out = subprocess.run([sys.executable, '-m', module, f'--workdir={tmp_path}', override],
