@@ -20,8 +20,9 @@ budget (5% reference, 1,500 steps of batch 64, lr 1e-3; command in the README) T
 DSM(obs): classifier FID 1.91 -> 1.52, TV to uniform 0.146 -> 0.108, tail mass 0.39 -> 0.47,
 and DSM(obs) beat IW-DSM (FID 2.14); DSM(ref) was best there (FID 1.30, no copying yet at
 1,500 steps), which the paper's longer runs reverse. With 10% reference (same budget)
-TIW-DSM beat both again (FID 1.38, TV 0.097 against DSM(obs) 2.07 / 0.159), but IW-DSM
-(1.97) edged out DSM(obs) there.
+TIW-DSM beat DSM(obs) and IW-DSM again (FID 1.38, TV 0.097 against DSM(obs) 2.07 / 0.159),
+but IW-DSM (1.97) edged out DSM(obs) there; DSM(ref) 1.31. Alpha sweep at 10% (FID / TV):
+alpha 0 (DSM(obs)) 2.07 / 0.159, 0.5 1.55 / 0.107, 1 1.38 / 0.097, 2 1.80 / 0.110.
 """
 
 from cdiff_jax.config import base_config
