@@ -53,6 +53,7 @@ bench: $(VENV)/.installed $(TORCH_VENV)/bin/python
 	$(PY) benchmarks/sampling.py --torch-python $(TORCH_VENV)/bin/python
 	$(PY) benchmarks/constrained_step.py
 	$(PY) benchmarks/tiw_step.py
+	$(PY) benchmarks/group_norm.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

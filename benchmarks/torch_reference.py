@@ -373,6 +373,9 @@ class Worker:
 
   def handle(self, req: dict) -> dict:
     op = req['op']
+    if op == 'steady_malloc':
+      import steady_malloc  # benchmarks/, on the path as this script's folder
+      return dict(applied=steady_malloc.apply())
     if op == 'info':
       return dict(torch=torch.__version__, threads=torch.get_num_threads())
     if op == 'build':

@@ -26,7 +26,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks import common  # noqa: E402
+from benchmarks import common, steady_malloc  # noqa: E402
 
 
 def jax_step_runner(name: str, steps_per_call: int = 1):
@@ -108,8 +108,12 @@ def bench_model(name: str, args, torch, matmul: dict) -> dict:
     fn(1)
     calls[key] = calls_for(fn(1), args.seconds)
   times = {key: [] for key, _, _ in runs}
+  settle = {key: calls_for(args.seconds / calls[key], args.settle) if args.settle > 0 else 0
+            for key in calls}
   for r in range(args.repeats):
     for key, fn, per_call in runs:
+      if settle[key]:
+        fn(settle[key])
       times[key].append(fn(calls[key]) / calls[key])
     print(f'[{name}] round {r + 1}/{args.repeats}: ' + ', '.join(
         f'{key} {per_call / times[key][-1]:.0f} img/s' for key, _, per_call in runs)
@@ -134,6 +138,13 @@ def main(argv=None):
   p = common.base_parser(__doc__.split('\n')[0])
   p.add_argument('--steps-per-call', type=int, default=8,
                  help='also time the lax.scan step with this many steps per call (1: skip)')
+  p.add_argument('--settle', type=float, default=2.0,
+                 help='untimed seconds of the same framework before each timed round: on a '
+                      "2-core machine JAX's first steps right after PyTorch's round ran up to "
+                      '2x slower (README, Speed), so neither is timed while that lasts')
+  p.add_argument('--default-malloc', action='store_true',
+                 help="glibc's default malloc settings in both processes instead of "
+                      'benchmarks/steady_malloc.py (the heap kept, not trimmed)')
   p.add_argument('--torch-channels-last', type=int, default=1,
                  help='PyTorch in channels-last memory format (1, its faster format on '
                       'CPU here) or NCHW (0)')
@@ -148,6 +159,9 @@ def main(argv=None):
     common.use_plain_layers()
   jax.config.update('jax_enable_compilation_cache', False)
   torch = None if args.no_torch else common.open_torch(args.torch_python)
+  if not args.default_malloc:
+    applied = [steady_malloc.apply()] + ([torch('steady_malloc')['applied']] if torch else [])
+    print(f'malloc: heap kept (benchmarks/steady_malloc.py), applied: {applied}')
   print(f'machine: {common.machine()}; jax {jax.__version__}'
         + (f', torch {torch.info["torch"]} ({torch.info["threads"]} threads)' if torch else ''))
   matmul = dict(jax=common.jax_matmul_flops_per_sec())
@@ -179,7 +193,8 @@ def main(argv=None):
                  if 'torch_flops_per_s' in r else '-'])
   print()
   print(common.markdown_table(header, rows))
-  print(f'\nmachine: {common.machine()}; medians of {args.repeats} alternating rounds; '
+  print(f'\nmachine: {common.machine()}; medians of {args.repeats} alternating rounds, each '
+        f'after {args.settle:g} s untimed; '
         f'matmul peak ' + ', '.join(f'{k} {v / 1e9:.0f} GFLOP/s' for k, v in matmul.items())
         + f'; load average at end {common.load_average()}')
   common.write_json(args.json, matmul_flops_per_s=matmul, results=results,

@@ -74,10 +74,11 @@ def initialize_distributed(parallel_config) -> bool:
   return jax.process_count() > 1
 
 
-# XLA:CPU options the project turns on by default (``config.train.xla_cpu_flags``): dots,
-# and the convolution gradients XLA lowers to dots, run through the YNNPACK library instead
-# of XLA's own emitter. Measured by benchmarks/xla_flags.py: the train step 1.2-1.3x faster
-# on CPU; results equal up to float32 rounding (summation order) (README, Speed).
+# XLA:CPU options the project turns on by default (``config.train.xla_cpu_flags``): only
+# dots go to the YNNPACK library. By default jaxlib 0.12 also sends convolutions and
+# reductions there, and its convolutions (weight gradients above all) are slower than XLA's
+# own. Measured by benchmarks/xla_flags.py: the train step 1.2-1.45x faster on CPU; results
+# equal up to float32 rounding (summation order) (README, Speed).
 # XLA:GPU/TPU ignore it. config.base_config() uses this value.
 DEFAULT_XLA_CPU_FLAGS = '--xla_cpu_experimental_ynn_fusion_type=dot'
 # jaxlib versions (major, minor) the default was tested with: XLA aborts on an option it
