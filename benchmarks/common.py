@@ -228,11 +228,24 @@ def base_parser(description: str) -> argparse.ArgumentParser:
                  help='timed rounds per model, alternating JAX and PyTorch; medians reported')
   p.add_argument('--seconds', type=float, default=2.0, help='target length of one timed round')
   p.add_argument('--json', default='', help='also write the results to this JSON file')
+  p.add_argument('--default-malloc', action='store_true',
+                 help="glibc's default malloc settings in both processes instead of "
+                      'benchmarks/steady_malloc.py (the heap kept, not trimmed)')
   p.add_argument('--no-torch', action='store_true', help='time JAX alone')
   p.add_argument('--no-xla-cpu-flags', action='store_true',
                  help="XLA's own defaults instead of the project's XLA:CPU options "
                       '(config.train.xla_cpu_flags; the "before" of the README speed table)')
   return p
+
+
+def steady_malloc(args, torch=None) -> None:
+  """Unless ``--default-malloc``: the malloc settings of benchmarks/steady_malloc.py in this
+  process and in the PyTorch worker (the same in both, so the comparison stays fair)."""
+  if args.default_malloc:
+    return
+  from benchmarks import steady_malloc as sm
+  applied = [sm.apply()] + ([torch('steady_malloc')['applied']] if torch is not None else [])
+  print(f'malloc: heap kept (benchmarks/steady_malloc.py), applied: {applied}')
 
 
 def use_plain_layers():

@@ -159,6 +159,7 @@ def main(argv=None):
   print(f'XLA_FLAGS: {xla_flags or "(none)"}')
   import jax
   torch = None if args.no_torch else common.open_torch(args.torch_python)
+  common.steady_malloc(args, torch)
   print(f'machine: {common.machine()}; jax {jax.__version__}'
         + (f', torch {torch.info["torch"]}' if torch else ''))
   results = [bench_model(m, args, torch) for m in args.models.split(',')]

@@ -26,7 +26,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks import common, steady_malloc  # noqa: E402
+from benchmarks import common  # noqa: E402
 
 
 def jax_step_runner(name: str, steps_per_call: int = 1):
@@ -142,9 +142,6 @@ def main(argv=None):
                  help='untimed seconds of the same framework before each timed round: on a '
                       "2-core machine JAX's first steps right after PyTorch's round ran up to "
                       '2x slower (README, Speed), so neither is timed while that lasts')
-  p.add_argument('--default-malloc', action='store_true',
-                 help="glibc's default malloc settings in both processes instead of "
-                      'benchmarks/steady_malloc.py (the heap kept, not trimmed)')
   p.add_argument('--torch-channels-last', type=int, default=1,
                  help='PyTorch in channels-last memory format (1, its faster format on '
                       'CPU here) or NCHW (0)')
@@ -159,9 +156,7 @@ def main(argv=None):
     common.use_plain_layers()
   jax.config.update('jax_enable_compilation_cache', False)
   torch = None if args.no_torch else common.open_torch(args.torch_python)
-  if not args.default_malloc:
-    applied = [steady_malloc.apply()] + ([torch('steady_malloc')['applied']] if torch else [])
-    print(f'malloc: heap kept (benchmarks/steady_malloc.py), applied: {applied}')
+  common.steady_malloc(args, torch)
   print(f'machine: {common.machine()}; jax {jax.__version__}'
         + (f', torch {torch.info["torch"]} ({torch.info["threads"]} threads)' if torch else ''))
   matmul = dict(jax=common.jax_matmul_flops_per_sec())

@@ -13,7 +13,7 @@ from typing import Any, Sequence
 import flax.linen as nn
 import jax.numpy as jnp
 
-from cdiff_jax.models.unet import ResBlock, conv3x3, timestep_embedding
+from cdiff_jax.models.unet import ResBlock, conv3x3, norm_act, timestep_embedding
 
 
 class ConvClassifier(nn.Module):
@@ -36,7 +36,7 @@ class ConvClassifier(nn.Module):
         h = ResBlock(self.ch * mult, self.num_groups, self.dropout, self.dtype)(h, emb, train)
       if level != len(self.ch_mult) - 1:
         h = conv3x3(h.shape[-1], self.dtype, strides=2)(h)
-    h = nn.silu(nn.GroupNorm(self.num_groups, dtype=self.dtype)(h))
+    h = norm_act(self.num_groups, self.dtype)(h)  # GroupNorm + SiLU, as in the blocks
     features = h.mean(axis=(1, 2)).astype(jnp.float32)
     logits = nn.Dense(self.num_outputs)(features)
     if return_features:
