@@ -16,10 +16,10 @@ the constrained arm then takes its thresholds from that run's workdir:
       --config.method.reference_workdir=runs/ref
 
 Expected (2-core CPU, ~10 minutes for both arms): the constrained model generates the
-minority digits 4-15x more often than the unconstrained one (measured: 0.12/0.18/0.17 vs
-0.025/0.027/0.009 for the target 0.1), the total variation distance of the generated class
-frequencies to uniform drops from 0.24 to 0.17 and the classifier FID from 5.7 to 2.7; see
-the README's results table.
+minority digits 4-22x more often than the unconstrained one (measured: 0.12/0.17/0.17 vs
+0.024/0.029/0.008 for the target 0.1), the total variation distance of the generated class
+frequencies to uniform drops from 0.24 to 0.16-0.17 and the classifier FID from 5.7 to
+2.5-2.7; see the README's results table.
 """
 
 from cdiff_jax.config import base_config
