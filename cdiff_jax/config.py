@@ -90,6 +90,7 @@ def base_config() -> ml_collections.ConfigDict:
       sampler='ddim',         # ancestral | ddim | euler_maruyama | heun
       num_steps=100, eta=0.0, clip=1.0, num_samples=64, use_ema=True,
       guidance_scale=1.0,     # classifier-free guidance weight w (1: plain conditional)
+      cpu_onednn=True,        # on CPU: the sampler compiled with oneDNN kernels (parallel.py)
   ))
 
   c.method = ml_collections.ConfigDict(dict(name='dsm'))
@@ -267,7 +268,8 @@ def fingerprint(c: ml_collections.ConfigDict) -> dict:
 # not what it computes: a finished run is still the answer for a config that differs only here.
 BOOKKEEPING_FIELDS = ('data.data_dir', 'train.log_every', 'train.checkpoint_every',
                       'train.keep_checkpoints', 'train.sample_every', 'train.compilation_cache',
-                      'train.xla_cpu_flags', 'train.num_devices', 'sample.num_samples', 'parallel')
+                      'train.xla_cpu_flags', 'train.num_devices', 'sample.num_samples',
+                      'sample.cpu_onednn', 'parallel')
 
 
 def saved_config_mismatch(path: str, c: ml_collections.ConfigDict) -> list[str]:

@@ -202,7 +202,7 @@ class Experiment:
   def sampler(self, **overrides) -> Sampler:
     sc = self.config.sample
     kw = dict(sampler=sc.sampler, num_steps=sc.num_steps, eta=sc.eta,
-              clip=sc.clip or None, mesh=self.mesh)
+              clip=sc.clip or None, mesh=self.mesh, cpu_onednn=sc.get('cpu_onednn', True))
     kw.update(overrides)
     return Sampler(self.eps_fn, self.model.schedule, self.image_shape, **kw)
 

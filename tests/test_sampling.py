@@ -70,3 +70,61 @@ def test_lowered_programs_are_the_sampler():
     x = run(None, None, x, rng_loop, lo, hi)
   np.testing.assert_allclose(np.asarray(finish(None, None, x)),
                              np.asarray(s(None, rng, n)), rtol=1e-6, atol=1e-6)
+
+
+def _small_unet():
+  from cdiff_jax.models.unet import UNet
+  net = UNet(ch=8, ch_mult=(1, 2), num_res_blocks=1, attn_levels=(1,), num_groups=4,
+             dropout=0.0)
+  x = jnp.zeros((2, 8, 8, 1))
+  params = net.init(jax.random.key(0), x, jnp.zeros((2,)))['params']
+  # Non-zero last convolutions, so that every layer shapes the output.
+  params = jax.tree.map(lambda p: p + 0.05 * jax.random.normal(jax.random.key(p.size), p.shape),
+                        params)
+  return net, params
+
+
+def _onednn_in(lowered) -> bool:
+  return '__onednn$' in lowered.compile().as_text()
+
+
+def test_sampler_cpu_onednn_option_changes_the_kernels_not_the_samples():
+  # On CPU the sampler's network programs compile with oneDNN convolutions (parallel.py);
+  # with cpu_onednn=False with XLA's own. Same samples up to float32 rounding.
+  net, params = _small_unet()
+  eps_fn = lambda p, x, t, c: net.apply({'params': p}, x, t)
+  schedule = schedules.DDPMSchedule()
+  out = {}
+  for onednn in (True, False):
+    s = Sampler(eps_fn, schedule, (8, 8, 1), 'ddim', 10, cpu_onednn=onednn)
+    _, run, finish = s.lower(params, 8)
+    if jax.default_backend() == 'cpu':
+      assert _onednn_in(run) == _onednn_in(finish) == onednn
+    out[onednn] = np.asarray(s(params, jax.random.key(1), 8))
+  scale = np.abs(out[False]).max()
+  assert scale > 0.1
+  np.testing.assert_allclose(out[True], out[False], rtol=0, atol=1e-5 * scale)
+
+
+def test_mcmc_cpu_onednn_option_changes_the_kernels_not_the_samples():
+  # The same for annealed MCMC, whose steps take input gradients of an energy network.
+  from cdiff_jax.sampling import mcmc
+  net, params = _small_unet()
+
+  def fn(p, x, t, c):
+    energy = lambda x_: 0.5 * jnp.sum(net.apply({'params': p}, x_, t) ** 2, axis=(1, 2, 3))
+    e, vjp = jax.vjp(energy, x)
+    return e, vjp(jnp.ones_like(e))[0]
+
+  out = {}
+  for onednn in (True, False):
+    sampler = mcmc.AnnealedMCMC(mcmc.Potential(fn), schedules.DDPMSchedule(), (8, 8, 1),
+                                kind='mala', num_steps=5, steps_per_level=2, step_size=0.05,
+                                denoise=False, cpu_onednn=onednn)
+    x, info = sampler(params, jax.random.key(2), 8)
+    if jax.default_backend() == 'cpu':
+      assert _onednn_in(sampler.lower(params, 8)) == onednn
+    out[onednn] = (np.asarray(x), np.asarray(info['accept_rate']))
+  scale = np.abs(out[False][0]).max()
+  np.testing.assert_allclose(out[True][0], out[False][0], rtol=0, atol=1e-5 * scale)
+  np.testing.assert_allclose(out[True][1], out[False][1], atol=1e-6)

@@ -236,12 +236,13 @@ class AnnealedMCMC:
   ``accept_rate`` (per level: mean over the batch and the K steps).
 
   ``steps_per_level=0`` is plain ancestral reverse diffusion with the same potential.
+  ``cpu_onednn``: as for ``Sampler`` (oneDNN kernels on CPU).
   """
 
   def __init__(self, potential: Potential, schedule: schedules_lib.Schedule, shape: tuple,
                kind: str = 'mala', num_steps: int = 100, steps_per_level: int = 10,
                step_size: float = 0.05, step_schedule: str = 'sigma', num_leapfrog: int = 3,
-               damping: float = 0.5, denoise: bool = True, mesh=None):
+               damping: float = 0.5, denoise: bool = True, mesh=None, cpu_onednn: bool = True):
     if kind not in KINDS:
       raise ValueError(f'mcmc.kind={kind!r} is unknown; use one of {KINDS}.')
     if step_schedule not in STEP_SCHEDULES:
@@ -297,7 +298,14 @@ class AnnealedMCMC:
                               cond, x, times[-1])
       return x, acc
 
-    self._run = jax.jit(run, static_argnums=3)
+    self._run = parallel.inference_jit(run, cpu_onednn, static_argnums=3)
+
+  def lower(self, params, num_samples: int, cond=None):
+    """The sampler's program lowered for ``num_samples`` samples, traced as a call traces it;
+    ``.compile()`` it to compile ahead of time."""
+    from cdiff_jax.models import unet
+    with unet.loop_friendly_conv_grads():
+      return self._run.lower(params, cond, jax.random.key(0), num_samples)
 
   def __call__(self, params, rng, num_samples: int, cond=None):
     if self.mesh is not None:
