@@ -54,6 +54,7 @@ bench: $(VENV)/.installed $(TORCH_VENV)/bin/python
 	$(PY) benchmarks/constrained_step.py
 	$(PY) benchmarks/tiw_step.py
 	$(PY) benchmarks/group_norm.py
+	$(PY) benchmarks/conv_layers.py --torch-python $(TORCH_VENV)/bin/python
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -4,7 +4,9 @@ MCMC samplers (ULA, MALA, U-HMC, HMC) of an energy-parameterized model of the sa
 For each model (``--models``; see ``benchmarks/common.py``): images/s of the compiled JAX
 DDIM sampler (``Sampler``, EMA parameters, ``--num-samples`` images per call) and of the
 PyTorch port's DDIM loop (``torch_reference.Reference.ddim``, ``torch.no_grad``) with the
-same parameters and batch, timed in alternating rounds (medians and their ratio); then, for
+same parameters and batch, timed in alternating rounds (medians and their ratio); on CPU the
+JAX sampler also without oneDNN kernels (``parallel.INFERENCE_CPU_OPTIONS``), in the same
+rounds, with the largest difference between the two samplers' outputs; then, for
 an energy-parameterized copy of the model (the score is an input gradient: one forward and
 one backward per network evaluation), ``AnnealedMCMC`` with ``--levels`` noise levels and
 ``--mcmc-steps`` MCMC steps per level, reporting images/s and network evaluations per level.
@@ -47,17 +49,25 @@ def bench_model(name: str, args, torch) -> dict:
   params = jax.tree.map(lambda p: p + 0.02 * jax.random.normal(jax.random.key(1), p.shape),
                         jax.device_get(state.ema_params))
   n, steps = args.num_samples, args.ddim_steps
-  sampler = exp.sampler(sampler='ddim', num_steps=steps, clip=1.0)
+  onednn = bool(args.inference_onednn)
+  sampler = exp.sampler(sampler='ddim', num_steps=steps, clip=1.0, cpu_onednn=onednn)
   start = time.perf_counter()
-  jax.block_until_ready(sampler(params, jax.random.key(0), n))
+  first = np.asarray(sampler(params, jax.random.key(0), n))
   first_s = time.perf_counter() - start
 
-  def jax_ddim():
-    begin = time.perf_counter()
-    jax.block_until_ready(sampler(params, jax.random.key(2), n))
-    return time.perf_counter() - begin
+  def timer(s):
+    def run():
+      begin = time.perf_counter()
+      jax.block_until_ready(s(params, jax.random.key(2), n))
+      return time.perf_counter() - begin
+    return run
 
-  runs = {'jax_ddim': jax_ddim}
+  runs = {'jax_ddim': timer(sampler)}
+  if onednn and jax.default_backend() == 'cpu':
+    # The same sampler compiled with XLA's own kernels (parallel.INFERENCE_CPU_OPTIONS off).
+    plain = exp.sampler(sampler='ddim', num_steps=steps, clip=1.0, cpu_onednn=False)
+    onednn_diff = float(np.abs(first - np.asarray(plain(params, jax.random.key(0), n))).max())
+    runs['jax_ddim_no_onednn'] = timer(plain)
   if torch is not None:
     with tempfile.TemporaryDirectory() as tmp:
       path = os.path.join(tmp, 'p.npz')
@@ -70,6 +80,12 @@ def bench_model(name: str, args, torch) -> dict:
                 **{f'{k}_images_per_s': n / v for k, v in med.items()})
   if torch is not None:
     result['ddim_ratio'] = result['jax_ddim_images_per_s'] / result['torch_ddim_images_per_s']
+  if 'jax_ddim_no_onednn' in med:
+    result['onednn_speedup'] = med['jax_ddim_no_onednn'] / med['jax_ddim']
+    result['onednn_max_abs_diff'] = onednn_diff
+    print(f"[{name}] DDIM with oneDNN {result['jax_ddim_images_per_s']:.1f} img/s, without "
+          f"{result['jax_ddim_no_onednn_images_per_s']:.1f} img/s "
+          f"({result['onednn_speedup']:.2f}x); samples differ by at most {onednn_diff:.1e}")
 
   if args.guided:
     result.update(bench_guided(exp, params, args))
@@ -87,7 +103,7 @@ def bench_model(name: str, args, torch) -> dict:
   for kind in args.kinds.split(','):
     s = mcmc.AnnealedMCMC(potential, eexp.model.schedule, eexp.image_shape, kind=kind,
                           num_steps=args.levels, steps_per_level=args.mcmc_steps,
-                          step_size=0.05, num_leapfrog=args.leapfrog)
+                          step_size=0.05, num_leapfrog=args.leapfrog, cpu_onednn=onednn)
     # Network evaluations (forward + input gradient) per level: the diffusion step, then
     # MALA/ULA one per step, HMC/U-HMC one per leapfrog step.
     per_step = args.leapfrog if kind in ('hmc', 'uhmc') else 1
@@ -152,6 +168,10 @@ def main(argv=None):
   p.add_argument('--mcmc-steps', type=int, default=2, help='MCMC: steps per level')
   p.add_argument('--leapfrog', type=int, default=3, help='HMC/U-HMC: leapfrog steps')
   p.add_argument('--kinds', default='ula,mala,uhmc,hmc')
+  p.add_argument('--inference-onednn', type=int, default=1,
+                 help="1: the samplers as shipped (on CPU compiled with oneDNN, "
+                      "parallel.INFERENCE_CPU_OPTIONS; DDIM is also timed without it); 0: XLA's "
+                      'own kernels for all')
   p.add_argument('--guided', action='store_true',
                  help="also time classifier-guided DDIM, loop-friendly vs XLA's gradients")
   args = p.parse_args(argv)
@@ -166,14 +186,17 @@ def main(argv=None):
   if torch is not None:
     torch.close()
   kinds = args.kinds.split(',')
-  header = ['model', f'JAX DDIM-{args.ddim_steps} img/s', 'PyTorch img/s', 'JAX / PyTorch'] + [
+  header = ['model', f'JAX DDIM-{args.ddim_steps} img/s', 'PyTorch img/s', 'JAX / PyTorch',
+            'JAX without oneDNN img/s'] + [
       f'{k.upper()} img/s ({args.levels}x{args.mcmc_steps})' for k in kinds]
   rows = []
   for r in results:
     rows.append([f"{r['model']} ({'x'.join(map(str, r['image_shape']))})",
-                 f"{r['jax_ddim_images_per_s']:.0f}",
-                 f"{r['torch_ddim_images_per_s']:.0f}" if 'torch_ddim_images_per_s' in r else '-',
-                 f"{r['ddim_ratio']:.2f}x" if 'ddim_ratio' in r else '-']
+                 f"{r['jax_ddim_images_per_s']:.1f}",
+                 f"{r['torch_ddim_images_per_s']:.1f}" if 'torch_ddim_images_per_s' in r else '-',
+                 f"{r['ddim_ratio']:.2f}x" if 'ddim_ratio' in r else '-',
+                 f"{r['jax_ddim_no_onednn_images_per_s']:.1f}"
+                 if 'jax_ddim_no_onednn_images_per_s' in r else '-']
                 + [f"{r[f'mcmc_{k}_images_per_s']:.1f}" for k in kinds])
   print()
   print(common.markdown_table(header, rows))

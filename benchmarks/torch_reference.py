@@ -365,6 +365,41 @@ def matmul_flops_per_sec(n: int = 2048, repeats: int = 5) -> float:
   return 2 * n ** 3 / float(np.median(times))
 
 
+def conv_times(spec: dict, calls: int = 5, repeats: int = 5) -> dict:
+  """Median seconds of a 3x3 convolution (``spec`` as in benchmarks/conv_layers.py: NHWC
+  input shape, HWIO kernel shape, stride, (lo, hi) padding per spatial dim) in channels-last
+  PyTorch: forward, input gradient and kernel(+bias) gradient."""
+  n, h, w, c_in = spec['x']
+  c_out, stride = spec['w'][-1], spec['stride']
+  (top, bottom), (left, right) = spec['padding']
+  x = torch.randn(n, c_in, h, w)
+  pad = [top, left]
+  if top != bottom or left != right:  # asymmetric: pad the input beforehand (untimed)
+    x, pad = F.pad(x, (left, right, top, bottom)), [0, 0]
+  x = x.contiguous(memory_format=torch.channels_last)
+  k = torch.randn(c_out, c_in, 3, 3).contiguous(memory_format=torch.channels_last)
+  g = torch.randn_like(F.conv2d(x, k, stride=stride, padding=pad))
+
+  def backward(mask):
+    return torch.ops.aten.convolution_backward(g, x, k, [c_out], [stride] * 2, pad, [1, 1],
+                                               False, [0, 0], 1, mask)
+  fns = dict(fwd=lambda: F.conv2d(x, k, stride=stride, padding=pad),
+             dx=lambda: backward([True, False, False]),
+             dw=lambda: backward([False, True, True]))
+  out = {}
+  with torch.no_grad():
+    for kind, fn in fns.items():
+      fn()
+      times = []
+      for _ in range(repeats):
+        start = time.perf_counter()
+        for _ in range(calls):
+          fn()
+        times.append((time.perf_counter() - start) / calls)
+      out[kind] = float(np.median(times))
+  return out
+
+
 class Worker:
   """Dispatches the JSON requests of the benchmarks (in this process or a ``--serve`` one)."""
 
@@ -393,6 +428,8 @@ class Worker:
         out = self.ref.forward(f['x'], f['t'])
       np.save(req['output'], out)
       return dict(ok=True)
+    if op == 'conv_times':
+      return dict(seconds=conv_times(req['spec'], req.get('calls', 5), req.get('repeats', 5)))
     if op == 'matmul':
       return dict(flops_per_sec=matmul_flops_per_sec(req.get('n', 2048)))
     raise ValueError(f'unknown request {op!r}')
