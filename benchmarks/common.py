@@ -248,6 +248,19 @@ def steady_malloc(args, torch=None) -> None:
   print(f'malloc: heap kept (benchmarks/steady_malloc.py), applied: {applied}')
 
 
+def start(args):
+  """The side-by-side benchmarks' start: the project's XLA:CPU options (unless
+  ``--no-xla-cpu-flags``), the PyTorch worker (unless ``--no-torch``; None without one) and
+  the malloc settings of both, each printed with the machine. Returns the worker."""
+  print(f'XLA_FLAGS: {setup_xla(args.no_xla_cpu_flags) or "(none)"}')
+  import jax
+  torch = None if args.no_torch else open_torch(args.torch_python)
+  steady_malloc(args, torch)
+  print(f'machine: {machine()}; jax {jax.__version__}'
+        + (f', torch {torch.info["torch"]} ({torch.info["threads"]} threads)' if torch else ''))
+  return torch
+
+
 def use_plain_layers():
   """flax's own GroupNorm, 1x1 convolution, resize and dropout in the UNet instead of the
   project's equivalents (the "before" of the README's speed tables)."""

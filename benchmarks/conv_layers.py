@@ -96,14 +96,8 @@ def main(argv=None):
   p.set_defaults(models='mnist28')
   p.add_argument('--calls', type=int, default=5, help='calls per timed round')
   args = p.parse_args(argv)
-  xla_flags = common.setup_xla(args.no_xla_cpu_flags)
-  print(f'XLA_FLAGS: {xla_flags or "(none)"}')
-  import jax
+  torch = common.start(args)
   from cdiff_jax import parallel
-  torch = None if args.no_torch else common.open_torch(args.torch_python)
-  common.steady_malloc(args, torch)
-  print(f'machine: {common.machine()}; jax {jax.__version__}'
-        + (f', torch {torch.info["torch"]} ({torch.info["threads"]} threads)' if torch else ''))
   onednn = parallel.inference_compiler_options()
   variants = [('xla', None)] + ([('xla_onednn', onednn)] if onednn else [])
   results = []

@@ -175,13 +175,7 @@ def main(argv=None):
   p.add_argument('--guided', action='store_true',
                  help="also time classifier-guided DDIM, loop-friendly vs XLA's gradients")
   args = p.parse_args(argv)
-  xla_flags = common.setup_xla(args.no_xla_cpu_flags)
-  print(f'XLA_FLAGS: {xla_flags or "(none)"}')
-  import jax
-  torch = None if args.no_torch else common.open_torch(args.torch_python)
-  common.steady_malloc(args, torch)
-  print(f'machine: {common.machine()}; jax {jax.__version__}'
-        + (f', torch {torch.info["torch"]}' if torch else ''))
+  torch = common.start(args)
   results = [bench_model(m, args, torch) for m in args.models.split(',')]
   if torch is not None:
     torch.close()

@@ -149,16 +149,11 @@ def main(argv=None):
                  help="flax's own GroupNorm, 1x1 conv, resize and dropout in the UNet (the "
                       "'before' of the README's speed table) instead of the faster equivalents")
   args = p.parse_args(argv)
-  xla_flags = common.setup_xla(args.no_xla_cpu_flags)
-  print(f'XLA_FLAGS: {xla_flags or "(none)"}')
+  torch = common.start(args)
   import jax
   if args.plain_layers:
     common.use_plain_layers()
   jax.config.update('jax_enable_compilation_cache', False)
-  torch = None if args.no_torch else common.open_torch(args.torch_python)
-  common.steady_malloc(args, torch)
-  print(f'machine: {common.machine()}; jax {jax.__version__}'
-        + (f', torch {torch.info["torch"]} ({torch.info["threads"]} threads)' if torch else ''))
   matmul = dict(jax=common.jax_matmul_flops_per_sec())
   if torch is not None:
     matmul['torch'] = torch('matmul', n=2048)['flops_per_sec']
