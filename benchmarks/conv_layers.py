@@ -114,8 +114,8 @@ def main(argv=None):
                              repeats=args.repeats)['seconds']
       for key in ('xla', 'xla_onednn', 'torch'):
         for kind in KINDS if key in row else ():
-          if kind == 'dx' and spec['x'][-1] == exp.image_shape[-1] and spec is specs[0][0]:
-            continue  # the first layer: no input gradient in the train step
+          if kind == 'dx' and spec is specs[0][0]:
+            continue  # the input layer (first in the trace): no input gradient in the step
           totals[f'{key}_{kind}'] += count * row[key][kind]
       rows.append(row)
     results.append(dict(model=name, convs=rows, totals_s=dict(totals)))
