@@ -104,15 +104,20 @@ def run_once(fn, *args):
 
 
 # XLA:CPU compile options for programs that only run the network forward or take input
-# gradients (samplers, MCMC): convolutions and large matmuls go to oneDNN. On a 2-core Xeon
-# this makes 100-step DDIM 1.17x faster on the 28x28 UNet and 1.14x on the 8x8 one, and
-# ULA/HMC about 1.2x (benchmarks/sampling.py; --inference-onednn 0 turns it off there). It is
-# not for the train step: XLA's oneDNN path also takes the kernel-gradient convolutions and
-# runs them about 2x slower than XLA's own (benchmarks/conv_layers.py). Values are equal up
-# to float32 rounding. Tested with jaxlib 0.12.
+# gradients (samplers, MCMC): convolutions and large matmuls go to oneDNN, and YNNPACK gets
+# only the remaining dots, one by one (with the project's `ynn_fusion_type=dot` it grows
+# fusions around a dot that can take in a neighbouring 3x3 convolution, which YNNPACK runs
+# slowly). On a 2-core Xeon, 100-step DDIM is 1.43x (28x28 UNet) and 1.51x (8x8) faster than
+# with XLA's kernels, and faster than PyTorch's (benchmarks/sampling.py; --inference-onednn 0
+# turns it off there); each option alone gives about 1.15x (README, Speed). Not for
+# the train step: XLA's oneDNN path also takes the kernel-gradient convolutions and runs them
+# about 2x slower than XLA's own (benchmarks/conv_layers.py). Values are equal up to float32
+# rounding. Tested with jaxlib 0.12.
 # XLA cannot serialize these executables (the cache write fails), so they are not written to
 # the persistent compilation cache and compile in every process (4 s for the 28x28 sampler).
-INFERENCE_CPU_OPTIONS = {'xla_cpu_experimental_onednn_custom_call': True}
+INFERENCE_CPU_OPTIONS = {'xla_cpu_experimental_onednn_custom_call': True,
+                         'xla_cpu_experimental_ynn_fusion_type':
+                             'LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT'}
 
 
 def inference_compiler_options(enabled: bool = True) -> dict | None:

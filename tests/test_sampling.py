@@ -74,7 +74,7 @@ def test_lowered_programs_are_the_sampler():
 
 def _small_unet():
   from cdiff_jax.models.unet import UNet
-  net = UNet(ch=8, ch_mult=(1, 2), num_res_blocks=1, attn_levels=(1,), num_groups=4,
+  net = UNet(ch=16, ch_mult=(1, 2), num_res_blocks=1, attn_levels=(1,), num_groups=4,
              dropout=0.0)
   x = jnp.zeros((2, 8, 8, 1))
   params = net.init(jax.random.key(0), x, jnp.zeros((2,)))['params']
@@ -85,7 +85,17 @@ def _small_unet():
 
 
 def _onednn_in(lowered) -> bool:
-  return '__onednn$' in lowered.compile().as_text()
+  """Whether the compiled program calls oneDNN; also checks that no YNNPACK fusion holds a
+  convolution when it does (the second of parallel.INFERENCE_CPU_OPTIONS)."""
+  import re
+  text = lowered.compile().as_text()
+  bodies = {m.group(1): m.group(2) for m in
+            re.finditer(r'^%([\w.\-]+) \(.*?\) -> .*? \{\n(.*?)\n\}', text, re.M | re.S)}
+  ynn = [bodies.get(c, '') for c in re.findall(r'%ynn_fusion[\w.]* = .*?calls=%([\w.\-]+)', text)]
+  onednn = '__onednn$' in text
+  if onednn:
+    assert not any('convolution(' in body for body in ynn)
+  return onednn
 
 
 def test_sampler_cpu_onednn_option_changes_the_kernels_not_the_samples():
