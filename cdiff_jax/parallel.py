@@ -87,6 +87,12 @@ DEFAULT_XLA_CPU_FLAGS = '--xla_cpu_experimental_ynn_fusion_type=dot'
 _DEFAULT_FLAGS_TESTED = ((0, 12),)
 
 
+def jaxlib_tested() -> bool:
+  """Whether this jaxlib's (major, minor) version is one the XLA:CPU defaults were tested on."""
+  import jaxlib
+  return tuple(int(v) for v in jaxlib.__version__.split('.')[:2]) in _DEFAULT_FLAGS_TESTED
+
+
 def _backends_initialized() -> bool:
   from jax._src import xla_bridge
   check = getattr(xla_bridge, 'backends_are_initialized', None)
@@ -123,10 +129,7 @@ INFERENCE_CPU_OPTIONS = {'xla_cpu_experimental_onednn_custom_call': True,
 def inference_compiler_options(enabled: bool = True) -> dict | None:
   """``compiler_options`` for ``jax.jit`` of a forward-only program: ``INFERENCE_CPU_OPTIONS``
   on CPU with the tested jaxlib when ``enabled``, else None (XLA's defaults)."""
-  if not enabled or jax.default_backend() != 'cpu':
-    return None
-  import jaxlib
-  if tuple(int(v) for v in jaxlib.__version__.split('.')[:2]) not in _DEFAULT_FLAGS_TESTED:
+  if not enabled or jax.default_backend() != 'cpu' or not jaxlib_tested():
     return None
   return dict(INFERENCE_CPU_OPTIONS)
 
@@ -194,9 +197,7 @@ def configure_xla_cpu(flags: str = DEFAULT_XLA_CPU_FLAGS, environ=None) -> list[
   flags: nothing is added and a warning says how to set them instead."""
   environ = os.environ if environ is None else environ
   if flags == DEFAULT_XLA_CPU_FLAGS:
-    import jaxlib
-    version = tuple(int(v) for v in jaxlib.__version__.split('.')[:2])
-    if version not in _DEFAULT_FLAGS_TESTED:
+    if not jaxlib_tested():
       return []
   current = environ.get('XLA_FLAGS', '')
   present = {f.split('=')[0] for f in current.split()}

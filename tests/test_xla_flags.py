@@ -56,8 +56,7 @@ print(json.dumps(dict(flags=os.environ.get('XLA_FLAGS', ''), gw=np.asarray(gw).r
 def test_default_flags_start_and_give_identical_gradients():
   """A fresh process with the default options (XLA would abort on an unknown one) computes
   the same conv/dot gradients as one with XLA's defaults (to float32 rounding)."""
-  import jaxlib
-  if tuple(int(v) for v in jaxlib.__version__.split('.')[:2]) not in parallel._DEFAULT_FLAGS_TESTED:
+  if not parallel.jaxlib_tested():
     pytest.skip('default XLA:CPU options are off for this jaxlib version')
   env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
   env['JAX_PLATFORMS'] = 'cpu'
