@@ -31,3 +31,18 @@ def test_measure_tiny(mfu, tiny_config):
   assert r['step_time_ms'] > 0 and r['sample_images_per_sec'] > 0
   assert r['mfu'] == pytest.approx(r['tflops_per_device'] / 1.0)
   assert '| MFU |' in mfu.table(r)
+
+
+def test_reference_thresholds_without_a_run(mfu):
+  # The shipped minority configs take thresholds from a reference run; timed on their own
+  # they get absolute ones, and then pass the method's validation.
+  from cdiff_jax import methods
+  from configs import digits_minority
+  config = digits_minority.get_config()
+  with pytest.raises(Exception, match='reference_workdir'):
+    methods.validate(config)
+  config = mfu.speed_config(config)
+  assert config.method.threshold_mode == 'absolute' and config.method.target_frequency == 0.0
+  methods.validate(config)
+  config.method.threshold_mode, config.method.reference_workdir = 'reference', 'runs/ref'
+  assert mfu.speed_config(config).method.threshold_mode == 'reference'  # a given run is kept
