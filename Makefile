@@ -38,8 +38,9 @@ test: $(VENV)/.installed
 test-all: $(VENV)/.installed
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
-# Speed benchmarks (README, Speed). PyTorch for the side-by-side runs in its own venv; set
-# TORCH_PYTHON to a Python with a CPU build of torch (pip's default torch is a CUDA build).
+# Speed benchmarks (README, Speed; the full log: benchmarks/README.md). PyTorch for the
+# side-by-side runs in its own venv; set TORCH_PYTHON to a Python with a CPU build of torch
+# (pip's default torch is a CUDA build).
 TORCH_VENV := .venv-torch
 TORCH_PYTHON ?= $(firstword $(shell command -v python3.11 python3.12 2>/dev/null))
 TORCH_SPEC ?= torch==2.13.0

@@ -234,7 +234,8 @@ def base_parser(description: str) -> argparse.ArgumentParser:
   p.add_argument('--no-torch', action='store_true', help='time JAX alone')
   p.add_argument('--no-xla-cpu-flags', action='store_true',
                  help="XLA's own defaults instead of the project's XLA:CPU options "
-                      '(config.train.xla_cpu_flags; the "before" of the README speed table)')
+                      '(config.train.xla_cpu_flags; the "before" of the speed log, '
+                      'benchmarks/README.md)')
   return p
 
 
@@ -263,7 +264,7 @@ def start(args):
 
 def use_plain_layers():
   """flax's own GroupNorm, 1x1 convolution, resize and dropout in the UNet instead of the
-  project's equivalents (the "before" of the README's speed tables)."""
+  project's equivalents (the "before" of the speed log, benchmarks/README.md)."""
   from cdiff_jax.models import unet
   unet.FUSED_GN = unet.POINTWISE_DOT = unet.REPEAT_UPSAMPLE = unet.RBG_DROPOUT = False
   unet.LOOP_FRIENDLY_CONV_GRAD = False

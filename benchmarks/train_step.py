@@ -141,13 +141,14 @@ def main(argv=None):
   p.add_argument('--settle', type=float, default=2.0,
                  help='untimed seconds of the same framework before each timed round: on a '
                       "2-core machine JAX's first steps right after PyTorch's round ran up to "
-                      '2x slower (README, Speed), so neither is timed while that lasts')
+                      '2x slower (benchmarks/README.md), so neither is timed while that lasts')
   p.add_argument('--torch-channels-last', type=int, default=1,
                  help='PyTorch in channels-last memory format (1, its faster format on '
                       'CPU here) or NCHW (0)')
   p.add_argument('--plain-layers', action='store_true',
                  help="flax's own GroupNorm, 1x1 conv, resize and dropout in the UNet (the "
-                      "'before' of the README's speed table) instead of the faster equivalents")
+                      "'before' of the speed log, benchmarks/README.md) instead of the "
+                      "faster equivalents")
   args = p.parse_args(argv)
   torch = common.start(args)
   import jax

@@ -79,7 +79,7 @@ def initialize_distributed(parallel_config) -> bool:
 # dots go to the YNNPACK library. By default jaxlib 0.12 also sends convolutions and
 # reductions there, and its convolutions (weight gradients above all) are slower than XLA's
 # own. Measured by benchmarks/xla_flags.py: the train step 1.2-1.45x faster on CPU; results
-# equal up to float32 rounding (summation order) (README, Speed).
+# equal up to float32 rounding (summation order) (benchmarks/README.md).
 # XLA:GPU/TPU ignore it. config.base_config() uses this value.
 DEFAULT_XLA_CPU_FLAGS = '--xla_cpu_experimental_ynn_fusion_type=dot'
 # jaxlib versions (major, minor) the default was tested with: XLA aborts on an option it
@@ -115,7 +115,7 @@ def run_once(fn, *args):
 # fusions around a dot that can take in a neighbouring 3x3 convolution, which YNNPACK runs
 # slowly). On a 2-core Xeon, 100-step DDIM is 1.43x (28x28 UNet) and 1.51x (8x8) faster than
 # with XLA's kernels, and faster than PyTorch's (benchmarks/sampling.py; --inference-onednn 0
-# turns it off there); each option alone gives about 1.15x (README, Speed). Not for
+# turns it off there); each option alone gives about 1.15x (benchmarks/README.md). Not for
 # the train step: XLA's oneDNN path also takes the kernel-gradient convolutions and runs them
 # about 2x slower than XLA's own (benchmarks/conv_layers.py). Values are equal up to float32
 # rounding. Tested with jaxlib 0.12.
