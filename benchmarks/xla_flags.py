@@ -3,8 +3,9 @@
 The baseline is XLA's own defaults (the project's ``config.train.xla_cpu_flags`` are not
 applied here). Each flag set runs in its own process (XLA reads ``XLA_FLAGS`` once), builds
 the same jitted train step as ``benchmarks/train_step.py`` on the same parameters and batch,
-reports how far one step's loss and parameters move from the default flags' (numerics are
-part of the comparison), and times it. The default set runs first and last, so drift of the
+reports how far one step's loss, gradient norm and Adam moments (which hold the gradient
+and its square) move from the default flags' (numerics are part of the comparison), and
+times it. The default set runs first and last, so drift of the
 machine's speed during the run shows up in the table.
 
   .venv/bin/python benchmarks/xla_flags.py --models default
@@ -42,16 +43,20 @@ def child(name: str, seconds: float, repeats: int) -> dict:
   from cdiff_jax import parallel
   run, per_call, info = jax_step_runner(name)
   exp = info['exp']
-  # Numerics: one step from the same initial state and batch.
+  # Numerics: one step from the same initial state and batch. The parameters cannot show a
+  # difference: Adam's first update is lr * g / |g| elementwise, the same for nearby
+  # gradients. Its moments hold g and g^2 themselves, so those are compared.
   state = exp.init_state()
   batch = parallel.put_batch(exp.batcher.batch(0), exp.mesh, 0)
   new_state, metrics = exp.step(state, batch)
-  leaves = jax.tree.leaves(jax.device_get(new_state.params))
-  checksum = [float(np.sum(np.asarray(x, np.float64))) for x in leaves]
+  leaves = [x for x in jax.tree.leaves(jax.device_get(new_state.opt_state))
+            if np.issubdtype(np.asarray(x).dtype, np.floating) and np.ndim(x)]
+  checksum = [float(np.sum(np.abs(np.asarray(x, np.float64)))) for x in leaves]
   calls = calls_for(run(1), seconds)
   times = [run(calls) / calls for _ in range(repeats)]
   return dict(images_per_s=per_call / float(np.median(times)), compile_s=info['compile_s'],
-              loss=float(metrics['loss']), param_sums=checksum)
+              loss=float(metrics['loss']), grad_norm=float(metrics['grad_norm']),
+              moment_sums=checksum)
 
 
 def main(argv=None):
@@ -65,8 +70,8 @@ def main(argv=None):
     return
   flag_sets = [''] + (args.flags or CANDIDATES) + ['']
   print(f'machine: {common.machine()}')
-  header = ['model', 'XLA_FLAGS', 'img/s', 'vs default', 'first compile', 'max rel. param diff',
-            'loss']
+  header = ['model', 'XLA_FLAGS', 'img/s', 'vs default', 'first compile',
+            'max rel. Adam-moment diff', 'rel. loss diff', 'rel. grad-norm diff']
   rows, out = [], []
   for name in args.models.split(','):
     base = None
@@ -86,14 +91,18 @@ def main(argv=None):
       r.update(model=name, flags=flags, wall_s=time.perf_counter() - begin)
       if base is None:
         base = r
-      rel = max(abs(a - b) / max(abs(b), 1e-6) for a, b in zip(r['param_sums'], base['param_sums']))
-      r['max_rel_param_sum_diff'] = rel
+      rel_diff = lambda a, b: abs(a - b) / max(abs(b), 1e-12)  # noqa: E731
+      rel = max(map(rel_diff, r['moment_sums'], base['moment_sums']))
+      r.update(max_rel_moment_sum_diff=rel, rel_loss_diff=rel_diff(r['loss'], base['loss']),
+               rel_grad_norm_diff=rel_diff(r['grad_norm'], base['grad_norm']))
       ratio = r['images_per_s'] / base['images_per_s']
       print(f'[{name}] {flags or "(default)"}: {r["images_per_s"]:.0f} img/s ({ratio:.2f}x), '
-            f'compile {r["compile_s"]:.1f} s, loss {r["loss"]:.6f}, param diff {rel:.1e} '
-            f'(load {common.load_average()})', flush=True)
+            f'compile {r["compile_s"]:.1f} s, loss {r["loss"]:.8f}, grad norm '
+            f'{r["grad_norm"]:.8f}, moment diff {rel:.1e} (load {common.load_average()})',
+            flush=True)
       rows.append([name, flags or '(default)', f'{r["images_per_s"]:.0f}', f'{ratio:.2f}x',
-                   f'{r["compile_s"]:.1f} s', f'{rel:.1e}', f'{r["loss"]:.6f}'])
+                   f'{r["compile_s"]:.1f} s', f'{rel:.1e}', f'{r["rel_loss_diff"]:.1e}',
+                   f'{r["rel_grad_norm_diff"]:.1e}'])
       out.append(r)
   print()
   print(common.markdown_table(header, rows))
