@@ -5,8 +5,8 @@ applied here). Each flag set runs in its own process (XLA reads ``XLA_FLAGS`` on
 the same jitted train step as ``benchmarks/train_step.py`` on the same parameters and batch,
 reports how far one step's loss, gradient norm and Adam moments (which hold the gradient
 and its square) move from the default flags' (numerics are part of the comparison), and
-times it. The default set runs first and last, so drift of the
-machine's speed during the run shows up in the table.
+times it. The default set runs first and last, so drift of the machine's speed during the
+run shows up in the table.
 
   .venv/bin/python benchmarks/xla_flags.py --models default
   .venv/bin/python benchmarks/xla_flags.py --flags=--xla_cpu_use_onednn=true
@@ -34,6 +34,10 @@ CANDIDATES = [
     '--xla_cpu_use_onednn=true',
     '--xla_cpu_enable_fast_math=true',
 ]
+
+
+def rel_diff(a: float, b: float) -> float:
+  return abs(a - b) / max(abs(b), 1e-12)
 
 
 def child(name: str, seconds: float, repeats: int) -> dict:
@@ -91,7 +95,6 @@ def main(argv=None):
       r.update(model=name, flags=flags, wall_s=time.perf_counter() - begin)
       if base is None:
         base = r
-      rel_diff = lambda a, b: abs(a - b) / max(abs(b), 1e-12)  # noqa: E731
       rel = max(map(rel_diff, r['moment_sums'], base['moment_sums']))
       r.update(max_rel_moment_sum_diff=rel, rel_loss_diff=rel_diff(r['loss'], base['loss']),
                rel_grad_norm_diff=rel_diff(r['grad_norm'], base['grad_norm']))
