@@ -37,9 +37,10 @@ def test_reference_thresholds_without_a_run(mfu):
   # The shipped minority configs take thresholds from a reference run; timed on their own
   # they get absolute ones, and then pass the method's validation.
   from cdiff_jax import methods
+  from cdiff_jax.config import ConfigError
   from configs import digits_minority
   config = digits_minority.get_config()
-  with pytest.raises(Exception, match='reference_workdir'):
+  with pytest.raises(ConfigError, match='reference_workdir'):
     methods.validate(config)
   config = mfu.speed_config(config)
   assert config.method.threshold_mode == 'absolute' and config.method.target_frequency == 0.0
