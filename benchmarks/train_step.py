@@ -8,7 +8,8 @@ and checks that both networks compute the same function). Reported:
 
 * images/s of both (median over ``--repeats`` rounds that alternate JAX and PyTorch) and
   their ratio; with ``--steps-per-call k`` also the JAX step that runs k steps per call
-  through ``lax.scan``;
+  through ``lax.scan`` (on CPU traced with ``unet.loop_friendly_conv``; ``--scan-plain``
+  also times it with XLA's own convolution gradients);
 * the JAX step's first compile (trace + lower + compile, persistent cache off);
 * the step's FLOPs (XLA cost analysis of the compiled step) and the FLOP/s both reach, as
   a fraction of a 2048x2048 float32 matmul's FLOP/s measured in the same run.
@@ -29,11 +30,16 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks import common  # noqa: E402
 
 
-def jax_step_runner(name: str, steps_per_call: int = 1):
-  """(run(n_calls) -> seconds, images per call, info) for the real jitted step."""
+def jax_step_runner(name: str, steps_per_call: int = 1, loop_friendly: bool | None = None):
+  """(run(n_calls) -> seconds, images per call, info) for the real jitted step;
+  ``loop_friendly`` overrides the scanned step's choice of convolution (None: as shipped)."""
   import jax
+  from cdiff_jax import train_step as train_step_lib
 
   exp = common.build_experiment(name, steps_per_call)
+  if loop_friendly is not None:
+    exp.step = train_step_lib.CompiledStep(exp.step.step_fn, exp.mesh, steps_per_call,
+                                           loop_friendly)
   state = exp.init_state()
   k = steps_per_call
   batch = common.first_batch(exp)
@@ -79,6 +85,10 @@ def bench_model(name: str, args, torch, matmul: dict) -> dict:
     run_k, imgs_k, info_k = jax_step_runner(name, args.steps_per_call)
     result['jax_scan_compile_s'] = info_k['compile_s']
     runs.append(('jax_scan', run_k, imgs_k))
+    if args.scan_plain:
+      run_p, imgs_p, info_p = jax_step_runner(name, args.steps_per_call, loop_friendly=False)
+      result['jax_scan_plain_compile_s'] = info_p['compile_s']
+      runs.append(('jax_scan_plain', run_p, imgs_p))
   if torch is not None:
     diff, scale = common.check_same_function(exp, info['params'], torch)
     result['same_function_max_abs_diff'] = diff
@@ -138,6 +148,9 @@ def main(argv=None):
   p = common.base_parser(__doc__.split('\n')[0])
   p.add_argument('--steps-per-call', type=int, default=8,
                  help='also time the lax.scan step with this many steps per call (1: skip)')
+  p.add_argument('--scan-plain', action='store_true',
+                 help="also time the scanned step with XLA's own convolution gradients (on "
+                      'CPU the shipped scanned step uses unet.loop_friendly_conv)')
   p.add_argument('--settle', type=float, default=2.0,
                  help='untimed seconds of the same framework before each timed round: on a '
                       "2-core machine JAX's first steps right after PyTorch's round ran up to "
@@ -173,6 +186,8 @@ def main(argv=None):
     jax_ips = f"{r['jax_images_per_s']:.0f}"
     if 'jax_scan_images_per_s' in r:
       jax_ips += f" ({r['jax_scan_images_per_s']:.0f} scan x{args.steps_per_call})"
+    if 'jax_scan_plain_images_per_s' in r:
+      jax_ips += f" ({r['jax_scan_plain_images_per_s']:.0f} scan, XLA's conv gradients)"
     ratio = f"{r['ratio']:.2f}x" if 'ratio' in r else '-'
     if 'scan_ratio' in r:
       ratio += f" ({r['scan_ratio']:.2f}x)"

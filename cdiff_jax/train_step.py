@@ -10,7 +10,10 @@ A *method* (``cdiff_jax.methods``) supplies
 
 ``make_train_step`` wraps them into ``step(state, batch) -> (state, metrics)``. With
 ``steps_per_call = k > 1`` the batch carries a leading axis of size k and a ``lax.scan``
-runs k steps per host call (fewer dispatches; metrics come back stacked).
+runs k steps per host call (fewer dispatches; metrics come back stacked). On CPU the scanned
+step is traced with ``unet.loop_friendly_conv`` for the 3x3 convolutions: XLA:CPU runs
+convolution gradients inside a loop body 20-50x slower than outside one
+(``benchmarks/loop_grad.py``), and the loop-friendly form (same values) avoids that.
 
 Non-finite guard: if the loss or the gradient norm is not finite, the step keeps the old
 state (parameters, optimizer, EMA and extras) and reports ``nonfinite = 1``; the training
@@ -26,6 +29,7 @@ import jax.numpy as jnp
 import optax
 
 from cdiff_jax import parallel
+from cdiff_jax.models import unet
 from cdiff_jax.state import TrainState
 
 
@@ -91,18 +95,33 @@ class CompiledStep:
   """``step(state, batch)``: jitted with the state donated and sharded over ``mesh``.
 
   ``num_traces`` counts Python traces of the step, so tests can assert it compiles once.
+
+  ``loop_friendly_conv`` (k > 1 only): trace the scanned step's 3x3 convolutions with
+  ``unet.loop_friendly_conv``; None (default) does so when the mesh is on CPU.
   """
 
-  def __init__(self, step_fn: Callable, mesh, steps_per_call: int = 1):
+  def __init__(self, step_fn: Callable, mesh, steps_per_call: int = 1,
+               loop_friendly_conv: bool | None = None):
     self.num_traces = 0
+    self.step_fn = step_fn
     self.steps_per_call = steps_per_call
     self.mesh = mesh
+    if loop_friendly_conv is None:
+      loop_friendly_conv = mesh.devices.flat[0].platform == 'cpu'
+    self.loop_friendly_conv = steps_per_call > 1 and loop_friendly_conv
+
+    def scan_body(state, batch):
+      # A function of this step's own: lax.scan caches the traced body by function, so
+      # two steps sharing ``step_fn`` with different ``loop_friendly_conv`` would otherwise
+      # share one trace.
+      return step_fn(state, batch)
 
     def traced(state, batch):
       self.num_traces += 1
       if steps_per_call == 1:
         return step_fn(state, batch)
-      return jax.lax.scan(step_fn, state, batch)
+      with unet.loop_friendly_conv_grads(self.loop_friendly_conv):
+        return jax.lax.scan(scan_body, state, batch)
 
     leading = 0 if steps_per_call == 1 else 1
     self._jitted = jax.jit(
@@ -118,6 +137,7 @@ class CompiledStep:
 
 
 def make_train_step(method: Method, tx, lr_fn, ema_decay: float, mesh,
-                    steps_per_call: int = 1, debug_nan_step: int = -1) -> CompiledStep:
+                    steps_per_call: int = 1, debug_nan_step: int = -1,
+                    loop_friendly_conv: bool | None = None) -> CompiledStep:
   return CompiledStep(make_step_fn(method, tx, lr_fn, ema_decay, debug_nan_step), mesh,
-                      steps_per_call)
+                      steps_per_call, loop_friendly_conv)
