@@ -68,10 +68,11 @@ def median_seconds(fn, calls: int, repeats: int) -> float:
   return float(np.median(times))
 
 
-def jax_times(spec: dict, options, calls: int, repeats: int) -> dict:
+def jax_times(spec: dict, options, calls: int, repeats: int, loop_friendly: bool = False) -> dict:
   import jax
   import jax.numpy as jnp
   from jax import lax
+  from cdiff_jax.models import unet
   kx, kw, kg = jax.random.split(jax.random.key(0), 3)
   x = jax.random.normal(kx, spec['x'])
   w = 0.1 * jax.random.normal(kw, spec['w'])
@@ -79,7 +80,8 @@ def jax_times(spec: dict, options, calls: int, repeats: int) -> dict:
   pads = [tuple(q) for q in spec['padding']]
 
   def conv(x, w):
-    return lax.conv_general_dilated(x, w, (s, s), pads, dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+    fn = unet.loop_friendly_conv if loop_friendly else lax.conv_general_dilated
+    return fn(x, w, (s, s), pads, dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
   g = jax.random.normal(kg, conv(x, w).shape)
   fns = dict(fwd=lambda x, w, g: conv(x, w),
              dx=lambda x, w, g: jax.vjp(lambda x_: conv(x_, w), x)[1](g)[0],
@@ -95,11 +97,14 @@ def main(argv=None):
   p = common.base_parser(__doc__.split('\n')[0])
   p.set_defaults(models='mnist28')
   p.add_argument('--calls', type=int, default=5, help='calls per timed round')
+  p.add_argument('--loop-friendly', action='store_true',
+                 help='also time unet.loop_friendly_conv (the form used inside compiled loops)')
   args = p.parse_args(argv)
   torch = common.start(args)
   from cdiff_jax import parallel
   onednn = parallel.inference_compiler_options()
-  variants = [('xla', None)] + ([('xla_onednn', onednn)] if onednn else [])
+  variants = ([('xla', None)] + ([('xla_onednn', onednn)] if onednn else [])
+              + ([('xla_loopfriendly', None)] if args.loop_friendly else []))
   results = []
   for name in args.models.split(','):
     exp = common.build_experiment(name)
@@ -108,11 +113,12 @@ def main(argv=None):
     for spec, count in specs:
       row = dict(spec=spec, count=count)
       for key, options in variants:
-        row[key] = jax_times(spec, options, args.calls, args.repeats)
+        row[key] = jax_times(spec, options, args.calls, args.repeats,
+                             loop_friendly=key == 'xla_loopfriendly')
       if torch is not None:
         row['torch'] = torch('conv_times', spec=spec, calls=args.calls,
                              repeats=args.repeats)['seconds']
-      for key in ('xla', 'xla_onednn', 'torch'):
+      for key in ('xla', 'xla_onednn', 'xla_loopfriendly', 'torch'):
         for kind in KINDS if key in row else ():
           if kind == 'dx' and spec is specs[0][0]:
             continue  # the input layer (first in the trace): no input gradient in the step
