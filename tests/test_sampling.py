@@ -138,3 +138,28 @@ def test_mcmc_cpu_onednn_option_changes_the_kernels_not_the_samples():
   scale = np.abs(out[False][0]).max()
   np.testing.assert_allclose(out[True][0], out[False][0], rtol=0, atol=1e-5 * scale)
   np.testing.assert_allclose(out[True][1], out[False][1], atol=1e-6)
+
+
+def test_mcmc_differentiates_with_loop_friendly_convolutions_on_cpu():
+  # On CPU the annealed sampler traces the network with unet.loop_friendly_conv by default
+  # (XLA:CPU's own convolution gradients are 20-50x slower inside its loop): the stride-2
+  # convolution's input gradient becomes a forward convolution of a zero-upsampled array
+  # instead of lax's input-dilated one. Same samples either way.
+  from cdiff_jax.sampling import mcmc
+  net, params = _small_unet()
+
+  def fn(p, x, t, c):
+    energy = lambda x_: 0.5 * jnp.sum(net.apply({'params': p}, x_, t) ** 2, axis=(1, 2, 3))
+    e, vjp = jax.vjp(energy, x)
+    return e, vjp(jnp.ones_like(e))[0]
+
+  out, dilated = {}, {}
+  for friendly in (None, False):
+    sampler = mcmc.AnnealedMCMC(mcmc.Potential(fn), schedules.DDPMSchedule(), (8, 8, 1),
+                                kind='ula', num_steps=4, steps_per_level=2, step_size=0.05,
+                                denoise=False, cpu_onednn=False, loop_friendly_grads=friendly)
+    dilated[friendly] = 'lhs_dilate = [2, 2]' in sampler.lower(params, 8).as_text()
+    out[friendly] = np.asarray(sampler(params, jax.random.key(2), 8)[0])
+  assert dilated == {None: jax.default_backend() != 'cpu', False: True}
+  np.testing.assert_allclose(out[None], out[False], rtol=0,
+                             atol=1e-5 * np.abs(out[False]).max())

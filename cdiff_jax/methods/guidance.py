@@ -254,7 +254,7 @@ def product_eps_fn(model, weights: Sequence[float]) -> Callable:
 # ----------------------------------------------------------------------------- classifier guidance
 
 def classifier_guided_eps_fn(eps_fn: Callable, classifier, schedule, guidance_scale: float,
-                             loop_friendly_grads: bool = True) -> Callable:
+                             loop_friendly_grads: bool | None = None) -> Callable:
   """``eps - w sigma_t grad_x log p(y | x_t, t)``.
 
   Returns ``eps_fn(params, x, t, labels)`` with ``params = dict(model=..., classifier=...)``;
@@ -262,10 +262,13 @@ def classifier_guided_eps_fn(eps_fn: Callable, classifier, schedule, guidance_sc
   it is called with ``cond=None``). ``classifier``: a ``noisy_classifier.NoisyClassifier``
   (anything with its ``example_logits``). ``loop_friendly_grads``: trace the classifier's
   3x3 convolutions with ``unet.loop_friendly_conv`` (same values; on XLA:CPU ~3x faster
-  guided sampling, whose loop differentiates the classifier at every step).
+  guided sampling, whose loop differentiates the classifier at every step). None (default):
+  on CPU only (``unet.loop_friendly_default``).
   """
   from cdiff_jax.methods import noisy_classifier as nc  # Local: shared with TIW-DSM.
   from cdiff_jax.models import unet
+  if loop_friendly_grads is None:
+    loop_friendly_grads = unet.loop_friendly_default()
 
   def guided(params, x, t, labels):
     eps = eps_fn(params['model'], x, t, None)

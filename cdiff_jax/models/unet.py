@@ -31,9 +31,19 @@ POINTWISE_DOT = True
 REPEAT_UPSAMPLE = True
 RBG_DROPOUT = True
 # Off by default: outside loops XLA's own convolution gradients are faster (train step
-# ~1.35x); code that differentiates the network inside a compiled loop (MCMC samplers)
-# traces under ``loop_friendly_conv_grads()``.
+# ~1.35x); code that differentiates the network inside a compiled loop (MCMC samplers,
+# classifier guidance, the scanned train step) traces under ``loop_friendly_conv_grads()``
+# on CPU (``loop_friendly_default``).
 LOOP_FRIENDLY_CONV_GRAD = False
+
+
+def loop_friendly_default(platform: str | None = None) -> bool:
+  """Whether code that differentiates the network inside a compiled loop (MCMC samplers,
+  classifier guidance, the scanned train step) uses ``loop_friendly_conv`` when not told:
+  on CPU only, where the slow loop-body convolution gradients are (XLA:CPU's; GPU and TPU
+  keep their own convolution gradients). ``platform``: of the devices the program runs on
+  (default: JAX's default backend)."""
+  return (platform or jax.default_backend()) == 'cpu'
 
 
 @contextlib.contextmanager

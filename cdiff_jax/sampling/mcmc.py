@@ -236,13 +236,16 @@ class AnnealedMCMC:
   ``accept_rate`` (per level: mean over the batch and the K steps).
 
   ``steps_per_level=0`` is plain ancestral reverse diffusion with the same potential.
-  ``cpu_onednn``: as for ``Sampler`` (oneDNN kernels on CPU).
+  ``cpu_onednn``: as for ``Sampler`` (oneDNN kernels on CPU). ``loop_friendly_grads``: trace
+  the network's 3x3 convolutions with ``unet.loop_friendly_conv``, whose gradients XLA:CPU
+  runs fast inside the sampler's loop (same values); None (default): on CPU only.
   """
 
   def __init__(self, potential: Potential, schedule: schedules_lib.Schedule, shape: tuple,
                kind: str = 'mala', num_steps: int = 100, steps_per_level: int = 10,
                step_size: float = 0.05, step_schedule: str = 'sigma', num_leapfrog: int = 3,
-               damping: float = 0.5, denoise: bool = True, mesh=None, cpu_onednn: bool = True):
+               damping: float = 0.5, denoise: bool = True, mesh=None, cpu_onednn: bool = True,
+               loop_friendly_grads: bool | None = None):
     if kind not in KINDS:
       raise ValueError(f'mcmc.kind={kind!r} is unknown; use one of {KINDS}.')
     if step_schedule not in STEP_SCHEDULES:
@@ -260,6 +263,11 @@ class AnnealedMCMC:
     self.kind = kind
     self.shape = tuple(shape)
     self.mesh = mesh
+    from cdiff_jax.models import unet  # energy gradients inside the scan: see unet.py
+    if loop_friendly_grads is None:
+      loop_friendly_grads = unet.loop_friendly_default(
+          mesh.devices.flat[0].platform if mesh is not None else None)
+    self.loop_friendly_grads = loop_friendly_grads
     times = schedule.time_grid(num_steps)
     self.times = times
     sigmas = schedule.sigma(times[1:])
@@ -304,14 +312,14 @@ class AnnealedMCMC:
     """The sampler's program lowered for ``num_samples`` samples, traced as a call traces it;
     ``.compile()`` it to compile ahead of time."""
     from cdiff_jax.models import unet
-    with unet.loop_friendly_conv_grads():
+    with unet.loop_friendly_conv_grads(self.loop_friendly_grads):
       return self._run.lower(params, cond, jax.random.key(0), num_samples)
 
   def __call__(self, params, rng, num_samples: int, cond=None):
     if self.mesh is not None:
       parallel.check_batch_size(num_samples, self.mesh, 'number of samples')
-    from cdiff_jax.models import unet  # energy gradients inside the scan: see unet.py
-    with unet.loop_friendly_conv_grads():
+    from cdiff_jax.models import unet
+    with unet.loop_friendly_conv_grads(self.loop_friendly_grads):
       x, acc = self._run(params, cond, rng, num_samples)
     chex.assert_shape(x, (num_samples,) + self.shape)
     info = dict(times=self.times[1:], step_size=self.step_sizes)
