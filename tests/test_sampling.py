@@ -116,19 +116,26 @@ def test_sampler_cpu_onednn_option_changes_the_kernels_not_the_samples():
   np.testing.assert_allclose(out[True], out[False], rtol=0, atol=1e-5 * scale)
 
 
-def test_mcmc_cpu_onednn_option_changes_the_kernels_not_the_samples():
-  # The same for annealed MCMC, whose steps take input gradients of an energy network.
+def _energy_potential(net):
+  """E(x) = |net(x, t)|^2 / 2 with its input gradient: an energy network for the samplers."""
   from cdiff_jax.sampling import mcmc
-  net, params = _small_unet()
 
   def fn(p, x, t, c):
     energy = lambda x_: 0.5 * jnp.sum(net.apply({'params': p}, x_, t) ** 2, axis=(1, 2, 3))
     e, vjp = jax.vjp(energy, x)
     return e, vjp(jnp.ones_like(e))[0]
+  return mcmc.Potential(fn)
+
+
+def test_mcmc_cpu_onednn_option_changes_the_kernels_not_the_samples():
+  # The same for annealed MCMC, whose steps take input gradients of an energy network.
+  from cdiff_jax.sampling import mcmc
+  net, params = _small_unet()
+  potential = _energy_potential(net)
 
   out = {}
   for onednn in (True, False):
-    sampler = mcmc.AnnealedMCMC(mcmc.Potential(fn), schedules.DDPMSchedule(), (8, 8, 1),
+    sampler = mcmc.AnnealedMCMC(potential, schedules.DDPMSchedule(), (8, 8, 1),
                                 kind='mala', num_steps=5, steps_per_level=2, step_size=0.05,
                                 denoise=False, cpu_onednn=onednn)
     x, info = sampler(params, jax.random.key(2), 8)
@@ -147,15 +154,11 @@ def test_mcmc_differentiates_with_loop_friendly_convolutions_on_cpu():
   # instead of lax's input-dilated one. Same samples either way.
   from cdiff_jax.sampling import mcmc
   net, params = _small_unet()
-
-  def fn(p, x, t, c):
-    energy = lambda x_: 0.5 * jnp.sum(net.apply({'params': p}, x_, t) ** 2, axis=(1, 2, 3))
-    e, vjp = jax.vjp(energy, x)
-    return e, vjp(jnp.ones_like(e))[0]
+  potential = _energy_potential(net)
 
   out, dilated = {}, {}
   for friendly in (None, False):
-    sampler = mcmc.AnnealedMCMC(mcmc.Potential(fn), schedules.DDPMSchedule(), (8, 8, 1),
+    sampler = mcmc.AnnealedMCMC(potential, schedules.DDPMSchedule(), (8, 8, 1),
                                 kind='ula', num_steps=4, steps_per_level=2, step_size=0.05,
                                 denoise=False, cpu_onednn=False, loop_friendly_grads=friendly)
     dilated[friendly] = 'lhs_dilate = [2, 2]' in sampler.lower(params, 8).as_text()

@@ -40,6 +40,7 @@ import jax.numpy as jnp
 
 from cdiff_jax import parallel
 from cdiff_jax import schedules as schedules_lib
+from cdiff_jax.models import unet
 from cdiff_jax.sampling import diffusion
 
 KINDS = ('ula', 'mala', 'uhmc', 'hmc')
@@ -263,8 +264,7 @@ class AnnealedMCMC:
     self.kind = kind
     self.shape = tuple(shape)
     self.mesh = mesh
-    from cdiff_jax.models import unet  # energy gradients inside the scan: see unet.py
-    if loop_friendly_grads is None:
+    if loop_friendly_grads is None:  # energy gradients inside the scan: see unet.py
       loop_friendly_grads = unet.loop_friendly_default(
           mesh.devices.flat[0].platform if mesh is not None else None)
     self.loop_friendly_grads = loop_friendly_grads
@@ -311,14 +311,12 @@ class AnnealedMCMC:
   def lower(self, params, num_samples: int, cond=None):
     """The sampler's program lowered for ``num_samples`` samples, traced as a call traces it;
     ``.compile()`` it to compile ahead of time."""
-    from cdiff_jax.models import unet
     with unet.loop_friendly_conv_grads(self.loop_friendly_grads):
       return self._run.lower(params, cond, jax.random.key(0), num_samples)
 
   def __call__(self, params, rng, num_samples: int, cond=None):
     if self.mesh is not None:
       parallel.check_batch_size(num_samples, self.mesh, 'number of samples')
-    from cdiff_jax.models import unet
     with unet.loop_friendly_conv_grads(self.loop_friendly_grads):
       x, acc = self._run(params, cond, rng, num_samples)
     chex.assert_shape(x, (num_samples,) + self.shape)
