@@ -5,7 +5,8 @@ On XLA:CPU (jaxlib 0.12) a convolution's gradient computed inside ``lax.fori_loo
 while a forward convolution in a loop is not slower. Everything that differentiates a
 network inside a loop pays it: the MCMC samplers (input gradients of an energy),
 classifier guidance, and ``train.steps_per_call > 1``. This script measures the ratio for
-input gradients (dx) and weight gradients (dw) of a two-layer 3x3 convolution energy.
+input gradients (dx) and weight gradients (dw) of a two-layer 3x3 convolution energy, with
+lax's convolution gradients and with ``unet.loop_friendly_conv`` (the project's fix).
 
   .venv/bin/python benchmarks/loop_grad.py
 """
@@ -36,22 +37,28 @@ def main(argv=None):
   import numpy as np
   from jax import lax
 
-  def conv(x, w):
-    return lax.conv_general_dilated(x, w, (1, 1), 'SAME',
-                                    dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+  from cdiff_jax.models import unet
+
+  def conv(x, w, fn=lax.conv_general_dilated):
+    return fn(x, w, (1, 1), 'SAME', dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
 
   rng = np.random.default_rng(0)
   b, s, c, n = args.batch, args.size, args.channels, args.steps
   x0 = jnp.asarray(rng.normal(size=(b, s, s, c)), jnp.float32)
   w0 = jnp.asarray(rng.normal(size=(3, 3, c, c)) * 0.05, jnp.float32)
 
-  def energy(x, w):
-    return jnp.sum(jnp.tanh(conv(jnp.tanh(conv(x, w)), w)) ** 2)
+  def energy(x, w, fn=lax.conv_general_dilated):
+    return jnp.sum(jnp.tanh(conv(jnp.tanh(conv(x, w, fn)), w, fn)) ** 2)
 
+  friendly = unet.loop_friendly_conv
   steps = {
       'dx (input gradient)': (lambda x: x - 0.01 * jax.grad(energy, 0)(x, w0), x0),
       'dw (weight gradient)': (lambda w: w - 1e-6 * jax.grad(energy, 1)(x0, w), w0),
       'forward only': (lambda x: jnp.tanh(conv(x, w0)), x0),
+      'dx, unet.loop_friendly_conv': (
+          lambda x: x - 0.01 * jax.grad(energy, 0)(x, w0, friendly), x0),
+      'dw, unet.loop_friendly_conv': (
+          lambda w: w - 1e-6 * jax.grad(energy, 1)(x0, w, friendly), w0),
   }
 
   def timed(f, arg):

@@ -98,10 +98,15 @@ def _conv_vjp_fwd(x, w, stride, pads):
 
 
 def _conv_vjp_bwd(stride, pads, res, g):
-  # Both gradients as plain ops. With xp the padded input, y[o] = sum_k xp[s o + k] w[k]:
-  # dw[k] = sum_o xp[s o + k]^T g[o] (strided slices of xp times g, one matmul per tap);
-  # dx is a stride-1 forward convolution of g (zero-upsampled when s > 1) with the flipped,
-  # in/out-transposed kernel, padded so that it lands on x's pixels.
+  # Both gradients as forward convolutions in the canonical NHWC/HWIO layout, which XLA:CPU
+  # runs on the same fast kernel inside a loop as outside one. With xp the padded input,
+  # y[o] = sum_k xp[s o + k] w[k]:
+  # * dx is a stride-1 convolution of g (zero-upsampled when s > 1) with the flipped,
+  #   in/out-transposed kernel, padded so that it lands on x's pixels;
+  # * dw[k, ci, co] = sum_{n, o} xp[n, s o + k, ci] g[n, o, co] is a convolution of x with
+  #   its channels as the batch and its examples as the feature axis, by g as the kernel
+  #   (dilated by s), transposed explicitly: lax's own transpose rule gives the same
+  #   convolution in a non-canonical layout, which XLA:CPU runs 100x slower in a loop.
   x, w = res
   (kh, kw), (h, wd), (oh, ow) = w.shape[:2], x.shape[1:3], g.shape[1:3]
   (lo_h, hi_h), (lo_w, hi_w) = pads
@@ -111,12 +116,10 @@ def _conv_vjp_bwd(stride, pads, res, g):
                    g.dtype).at[:, ::stride, ::stride].set(g)
   dx_pads = ((kh - 1 - lo_h, h + lo_h - gu.shape[1]), (kw - 1 - lo_w, wd + lo_w - gu.shape[2]))
   dx = _conv(gu, jnp.flip(w, (0, 1)).swapaxes(2, 3), 1, dx_pads)
-  xp = jnp.pad(x, ((0, 0), (lo_h, hi_h), (lo_w, hi_w), (0, 0)))
-  g2 = g.reshape(-1, g.shape[-1])
-  dw = jnp.stack([
-      jnp.dot(xp[:, i:i + stride * (oh - 1) + 1:stride, j:j + stride * (ow - 1) + 1:stride, :]
-              .reshape(-1, x.shape[-1]).T, g2)
-      for i in range(kh) for j in range(kw)]).reshape(w.shape)
+  dw = lax.conv_general_dilated(jnp.transpose(x, (3, 1, 2, 0)), jnp.transpose(g, (1, 2, 0, 3)),
+                                (1, 1), pads, rhs_dilation=(stride, stride),
+                                dimension_numbers=_NHWC)  # (ci, >= kh, >= kw, co)
+  dw = jnp.transpose(dw[:, :kh, :kw, :], (1, 2, 0, 3))
   return dx.astype(x.dtype), dw.astype(w.dtype)
 
 
@@ -128,11 +131,13 @@ def loop_friendly_conv(lhs, rhs, window_strides, padding, lhs_dilation=None,
                        precision=None, **kwargs):
   """``lax.conv_general_dilated`` for flax's ``nn.Conv`` (NHWC) whose gradients XLA:CPU
   also runs fast inside a compiled loop: for an undilated, ungrouped convolution with equal
-  strides the gradients are written as a forward convolution (input) and strided slices
-  times matmuls (kernel). XLA:CPU runs its own convolution gradients 20-50x slower inside
-  ``fori_loop``/``scan`` (benchmarks/loop_grad.py), where MCMC samplers and guidance
-  differentiate. Same values and gradients (tests/test_models.py); other convolutions go to
-  lax unchanged."""
+  strides both gradients are written as forward convolutions in the canonical NHWC/HWIO
+  layout (explicit transposes around the kernel gradient's). XLA:CPU runs lax's own
+  convolution gradients 20-50x slower inside ``fori_loop``/``scan``
+  (benchmarks/loop_grad.py), where MCMC samplers, guidance and the scanned train step
+  differentiate; these run as fast there as outside a loop, where they match lax's speed.
+  Same values and gradients (tests/test_models.py); other convolutions go to lax
+  unchanged."""
   stride = window_strides[0] if window_strides else 1
   supported = (rhs.ndim == 4 and set(window_strides) <= {stride} and
                set(lhs_dilation or ()) <= {1} and set(rhs_dilation or ()) <= {1} and
