@@ -109,7 +109,7 @@ def _conv_vjp_bwd(stride, pads, res, g):
   #   convolution in a non-canonical layout, which XLA:CPU runs 100x slower in a loop.
   x, w = res
   (kh, kw), (h, wd), (oh, ow) = w.shape[:2], x.shape[1:3], g.shape[1:3]
-  (lo_h, hi_h), (lo_w, hi_w) = pads
+  (lo_h, _), (lo_w, _) = pads
   gu = g
   if stride > 1:
     gu = jnp.zeros((g.shape[0], stride * (oh - 1) + 1, stride * (ow - 1) + 1, g.shape[-1]),
