@@ -107,7 +107,7 @@ class CompiledStep:
     self.steps_per_call = steps_per_call
     self.mesh = mesh
     if loop_friendly_conv is None:
-      loop_friendly_conv = unet.loop_friendly_default(mesh.devices.flat[0].platform)
+      loop_friendly_conv = unet.loop_friendly_default(mesh)
     self.loop_friendly_conv = steps_per_call > 1 and loop_friendly_conv
 
     def scan_body(state, batch):

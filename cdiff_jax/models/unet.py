@@ -30,20 +30,21 @@ FUSED_GN = True
 POINTWISE_DOT = True
 REPEAT_UPSAMPLE = True
 RBG_DROPOUT = True
-# Off by default: outside loops XLA's own convolution gradients are faster (train step
-# ~1.35x); code that differentiates the network inside a compiled loop (MCMC samplers,
-# classifier guidance, the scanned train step) traces under ``loop_friendly_conv_grads()``
-# on CPU (``loop_friendly_default``).
+# Off by default: outside loops it gains nothing over lax's gradients (same speed on CPU,
+# benchmarks/README.md); code that differentiates the network inside a compiled loop (MCMC
+# samplers, classifier guidance, the scanned train step) traces under
+# ``loop_friendly_conv_grads()`` on CPU (``loop_friendly_default``).
 LOOP_FRIENDLY_CONV_GRAD = False
 
 
-def loop_friendly_default(platform: str | None = None) -> bool:
+def loop_friendly_default(mesh=None) -> bool:
   """Whether code that differentiates the network inside a compiled loop (MCMC samplers,
   classifier guidance, the scanned train step) uses ``loop_friendly_conv`` when not told:
   on CPU only, where the slow loop-body convolution gradients are (XLA:CPU's; GPU and TPU
-  keep their own convolution gradients). ``platform``: of the devices the program runs on
+  keep their own convolution gradients). ``mesh``: the devices the program runs on
   (default: JAX's default backend)."""
-  return (platform or jax.default_backend()) == 'cpu'
+  platform = mesh.devices.flat[0].platform if mesh is not None else jax.default_backend()
+  return platform == 'cpu'
 
 
 @contextlib.contextmanager

@@ -265,8 +265,7 @@ class AnnealedMCMC:
     self.shape = tuple(shape)
     self.mesh = mesh
     if loop_friendly_grads is None:  # energy gradients inside the scan: see unet.py
-      loop_friendly_grads = unet.loop_friendly_default(
-          mesh.devices.flat[0].platform if mesh is not None else None)
+      loop_friendly_grads = unet.loop_friendly_default(mesh)
     self.loop_friendly_grads = loop_friendly_grads
     times = schedule.time_grid(num_steps)
     self.times = times
