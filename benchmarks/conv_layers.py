@@ -103,8 +103,11 @@ def main(argv=None):
   torch = common.start(args)
   from cdiff_jax import parallel
   onednn = parallel.inference_compiler_options()
-  variants = ([('xla', None)] + ([('xla_onednn', onednn)] if onednn else [])
-              + ([('xla_loopfriendly', None)] if args.loop_friendly else []))
+  # (name, compiler options, loop-friendly form)
+  variants = ([('xla', None, False)] + ([('xla_onednn', onednn, False)] if onednn else [])
+              + ([('xla_loopfriendly', None, True)] if args.loop_friendly else [])
+              + ([('xla_loopfriendly_onednn', onednn, True)]
+                 if args.loop_friendly and onednn else []))
   results = []
   for name in args.models.split(','):
     exp = common.build_experiment(name)
@@ -112,13 +115,12 @@ def main(argv=None):
     rows, totals = [], collections.defaultdict(float)
     for spec, count in specs:
       row = dict(spec=spec, count=count)
-      for key, options in variants:
-        row[key] = jax_times(spec, options, args.calls, args.repeats,
-                             loop_friendly=key == 'xla_loopfriendly')
+      for key, options, loop_friendly in variants:
+        row[key] = jax_times(spec, options, args.calls, args.repeats, loop_friendly)
       if torch is not None:
         row['torch'] = torch('conv_times', spec=spec, calls=args.calls,
                              repeats=args.repeats)['seconds']
-      for key in ('xla', 'xla_onednn', 'xla_loopfriendly', 'torch'):
+      for key in [v[0] for v in variants] + ['torch']:
         for kind in KINDS if key in row else ():
           if kind == 'dx' and spec is specs[0][0]:
             continue  # the input layer (first in the trace): no input gradient in the step
@@ -126,7 +128,7 @@ def main(argv=None):
       rows.append(row)
     results.append(dict(model=name, convs=rows, totals_s=dict(totals)))
 
-    keys = [k for k, _ in variants] + (['torch'] if torch is not None else [])
+    keys = [v[0] for v in variants] + (['torch'] if torch is not None else [])
     header = ['x -> C_out (stride)', 'count'] + [f'{k} {kind} ms' for kind in KINDS for k in keys]
     table = []
     for r in rows:

@@ -189,8 +189,8 @@ def validate(c: ml_collections.ConfigDict) -> None:
   if 'parallel' in c:
     _validate_parallel(c)
   k = c.train.steps_per_call
-  for f in ('log_every', 'checkpoint_every', 'sample_every'):
-    if c.train[f] % k:
+  for f in ('steps', 'log_every', 'checkpoint_every', 'sample_every'):
+    if c.train[f] % k:  # A call runs k steps: train.steps would be overshot.
       _fail(f'train.{f}', c.train[f], f'must be a multiple of train.steps_per_call={k}.')
   _choice(c, 'sample.sampler', SAMPLERS)
   w = c.sample.get('guidance_scale', 1.0)

@@ -48,6 +48,9 @@ CASES = {
     'constraint on a class that does not exist': (
         'digits_minority', ['--config.method.constraint_classes=(4,12)', REFERENCE],
         'config.method.constraint_classes=[4, 12] names classes [12]'),
+    'steps that a call of several steps would overshoot': (
+        'digits_dsm', ['--config.train.steps_per_call=3'],
+        'config.train.steps=4: must be a multiple of train.steps_per_call=3'),
     'batch the devices cannot split': ('digits_dsm', ['--config.train.batch_size=15'],
                                        'config.train.batch_size'),
     'checkpoint of another model': ('digits_dsm', ['--config.model.ch=24'],
