@@ -45,6 +45,7 @@ def model_config(name: str, steps_per_call: int = 1):
     config[section][key] = value
   config.train.steps_per_call = steps_per_call
   config.train.log_every = config.train.checkpoint_every = steps_per_call
+  config.train.steps = -(-config.train.steps // steps_per_call) * steps_per_call  # a multiple of it
   config.train.compilation_cache = False  # the benchmarks time cold compiles
   return config
 

@@ -42,6 +42,7 @@ def make_config(size: int, batch: int, method: str, steps_per_call: int = 1):
   c.train.compilation_cache = False
   c.train.steps_per_call = steps_per_call
   c.train.log_every = c.train.checkpoint_every = steps_per_call
+  c.train.steps = -(-c.train.steps // steps_per_call) * steps_per_call  # a multiple of it
   if size == 28:
     c.data.name = 'mnist'
     c.model.ch_mult, c.model.attn_levels = (1, 2, 2), (2,)
