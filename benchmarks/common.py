@@ -43,10 +43,16 @@ def model_config(name: str, steps_per_call: int = 1):
   for field, value in MODELS[name]['overrides'].items():
     section, key = field.split('.')
     config[section][key] = value
+  return for_timing(config, steps_per_call)
+
+
+def for_timing(config, steps_per_call: int = 1):
+  """``config`` set up to time its step: ``steps_per_call`` steps per call, the steps and
+  intervals multiples of it, no persistent compilation cache (cold compiles)."""
   config.train.steps_per_call = steps_per_call
   config.train.log_every = config.train.checkpoint_every = steps_per_call
-  config.train.steps = -(-config.train.steps // steps_per_call) * steps_per_call  # a multiple of it
-  config.train.compilation_cache = False  # the benchmarks time cold compiles
+  config.train.steps = -(-config.train.steps // steps_per_call) * steps_per_call
+  config.train.compilation_cache = False
   return config
 
 

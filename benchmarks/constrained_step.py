@@ -37,12 +37,8 @@ from cdiff_jax.methods import constrained  # noqa: E402
 
 
 def make_config(size: int, batch: int, method: str, steps_per_call: int = 1):
-  c = config_lib.base_config()
+  c = common.for_timing(config_lib.base_config(), steps_per_call)
   c.train.num_devices = 1
-  c.train.compilation_cache = False
-  c.train.steps_per_call = steps_per_call
-  c.train.log_every = c.train.checkpoint_every = steps_per_call
-  c.train.steps = -(-c.train.steps // steps_per_call) * steps_per_call  # a multiple of it
   if size == 28:
     c.data.name = 'mnist'
     c.model.ch_mult, c.model.attn_levels = (1, 2, 2), (2,)
