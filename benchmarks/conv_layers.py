@@ -108,6 +108,7 @@ def main(argv=None):
               + ([('xla_loopfriendly', None, True)] if args.loop_friendly else [])
               + ([('xla_loopfriendly_onednn', onednn, True)]
                  if args.loop_friendly and onednn else []))
+  names = [v[0] for v in variants]
   results = []
   for name in args.models.split(','):
     exp = common.build_experiment(name)
@@ -120,7 +121,7 @@ def main(argv=None):
       if torch is not None:
         row['torch'] = torch('conv_times', spec=spec, calls=args.calls,
                              repeats=args.repeats)['seconds']
-      for key in [v[0] for v in variants] + ['torch']:
+      for key in names + ['torch']:
         for kind in KINDS if key in row else ():
           if kind == 'dx' and spec is specs[0][0]:
             continue  # the input layer (first in the trace): no input gradient in the step
@@ -128,7 +129,7 @@ def main(argv=None):
       rows.append(row)
     results.append(dict(model=name, convs=rows, totals_s=dict(totals)))
 
-    keys = [v[0] for v in variants] + (['torch'] if torch is not None else [])
+    keys = names + (['torch'] if torch is not None else [])
     header = ['x -> C_out (stride)', 'count'] + [f'{k} {kind} ms' for kind in KINDS for k in keys]
     table = []
     for r in rows:
