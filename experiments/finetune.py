@@ -33,6 +33,35 @@ _WORKDIR = flags.DEFINE_string('workdir', 'runs/finetune', 'Output directory.')
 _PROGRESS = flags.DEFINE_bool('progress', True, 'Show progress bars.')
 
 
+def validate(config, train_size: int, num_classes: int):
+  """The ``finetune`` fields and the pre-training config, checked before any work: a wrong
+  field costs no pre-training run, and is named as the user set it (a ConfigError is one
+  error line, ``cli.run``)."""
+  from cdiff_jax import methods
+  from cdiff_jax.config import ConfigError
+  from cdiff_jax.config import validate as validate_core
+  fc = config.finetune
+
+  def fail(field, fix):
+    raise ConfigError(f'config.finetune.{field}={fc[field]!r}: {fix}')
+
+  k = config.train.steps_per_call
+  if fc.pretrain_steps <= 0 or fc.pretrain_steps % k:
+    fail('pretrain_steps', f'must be a positive multiple of train.steps_per_call={k}.')
+  for field in ('pretrain_batch', 'num_generated'):
+    if fc[field] <= 0:
+      fail(field, 'must be positive.')
+  drop = tuple(fc.pretrain_drop_classes)
+  if not drop or any(not 0 <= c < num_classes for c in drop):
+    fail('pretrain_drop_classes', f'must name at least one class in 0..{num_classes - 1} '
+         '(the classes the pre-trained model never sees).')
+  if not 0 < fc.new_data_size <= train_size:
+    fail('new_data_size', f'must lie in 1..{train_size} (the training set\'s size).')
+  validate_core(config)
+  methods.validate(config)
+  validate_core(pretrain_config(config))
+
+
 def pretrain_config(config):
   c = copy.deepcopy(config)
   fc = config.finetune
@@ -47,10 +76,10 @@ def pretrain_config(config):
   return c
 
 
-def build_finetune_dataset(config, generated: np.ndarray, generated_labels: np.ndarray):
-  """New small data (source 0) + the pre-trained model's samples (source 1)."""
+def build_finetune_dataset(config, full, generated: np.ndarray, generated_labels: np.ndarray):
+  """New small data (source 0) drawn from the training set ``full`` + the pre-trained
+  model's samples (source 1)."""
   from cdiff_jax.data import sources
-  full = sources.load_dataset(config.data, 'train')
   rng = np.random.default_rng(config.finetune.new_data_seed)
   new_idx = np.sort(rng.choice(len(full), config.finetune.new_data_size, replace=False))
   new = full.subset(new_idx)
@@ -73,10 +102,13 @@ def main(argv):
   del argv
   from cdiff_jax import evaluation, train, writers
   from experiments.minority import comparison_table, run_arm
+  from cdiff_jax.data import sources
   config = _CONFIG.value
   fc = config.finetune
   workdir = os.path.abspath(_WORKDIR.value)
   progress = _PROGRESS.value
+  train_set = sources.load_dataset(config.data, 'train')
+  validate(config, len(train_set), train_set.num_classes)
   train.setup_jax(config)  # XLA options before the samples of step 2 start the backend
 
   pre_dir = os.path.join(workdir, 'pretrained')
@@ -96,7 +128,7 @@ def main(argv):
     np.savez(gen_path, images=generated, labels=clf.predict(generated))
   with np.load(gen_path) as f:
     generated, generated_labels = f['images'], f['labels']
-  dataset, new_images = build_finetune_dataset(config, generated, generated_labels)
+  dataset, new_images = build_finetune_dataset(config, train_set, generated, generated_labels)
 
   arms = {}
   for name in ('unconstrained', 'constrained'):

@@ -63,6 +63,12 @@ def test_bad_config_gets_one_line(tmp_path, override, needle):
     # A ConfigError from the script's own checks, before any work.
     ('experiments.toy_composition', "--config.toy.benchmarks=('nope',)", 'config.toy.benchmarks'),
     ('experiments.digits_guidance', '--config.guidance.not_class=12', 'guidance.not_class'),
+    # Named as set, not as the pre-training config's train.steps it becomes.
+    ('experiments.finetune', '--config.train.steps_per_call=3', 'config.finetune.pretrain_steps'),
+    ('experiments.finetune', '--config.finetune.pretrain_drop_classes=()',
+     'config.finetune.pretrain_drop_classes'),
+    ('experiments.finetune', '--config.finetune.new_data_size=100000',
+     'config.finetune.new_data_size'),
 ])
 def test_experiment_scripts_report_bad_input_in_one_line(module, override, needle, tmp_path):
   out = subprocess.run([sys.executable, '-m', module, f'--workdir={tmp_path}', override],
