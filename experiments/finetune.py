@@ -37,29 +37,26 @@ def validate(config, train_size: int, num_classes: int):
   """The ``finetune`` fields and the pre-training config, checked before any work: a wrong
   field costs no pre-training run, and is named as the user set it (a ConfigError is one
   error line, ``cli.run``)."""
+  from cdiff_jax import config as config_lib
   from cdiff_jax import methods
-  from cdiff_jax.config import ConfigError
-  from cdiff_jax.config import validate as validate_core
   fc = config.finetune
-
-  def fail(field, fix):
-    raise ConfigError(f'config.finetune.{field}={fc[field]!r}: {fix}')
-
   k = config.train.steps_per_call
   if fc.pretrain_steps <= 0 or fc.pretrain_steps % k:
-    fail('pretrain_steps', f'must be a positive multiple of train.steps_per_call={k}.')
-  for field in ('pretrain_batch', 'num_generated'):
-    if fc[field] <= 0:
-      fail(field, 'must be positive.')
+    config_lib._fail('finetune.pretrain_steps', fc.pretrain_steps,
+                     f'must be a positive multiple of train.steps_per_call={k}.')
+  config_lib._positive(config, 'finetune.pretrain_batch')
+  config_lib._positive(config, 'finetune.num_generated')
   drop = tuple(fc.pretrain_drop_classes)
   if not drop or any(not 0 <= c < num_classes for c in drop):
-    fail('pretrain_drop_classes', f'must name at least one class in 0..{num_classes - 1} '
-         '(the classes the pre-trained model never sees).')
+    config_lib._fail('finetune.pretrain_drop_classes', drop,
+                     f'must name at least one class in 0..{num_classes - 1} (the classes the '
+                     'pre-trained model never sees).')
   if not 0 < fc.new_data_size <= train_size:
-    fail('new_data_size', f'must lie in 1..{train_size} (the training set\'s size).')
-  validate_core(config)
+    config_lib._fail('finetune.new_data_size', fc.new_data_size,
+                     f'must lie in 1..{train_size} (the training set\'s size).')
+  config_lib.validate(config)
   methods.validate(config)
-  validate_core(pretrain_config(config))
+  config_lib.validate(pretrain_config(config))
 
 
 def pretrain_config(config):
