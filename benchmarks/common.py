@@ -48,9 +48,11 @@ def model_config(name: str, steps_per_call: int = 1):
 
 def for_timing(config, steps_per_call: int = 1):
   """``config`` set up to time its step: ``steps_per_call`` steps per call, the steps and
-  intervals multiples of it, no persistent compilation cache (cold compiles)."""
+  intervals multiples of it (no sample grids), no persistent compilation cache (cold
+  compiles)."""
   config.train.steps_per_call = steps_per_call
   config.train.log_every = config.train.checkpoint_every = steps_per_call
+  config.train.sample_every = 0
   config.train.steps = -(-config.train.steps // steps_per_call) * steps_per_call
   config.train.compilation_cache = False
   return config

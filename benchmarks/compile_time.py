@@ -13,6 +13,7 @@ is left out.
 
   .venv/bin/python benchmarks/compile_time.py [--configs=digits_dsm,mnist_minority]
       [--plain-layers]   # also with flax's own layers: the compile ratio per config
+      [--steps-per-call 4]   # the scanned step the README recommends on CPU
 """
 
 from __future__ import annotations
@@ -44,9 +45,9 @@ def shipped_configs() -> list[str]:
                 and os.path.basename(p)[:-3] not in NOT_LAUNCHER_CONFIGS)
 
 
-def prepare_config(name: str):
+def prepare_config(name: str, steps_per_call: int = 1):
   config = importlib.import_module(f'configs.{name}').get_config()
-  config.train.compilation_cache = False
+  config = common.for_timing(config, steps_per_call)
   config.train.init_from = ''
   method = config.method
   if method.get('threshold_mode') == 'reference':  # same program, thresholds are numbers
@@ -70,10 +71,9 @@ def prepare_config(name: str):
   return config, dataset
 
 
-def measure(name: str) -> dict:
-  import jax
+def measure(name: str, steps_per_call: int = 1) -> dict:
   from cdiff_jax import train
-  config, dataset = prepare_config(name)
+  config, dataset = prepare_config(name, steps_per_call)
   start = time.perf_counter()
   exp = train.build(config, dataset)
   state = exp.init_state()
@@ -105,6 +105,8 @@ def main(argv=None):
                  help="also compile each config with flax's own layers (GroupNorm, 1x1 conv, "
                       "resize, threefry dropout), right after the project's: the step "
                       "compile ratio in one run")
+  p.add_argument('--steps-per-call', type=int, default=1,
+                 help='time the train step that runs this many steps per call (lax.scan)')
   p.add_argument('--child', action='store_true', help=argparse.SUPPRESS)
   args = p.parse_args(argv)
   xla_flags = common.setup_xla(args.no_xla_cpu_flags)
@@ -114,14 +116,16 @@ def main(argv=None):
   names = args.configs.split(',') if args.configs else shipped_configs()
   if not args.child:
     print(f'XLA_FLAGS: {xla_flags or "(none)"}')
-    print(f'machine: {common.machine()}; jax {jax.__version__}; one fresh process per config')
+    print(f'machine: {common.machine()}; jax {jax.__version__}; one fresh process per config; '
+          f'{args.steps_per_call} step(s) per call')
   if args.child:
-    print('RESULT ' + json.dumps(measure(names[0])), flush=True)
+    print('RESULT ' + json.dumps(measure(names[0], args.steps_per_call)), flush=True)
     return None
   results, plain = [], {}
   for name in names:  # each in a fresh process: nothing cached from the previous config
     for use_plain in (False, True) if args.plain_layers else (False,):
-      cmd = [sys.executable, os.path.abspath(__file__), '--child', f'--configs={name}']
+      cmd = [sys.executable, os.path.abspath(__file__), '--child', f'--configs={name}',
+             f'--steps-per-call={args.steps_per_call}']
       if args.no_xla_cpu_flags:
         cmd.append('--no-xla-cpu-flags')
       if use_plain:
