@@ -159,7 +159,8 @@ def main(argv=None):
   worst = max(r['step_compile_s'] for r in results)
   print(f'\nslowest step compile {worst:.1f} s (goal < 30 s); load average at end '
         f'{common.load_average()}')
-  common.write_json(args.json, results=results, plain_layers=plain)
+  common.write_json(args.json, steps_per_call=args.steps_per_call, results=results,
+                    plain_layers=plain)
   return results
 
 
