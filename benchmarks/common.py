@@ -37,11 +37,32 @@ MODELS = {
 }
 
 
+# Config fields set on every model after its own overrides (``--set FIELD=VALUE``, given to
+# ``start``): e.g. ``model.dtype=bfloat16`` or ``train.batch_size=256`` on a GPU.
+EXTRA_OVERRIDES: dict = {}
+
+
+def parse_override(text: str) -> tuple[str, object]:
+  """'section.key=value' -> ('section.key', value), the value read as a Python literal
+  where it is one (numbers, tuples, booleans), else kept as a string."""
+  import ast
+  field, sep, value = text.partition('=')
+  if not sep or field.count('.') != 1:
+    raise argparse.ArgumentTypeError(f'--set {text!r}: expected SECTION.KEY=VALUE, '
+                                     'e.g. --set model.dtype=bfloat16')
+  try:
+    return field, ast.literal_eval(value)
+  except (ValueError, SyntaxError):
+    return field, value
+
+
 def model_config(name: str, steps_per_call: int = 1):
   from configs import digits_dsm
   config = digits_dsm.get_config()
-  for field, value in MODELS[name]['overrides'].items():
+  for field, value in {**MODELS[name]['overrides'], **EXTRA_OVERRIDES}.items():
     section, key = field.split('.')
+    if key not in config[section]:
+      raise SystemExit(f'--set {field}: the config has no field {field!r}.')
     config[section][key] = value
   return for_timing(config, steps_per_call)
 
@@ -102,7 +123,8 @@ def torch_args(exp, seed: int = 0, params_npz: str = '', channels_last: bool = T
               ema_decay=c.train.ema_decay,
               diffusion=dict(num_steps=c.diffusion.num_steps, beta_start=c.diffusion.beta_start,
                              beta_end=c.diffusion.beta_end),
-              seed=seed, params_npz=params_npz, channels_last=channels_last)
+              seed=seed, params_npz=params_npz, channels_last=channels_last,
+              autocast='bfloat16' if c.model.dtype == 'bfloat16' else '')
 
 
 def flatten_params(tree, prefix: str = '') -> dict:
@@ -119,8 +141,9 @@ def flatten_params(tree, prefix: str = '') -> dict:
 class TorchWorker:
   """Sends requests to torch_reference.Worker, in this process or in a ``--serve`` child."""
 
-  def __init__(self, torch_python: str = ''):
+  def __init__(self, torch_python: str = '', device: str = 'cpu'):
     self.proc = None
+    self.device = device  # where the worker builds its models and runs its matmul
     if torch_python:
       self.proc = subprocess.Popen(
           [torch_python, os.path.join(HERE, 'torch_reference.py'), '--serve'],
@@ -133,6 +156,10 @@ class TorchWorker:
 
   def __call__(self, op: str, **kwargs) -> dict:
     request = dict(op=op, **kwargs)
+    if op == 'build':
+      request['args'] = dict(request['args'], device=self.device)
+    elif op == 'matmul':
+      request.setdefault('device', self.device)
     if self.proc is None:
       return self.worker.handle(request)
     self.proc.stdin.write(json.dumps(request) + '\n')
@@ -150,7 +177,7 @@ class TorchWorker:
       self.proc.wait(timeout=60)
 
 
-def open_torch(torch_python: str) -> TorchWorker | None:
+def open_torch(torch_python: str, device: str = 'cpu') -> TorchWorker | None:
   """The PyTorch worker, or None (with a message) when no PyTorch is available."""
   if not torch_python and importlib.util.find_spec('torch') is None:
     default = os.path.join(ROOT, '.venv-torch', 'bin', 'python')
@@ -160,7 +187,7 @@ def open_torch(torch_python: str) -> TorchWorker | None:
       print('PyTorch is not importable and no --torch-python was given (make bench creates '
             '.venv-torch): timing JAX alone.', file=sys.stderr)
       return None
-  return TorchWorker(torch_python)
+  return TorchWorker(torch_python, device)
 
 
 def check_same_function(exp, params, torch: TorchWorker, n: int = 4) -> tuple[float, float]:
@@ -181,6 +208,35 @@ def check_same_function(exp, params, torch: TorchWorker, n: int = 4) -> tuple[fl
     torch('forward', inputs=in_path, output=out_path)
     ref = np.load(out_path)
   return float(np.max(np.abs(out - ref))), float(np.max(np.abs(out)))
+
+
+def program_flops(fn, *args) -> float:
+  """FLOPs of ``fn(*args)`` as XLA's cost analysis counts them in the lowered program,
+  before XLA's optimizations and before any partitioning over devices (so the global
+  count of a data-parallel step).
+
+  Lowered for the host CPU, from the arguments' shapes alone (no data moves), so that the
+  count is the same whichever devices run the step: GPU backends have no cost analysis of
+  a lowered program, and their compiled program's count leaves out the convolutions they
+  hand to cuDNN (an H200 reported 28 of the 342 GFLOP of configs/mnist_minority.py's
+  step, benchmarks/README.md). On CPU this count and the compiled one agree within 2%."""
+  import jax
+  import jax.numpy as jnp
+
+  def abstract(x):
+    return jax.ShapeDtypeStruct(jnp.shape(x), x.dtype) if hasattr(x, 'dtype') else x
+  try:
+    cpu = jax.devices('cpu')[0]
+  except RuntimeError as e:
+    raise RuntimeError('program_flops lowers on the host CPU backend: keep cpu in '
+                       'JAX_PLATFORMS (e.g. JAX_PLATFORMS=cuda,cpu).') from e
+  with jax.default_device(cpu):
+    lowered = jax.jit(fn).lower(*jax.tree.map(abstract, args))
+  cost = lowered.cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  if not cost or 'flops' not in cost:
+    raise RuntimeError(f'XLA gave no FLOP count for {getattr(fn, "__name__", fn)!r}.')
+  return float(cost['flops'])
 
 
 def jax_matmul_flops_per_sec(n: int = 2048, repeats: int = 5) -> float:
@@ -241,6 +297,14 @@ def base_parser(description: str) -> argparse.ArgumentParser:
                  help="glibc's default malloc settings in both processes instead of "
                       'benchmarks/steady_malloc.py (the heap kept, not trimmed)')
   p.add_argument('--no-torch', action='store_true', help='time JAX alone')
+  p.add_argument('--torch-device', default='cpu',
+                 help="the PyTorch side's device: cpu, or cuda to compare on a GPU (float32 "
+                      'matmuls and convolutions in TF32 there, as XLA computes them)')
+  p.add_argument('--set', action='append', default=[], type=parse_override,
+                 metavar='FIELD=VALUE',
+                 help='set a config field on every model, e.g. --set model.dtype=bfloat16 '
+                      '(PyTorch then runs under bfloat16 autocast) or --set '
+                      'train.batch_size=256; repeatable')
   p.add_argument('--no-xla-cpu-flags', action='store_true',
                  help="XLA's own defaults instead of the project's XLA:CPU options "
                       '(config.train.xla_cpu_flags; the "before" of the speed log, '
@@ -263,11 +327,16 @@ def start(args):
   ``--no-xla-cpu-flags``), the PyTorch worker (unless ``--no-torch``; None without one) and
   the malloc settings of both, each printed with the machine. Returns the worker."""
   print(f'XLA_FLAGS: {setup_xla(args.no_xla_cpu_flags) or "(none)"}')
+  EXTRA_OVERRIDES.update(getattr(args, 'set', []) or [])
   import jax
-  torch = None if args.no_torch else open_torch(args.torch_python)
+  torch = (None if args.no_torch
+           else open_torch(args.torch_python, getattr(args, 'torch_device', 'cpu')))
   steady_malloc(args, torch)
   print(f'machine: {machine()}; jax {jax.__version__}'
-        + (f', torch {torch.info["torch"]} ({torch.info["threads"]} threads)' if torch else ''))
+        + (f', torch {torch.info["torch"]} ({torch.info["threads"]} threads'
+           + (f', on {torch.info["cuda"]}' if torch.device != 'cpu' else '') + ')'
+           if torch else '')
+        + (f'; config overrides {EXTRA_OVERRIDES}' if EXTRA_OVERRIDES else ''))
   return torch
 
 

@@ -3,11 +3,13 @@ JAX sees (meant for GPUs and TPUs; runs on CPU too, without an MFU unless --peak
 
   python benchmarks/mfu.py --config=configs/digits_minority.py
   python benchmarks/mfu.py --config=configs/mnist_minority.py --config.model.dtype=bfloat16 \\
-      --config.train.batch_size=256 --out=mfu.json
+      --config.data.source=idx --config.data.data_dir=DIR --out=mfu.json
 
-* FLOPs per step: XLA's cost analysis of the compiled one-step program (forward, backward,
-  optimizer, EMA and the method's extra updates; per device, so the global figure is
-  times the device count). Measured on a k=1 program even when the config runs
+* FLOPs per step: XLA's cost analysis of the one-step program (forward, backward,
+  optimizer, EMA and the method's extra updates) as lowered, before XLA's optimizations
+  and the partitioning over devices (``common.program_flops``); per device is that over
+  the device count. Not the compiled program's count: on GPUs that one leaves out the
+  convolutions run as cuDNN calls. Measured on a k=1 program even when the config runs
   ``train.steps_per_call=k`` steps per call, because XLA counts a loop body once.
 * Step time: median over ``--rounds`` rounds of ``--calls`` calls each, after warm-up,
   timed with ``block_until_ready``; the data are real batches prepared beforehand.
@@ -65,13 +67,13 @@ def peak_tflops(device_kind: str, dtype: str) -> float | None:
 
 
 def step_flops(exp, state, batch) -> float:
-  """Per-device FLOPs of one training step (cost analysis of a k=1 program)."""
+  """Global FLOPs of one training step (``common.program_flops`` of the one-step function:
+  the lowered program's count, the same on every platform)."""
+  from benchmarks import common
   from cdiff_jax import train_step as train_step_lib
-  one = train_step_lib.make_train_step(exp.method, exp.tx, exp.lr_fn,
-                                       exp.config.train.ema_decay, exp.mesh, 1)
-  cost = one.lower(state, batch).compile().cost_analysis()
-  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-  return float(cost.get('flops', 0.0))
+  step_fn = train_step_lib.make_step_fn(exp.method, exp.tx, exp.lr_fn,
+                                        exp.config.train.ema_decay)
+  return common.program_flops(step_fn, state, batch)
 
 
 def speed_config(config):
@@ -102,7 +104,8 @@ def measure(config, calls: int = 10, rounds: int = 3, warmup: int = 2, num_sampl
   host = [exp.batcher.batch(s) if k == 1 else exp.batcher.stacked(s * k, k)
           for s in range(warmup + calls)]
   batches = [parallel.put_batch(b, exp.mesh, leading_axes=lead) for b in host]
-  flops = step_flops(exp, state, parallel.put_batch(exp.batcher.batch(0), exp.mesh))
+  devices = exp.mesh.devices.size
+  flops = step_flops(exp, state, exp.batcher.batch(0)) / devices
 
   t0 = time.perf_counter()
   for b in batches[:warmup]:
@@ -118,7 +121,6 @@ def measure(config, calls: int = 10, rounds: int = 3, warmup: int = 2, num_sampl
     times.append((time.perf_counter() - t0) / (calls * k))
   step_time = float(np.median(times))
 
-  devices = exp.mesh.devices.size
   device_kind = jax.devices()[0].device_kind
   peak = peak if peak is not None else peak_tflops(device_kind, config.model.dtype)
   achieved = flops / step_time / 1e12  # TFLOP/s per device

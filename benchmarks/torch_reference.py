@@ -1,7 +1,9 @@
 """PyTorch reference of the benchmarks: the UNet, DSM train step and DDIM sampler of cdiff_jax.
 
 This file needs only ``torch`` and ``numpy`` (no JAX), so it runs in a separate Python
-whose torch is a CPU build (see ``make bench``). It is a faithful port, not a lookalike:
+whose torch is a CPU build (see ``make bench``), or on a GPU (``device='cuda'``, the
+benchmarks' ``--torch-device cuda``: float32 in TF32 as XLA does there, and bfloat16
+autocast for ``model.dtype='bfloat16'``). It is a faithful port, not a lookalike:
 
 * the same layers in the same order (GroupNorm with eps 1e-6, SiLU, 3x3 convs with XLA's
   SAME padding, zero-initialized output convs, multi-head attention with q/k/v/out
@@ -33,7 +35,8 @@ GN_EPS = 1e-6  # flax.linen.GroupNorm's default epsilon
 
 def timestep_embedding(t, dim: int, scale: float = 1000.0, max_period: float = 10000.0):
   half = dim // 2
-  freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32) / half)
+  freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32,
+                                                            device=t.device) / half)
   args = (scale * t.float())[:, None] * freqs[None]
   emb = torch.cat([torch.sin(args), torch.cos(args)], dim=-1)
   if dim % 2:
@@ -177,7 +180,7 @@ class UNet(Named):
     emb = self.temb1(F.silu(self.temb0(timestep_embedding(t, self.ch))))
     if self.cemb is not None:
       if y is None:
-        y = torch.full((x.shape[0],), self.num_classes, dtype=torch.long)
+        y = torch.full((x.shape[0],), self.num_classes, dtype=torch.long, device=x.device)
       emb = emb + self.cemb(y)
     h = self.conv_in(x)
     skips = [h]
@@ -253,16 +256,21 @@ def load_flax_params(model: nn.Module, flat: dict[str, np.ndarray]) -> None:
 class DDPM:
   """Discrete DDPM schedule at grid times t_i = i / T (linear betas)."""
 
-  def __init__(self, num_steps=1000, beta_start=1e-4, beta_end=0.02):
+  def __init__(self, num_steps=1000, beta_start=1e-4, beta_end=0.02, device='cpu'):
     self.T = num_steps
+    self.device = device
     betas = np.linspace(beta_start, beta_end, num_steps, dtype=np.float64)
     log_ab = np.concatenate([[0.0], np.cumsum(np.log1p(-betas))]).astype(np.float32)
-    self.alpha = torch.from_numpy(np.exp(0.5 * log_ab))              # index i = 0..T
-    self.sigma = torch.from_numpy(np.sqrt(-np.expm1(log_ab)).astype(np.float32))
+    self.alpha = torch.from_numpy(np.exp(0.5 * log_ab)).to(device)   # index i = 0..T
+    self.sigma = torch.from_numpy(np.sqrt(-np.expm1(log_ab)).astype(np.float32)).to(device)
+    # The sampler's Python floats (host copies: no device sync per step).
+    self.alpha_host, self.sigma_host = self.alpha.tolist(), self.sigma.tolist()
 
   def sample_t(self, n):
     """Stratified (golden-ratio) grid times, as cdiff_jax.schedules.Schedule.sample_t."""
-    u = torch.remainder(torch.rand(()) + torch.arange(n, dtype=torch.float32) * 0.6180339887498949, 1.0)
+    u = torch.remainder(torch.rand((), device=self.device)
+                        + torch.arange(n, dtype=torch.float32, device=self.device)
+                        * 0.6180339887498949, 1.0)
     return torch.clamp(torch.floor(u * self.T).long(), max=self.T - 1) + 1
 
   def time_grid(self, num_steps):
@@ -274,18 +282,26 @@ class Reference:
 
   def __init__(self, model: dict, image_shape, batch_size: int, optim: dict,
                ema_decay: float = 0.999, diffusion: dict | None = None, seed: int = 0,
-               channels_last: bool = False, threads: int = 0, params_npz: str = ''):
+               channels_last: bool = False, threads: int = 0, params_npz: str = '',
+               device: str = 'cpu', autocast: str = ''):
     if threads:
       torch.set_num_threads(threads)
     torch.manual_seed(seed)
+    self.device = torch.device(device)
+    if self.device.type == 'cuda':
+      # float32 matmuls and convolutions in TF32, as XLA computes them on GPUs by default.
+      torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    # autocast='bfloat16': mixed precision as cdiff_jax's model.dtype='bfloat16' (float32
+    # parameters and optimizer, bfloat16 matmuls and convolutions).
+    self.autocast = getattr(torch, autocast) if autocast else None
     h, w, c = image_shape
     self.net = UNet(c, **model)
     if params_npz:
       with np.load(params_npz) as f:
         load_flax_params(self.net, dict(f))
     self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
-    self.net = self.net.to(memory_format=self.memory_format)
-    self.sched = DDPM(**(diffusion or {}))
+    self.net = self.net.to(self.device, memory_format=self.memory_format)
+    self.sched = DDPM(**(diffusion or {}), device=self.device)
     self.params = [p for p in self.net.parameters()]
     self.ema = [p.detach().clone() for p in self.params]
     self.ema_decay = ema_decay
@@ -295,7 +311,7 @@ class Reference:
                                  eps=optim.get('eps', 1e-8),
                                  weight_decay=optim.get('weight_decay', 0.0),
                                  foreach=True)
-    self.x0 = torch.rand(batch_size, c, h, w).mul(2).sub(1).contiguous(
+    self.x0 = torch.rand(batch_size, c, h, w, device=self.device).mul(2).sub(1).contiguous(
         memory_format=self.memory_format)
     self.step_count = 0
 
@@ -307,8 +323,9 @@ class Reference:
     i = self.sched.sample_t(n)
     eps = torch.randn_like(x0)
     a, s = self.sched.alpha[i].view(-1, 1, 1, 1), self.sched.sigma[i].view(-1, 1, 1, 1)
-    eps_hat = self.net(a * x0 + s * eps, i.float() / self.sched.T)
-    loss = torch.square(eps_hat - eps).mean()
+    with self._autocast():
+      eps_hat = self.net(a * x0 + s * eps, i.float() / self.sched.T)
+    loss = torch.square(eps_hat.float() - eps).mean()
     self.opt.zero_grad(set_to_none=True)
     loss.backward()
     if self.grad_clip > 0:
@@ -319,6 +336,9 @@ class Reference:
       torch._foreach_lerp_(self.ema, self.params, 1.0 - d)
     self.step_count += 1
     return loss
+
+  def _autocast(self):
+    return torch.autocast(self.device.type, dtype=self.autocast, enabled=self.autocast is not None)
 
   def train(self, steps: int) -> float:
     self.net.train()
@@ -333,34 +353,43 @@ class Reference:
     """DDIM (eta=0) with x0 clipping and the final denoising step, as cdiff_jax's Sampler."""
     self.net.eval()
     c, h, w = self.x0.shape[1:]
-    x = torch.randn(n, c, h, w).contiguous(memory_format=self.memory_format)
+    x = torch.randn(n, c, h, w, device=self.device).contiguous(memory_format=self.memory_format)
     grid = self.sched.time_grid(num_steps)
-    al, sg, T = self.sched.alpha, self.sched.sigma, self.sched.T
+    al, sg, T = self.sched.alpha_host, self.sched.sigma_host, self.sched.T
+
+    def net(x, i):
+      with self._autocast():
+        return self.net(x, torch.full((n,), i / T, device=self.device)).float()
     for k in range(num_steps):
       i, j = int(grid[k]), int(grid[k + 1])
-      eps = self.net(x, torch.full((n,), i / T))
+      eps = net(x, i)
       x0 = torch.clamp((x - sg[i] * eps) / al[i], -clip, clip)
       eps = (x - al[i] * x0) / sg[i]
       x = al[j] * x0 + sg[j] * eps
     i = int(grid[-1])
-    eps = self.net(x, torch.full((n,), i / T))
-    return torch.clamp((x - sg[i] * eps) / al[i], -clip, clip)
+    eps = net(x, i)
+    return torch.clamp((x - sg[i] * eps) / al[i], -clip, clip).cpu()  # .cpu(): waits
 
   @torch.inference_mode()
   def forward(self, x_nhwc: np.ndarray, t: np.ndarray) -> np.ndarray:
     self.net.eval()
-    x = torch.from_numpy(np.ascontiguousarray(x_nhwc.transpose(0, 3, 1, 2)))
-    out = self.net(x.contiguous(memory_format=self.memory_format), torch.from_numpy(t))
-    return out.permute(0, 2, 3, 1).contiguous().numpy()
+    x = torch.from_numpy(np.ascontiguousarray(x_nhwc.transpose(0, 3, 1, 2))).to(self.device)
+    with self._autocast():
+      out = self.net(x.contiguous(memory_format=self.memory_format),
+                     torch.from_numpy(t).to(self.device))
+    return out.float().permute(0, 2, 3, 1).contiguous().cpu().numpy()
 
 
-def matmul_flops_per_sec(n: int = 2048, repeats: int = 5) -> float:
-  a, b = torch.randn(n, n), torch.randn(n, n)
+def matmul_flops_per_sec(n: int = 2048, repeats: int = 5, device: str = 'cpu') -> float:
+  a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
+  sync = torch.cuda.synchronize if torch.device(device).type == 'cuda' else (lambda: None)
   a @ b
+  sync()
   times = []
   for _ in range(repeats):
     start = time.perf_counter()
     a @ b
+    sync()
     times.append(time.perf_counter() - start)
   return 2 * n ** 3 / float(np.median(times))
 
@@ -412,7 +441,8 @@ class Worker:
       import steady_malloc  # benchmarks/, on the path as this script's folder
       return dict(applied=steady_malloc.apply())
     if op == 'info':
-      return dict(torch=torch.__version__, threads=torch.get_num_threads())
+      return dict(torch=torch.__version__, threads=torch.get_num_threads(),
+                  cuda=torch.cuda.get_device_name() if torch.cuda.is_available() else '')
     if op == 'build':
       start = time.perf_counter()
       self.ref = Reference(**req['args'])
@@ -431,7 +461,8 @@ class Worker:
     if op == 'conv_times':
       return dict(seconds=conv_times(req['spec'], req.get('calls', 5), req.get('repeats', 5)))
     if op == 'matmul':
-      return dict(flops_per_sec=matmul_flops_per_sec(req.get('n', 2048)))
+      return dict(flops_per_sec=matmul_flops_per_sec(req.get('n', 2048),
+                                                     device=req.get('device', 'cpu')))
     raise ValueError(f'unknown request {op!r}')
 
 

@@ -11,7 +11,7 @@ and checks that both networks compute the same function). Reported:
   through ``lax.scan`` (on CPU traced with ``unet.loop_friendly_conv``; ``--scan-plain``
   also times it with XLA's own convolution gradients);
 * the JAX step's first compile (trace + lower + compile, persistent cache off);
-* the step's FLOPs (XLA cost analysis of the compiled step) and the FLOP/s both reach, as
+* the step's FLOPs (XLA's cost analysis of the lowered step, ``common.program_flops``) and the FLOP/s both reach, as
   a fraction of a 2048x2048 float32 matmul's FLOP/s measured in the same run.
 
 Run: ``make bench`` (makes the PyTorch venv), or
@@ -44,11 +44,11 @@ def jax_step_runner(name: str, steps_per_call: int = 1, loop_friendly: bool | No
   k = steps_per_call
   batch = common.first_batch(exp)
   start = time.perf_counter()
-  compiled = exp.step.lower(state, batch).compile()
+  exp.step.lower(state, batch).compile()
   compile_s = time.perf_counter() - start
-  cost = compiled.cost_analysis()
-  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-  info = dict(exp=exp, compile_s=compile_s, flops_per_call=float(cost.get('flops', 0.0)),
+  # One step's FLOPs as lowered, the same count on every platform (common.program_flops).
+  flops = common.program_flops(exp.step.step_fn, state, batch) if k == 1 else None
+  info = dict(exp=exp, compile_s=compile_s, flops_per_call=flops,
               params=jax.device_get(state.params))  # host copy: the step donates the state
   holder = [state]
 

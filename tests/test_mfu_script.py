@@ -23,6 +23,31 @@ def test_peak_table(mfu):
   assert mfu.peak_tflops('cpu', 'float32') is None
 
 
+def test_program_flops_closed_form(mfu):
+  # A dense layer: 2*m*k*n multiply-adds, counted from shapes alone (no data moved).
+  import jax
+  import numpy as np
+  from benchmarks import common
+  a, b = np.ones((64, 32), np.float32), jax.ShapeDtypeStruct((32, 16), np.float32)
+  assert common.program_flops(lambda a, b: a @ b, a, b) == 2 * 64 * 32 * 16
+
+
+def test_step_flops_match_the_compiled_count(mfu, tiny_config):
+  # On CPU the compiled program counts its convolutions too: the lowered, platform-free
+  # count (what mfu.py reports, since GPU backends drop cuDNN convolutions from theirs)
+  # must agree with it.
+  from cdiff_jax import parallel, train
+  exp = train.build(mfu.speed_config(tiny_config))
+  state = exp.init_state()
+  host = exp.batcher.batch(0)
+  lowered_count = mfu.step_flops(exp, state, host)
+  compiled = exp.step.lower(state, parallel.put_batch(host, exp.mesh)).compile()
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  per_device = cost['flops']  # the partitioned program: one device's share
+  assert lowered_count / exp.mesh.devices.size == pytest.approx(per_device, rel=0.1)
+
+
 def test_measure_tiny(mfu, tiny_config):
   r = mfu.measure(tiny_config, calls=2, rounds=1, warmup=1, num_samples=4, peak=1.0)
   assert r['num_devices'] == 2 and r['global_batch'] == 16
