@@ -7,8 +7,8 @@ JAX sees (meant for GPUs and TPUs; runs on CPU too, without an MFU unless --peak
 
 * FLOPs per step: XLA's cost analysis of the one-step program (forward, backward,
   optimizer, EMA and the method's extra updates) as lowered, before XLA's optimizations
-  and the partitioning over devices (``common.program_flops``); per device is that over
-  the device count. Not the compiled program's count: on GPUs that one leaves out the
+  and the partitioning over devices (``common.program_flops``) on one process's share of
+  the batch; per device is that over the process's devices. Not the compiled program's count: on GPUs that one leaves out the
   convolutions run as cuDNN calls. Measured on a k=1 program even when the config runs
   ``train.steps_per_call=k`` steps per call, because XLA counts a loop body once.
 * Step time: median over ``--rounds`` rounds of ``--calls`` calls each, after warm-up,
@@ -105,7 +105,8 @@ def measure(config, calls: int = 10, rounds: int = 3, warmup: int = 2, num_sampl
           for s in range(warmup + calls)]
   batches = [parallel.put_batch(b, exp.mesh, leading_axes=lead) for b in host]
   devices = exp.mesh.devices.size
-  flops = step_flops(exp, state, exp.batcher.batch(0)) / devices
+  # This process's rows of the batch, shared by its own devices of the mesh.
+  flops = step_flops(exp, state, exp.batcher.batch(0)) / (devices // jax.process_count())
 
   t0 = time.perf_counter()
   for b in batches[:warmup]:
