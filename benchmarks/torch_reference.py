@@ -261,10 +261,11 @@ class DDPM:
     self.device = device
     betas = np.linspace(beta_start, beta_end, num_steps, dtype=np.float64)
     log_ab = np.concatenate([[0.0], np.cumsum(np.log1p(-betas))]).astype(np.float32)
-    self.alpha = torch.from_numpy(np.exp(0.5 * log_ab)).to(device)   # index i = 0..T
-    self.sigma = torch.from_numpy(np.sqrt(-np.expm1(log_ab)).astype(np.float32)).to(device)
-    # The sampler's Python floats (host copies: no device sync per step).
-    self.alpha_host, self.sigma_host = self.alpha.tolist(), self.sigma.tolist()
+    alpha, sigma = np.exp(0.5 * log_ab), np.sqrt(-np.expm1(log_ab)).astype(np.float32)
+    self.alpha = torch.from_numpy(alpha).to(device)                   # index i = 0..T
+    self.sigma = torch.from_numpy(sigma).to(device)
+    # The sampler's Python floats (no device sync per step).
+    self.alpha_host, self.sigma_host = alpha.tolist(), sigma.tolist()
 
   def sample_t(self, n):
     """Stratified (golden-ratio) grid times, as cdiff_jax.schedules.Schedule.sample_t."""
