@@ -61,7 +61,7 @@ def model_config(name: str, steps_per_call: int = 1):
   config = digits_dsm.get_config()
   for field, value in {**MODELS[name]['overrides'], **EXTRA_OVERRIDES}.items():
     section, key = field.split('.')
-    if key not in config[section]:
+    if section not in config or key not in config[section]:
       raise SystemExit(f'--set {field}: the config has no field {field!r}.')
     config[section][key] = value
   return for_timing(config, steps_per_call)
@@ -327,10 +327,10 @@ def start(args):
   ``--no-xla-cpu-flags``), the PyTorch worker (unless ``--no-torch``; None without one) and
   the malloc settings of both, each printed with the machine. Returns the worker."""
   print(f'XLA_FLAGS: {setup_xla(args.no_xla_cpu_flags) or "(none)"}')
-  EXTRA_OVERRIDES.update(getattr(args, 'set', []) or [])
+  EXTRA_OVERRIDES.update(args.set)
   import jax
   torch = (None if args.no_torch
-           else open_torch(args.torch_python, getattr(args, 'torch_device', 'cpu')))
+           else open_torch(args.torch_python, args.torch_device))
   steady_malloc(args, torch)
   print(f'machine: {machine()}; jax {jax.__version__}'
         + (f', torch {torch.info["torch"]} ({torch.info["threads"]} threads'

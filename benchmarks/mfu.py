@@ -8,9 +8,10 @@ JAX sees (meant for GPUs and TPUs; runs on CPU too, without an MFU unless --peak
 * FLOPs per step: XLA's cost analysis of the one-step program (forward, backward,
   optimizer, EMA and the method's extra updates) as lowered, before XLA's optimizations
   and the partitioning over devices (``common.program_flops``) on one process's share of
-  the batch; per device is that over the process's devices. Not the compiled program's count: on GPUs that one leaves out the
-  convolutions run as cuDNN calls. Measured on a k=1 program even when the config runs
-  ``train.steps_per_call=k`` steps per call, because XLA counts a loop body once.
+  the batch; per device is that over the process's devices. Not the compiled program's
+  count: on GPUs that one leaves out the convolutions run as cuDNN calls. Measured on a
+  k=1 program even when the config runs ``train.steps_per_call=k`` steps per call, because
+  XLA counts a loop body once.
 * Step time: median over ``--rounds`` rounds of ``--calls`` calls each, after warm-up,
   timed with ``block_until_ready``; the data are real batches prepared beforehand.
 * MFU: achieved FLOP/s per device over the device's dense peak for the compute dtype

@@ -11,8 +11,9 @@ and checks that both networks compute the same function). Reported:
   through ``lax.scan`` (on CPU traced with ``unet.loop_friendly_conv``; ``--scan-plain``
   also times it with XLA's own convolution gradients);
 * the JAX step's first compile (trace + lower + compile, persistent cache off);
-* the step's FLOPs (XLA's cost analysis of the lowered step, ``common.program_flops``) and the FLOP/s both reach, as
-  a fraction of a 2048x2048 float32 matmul's FLOP/s measured in the same run.
+* the step's FLOPs (XLA's cost analysis of the lowered step, ``common.program_flops``) and
+  the FLOP/s both reach, as a fraction of a 2048x2048 float32 matmul's FLOP/s measured in
+  the same run.
 
 Run: ``make bench`` (makes the PyTorch venv), or
 ``.venv/bin/python benchmarks/train_step.py --torch-python .venv-torch/bin/python``.
