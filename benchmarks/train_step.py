@@ -138,6 +138,14 @@ def bench_model(name: str, args, torch, matmul: dict) -> dict:
   result['jax_matmul_fraction'] = result['jax_flops_per_s'] / matmul['jax']
   if torch is not None:
     result['ratio'] = result['jax_images_per_s'] / result['torch_images_per_s']
+    # Rounds alternate, so a round's own ratio cancels drift of the machine between rounds;
+    # their spread says how far to trust the ratio of medians.
+    per_call = {key: n for key, _, n in runs}
+    for key in ('jax', 'jax_scan'):
+      if key in times:
+        result[f'{key}_round_ratios'] = [
+            (per_call[key] / t) / (per_call['torch'] / t_torch)
+            for t, t_torch in zip(times[key], times['torch'])]
     result['torch_flops_per_s'] = result['flops_per_step'] / (result['torch_step_ms'] / 1e3)
     result['torch_matmul_fraction'] = result['torch_flops_per_s'] / matmul['torch']
     if 'jax_scan_images_per_s' in result:
@@ -200,6 +208,12 @@ def main(argv=None):
                  if 'torch_flops_per_s' in r else '-'])
   print()
   print(common.markdown_table(header, rows))
+  for r in results:
+    spread = [f"{what} {min(r[key]):.2f}-{max(r[key]):.2f}" for key, what in
+              (('jax_round_ratios', 'single steps'), ('jax_scan_round_ratios', 'scanned'))
+              if key in r]
+    if spread:
+      print(f"{r['model']}: JAX / PyTorch within each round: {', '.join(spread)}")
   print(f'\nmachine: {common.machine()}; medians of {args.repeats} alternating rounds, each '
         f'after {args.settle:g} s untimed; '
         f'matmul peak ' + ', '.join(f'{k} {v / 1e9:.0f} GFLOP/s' for k, v in matmul.items())
