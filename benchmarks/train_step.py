@@ -7,9 +7,10 @@ EMA), and a PyTorch port of the same network, loss, optimizer and EMA at the sam
 and checks that both networks compute the same function). Reported:
 
 * images/s of both (median over ``--repeats`` rounds that alternate JAX and PyTorch) and
-  their ratio, with the range of the ratio within each round; with ``--steps-per-call k`` also the JAX step that runs k steps per call
-  through ``lax.scan`` (on CPU traced with ``unet.loop_friendly_conv``; ``--scan-plain``
-  also times it with XLA's own convolution gradients);
+  their ratio, with the range of the ratio within each round; with ``--steps-per-call k``
+  also the JAX step that runs k steps per call through ``lax.scan`` (on CPU traced with
+  ``unet.loop_friendly_conv``; ``--scan-plain`` also times it with XLA's own convolution
+  gradients);
 * the JAX step's first compile (trace + lower + compile, persistent cache off);
 * the step's FLOPs (XLA's cost analysis of the lowered step, ``common.program_flops``) and
   the FLOP/s both reach, as a fraction of a 2048x2048 float32 matmul's FLOP/s measured in
