@@ -15,7 +15,8 @@ Every arm is one ``train_and_evaluate`` run of the config with ``method.variant`
 finished arms are read back, unfinished ones resume from their checkpoints). Evaluation is
 the project's: the classifier trained on the real balanced training set gives the class
 frequencies of the generated samples and the classifier FID against the held-out set. The
-IW/TIW arms of one reference fraction share one pretrained discriminator (cached).
+TIW arms of one reference fraction share one pretrained time-dependent discriminator
+(cached); IW-DSM trains its own at t = 0 (cached too).
 
 Columns: classifier FID (lower is better), total variation of the generated class
 frequencies to uniform, the generated mass of the tail half of the classes, and the copying

@@ -445,3 +445,40 @@ def test_feature_head_discriminator_uses_the_run_classifier_frozen(tiny_config, 
   # The trained parameters are the head's alone (the classifier's live only in 'frozen').
   fresh = exp.method.disc.init(jax.random.key(1), (8, 8, 1), frozen)
   assert jax.tree.structure(fresh) == jax.tree.structure(head0)
+
+
+def test_iw_discriminator_trains_under_either_time_weighting():
+  """IW-DSM's discriminator sees clean data (t = 0), where ``sigma2`` would weight its loss
+  by sigma(0)^2 = 0 and leave it at its initialization: the weighting does not apply."""
+  batch = _image_batch()
+  is_ref = np.asarray(batch['group']) == 1
+  results = {}
+  for weighting in ('uniform', 'sigma2'):
+    method = _image_method(variant='iw', disc_time_weighting=weighting)
+    _, extras = _init(method, batch)
+    loss_fn = lambda p: method._disc_loss(p, batch['image'], is_ref, ~is_ref,
+                                          jax.random.key(5), None)[0]
+    loss, grads = jax.value_and_grad(loss_fn)(extras['disc']['params'])
+    results[weighting] = float(loss), optax.global_norm(grads)
+  np.testing.assert_allclose(results['sigma2'], results['uniform'], rtol=1e-6)
+  assert results['sigma2'][0] > 0.1 and results['sigma2'][1] > 0
+  # The time-dependent discriminator still weights by sigma(t)^2 (a different loss).
+  method = _image_method(variant='tiw', disc_time_weighting='sigma2')
+  _, extras = _init(method, batch)
+  loss = method._disc_loss(extras['disc']['params'], batch['image'], is_ref, ~is_ref,
+                           jax.random.key(5), None)[0]
+  assert abs(float(loss) - results['uniform'][0]) > 1e-3
+
+
+def test_discriminator_cache_key_covers_the_frozen_feature_extractor():
+  """A head cached on one feature extractor is not loaded on top of another."""
+  method = _image_method()
+  method._data.update(dataset=ArrayDataset(np.zeros((4, 4, 4, 1), np.float32),
+                                           np.zeros(4, np.int64), 2, 'tiny'),
+                      bias=np.arange(2), ref=np.arange(2, 4))
+  a = {'w': np.ones((3, 2), np.float32)}
+  b = {'w': np.full((3, 2), 2.0, np.float32)}
+  assert method._cache_path(10, a) == method._cache_path(10, jax.tree.map(np.copy, a))
+  assert method._cache_path(10, a) != method._cache_path(10, b)
+  assert method._cache_path(10, None) != method._cache_path(10, a)
+  assert method._cache_path(10, None) != method._cache_path(11, None)

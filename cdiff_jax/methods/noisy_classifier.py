@@ -177,12 +177,14 @@ def noised_bce_loss(clf: NoisyClassifier, params, x0, is_positive, is_negative, 
   """Time-weighted balanced BCE (T-BCE) of a one-logit classifier on noised x0.
 
   Returns (loss, metrics) with metrics bce, accuracy (logit > 0 means positive).
+  ``clean=True`` (IW-DSM's classifier at t = 0) ignores ``time_weighting``: there is one
+  time, and ``sigma2`` would weight it by sigma(0)^2 = 0, a loss without gradient.
   """
   rng_noise, rng_dropout = jax.random.split(rng)
   x_t, t = noised_inputs(rng_noise, x0, schedule, clean)
   logits = clf.logits(params, x_t, t, frozen, train=train, rng=rng_dropout)[:, 0]
-  loss, acc = balanced_bce(logits, is_positive, is_negative,
-                           time_weight(schedule, t, time_weighting))
+  weights = None if clean else time_weight(schedule, t, time_weighting)
+  loss, acc = balanced_bce(logits, is_positive, is_negative, weights)
   return loss, dict(bce=loss, accuracy=acc)
 
 

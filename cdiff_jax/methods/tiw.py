@@ -62,7 +62,9 @@ VARIANTS = ('dsm_ref', 'dsm_obs', 'iw', 'tiw')
 BIASES = ('long_tail', 'attribute')
 DISC_FEATURES = ('none', 'eval_classifier')
 DISC_NETS = ('auto', 'conv', 'mlp')
-_CACHE_VERSION = 1
+# 2: IW-DSM's clean discriminator no longer takes a time weighting (under sigma2 the
+# version-1 cache could hold an untrained one); the frozen feature extractor is in the key.
+_CACHE_VERSION = 2
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -90,7 +92,7 @@ def default_config() -> ml_collections.ConfigDict:
       disc_pretrain_steps=500,    # first phase: T-BCE steps before score training
       disc_joint=False,           # also update it inside every score step
       disc_lr=3e-4, disc_weight_decay=1e-4, disc_batch_size=128,
-      disc_time_weighting='uniform',  # lambda(t) of the T-BCE: uniform | sigma2
+      disc_time_weighting='uniform',  # lambda(t) of the T-BCE: uniform | sigma2 (not iw)
       disc_cache=True,            # reuse a pretrained discriminator across runs (same data/recipe)
   ))
 
@@ -230,7 +232,9 @@ class TIW:
                               self.dsm.model.schedule, self.disc_time_weighting,
                               clean=self.variant == 'iw', frozen=frozen)
 
-  def _cache_path(self, steps: int) -> str:
+  def _cache_path(self, steps: int, frozen=None) -> str:
+    """``frozen``: the frozen feature extractor's parameters, hashed by value (a head
+    trained on one classifier's features is no use on another's)."""
     ds = self._data['dataset']
     h = hashlib.sha256()
     h.update(json.dumps([_CACHE_VERSION, ds.name, len(ds), list(ds.image_shape), steps,
@@ -238,12 +242,14 @@ class TIW:
                          repr(self.disc.net), repr(self.dsm.model.schedule)]).encode())
     h.update(np.asarray(self._data['bias'], np.int64).tobytes())
     h.update(np.asarray(self._data['ref'], np.int64).tobytes())
+    for leaf in jax.tree.leaves(frozen):
+      h.update(np.ascontiguousarray(jax.device_get(leaf)).tobytes())
     root = os.environ.get('CDIFF_JAX_CACHE', os.path.expanduser('~/.cache/cdiff_jax'))
     return os.path.join(root, 'discriminators', f'{ds.name.replace("/", "_")}_{h.hexdigest()[:16]}')
 
   def _pretrained(self, params, frozen, rng):
     """The first phase: ``disc_pretrain_steps`` T-BCE steps on balanced batches."""
-    path = self._cache_path(self.disc_pretrain_steps) if self.disc_cache else None
+    path = self._cache_path(self.disc_pretrain_steps, frozen) if self.disc_cache else None
     if path and os.path.exists(path + '.msgpack'):
       with open(path + '.msgpack', 'rb') as f:
         return flax.serialization.from_bytes(params, f.read())
