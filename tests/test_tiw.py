@@ -35,14 +35,24 @@ from cdiff_jax.models import MLPScore, ScoreModel
 COEF_TOL = 0.015
 
 
-@dataclasses.dataclass(frozen=True)
-class FixedTime(schedules.VPSchedule):
-  """VP schedule whose training times are all ``t_fixed`` (a minimizer at one t)."""
-  t_fixed: float = 0.5
+class _FixedT:
+  """Mixin: all training times are ``t_fixed`` (a minimizer at one t)."""
 
   def sample_t(self, rng, shape, stratified=False):
     del rng, stratified
     return jnp.full(shape, self.t_fixed, jnp.float32)
+
+
+@dataclasses.dataclass(frozen=True)
+class FixedTime(_FixedT, schedules.VPSchedule):
+  """Continuous VP schedule at one t."""
+  t_fixed: float = 0.5
+
+
+@dataclasses.dataclass(frozen=True)
+class FixedTimeDDPM(_FixedT, schedules.DDPMSchedule):
+  """Discrete DDPM schedule (T = 1000, linear betas) at one t."""
+  t_fixed: float = 0.5
 
 
 class AffineEps(nn.Module):
@@ -76,28 +86,31 @@ class ExactLogit(nn.Module):
     return (log_normal(self.mu_d, self.var_d) - log_normal(self.mu_b, self.var_b))[:, None]
 
 
-def gaussian_batch(mu_d, var_d, mu_b, var_b, n, seed=0):
-  """n examples, half from p_data (group 1 = ref) and half from p_bias (group 0)."""
+def gaussian_batch(mu_d, var_d, mu_b, var_b, n, seed=0, n_ref=None):
+  """n examples, ``n_ref`` (default half) from p_data (group 1 = ref), the rest from p_bias
+  (group 0)."""
   r = np.random.default_rng(seed)
-  d, h = len(mu_d), n // 2
+  d = len(mu_d)
+  h = n // 2 if n_ref is None else n_ref
   x0 = np.concatenate([np.asarray(mu_d) + np.sqrt(var_d) * r.standard_normal((h, d)),
-                       np.asarray(mu_b) + np.sqrt(var_b) * r.standard_normal((h, d))])
-  group = np.r_[np.ones(h), np.zeros(h)].astype(np.int32)
+                       np.asarray(mu_b) + np.sqrt(var_b) * r.standard_normal((n - h, d))])
+  group = np.r_[np.ones(h), np.zeros(n - h)].astype(np.int32)
   return dict(image=jnp.asarray(x0, jnp.float32), label=jnp.zeros(n, jnp.int32),
               group=jnp.asarray(group))
 
 
-def affine_minimizer(gauss, t, n=100_000, **method_kwargs):
+def affine_minimizer(gauss, t, n=100_000, schedule_cls=FixedTime, ref_batch_fraction=0.5,
+                     **method_kwargs):
   """(A, b) minimizing the method's loss at time t, and the true (A*, b*) of p_data_t."""
   mu_d, var_d, mu_b, var_b = gauss
   dim = len(mu_d)
-  schedule = FixedTime(t_fixed=t)
+  schedule = schedule_cls(t_fixed=t)
   model = ScoreModel(AffineEps(dim), schedule)
   disc = nc.NoisyClassifier(ExactLogit(schedule, mu_d, var_d, mu_b, var_b), 1)
   method = tiw.TIW(DSM(model, stratified_t=False), disc, split_fn=None, batch_size=n,
-                   ref_batch_fraction=0.5, **method_kwargs)
+                   ref_batch_fraction=ref_batch_fraction, **method_kwargs)
   extras = {'disc': {'params': {'unused': jnp.zeros(())}}}
-  batch = gaussian_batch(mu_d, var_d, mu_b, var_b, n)
+  batch = gaussian_batch(mu_d, var_d, mu_b, var_b, n, n_ref=method.ref_batch)
   theta0, unravel = ravel_pytree(model.init(jax.random.key(0), batch['image'][:2], jnp.zeros(2)))
   loss = lambda th: method.loss(unravel(th), extras, batch, jax.random.key(1))[0]
   newton = jax.jit(lambda th: th - jnp.linalg.solve(jax.hessian(loss)(th), jax.grad(loss)(th)))
@@ -122,6 +135,21 @@ def test_exact_ratio_minimizer_is_data_score_and_weight_alone_is_not(gauss, time
     (a, b), _ = affine_minimizer(gauss, t, variant='tiw', score_correction=False)
     err_w = max(np.abs(a - a_true).max(), np.abs(b - b_true).max())
     assert err_w > 4 * COEF_TOL, f't={t}: weight alone should be biased, is only {err_w:.4f} off'
+
+
+@pytest.mark.parametrize('schedule_cls,pi', [(FixedTime, 0.25), (FixedTimeDDPM, 0.75),
+                                             (FixedTimeDDPM, 0.5)])
+def test_exact_ratio_minimizer_at_any_reference_share_and_discrete_schedule(schedule_cls, pi):
+  """The batch's reference share pi enters the weight w~ = d / (pi d + (1 - pi)(1 - d)), and
+  the discrete schedule's sigma_t scales the correction: both checked against p_data_t."""
+  for t in (0.1, 0.6):
+    (a, b), (a_true, b_true) = affine_minimizer(GAUSS_1D, t, schedule_cls=schedule_cls,
+                                                ref_batch_fraction=pi, variant='tiw')
+    err = max(np.abs(a - a_true).max(), np.abs(b - b_true).max())
+    assert err < COEF_TOL, f'pi={pi}, t={t}: TIW-DSM minimizer is {err:.4f} off'
+  (a, b), (a_true, b_true) = affine_minimizer(GAUSS_1D, 0.3, schedule_cls=schedule_cls,
+                                              ref_batch_fraction=pi, variant='dsm_obs')
+  assert max(np.abs(a - a_true).max(), np.abs(b - b_true).max()) > 4 * COEF_TOL
 
 
 def test_time_independent_exact_weight_is_unbiased_too():
