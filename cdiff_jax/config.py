@@ -162,9 +162,11 @@ def validate(c: ml_collections.ConfigDict) -> None:
   _choice(c, 'diffusion.schedule', ('ddpm', 'vp', 'cosine'))
   _choice(c, 'diffusion.loss_weighting', losses.WEIGHTINGS)
   _choice(c, 'diffusion.time_sampling', ('stratified', 'uniform'))
-  if c.diffusion.schedule == 'ddpm' and c.sample.num_steps > c.diffusion.num_steps:
+  if c.diffusion.schedule == 'ddpm' and c.sample.num_steps >= c.diffusion.num_steps:
     _fail('sample.num_steps', c.sample.num_steps,
-          f'must not exceed diffusion.num_steps={c.diffusion.num_steps}.')
+          f'must be below diffusion.num_steps={c.diffusion.num_steps} (the sampler moves '
+          f'between its grid times; {c.diffusion.num_steps - 1} moves plus the final '
+          'denoising step is the full DDPM chain).')
   _choice(c, 'optim.name', ('adam', 'adamw'))
   _choice(c, 'optim.lr_schedule', ('constant', 'cosine'))
   _positive(c, 'optim.lr')

@@ -94,8 +94,10 @@ class Schedule:
       idx = np.linspace(self.num_steps, 1, num_steps + 1).round().astype(np.int64)
       if len(np.unique(idx)) != len(idx):
         raise ValueError(
-            f'{num_steps} sampling steps exceed the {self.num_steps} steps of the '
-            'discrete schedule; use sample.num_steps <= diffusion.num_steps.')
+            f'{num_steps} sampling steps need {num_steps + 1} distinct grid times, more than '
+            f'the {self.num_steps} of the discrete schedule; use sample.num_steps < '
+            f'diffusion.num_steps ({self.num_steps - 1} moves plus the final denoising is '
+            'the full DDPM chain).')
       return jnp.asarray(idx / self.num_steps, jnp.float32)
     return jnp.linspace(1.0, self.t_min, num_steps + 1, dtype=jnp.float32)
 
@@ -137,10 +139,12 @@ class DDPMSchedule(Schedule):
                       jnp.linspace(0.0, 1.0, self.num_steps + 1), jnp.asarray(grid))
 
   def beta(self, t):
-    # Piecewise-constant derivative of the interpolated log alphabar.
+    # Piecewise-constant derivative of the interpolated log alphabar; at a grid time i / T
+    # the interval below it, (i-1, i] (the one a reverse step from there crosses). The 1e-3
+    # keeps float32 rounding of i / T * T (up to ~1e-4 above i) in that interval.
     grid = self._grid()
     rate = -np.diff(grid) * self.num_steps
-    i = jnp.clip(jnp.ceil(jnp.asarray(t) * self.num_steps).astype(jnp.int32) - 1,
+    i = jnp.clip(jnp.ceil(jnp.asarray(t) * self.num_steps - 1e-3).astype(jnp.int32) - 1,
                  0, self.num_steps - 1)
     return jnp.asarray(rate)[i]
 

@@ -51,6 +51,9 @@ CASES = {
     'steps that a call of several steps would overshoot': (
         'digits_dsm', ['--config.train.steps_per_call=3'],
         'config.train.steps=4: must be a multiple of train.steps_per_call=3'),
+    'more sampling steps than the discrete schedule has times': (
+        'digits_dsm', ['--config.sample.num_steps=1000'],
+        'config.sample.num_steps=1000: must be below diffusion.num_steps=1000'),
     'batch the devices cannot split': ('digits_dsm', ['--config.train.batch_size=15'],
                                        'config.train.batch_size'),
     'checkpoint of another model': ('digits_dsm', ['--config.model.ch=24'],

@@ -57,6 +57,25 @@ def test_time_grid():
   np.testing.assert_allclose(np.asarray(g) * 1000, np.round(np.asarray(g) * 1000), atol=1e-3)
   with pytest.raises(ValueError, match='num_steps'):
     schedules.DDPMSchedule(num_steps=10).time_grid(20)
+  # The full chain: T - 1 moves over the grid times T..1 (then the final denoising).
+  full = np.asarray(schedules.DDPMSchedule(num_steps=10).time_grid(9)) * 10
+  np.testing.assert_allclose(full, np.arange(10, 0, -1), atol=1e-5)
+  with pytest.raises(ValueError, match='sample.num_steps < diffusion.num_steps'):
+    schedules.DDPMSchedule(num_steps=10).time_grid(10)
+
+
+def test_ddpm_beta_at_grid_times_is_the_interval_below():
+  """beta(i / T) is the rate of (i-1, i] at every grid time, float32 rounding of i / T
+  included (ceil(t T) - 1 alone picked the interval above at 5 of the 1000 times)."""
+  s = schedules.DDPMSchedule()
+  grid = np.asarray(s._grid(), np.float64)
+  rate = -np.diff(grid) * s.num_steps
+  i = np.arange(1, s.num_steps + 1)
+  t = jnp.asarray(i / s.num_steps, jnp.float32)
+  np.testing.assert_array_equal(np.asarray(s.beta(t)), rate.astype(np.float32)[i - 1])
+  # Inside an interval the rate is that interval's.
+  mid = jnp.asarray((i - 0.5) / s.num_steps, jnp.float32)
+  np.testing.assert_array_equal(np.asarray(s.beta(mid)), rate.astype(np.float32)[i - 1])
   v = schedules.VPSchedule(t_min=1e-3).time_grid(10)
   assert v.shape == (11,) and np.isclose(v[-1], 1e-3)
 
