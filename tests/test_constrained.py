@@ -161,6 +161,52 @@ def test_dual_every_n_primal_steps_and_window_estimate():
   assert int(extras['num_dual_steps']) == 3
   # lam changes only at steps 2, 5, 8, by the mean loss of the window (2.0).
   np.testing.assert_allclose(lams[:, 0], [0, 0, 2, 2, 2, 4, 4, 4, 6])
+  # The logged gap is the window's mean so far (not its partial sum over the window size,
+  # which read 1/3, 1, 2 here and hid a violated constraint from the infeasibility warning).
+  extras = method.init_extras(None, None)
+  gaps = []
+  for step, l in enumerate([[1.0, 2.0], [2.0, 2.0], [3.0, 2.0]] * 2):
+    extras, m = method.update_extras(extras, dict(constraint_loss=jnp.asarray(l)),
+                                     jnp.asarray(step), None)
+    gaps.append(np.asarray(m['constraint_gap']))
+  np.testing.assert_allclose(np.stack(gaps), [[1, 2], [1.5, 2], [2, 2]] * 2, rtol=1e-6)
+
+
+def test_objective_reference_is_measured_over_the_constraint_window(tiny_config, monkeypatch,
+                                                                     tmp_path):
+  """threshold_reference='objective' with constraint_t_min > 0: L_0 over the constraints'
+  times, else b = L_0 over all t sits nats away from every L_c (which never bind)."""
+  tiny_config.method = constrained.default_method_config()
+  tiny_config.method.constraint_classes = (4, 5)
+  tiny_config.method.objective_batch, tiny_config.method.constraint_batch = 16, 8
+  tiny_config.method.thresholds = (1.0, 1.0)
+  tiny_config.method.constraint_t_min = 0.6
+  tiny_config.diffusion.loss_weighting = 'elbo'
+  exp = train.build(tiny_config)
+  method, params = exp.method, exp.init_state().params
+  batch = parallel.put_batch(exp.batcher.batch(0), exp.mesh)
+  rng = jax.random.key(3)
+  plain = np.asarray(method.group_losses(params, batch, rng)[0])
+  windowed = np.asarray(method.group_losses(params, batch, rng, window_objective=True)[0])
+  np.testing.assert_allclose(windowed[1:], plain[1:], rtol=1e-6)   # constraints unchanged
+  per_example, _ = method.base.per_example_loss(
+      params, batch, rng, t_lo=jnp.full(batch['group'].shape, 0.6))
+  in_objective = np.asarray(batch['group']) == 0
+  np.testing.assert_allclose(windowed[0], np.asarray(per_example)[in_objective].mean(), rtol=1e-5)
+  assert abs(windowed[0] - plain[0]) > 0.05 * abs(plain[0])
+  # prepare() asks for the windowed objective exactly when the thresholds come from it.
+  asked = []
+  monkeypatch.setattr(constrained, 'reference_losses',
+                      lambda *a, **k: asked.append(k['window_objective']) or np.ones(3))
+  from cdiff_jax import checkpoint
+  monkeypatch.setattr(checkpoint, 'load_params', lambda workdir: None)
+  (tmp_path / 'checkpoints').mkdir()
+  tiny_config.method.threshold_mode = 'reference'
+  tiny_config.method.reference_workdir = str(tmp_path)
+  for reference in ('objective', 'constraint'):
+    tiny_config.method.threshold_reference = reference
+    train.build(tiny_config)
+  assert asked == [True, False]
 
 
 def test_constrained_step_on_digits_one_program_and_two_devices(tiny_config):

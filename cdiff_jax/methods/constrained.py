@@ -121,15 +121,19 @@ class Constrained:
                 num_dual_steps=jnp.zeros((), jnp.int32))
 
   # ------------------------------------------------------------------ losses
-  def group_losses(self, params, batch, rng, extras=None):
-    """(L of shape (1 + m,), aux of the base loss): L[0] objective, L[1:] constraints."""
+  def group_losses(self, params, batch, rng, extras=None, window_objective: bool = False):
+    """(L of shape (1 + m,), aux of the base loss): L[0] objective, L[1:] constraints.
+
+    ``window_objective``: L[0] over the constraints' times ``t >= constraint_t_min`` too
+    (the reference for ``threshold_reference='objective'``, comparable with L[1:])."""
     k = self.num_objective_groups
     kwargs = {'extras': (extras or {}).get('base', {})} if self.composed else {}
     if self.constraint_t_min > 0:
       # KL constraints on the noised distributions at t = constraint_t_min (the path-measure
       # KL of [t_c, 1] bounds it): class proportions are already decided there, while the
       # few images of a minority cannot be memorized through them.
-      t_lo = jnp.where(batch['group'] >= k, self.constraint_t_min, 0.0)
+      windowed = (batch['group'] >= k) | window_objective
+      t_lo = jnp.where(windowed, self.constraint_t_min, 0.0)
       per_example, aux = self.base.per_example_loss(params, batch, rng, t_lo=t_lo, **kwargs)
     else:
       per_example, aux = self.base.per_example_loss(params, batch, rng, **kwargs)
@@ -163,7 +167,10 @@ class Constrained:
     loss_ema = self.dual_ema * extras['loss_ema'] + (1 - self.dual_ema) * current
     # Bias-corrected running average (as in Adam), so early dual steps are not pulled to 0.
     ema = loss_ema / (1 - self.dual_ema ** count.astype(jnp.float32))
-    estimate = {'minibatch': current, 'window': window_sum / self.dual_every,
+    # The window's mean so far (its full mean at the window's last step, where lam moves),
+    # so the logged gap is a gap at every step.
+    in_window = jnp.asarray(step % self.dual_every + 1, jnp.float32)
+    estimate = {'minibatch': current, 'window': window_sum / in_window,
                 'ema': ema}[self.dual_estimate]
     lam = extras['lam']
     gap = estimate - extras['thresholds']
@@ -206,8 +213,9 @@ class Constrained:
 
   def prepare(self, config, model, batcher, mesh) -> 'Constrained':
     """threshold_mode='reference': b_i = scale * L_ref + offset, with L_ref the reference
-    model's L_i (threshold_reference='constraint') or its objective loss L_0 ('objective'),
-    measured on ``reference_batches`` batches of this run's data; else unchanged.
+    model's L_i (threshold_reference='constraint') or its objective loss L_0 ('objective',
+    over the constraints' times t >= constraint_t_min), measured on ``reference_batches``
+    batches of this run's data; else unchanged.
 
     'objective' asks every constrained set to be fitted as well as the data overall: with
     ELBO losses and classes of similar entropy, L_c = L_0 exactly when the model gives the
@@ -216,8 +224,11 @@ class Constrained:
     if mc.threshold_mode != 'reference' or not mc.enabled:
       return self
     from cdiff_jax import checkpoint
+    # 'objective': L_0 over the constraints' time window, or b would compare losses over
+    # different times (with constraint_t_min = 0.25, L_0 over all t is nats above L_c).
     ref = reference_losses(self, checkpoint.load_params(mc.reference_workdir), batcher, mesh,
-                           mc.reference_batches, config.seed)
+                           mc.reference_batches, config.seed,
+                           window_objective=mc.threshold_reference == 'objective')
     base = ref[1:] if mc.threshold_reference == 'constraint' else np.full(len(ref) - 1, ref[0])
     b = mc.threshold_scale * base + mc.threshold_offset
     if mc.target_frequency > 0:
@@ -231,7 +242,8 @@ class Constrained:
       print(f'{source} frequencies of the constrained classes: '
             f'{np.round(pi, 4).tolist()}; target {mc.target_frequency}')
     b = tuple(float(v) for v in b)
-    print(f'reference model losses: objective {ref[0]:.5f}, constraints '
+    window = ' (t >= constraint_t_min)' if mc.threshold_reference == 'objective' else ''
+    print(f'reference model losses: objective{window} {ref[0]:.5f}, constraints '
           f'{", ".join(f"{n}={v:.5f}" for n, v in zip(self.constraint_names, ref[1:]))}; '
           f'thresholds b = {", ".join(f"{v:.5f}" for v in b)}')
     return dataclasses.replace(self, thresholds=b, reference=tuple(float(v) for v in ref))
@@ -259,8 +271,9 @@ def reference_frequencies(mc, constraint_classes, batcher) -> np.ndarray:
 
 
 def reference_losses(method: Constrained, params, batcher, mesh, num_batches: int,
-                     seed: int) -> np.ndarray:
+                     seed: int, window_objective: bool = False) -> np.ndarray:
   """Mean group losses (1 + m,) of ``params`` over ``num_batches`` batches of the run's data.
+  ``window_objective``: the objective's over the constraints' times (``group_losses``).
 
   Batches are taken far beyond any training step (the order is a function of the step), with
   a fixed key, so the figure is reproducible and independent of where training stands.
@@ -270,7 +283,7 @@ def reference_losses(method: Constrained, params, batcher, mesh, num_batches: in
   @jax.jit
   def group_loss(params, batch, rng):
     if not method.composed:
-      return method.group_losses(params, batch, rng)[0]
+      return method.group_losses(params, batch, rng, window_objective=window_objective)[0]
     # A TIW-DSM objective needs the run's discriminator, the constraint terms do not: they
     # are plain DSM (the base's own, same weighting and times). L_0 is then plain DSM on
     # the objective's examples, only printed (validation allows constraint references only).
