@@ -274,15 +274,25 @@ BOOKKEEPING_FIELDS = ('data.data_dir', 'train.log_every', 'train.checkpoint_ever
                       'sample.cpu_onednn', 'parallel')
 
 
+def _computing_fields(tree: dict) -> dict:
+  """Flat {field: value} of a config's JSON tree, bookkeeping fields aside."""
+  flat = {}
+  _flatten('', tree, flat)
+  skip = lambda k: any(k == b or k.startswith(b + '.') for b in BOOKKEEPING_FIELDS)
+  return {k: v for k, v in flat.items() if not skip(k)}
+
+
+def computing_fields(c: ml_collections.ConfigDict) -> dict:
+  """Flat {field: value} (JSON values) of every field of ``c`` that changes what a run
+  computes: the whole config but ``BOOKKEEPING_FIELDS``."""
+  return _computing_fields(json.loads(c.to_json_best_effort()))
+
+
 def saved_config_mismatch(path: str, c: ml_collections.ConfigDict) -> list[str]:
   """Fields where a run's saved ``config.json`` differs from ``c``, bookkeeping fields aside."""
   with open(path) as f:
-    saved, now = {}, {}
-    _flatten('', json.load(f), saved)
-  _flatten('', json.loads(c.to_json_best_effort()), now)
-  skip = lambda k: any(k == b or k.startswith(b + '.') for b in BOOKKEEPING_FIELDS)
-  return _mismatch({k: v for k, v in saved.items() if not skip(k)},
-                   {k: v for k, v in now.items() if not skip(k)}, 'saved')
+    saved = _computing_fields(json.load(f))
+  return _mismatch(saved, computing_fields(c), 'saved')
 
 
 def check_finished_run(workdir: str, c: ml_collections.ConfigDict) -> None:

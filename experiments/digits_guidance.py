@@ -57,6 +57,8 @@ def train_model(config, workdir: str, progress: bool):
   model_dir = os.path.join(workdir, 'model')
   summary = os.path.join(model_dir, 'summary.json')
   if os.path.exists(summary) and json.load(open(summary)).get('final_step') == config.train.steps:
+    from cdiff_jax import config as config_lib
+    config_lib.check_finished_run(model_dir, config)   # not the answer for another config
     exp = train.build(config)
     ckpt = checkpoint_lib.Checkpointer(os.path.join(model_dir, 'checkpoints'),
                                        config.train.keep_checkpoints)

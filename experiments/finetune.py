@@ -14,7 +14,8 @@
    classes, and the mean distance of samples to their nearest new-data image, which falls
    when a model memorizes the small set) and write WORKDIR/comparison.{md,json} and figures.
 
-Finished stages found in WORKDIR are reused.
+Finished stages found in WORKDIR are reused; the q_pre samples only while the pre-trained
+model and the sampling settings that made them are unchanged.
 """
 
 from __future__ import annotations
@@ -73,6 +74,19 @@ def pretrain_config(config):
   return c
 
 
+def samples_key(params, pre_cfg, fc) -> str:
+  """Identifies the q_pre samples: the pre-trained parameters (by value), the sampler and
+  the evaluation classifier that labels them, their number and seed."""
+  import hashlib
+  import jax
+  h = hashlib.sha256()
+  for leaf in jax.tree.leaves(params):
+    h.update(np.ascontiguousarray(jax.device_get(leaf)).tobytes())
+  h.update(json.dumps([pre_cfg.sample.to_dict(), pre_cfg.eval.to_dict(), fc.num_generated,
+                       fc.new_data_seed], sort_keys=True, default=str).encode())
+  return h.hexdigest()
+
+
 def build_finetune_dataset(config, full, generated: np.ndarray, generated_labels: np.ndarray):
   """New small data (source 0) drawn from the training set ``full`` + the pre-trained
   model's samples (source 1)."""
@@ -113,24 +127,36 @@ def main(argv):
   pre = run_arm(pre_cfg, pre_dir, progress)
 
   gen_path = os.path.join(workdir, 'pretrained_samples.npz')
-  if not os.path.exists(gen_path):
+  from cdiff_jax import checkpoint as ckpt_lib
+  # The parameters the pre-trained model samples with (sample.use_ema).
+  params = ckpt_lib.load_params(pre_dir, 'ema_params' if pre_cfg.sample.use_ema else 'params')
+  key = samples_key(params, pre_cfg, fc)
+  cached = None
+  if os.path.exists(gen_path):
+    with np.load(gen_path) as f:
+      if 'key' in f and str(f['key']) == key:
+        cached = f['images'], f['labels']
+      else:
+        print(f'{gen_path}: made by another pre-trained model or sampler; sampling again.')
+  if cached is None:
     exp = train.build(pre_cfg)
-    state = exp.init_state()
-    from cdiff_jax import checkpoint as ckpt_lib
-    params = ckpt_lib.load_params(pre_dir)
-    state = state.replace(ema_params=params)
+    state = exp.init_state().replace(params=params, ema_params=params)
     generated = evaluation.generate(exp, state, fc.num_generated, seed=fc.new_data_seed + 7,
                                     progress=progress)
     clf = evaluation.classifier_for(config)
-    np.savez(gen_path, images=generated, labels=clf.predict(generated))
-  with np.load(gen_path) as f:
-    generated, generated_labels = f['images'], f['labels']
+    cached = generated, clf.predict(generated)
+    np.savez(gen_path, images=cached[0], labels=cached[1], key=key)
+  generated, generated_labels = cached
   dataset, new_images = build_finetune_dataset(config, train_set, generated, generated_labels)
 
   arms = {}
   for name in ('unconstrained', 'constrained'):
     c = copy.deepcopy(config)
     c.train.init_from = pre_dir
+    # Saved with the arm's config: a finished arm is not reused once q_pre has changed
+    # (a retrained pre-trained model), it is refused by name.
+    with c.unlocked():
+      c.finetune.q_pre_samples = key[:16]
     if name == 'unconstrained':
       c.method.enabled = False
     else:

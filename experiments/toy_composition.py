@@ -78,19 +78,27 @@ def validate(config):
 
 # ----------------------------------------------------------------------------- training
 
+def components_fingerprint(config) -> dict:
+  """Every field the components' training reads (a changed learning rate or EMA decay
+  retrains them); the samplers' settings (toy.* but num_train, mcmc.*, sample.*) do not."""
+  from cdiff_jax import config as config_lib
+  out = {k: v for k, v in config_lib.computing_fields(config).items()
+         if k.split('.')[0] in ('seed', 'data', 'model', 'diffusion', 'optim', 'train', 'method')}
+  out['toy.num_train'] = config.toy.num_train
+  return out
+
+
 def train_components(config, workdir: str, progress: bool) -> dict:
   """{name: EMA params}, trained or loaded from WORKDIR/components/NAME.msgpack."""
   import flax.serialization
   import jax
   import numpy as np
-  from cdiff_jax import config as config_lib
   from cdiff_jax import train
   from cdiff_jax.data.sources import ArrayDataset
 
   directory = os.path.join(workdir, 'components')
   os.makedirs(directory, exist_ok=True)
-  fingerprint = config_lib.fingerprint(config)
-  fingerprint.update({'train.steps': config.train.steps, 'toy.num_train': config.toy.num_train})
+  fingerprint = components_fingerprint(config)
   densities = component_densities()
   out, timings = {}, {}
   for i, name in enumerate(COMPONENTS):
