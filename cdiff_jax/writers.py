@@ -16,6 +16,8 @@ import numpy as np
 def _to_python(v):
   if isinstance(v, (np.ndarray, np.generic)):
     v = v.tolist()
+  if isinstance(v, (list, tuple)):  # per-constraint figures: each entry as a scalar
+    return [_to_python(x) for x in v]
   if isinstance(v, float) and not math.isfinite(v):
     return str(v)  # JSON has no NaN/inf literal; keep the file parseable.
   return v
