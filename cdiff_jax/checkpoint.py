@@ -2,8 +2,10 @@
 
 ``Checkpointer.restore_latest`` returns the newest complete checkpoint (Orbax writes to a
 temporary folder and renames, so a run killed mid-save, even by SIGKILL, leaves the
-previous one intact) or None; a checkpoint whose structural config fields differ from the
-current run is refused with ``IncompatibleCheckpoint`` listing the differences.
+previous one intact) or None; a checkpoint whose structural config fields (seed, data,
+model, diffusion, method, optimizer kind, batch size; not paths) differ from the current
+run, or whose state has another layout, is refused with ``IncompatibleCheckpoint`` naming
+the differences.
 """
 
 from __future__ import annotations
@@ -81,8 +83,14 @@ class Checkpointer:
           f'config ({"; ".join(diffs[:5])}{" ..." if len(diffs) > 5 else ""}); use a new '
           '--workdir or the same config.')
     target = jax.tree.map(ocp.utils.to_shape_dtype_struct, abstract_state)
-    out = self.manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(target)))
+    try:
+      out = self.manager.restore(step, args=ocp.args.Composite(
+          state=ocp.args.StandardRestore(target)))
+    except ValueError as e:  # a state layout the fingerprint does not cover (e.g. clipping)
+      raise IncompatibleCheckpoint(
+          f'the checkpoint at step {step} in {self.directory} holds a training state of '
+          f'another layout than this config builds ({str(e).splitlines()[0][:200]}); use a '
+          'new --workdir or the config that wrote it.') from e
     return out['state'], step
 
   def wait(self):

@@ -238,9 +238,12 @@ def _validate_parallel(c) -> None:
 
 
 # Fields whose change makes a checkpoint meaningless for this run (state layout, data,
-# or the random stream); everything else (steps, logging, sampling) may change on resume.
-STRUCTURAL_FIELDS = ('seed', 'data', 'model', 'diffusion', 'optim.name', 'method.name',
+# the random stream, or the method: an unconstrained run's checkpoint is not a constrained
+# run's); everything else (steps, learning rate, logging, sampling) may change on resume.
+STRUCTURAL_FIELDS = ('seed', 'data', 'model', 'diffusion', 'optim.name', 'method',
                      'train.batch_size')
+# Paths inside those sections: where things are, not what the run computes.
+_PATH_FIELDS = ('data.data_dir', 'method.reference_workdir')
 
 
 def _get(c, dotted: str):
@@ -263,7 +266,7 @@ def fingerprint(c: ml_collections.ConfigDict) -> dict:
   for f in STRUCTURAL_FIELDS:
     v = _get(c, f)
     _flatten(f, v.to_dict() if isinstance(v, ml_collections.ConfigDict) else v, out)
-  return out
+  return {k: v for k, v in out.items() if k not in _PATH_FIELDS}
 
 
 # Fields that change where a run finds its data and how it logs, checkpoints or compiles,

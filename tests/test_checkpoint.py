@@ -46,8 +46,34 @@ def test_incompatible_checkpoint_is_refused(tiny_config, tmp_path):
   tiny_config.model.ch = 24
   with pytest.raises(checkpoint.IncompatibleCheckpoint, match='model.ch: checkpoint 16'):
     train.train_and_evaluate(tiny_config, str(tmp_path), progress=False)
-  # A longer run of the same config resumes (steps is not structural).
+  # A state of another layout that the fingerprint does not name: one clear error too.
   tiny_config.model.ch = 16
+  tiny_config.optim.grad_clip = 0.0
+  with pytest.raises(checkpoint.IncompatibleCheckpoint, match='another layout'):
+    train.train_and_evaluate(tiny_config, str(tmp_path), progress=False)
+  # A longer run of the same config resumes (steps is not structural), and so does one that
+  # finds its data elsewhere.
+  tiny_config.optim.grad_clip = 1.0
   tiny_config.train.steps = 12
+  (tmp_path / 'moved').mkdir()
+  tiny_config.data.data_dir = str(tmp_path / 'moved')
   out = train.train_and_evaluate(tiny_config, str(tmp_path), progress=False)
   assert out['final_step'] == 12
+
+
+def test_fingerprint_covers_the_method_but_not_paths():
+  from cdiff_jax import config as config_lib
+  from configs import digits_minority
+  c = digits_minority.get_config()
+  base = config_lib.fingerprint(c)
+  for field, value in [('method.enabled', False), ('method.dual_lr', 0.5),
+                       ('method.objective_batch', 8), ('method.constraint_t_min', 0.0)]:
+    changed = digits_minority.get_config()
+    changed.update_from_flattened_dict({field: value})
+    assert [d.split(':')[0] for d in config_lib.fingerprint_mismatch(
+        base, config_lib.fingerprint(changed))] == [field]
+  for field, value in [('method.reference_workdir', '/elsewhere'), ('data.data_dir', '/data'),
+                       ('optim.lr', 1.0), ('train.steps', 7)]:
+    changed = digits_minority.get_config()
+    changed.update_from_flattened_dict({field: value})
+    assert config_lib.fingerprint(changed) == base, field
