@@ -53,4 +53,21 @@ def test_nan_skip_keeps_state_and_continues(tiny_config, tmp_path):
   assert out['final_step'] == 8
   records = writers.read_metrics(str(tmp_path))
   assert [r['nonfinite'] for r in records] == [0, 1]
+  # The interval's loss is the mean over its finite steps (not 'nan' for the whole interval).
+  assert isinstance(records[1]['loss'], float) and np.isfinite(records[1]['loss'])
   assert all(np.isfinite(x).all() for x in _leaves(out['state'].params))
+
+
+def test_interval_means_leave_out_skipped_steps():
+  """Logged means over an interval with a skipped step: over the other steps, k per call."""
+  calls = [dict(loss=np.array([1.0, np.nan]), lam=np.array([[0.1, 0.2], [9.0, 9.0]]),
+                nonfinite=np.array([0, 1])),
+           dict(loss=np.array([3.0, 5.0]), lam=np.array([[0.3, 0.4], [0.5, 0.6]]),
+                nonfinite=np.array([0, 0]))]
+  out = train._summarize(calls, steps_per_call=2)
+  assert out['nonfinite'] == 1
+  np.testing.assert_allclose(out['loss'], 3.0)
+  np.testing.assert_allclose(out['lam'], [0.3, 0.4])
+  # All steps skipped: the plain means (NaN), still one record.
+  bad = [dict(loss=np.array(np.nan), nonfinite=np.array(1))]
+  assert np.isnan(train._summarize(bad)['loss'])
