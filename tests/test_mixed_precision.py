@@ -78,3 +78,22 @@ def test_bfloat16_trains_as_well_as_float32(tiny_config):
   assert end32 < 0.35 * init32 and end16 < 0.35 * init16, results
   # Measured: 0.1708 vs 0.1709 after 60 steps at batch 32 (ratio 1.0004); 5% is generous.
   assert end16 <= 1.05 * end32, results
+
+
+@pytest.mark.parametrize('dtype', ['bfloat16', 'float32'])
+def test_mlp_computes_in_the_model_dtype(dtype):
+  """model.dtype reaches the MLP too (it was ignored): its dots run in that dtype, the
+  parameters and the output stay float32."""
+  import jax.numpy as jnp
+  from cdiff_jax import config as config_lib
+  from cdiff_jax.models import build_net
+  c = config_lib.base_config().model
+  c.update(name='mlp', hidden=16, depth=2)
+  net = build_net(c, num_classes=3, dtype=jnp.bfloat16 if dtype == 'bfloat16' else jnp.float32)
+  x, t, y = jnp.ones((4, 2)), jnp.full((4,), 0.5), jnp.arange(4) % 3
+  params = net.init(jax.random.key(0), x, t, y)
+  out = jax.eval_shape(net.apply, params, x, t, y)
+  assert out.dtype == np.float32
+  assert all(p.dtype == np.float32 for p in jax.tree.leaves(params))
+  ops = _matmul_dtypes(jax.make_jaxpr(net.apply)(params, x, t, y).jaxpr)
+  assert ops and all(dtypes == (dtype, dtype) for _, dtypes in ops), ops

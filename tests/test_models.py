@@ -85,6 +85,37 @@ def test_energy_parameterization_is_a_gradient():
   np.testing.assert_allclose(model.score(params, x, t), -eps / sched.sigma(t)[:, None], rtol=1e-5)
 
 
+@pytest.mark.parametrize('name', ['unet', 'mlp'])
+def test_energy_network_trains_from_its_initialization(name):
+  """An energy model's DSM gradient is not zero at the start. With E = ||f||^2 / (2 sigma)
+  and a zero-initialized output layer (right for eps-networks) f = 0 and its Jacobian
+  J = 0, so eps = sigma J^T f / sigma and every parameter gradient were exactly 0."""
+  from cdiff_jax import config as config_lib
+  from cdiff_jax.models import build_net
+  c = config_lib.base_config().model
+  c.update(name=name, ch=8, ch_mult=(1,), num_res_blocks=1, attn_levels=(), num_groups=4,
+           hidden=16, depth=1, parameterization='energy')
+  shape = (2, 8, 8, 1) if name == 'unet' else (2, 2)
+  x = jax.random.normal(jax.random.key(0), shape)
+  noise = jax.random.normal(jax.random.key(1), shape)
+  t = jnp.array([0.3, 0.7])
+  model = ScoreModel(build_net(c), schedules.VPSchedule(), 'energy')
+  params = model.init(jax.random.key(2), x, t)
+  grads = jax.grad(lambda p: jnp.mean((model.eps(p, x, t) - noise) ** 2))(params)
+  # (Branches behind zero-initialized residual layers start at 0, as in an eps-UNet.)
+  assert sum(float(jnp.linalg.norm(g)) for g in jax.tree.leaves(grads)) > 1e-3
+  if name == 'unet':   # the eps-network keeps its zero start (eps = 0 at initialization)
+    c.parameterization = 'eps'
+    eps_model = ScoreModel(build_net(c), schedules.VPSchedule(), 'eps')
+    assert float(jnp.abs(eps_model.eps(eps_model.init(jax.random.key(2), x, t), x, t)).max()) == 0
+
+
+def test_group_norm_names_groups_that_do_not_divide_the_channels():
+  from cdiff_jax.models import unet
+  with pytest.raises(ValueError, match='4 groups do not divide 6 channels'):
+    unet.GroupNorm(4).init(jax.random.key(0), jnp.ones((1, 2, 2, 6)))
+
+
 def test_bad_parameterization_message():
   with pytest.raises(ValueError, match='model.parameterization'):
     ScoreModel(MLPScore(), schedules.VPSchedule(), 'score')

@@ -78,9 +78,9 @@ def build_net(model_config, num_classes: int = 0, dtype: Any = jnp.float32) -> n
     return UNet(ch=mc.ch, ch_mult=tuple(mc.ch_mult), num_res_blocks=mc.num_res_blocks,
                 attn_levels=tuple(mc.attn_levels), num_heads=mc.num_heads,
                 num_groups=mc.num_groups, dropout=mc.dropout, num_classes=num_classes,
-                dtype=dtype)
+                dtype=dtype, zero_init_out=mc.get('parameterization', 'eps') == 'eps')
   if mc.name == 'mlp':
-    return MLPScore(hidden=mc.hidden, depth=mc.depth, num_classes=num_classes)
+    return MLPScore(hidden=mc.hidden, depth=mc.depth, num_classes=num_classes, dtype=dtype)
   raise ValueError(f"model.name={mc.name!r} is unknown; use 'unet' or 'mlp'.")
 
 

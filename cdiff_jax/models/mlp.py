@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import flax.linen as nn
 import jax.numpy as jnp
 
@@ -20,19 +22,21 @@ class MLPScore(nn.Module):
   num_classes: int = 0
   time_dim: int = 64
   num_outputs: int = 0  # 0: same as the input dimension (an eps-network)
+  dtype: Any = jnp.float32  # computation dtype (model.dtype); parameters stay float32
 
   @nn.compact
   def __call__(self, x, t, y=None, train: bool = False):
     del train
+    dense = lambda n: nn.Dense(n, dtype=self.dtype)
     emb = timestep_embedding(t, self.time_dim)
-    emb = nn.silu(nn.Dense(self.hidden)(emb))
+    emb = nn.silu(dense(self.hidden)(emb))
     if self.num_classes:
       if y is None:
         y = jnp.full((x.shape[0],), self.num_classes, jnp.int32)
-      emb = emb + nn.Embed(self.num_classes + 1, self.hidden)(y)
-    h = nn.Dense(self.hidden)(x)
+      emb = emb + nn.Embed(self.num_classes + 1, self.hidden, dtype=self.dtype)(y)
+    h = dense(self.hidden)(x.astype(self.dtype))
     for _ in range(self.depth):
-      h = nn.silu(h + nn.Dense(self.hidden)(emb))
-      h = nn.Dense(self.hidden)(h)
+      h = nn.silu(h + dense(self.hidden)(emb))
+      h = dense(self.hidden)(h)
     h = nn.silu(h)
-    return nn.Dense(self.num_outputs or x.shape[-1])(h)
+    return dense(self.num_outputs or x.shape[-1])(h).astype(jnp.float32)

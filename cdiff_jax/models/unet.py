@@ -287,6 +287,9 @@ class GroupNorm(nn.Module):
   @nn.compact
   def __call__(self, x):
     c = x.shape[-1]
+    if c % self.num_groups:
+      raise ValueError(f'GroupNorm: {self.num_groups} groups do not divide {c} channels '
+                       '(model.num_groups must divide every width of the network).')
     scale = self.param('scale', nn.initializers.ones, (c,), jnp.float32)
     bias = self.param('bias', nn.initializers.zeros, (c,), jnp.float32)
     return group_norm(x, scale, bias, self.num_groups, self.epsilon, self.silu, self.dtype)
@@ -376,7 +379,13 @@ class AttnBlock(nn.Module):
 
 
 class UNet(nn.Module):
-  """eps_theta(x_t, t, y). See the module docstring for the layout."""
+  """eps_theta(x_t, t, y). See the module docstring for the layout.
+
+  ``zero_init_out``: the output convolution starts at zero (an eps-network starts at
+  eps = 0). An energy E = ||f||^2 / (2 sigma) must not: at f = 0 its input-Jacobian is 0
+  too, so eps = sigma J^T f / sigma and every parameter gradient vanish, and training never
+  leaves the start (``build_net`` turns it off for the energy parameterization).
+  """
 
   ch: int = 64
   ch_mult: Sequence[int] = (1, 2, 2)
@@ -387,6 +396,7 @@ class UNet(nn.Module):
   dropout: float = 0.1
   num_classes: int = 0
   dtype: Any = jnp.float32
+  zero_init_out: bool = True
 
   @nn.compact
   def __call__(self, x, t, y=None, train: bool = False):
@@ -431,5 +441,6 @@ class UNet(nn.Module):
     assert not skips
 
     h = norm_act(self.num_groups, self.dtype)(h)
-    h = conv3x3(out_channels, self.dtype, kernel_init=nn.initializers.zeros)(h)
+    out_init = {'kernel_init': nn.initializers.zeros} if self.zero_init_out else {}
+    h = conv3x3(out_channels, self.dtype, **out_init)(h)
     return h.astype(jnp.float32)
