@@ -143,7 +143,7 @@ def validate(c: ml_collections.ConfigDict) -> None:
   if not 0.0 <= c.model.class_dropout < 1.0:
     _fail('model.class_dropout', c.model.class_dropout, 'must lie in [0, 1).')
   if c.model.name == 'unet':
-    for m in c.model.ch_mult:
+    for m in (1,) + tuple(c.model.ch_mult):   # 1: the stem's width, normalized first
       if (c.model.ch * m) % c.model.num_groups:
         _fail('model.num_groups', c.model.num_groups,
               f'must divide every level width ch * ch_mult = {c.model.ch} * {m}.')
