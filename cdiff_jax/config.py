@@ -171,11 +171,17 @@ def validate(c: ml_collections.ConfigDict) -> None:
   _choice(c, 'optim.lr_schedule', ('constant', 'cosine'))
   _positive(c, 'optim.lr')
   _positive(c, 'optim.grad_clip', allow_zero=True)
+  _positive(c, 'optim.warmup_steps', allow_zero=True)
+  if not 0.0 <= c.optim.get('final_lr_fraction', 0.0) <= 1.0:
+    _fail('optim.final_lr_fraction', c.optim.final_lr_fraction,
+          'must lie in [0, 1] (the end of the cosine schedule as a fraction of optim.lr).')
+  for f in ('seed', 'data.subsample_seed'):   # numpy's generators take no negative seeds
+    _positive(c, f, allow_zero=True)
   for f in ('train.steps', 'train.batch_size', 'train.steps_per_call', 'train.log_every',
-            'sample.num_steps'):
+            'sample.num_steps', 'sample.num_samples'):
     _positive(c, f)
   for f in ('train.checkpoint_every', 'train.sample_every', 'train.num_devices',
-            'sample.num_samples', 'train.keep_checkpoints'):
+            'train.keep_checkpoints'):
     _positive(c, f, allow_zero=True)
   if not 0.0 <= c.train.ema_decay < 1.0:
     _fail('train.ema_decay', c.train.ema_decay, 'must lie in [0, 1).')
