@@ -30,6 +30,7 @@ def base_config() -> ml_collections.ConfigDict:
       data_dir='',            # TFDS data_dir, folder of IDX files, or .npz path
       image_size=0,           # 0: take it from the data
       label_attribute='Male',  # celeb_a: the attribute used as the class label
+      attributes=(),          # celeb_a: attributes kept per example (TIW-DSM's attribute bias)
       keep_classes=(),        # train only on these classes (empty: all)
       drop_classes=(),        # remove these classes (e.g. the 9s of fine-tuning)
       minority_classes=(),    # classes kept only at minority_fraction
@@ -322,4 +323,7 @@ def _mismatch(saved: dict, current: dict, what: str) -> list[str]:
 
 
 def fingerprint_mismatch(saved: dict, current: dict) -> list[str]:
-  return _mismatch(saved, current, 'checkpoint')
+  """Differences of a checkpoint's fingerprint from the current one. A field the saved one
+  lacks came to the config (or to the fingerprint) after the checkpoint was written and is
+  not held against it, so a run interrupted before an upgrade still resumes."""
+  return _mismatch(saved, {k: v for k, v in current.items() if k in saved}, 'checkpoint')

@@ -77,3 +77,9 @@ def test_fingerprint_covers_the_method_but_not_paths():
     changed = digits_minority.get_config()
     changed.update_from_flattened_dict({field: value})
     assert config_lib.fingerprint(changed) == base, field
+  # A checkpoint written before a field joined the fingerprint still resumes; one whose
+  # recorded fields differ does not.
+  older = {k: v for k, v in base.items() if not k.startswith('method.') or k == 'method.name'}
+  assert config_lib.fingerprint_mismatch(older, base) == []
+  older['model.ch'] = base['model.ch'] + 1
+  assert [d.split(':')[0] for d in config_lib.fingerprint_mismatch(older, base)] == ['model.ch']

@@ -70,6 +70,30 @@ def test_tfds_mnist_and_celeba_with_mock_data():
     assert celeba.attributes['Blond_Hair'].shape == (6,)
 
 
+def test_celeba_attribute_bias_through_the_config():
+  """data.attributes reaches the TFDS loader, so TIW-DSM's attribute bias can split on it
+  (the loader was never asked for attributes: every attribute was 'unknown')."""
+  tfds = pytest.importorskip('tensorflow_datasets')
+  from cdiff_jax import config as config_lib
+  from cdiff_jax.methods import tiw
+  c = config_lib.base_config()
+  c.data.update(name='celeb_a', source='tfds', image_size=64, attributes=('Young',))
+  c.method = tiw.default_config()
+  c.method.update(bias='attribute', attribute='Young', majority_fraction=0.5,
+                  ref_fraction=0.25)
+  with tfds.testing.mock_data(num_examples=40, policy=tfds.testing.MockPolicy.USE_CODE):
+    ds = data.load_dataset(c.data, 'train')
+  young = ds.attributes['Young']
+  assert young.shape == (40,) and set(young) <= {0, 1}
+  bias, ref = tiw.split_indices(c.method, ds, np.arange(len(ds)))
+  assert len(bias) and len(ref) and not set(bias) & set(ref)
+  c.data.attributes = ()
+  with tfds.testing.mock_data(num_examples=40, policy=tfds.testing.MockPolicy.USE_CODE):
+    ds = data.load_dataset(c.data, 'train')
+  with pytest.raises(config_lib.ConfigError, match=r"data.attributes=\('Young',\)"):
+    tiw.split_indices(c.method, ds, np.arange(len(ds)))
+
+
 def test_missing_tfds_dataset_names_the_fix(tmp_path):
   with pytest.raises(data.DatasetNotFound, match='tfds build cifar10'):
     data.load_tfds('cifar10', 'train', data_dir=str(tmp_path))

@@ -248,7 +248,8 @@ def load_dataset(data_config, split: str = 'train') -> ArrayDataset:
     ds = load_npz(path, split, name=dc.name)
   elif source == 'tfds':
     ds = load_tfds(dc.name, split, dc.data_dir, dc.image_size or None,
-                   label_attribute=dc.get('label_attribute', 'Male'))
+                   label_attribute=dc.get('label_attribute', 'Male'),
+                   attributes=tuple(dc.get('attributes', ())))
   else:
     raise ValueError(f'data.source={source!r} is unknown; use one of {SOURCES}.')
   if dc.image_size and ds.image_shape[0] != dc.image_size:

@@ -466,7 +466,8 @@ def split_indices(method_config, dataset, train_indices):
     if mc.attribute:
       if mc.attribute not in dataset.attributes:
         raise ConfigError(f'config.method.attribute={mc.attribute!r}: {dataset.name} has '
-                          f'attributes {sorted(dataset.attributes)}; use one of them or '
+                          f'attributes {sorted(dataset.attributes)}; load it with '
+                          f"--config.data.attributes=('{mc.attribute}',) (celeb_a), or use "
                           "'' for the label.")
       values = np.asarray(dataset.attributes[mc.attribute]).astype(np.int64)
     else:
