@@ -9,6 +9,7 @@ exits with 3 after its checkpoint is saved.
 from __future__ import annotations
 
 import functools
+import re
 import sys
 
 from absl import app, flags
@@ -24,12 +25,23 @@ def one_line_error(e: BaseException) -> str:
 
 def _flag_error(e: Exception, argv) -> None:
   """One line naming the ``--config.FIELD=VALUE`` at fault; exits with EXIT_ERROR."""
-  text = ' '.join(str(e).replace('\\n', ' ').replace('\\', '').split()).strip('\'"')
-  culprits = [a for a in argv[1:] if a.startswith('--config.') and
-              a.split('=')[0].split('.')[-1] in text]
+  text = ' '.join(str(e).replace('\\n', ' ').replace('\\', '').split())
+  while len(text) > 1 and text[0] == text[-1] and text[0] in '\'"':  # a KeyError's quotes
+    text = text[1:-1]
+  overrides = [a for a in argv[1:] if a.startswith('--config.')]
+  named = lambda name: re.search(rf'(?<![\w.]){re.escape(name)}(?![\w.])', text)
+  # The override the message quotes (flag and value), else the one whose flag it names,
+  # else one with a field or section name it names as a word ('steps' is not 'num_steps'),
+  # the last name first.
+  culprits = ([a for a in overrides if a in text] or
+              [a for a in overrides if named(a.split('=')[0])] or
+              [a for a in overrides if named(a.split('=')[0].split('.')[-1])] or
+              [a for a in overrides if any(named(p) for p in a.split('=')[0].split('.')[1:])])
   where = f'{culprits[0]}: ' if culprits else ''
   if isinstance(e, AttributeError):
     text = 'no such config field. ' + text.replace("'", '')
+  elif isinstance(e, KeyError):
+    text = f'no such config section: {text}'
   print(f'error: {where}{text}', file=sys.stderr)
   sys.exit(EXIT_ERROR)
 

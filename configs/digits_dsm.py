@@ -1,4 +1,4 @@
-"""Plain DSM on the embedded 8x8 digits (all 1437 training images), unconditional UNet.
+"""Plain DSM on the embedded 8x8 digits (all 1438 training images), unconditional UNet.
 
 Command:
   python -m cdiff_jax.main --config=configs/digits_dsm.py --workdir=runs/digits_dsm

@@ -1,6 +1,6 @@
 """TIW-DSM on a long-tailed split of the embedded 8x8 digits: the CPU-minutes version.
 
-Data: the 1437 training digits are split into a biased set with an exponential long tail
+Data: the 1438 training digits are split into a biased set with an exponential long tail
 over the classes 0 -> 9 (imbalance ratio 0.1: 136 zeros ... 13 nines, 551 images) and a
 disjoint balanced reference set of 10% of its size (6 per class, 60 images). Every score
 minibatch is half reference, half biased. The discriminator (a small time-dependent

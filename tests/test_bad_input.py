@@ -23,7 +23,12 @@ REFERENCE = '--config.method.reference_workdir={existing}'
 # (config file, overrides, text the error line must contain)
 CASES = {
     'wrong field name': ('digits_dsm', ['--config.train.stepz=3'], 'stepz'),
-    'wrong section': ('digits_dsm', ['--config.optimizer.lr=0.1'], 'optimizer'),
+    'wrong section': ('digits_dsm', ['--config.optimizer.lr=0.1'],
+                      '--config.optimizer.lr=0.1: no such config section: optimizer'),
+    'wrong type, named among other overrides': (
+        'digits_dsm', ['--config.train.log_every=4', '--config.sample.num_steps=abc'],
+        "error: --config.sample.num_steps=abc: flag --config.sample.num_steps=abc: invalid "
+        "literal for int() with base 10: 'abc'"),
     'wrong type (int)': ('digits_dsm', ['--config.train.batch_size=abc'], 'batch_size'),
     'wrong type (float)': ('digits_dsm', ['--config.optim.lr=fast'], 'lr'),
     'unknown choice': ('digits_dsm', ['--config.sample.sampler=euler'], 'sample.sampler'),
