@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 
 from cdiff_jax import config as config_lib
@@ -20,6 +21,13 @@ from cdiff_jax import config as config_lib
 
 class IncompatibleCheckpoint(RuntimeError):
   pass
+
+
+def hash_pytree(h, tree) -> None:
+  """Feeds every array of ``tree`` (by value) into the ``hashlib`` object ``h``: the key of
+  a cache that must change with the parameters that made it."""
+  for leaf in jax.tree.leaves(tree):
+    h.update(np.ascontiguousarray(jax.device_get(leaf)).tobytes())
 
 
 def load_params(workdir: str, which: str = 'ema_params'):

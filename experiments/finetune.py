@@ -78,10 +78,9 @@ def samples_key(params, pre_cfg, fc) -> str:
   """Identifies the q_pre samples: the pre-trained parameters (by value), the sampler and
   the evaluation classifier that labels them, their number and seed."""
   import hashlib
-  import jax
+  from cdiff_jax import checkpoint
   h = hashlib.sha256()
-  for leaf in jax.tree.leaves(params):
-    h.update(np.ascontiguousarray(jax.device_get(leaf)).tobytes())
+  checkpoint.hash_pytree(h, params)
   h.update(json.dumps([pre_cfg.sample.to_dict(), pre_cfg.eval.to_dict(), fc.num_generated,
                        fc.new_data_seed], sort_keys=True, default=str).encode())
   return h.hexdigest()

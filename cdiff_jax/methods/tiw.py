@@ -52,7 +52,7 @@ import ml_collections
 import numpy as np
 import optax
 
-from cdiff_jax import losses
+from cdiff_jax import checkpoint, losses
 from cdiff_jax.config import ConfigError
 from cdiff_jax.data import imbalance
 from cdiff_jax.methods import noisy_classifier as nc
@@ -242,8 +242,7 @@ class TIW:
                          repr(self.disc.net), repr(self.dsm.model.schedule)]).encode())
     h.update(np.asarray(self._data['bias'], np.int64).tobytes())
     h.update(np.asarray(self._data['ref'], np.int64).tobytes())
-    for leaf in jax.tree.leaves(frozen):
-      h.update(np.ascontiguousarray(jax.device_get(leaf)).tobytes())
+    checkpoint.hash_pytree(h, frozen)
     root = os.environ.get('CDIFF_JAX_CACHE', os.path.expanduser('~/.cache/cdiff_jax'))
     return os.path.join(root, 'discriminators', f'{ds.name.replace("/", "_")}_{h.hexdigest()[:16]}')
 
