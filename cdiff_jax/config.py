@@ -316,14 +316,14 @@ def check_finished_run(workdir: str, c: ml_collections.ConfigDict) -> None:
 
 
 def _mismatch(saved: dict, current: dict, what: str) -> list[str]:
-  """'field: {what} A vs now B' for every field of two flat dicts that differs."""
-  keys = sorted(set(saved) | set(current))
-  return [f'{k}: {what} {saved.get(k, "<absent>")!r} vs now {current.get(k, "<absent>")!r}'
-          for k in keys if saved.get(k, '<absent>') != current.get(k, '<absent>')]
+  """'field: {what} A vs now B' for every field of the saved flat dict that differs now.
+
+  A field the saved record lacks came to the config (or to the record) after it was
+  written, and is not held against it: a run interrupted or finished before an upgrade is
+  still resumed or reused. A saved field the config no longer has is a difference."""
+  return [f'{k}: {what} {v!r} vs now {current.get(k, "<absent>")!r}'
+          for k, v in sorted(saved.items()) if current.get(k, '<absent>') != v]
 
 
 def fingerprint_mismatch(saved: dict, current: dict) -> list[str]:
-  """Differences of a checkpoint's fingerprint from the current one. A field the saved one
-  lacks came to the config (or to the fingerprint) after the checkpoint was written and is
-  not held against it, so a run interrupted before an upgrade still resumes."""
-  return _mismatch(saved, {k: v for k, v in current.items() if k in saved}, 'checkpoint')
+  return _mismatch(saved, current, 'checkpoint')

@@ -34,6 +34,15 @@ def test_computing_fields_leave_out_bookkeeping_only(tmp_path):
   c.optim.lr *= 2
   diffs = config_lib.saved_config_mismatch(str(tmp_path / 'config.json'), c)
   assert len(diffs) == 1 and diffs[0].startswith('optim.lr')
+  # A run saved before a field existed is not refused for lacking it; a saved field the
+  # config no longer has is a difference.
+  c.optim.lr /= 2
+  saved = json.loads(c.to_json_best_effort())
+  del saved['data']['minority_fraction']
+  saved['train']['retired_field'] = 1
+  (tmp_path / 'config.json').write_text(json.dumps(saved))
+  diffs = config_lib.saved_config_mismatch(str(tmp_path / 'config.json'), c)
+  assert [d.split(':')[0] for d in diffs] == ['train.retired_field']
 
 
 def test_toy_components_are_retrained_when_a_training_field_changes():
