@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sys
 import time
 
@@ -42,10 +43,13 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import numpy as np  # noqa: E402
 
 # Dense peak TFLOP/s per device from the vendors' spec sheets: (bf16, float32 as computed
-# by default). Matched against jax's device_kind, first match wins.
+# by default). Matched against jax's device_kind as whole words, first match wins (so 'L4'
+# is not an L40S: an unknown device gets no peak, and --peak_tflops names it).
 PEAK_TFLOPS = (
     ('H100 PCIe', (756.0, 378.0)),
+    ('H100 NVL', (835.0, 418.0)),
     ('H100', (989.0, 495.0)),      # SXM; float32 matmuls run as TF32
+    ('H200 NVL', (835.0, 418.0)),
     ('H200', (989.0, 495.0)),
     ('A100', (312.0, 156.0)),
     ('L4', (121.0, 60.0)),
@@ -62,7 +66,7 @@ PEAK_TFLOPS = (
 
 def peak_tflops(device_kind: str, dtype: str) -> float | None:
   for name, (bf16, f32) in PEAK_TFLOPS:
-    if name.lower() in device_kind.lower():
+    if re.search(rf'(?<![0-9a-z]){re.escape(name.lower())}(?![0-9a-z])', device_kind.lower()):
       return bf16 if dtype == 'bfloat16' else f32
   return None
 
@@ -140,13 +144,16 @@ def measure(config, calls: int = 10, rounds: int = 3, warmup: int = 2, num_sampl
   sampler = exp.sampler()
   params = state.ema_params
   labels = exp.sample_labels(n)
+  guided = 2 if labels is not None and config.sample.get('guidance_scale', 1.0) != 1.0 else 1
   jax.block_until_ready(sampler(params, jax.random.key(0), n, labels))  # compile
   t0 = time.perf_counter()
   jax.block_until_ready(sampler(params, jax.random.key(1), n, labels))
   seconds = time.perf_counter() - t0
   result.update(sampler=config.sample.sampler, sample_steps=config.sample.num_steps,
                 samples=n, sample_images_per_sec=n / seconds,
-                network_evals_per_sec=n * config.sample.num_steps / seconds)
+                # num_steps moves and the final denoising; classifier-free guidance runs the
+                # network on the conditional and the null label at each.
+                network_evals_per_sec=n * (config.sample.num_steps + 1) * guided / seconds)
   return result
 
 

@@ -194,8 +194,9 @@ def main(argv=None):
                 + [f"{r[f'mcmc_{k}_images_per_s']:.1f}" for k in kinds])
   print()
   print(common.markdown_table(header, rows))
-  print(f'\nmachine: {common.machine()}; batch {args.num_samples}; medians of {args.repeats} '
-        f'alternating rounds; load average at end {common.load_average()}')
+  print(f'\nmachine: {common.machine()}; batch {args.num_samples}; DDIM: medians of '
+        f'{args.repeats} alternating rounds, MCMC and guided samplers: of '
+        f'{max(1, args.repeats // 2)}; load average at end {common.load_average()}')
   common.write_json(args.json, results=results)
   return results
 

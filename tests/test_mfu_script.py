@@ -21,6 +21,11 @@ def test_peak_table(mfu):
   assert mfu.peak_tflops('NVIDIA H100 PCIe', 'float32') == 378.0
   assert mfu.peak_tflops('TPU v5 lite', 'float32') == 197.0
   assert mfu.peak_tflops('cpu', 'float32') is None
+  # Whole names: an L40S is not an L4, an H200 NVL is not an H200 SXM.
+  assert mfu.peak_tflops('NVIDIA L4', 'bfloat16') == 121.0
+  assert mfu.peak_tflops('NVIDIA L40S', 'bfloat16') is None
+  assert mfu.peak_tflops('NVIDIA H200 NVL', 'bfloat16') == 835.0
+  assert mfu.peak_tflops('NVIDIA H200', 'bfloat16') == 989.0
 
 
 def test_program_flops_closed_form(mfu):
