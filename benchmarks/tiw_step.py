@@ -116,7 +116,8 @@ def main():
   for size in [int(s) for s in args.shapes.split(',')]:
     rows = bench(size, args.batch, args.rounds, args.steps)
     print(f'\n{size}x{size} images, UNet score model, ConvClassifier discriminator')
-    print('| arm | ms / step (min) | x DSM (min) | ms / step (median) | x DSM (median) | compile + first step (s) |')
+    print('| arm | ms / step (min) | x DSM (min) | ms / step (median) | x DSM (median) '
+          '| compile + first step (s) |')
     print('|---|---:|---:|---:|---:|---:|')
     for r in rows:
       assert r['traces'] == 1, f'{r["arm"]} retraced'
