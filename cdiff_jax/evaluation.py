@@ -10,8 +10,9 @@ judges generated samples.
   runs with each other. Users with their own Inception feature extractor can pass it as
   ``eval.feature_fn='module:function'`` (images in [-1, 1] -> (N, D) features); nothing is
   ever downloaded.
-* ``evaluate_run(exp, state, workdir)`` samples a trained run and writes ``eval.json`` and
-  the plots (class frequencies, lambda curves when present, samples).
+* ``evaluate_run(exp, state, workdir)`` samples a trained run and writes ``eval.json``, the
+  class-frequency plot and a sample grid (a constrained run's lambda and constraint curves
+  come from training: ``train.train_and_evaluate``).
 """
 
 from __future__ import annotations

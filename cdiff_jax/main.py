@@ -3,9 +3,11 @@
 Fields are overridden with ``--config.FIELD=VALUE`` (e.g. ``--config.train.steps=500``).
 A wrong field name or value stops here with one line naming it.
 
-Exit status: 0 done; 2 the run cannot start or went non-finite (one ``error:`` line on
-stderr, nothing written to the workdir, its checkpoints untouched); 3 preempted (SIGTERM):
-a checkpoint was saved at the next step boundary, rerun the same command to resume.
+Exit status: 0 done; 2 the run cannot start (one ``error:`` line on stderr, nothing
+written to the workdir, its checkpoints untouched) or went non-finite (one ``error:`` line;
+nothing is saved after the bad step, the checkpoints before it are kept); 3 preempted
+(SIGTERM): a checkpoint was saved at the next step boundary, rerun the same command to
+resume.
 """
 
 from __future__ import annotations

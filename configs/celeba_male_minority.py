@@ -1,7 +1,9 @@
 """CelebA 64x64 with a male minority (the paper's Figure 2), constrained vs unconstrained.
 
 Label: the `Male` attribute (class 1 = male). The male images keep 20% of their training
-examples; one constraint asks the model to fit them as well as the data overall.
+examples; one constraint asks the model to generate males at frequency 1/2: the ELBO
+threshold b = L_male(ref) - log(0.5 / pi_male) nats from the unconstrained reference run
+(`method.target_frequency=0.5`; digits_minority's 0.1 is 1/10 classes).
 Data: TFDS `celeb_a` prepared as ArrayRecord (`tfds build celeb_a --file_format=array_record`,
 then `--config.data.data_dir=DIR`); images are center-cropped to 140x140 and resized to 64.
 
@@ -26,6 +28,7 @@ def get_config():
   c.model.ch, c.model.ch_mult, c.model.num_res_blocks = 64, (1, 2, 2, 2), 2
   c.model.attn_levels, c.model.num_groups, c.model.dropout = (2,), 16, 0.1
   c.method.constraint_classes = (1,)
+  c.method.target_frequency = 0.5   # two classes: fair is 1/2
   c.method.objective_batch = 64
   c.method.constraint_batch = 64
   c.optim.lr = 2e-4

@@ -10,7 +10,7 @@ The guidance and composition demonstration (trains the same model, reusing the r
 is finished, then measures everything with the evaluation classifier):
   python -m experiments.digits_guidance --config=configs/digits_cfg.py --workdir=runs/digits_guidance
 
-Expected (2-core CPU, about 10 minutes for the demonstration): conditional samples are
+Expected (2-core CPU, about 40 minutes for the demonstration): conditional samples are
 recognised as the requested digit most of the time, and more often with guidance weight 3
 than 1; "any digit but 1" (NOT) brings the frequency of 1s from about 10% (unconditional)
 to nearly 0 while the other digits stay present; classifier guidance of the unconditional

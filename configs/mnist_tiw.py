@@ -2,7 +2,7 @@
 
 Data: MNIST's training digits split into a biased set whose class sizes fall exponentially
 from 0 to 9 (ratio 0.01: ~5,800 zeros ... 58 nines) and a disjoint balanced reference set of
-``method.ref_fraction`` times its size (0.1: ~1,470 images; 0.05: ~735). Score minibatches
+``method.ref_fraction`` times its size (0.1: 1,430 images; 0.05: 730). Score minibatches
 are half reference, half biased. Read from TFDS (prepared, no download) or local IDX files.
 
 Commands:

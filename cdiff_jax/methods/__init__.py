@@ -2,7 +2,8 @@
 
 ``build(config, model, num_classes)`` returns the method named by ``config.method.name``.
 A method object provides ``data_groups``, ``init_extras``, ``loss`` and ``update_extras``
-(see ``cdiff_jax.train_step``); optionally ``host_metrics(records)`` for warnings.
+(see ``cdiff_jax.train_step``); optionally ``host_metrics(summary, step)`` (the logged
+means of an interval -> warning lines).
 """
 
 from __future__ import annotations

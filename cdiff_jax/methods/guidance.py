@@ -1,8 +1,10 @@
 """Guidance and composition: turn trained models into the eps (or energy) a sampler uses.
 
-Every function here returns an ``eps_fn(params, x, t, cond) -> eps`` for the core samplers
-(``cdiff_jax.sampling.Sampler``: ancestral, DDIM, Euler-Maruyama, Heun) or a ``Potential``
-for the annealed MCMC samplers (``cdiff_jax.sampling.mcmc``). Nothing is retrained.
+The composing functions here return an ``eps_fn(params, x, t, cond) -> eps`` for the core
+samplers (``cdiff_jax.sampling.Sampler``: ancestral, DDIM, Euler-Maruyama, Heun) or a
+``Potential`` for the annealed MCMC samplers (``cdiff_jax.sampling.mcmc``); the others build
+their inputs (a composition's ``cond``, stacked parameters, a guidance classifier). Nothing
+is retrained.
 
 * Classifier-free guidance (one conditional model whose label ``null`` is the
   unconditional one): ``eps_u + w (eps_c - eps_u)``; ``w = 1`` is the conditional model.
