@@ -361,7 +361,7 @@ def _train_and_evaluate(config, workdir, dataset, progress, hooks, preemption) -
     os.makedirs(os.path.join(workdir, 'samples'), exist_ok=True)
     with open(os.path.join(workdir, 'config.json'), 'w') as f:
       f.write(config.to_json_best_effort(indent=2, sort_keys=True))
-  writer = writers.MetricWriter(workdir, active=is_main)
+  writer = writers.MetricWriter(workdir, active=is_main, resume_step=start)
   writer.drop_after(start)  # Steps logged after the checkpoint by a killed run.
   if is_main and start == 0:
     print(f'{config.method.name}: {num_params(state.params):,} parameters, '

@@ -34,7 +34,10 @@ class MetricWriter:
   """Appends one JSON object per logging step to metrics.jsonl and mirrors scalars to
   TensorBoard. Appending (not truncating) keeps the history of a resumed run whole."""
 
-  def __init__(self, workdir: str, active: bool = True, tensorboard: bool = True):
+  def __init__(self, workdir: str, active: bool = True, tensorboard: bool = True,
+               resume_step: int = 0):
+    """``resume_step`` > 0: a resumed run; TensorBoard hides the points a killed run logged
+    after that step (``drop_after`` removes them from metrics.jsonl)."""
     self.active = active
     self.path = os.path.join(workdir, 'metrics.jsonl')
     self._tb = None
@@ -43,7 +46,8 @@ class MetricWriter:
       if tensorboard:
         try:
           from tensorboardX import SummaryWriter
-          self._tb = SummaryWriter(os.path.join(workdir, 'tensorboard'), flush_secs=30)
+          self._tb = SummaryWriter(os.path.join(workdir, 'tensorboard'), flush_secs=30,
+                                   purge_step=resume_step + 1 if resume_step else None)
         except ImportError:  # TensorBoard is optional; metrics.jsonl is the record.
           self._tb = None
 
