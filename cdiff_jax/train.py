@@ -269,24 +269,18 @@ def _summarize(metric_list: list[dict], steps_per_call: int = 1) -> dict:
   leading axis of k, which is flattened into the steps axis (vector metrics such as the
   per-constraint multipliers keep their own axis)."""
   host = jax.device_get(metric_list)
-
-  def per_step(key):
+  steps = {}
+  for key in host[0]:
     values = np.stack([np.asarray(m[key]) for m in host])
-    return values.reshape((-1,) + values.shape[2:]) if steps_per_call > 1 else values
-
+    steps[key] = values.reshape((-1,) + values.shape[2:]) if steps_per_call > 1 else values
   # Steps skipped as non-finite (train.on_nonfinite='skip') changed nothing: the other
   # metrics are means over the steps that did (all steps if none did).
-  ok = per_step('nonfinite') == 0 if 'nonfinite' in host[0] else None
+  ok = steps['nonfinite'] == 0 if 'nonfinite' in steps else None
   if ok is not None and not ok.any():
     ok = None
-  out = {}
-  for key in host[0]:
-    values = per_step(key)
-    if key == 'nonfinite':
-      out[key] = values.sum(0)
-    else:
-      out[key] = values.mean(0) if ok is None else values[ok].mean(0)
-  return out
+  return {key: values.sum(0) if key == 'nonfinite'
+          else values.mean(0) if ok is None else values[ok].mean(0)
+          for key, values in steps.items()}
 
 
 def _first_nonfinite(metric_list: list[dict], first_step: int, k: int) -> str:
