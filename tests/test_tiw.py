@@ -176,7 +176,11 @@ def _true_logit(x, t, schedule):
           + 0.5 * (x - a * MU_B) ** 2 / vb + 0.5 * np.log(vb))
 
 
-def test_discriminator_recovers_time_dependent_ratio():
+@pytest.mark.parametrize('net', ['mlp', 'head'])
+def test_discriminator_recovers_time_dependent_ratio(net):
+  """The T-BCE discriminator's w~ matches the exact ratio at several t; 'head' is the
+  frozen-features head (disc_features='eval_classifier') on identity features, which must
+  take t from its own time embedding."""
   schedule = schedules.VPSchedule()
   r = np.random.default_rng(0)
   n = 20_000
@@ -184,7 +188,10 @@ def test_discriminator_recovers_time_dependent_ratio():
   ds = ArrayDataset(x[:, None].astype(np.float32), np.r_[np.zeros(n), np.ones(n)], 2, 'toy')
   ref, bias = np.arange(n), np.arange(n, 2 * n)
   steps = 1200
-  disc = nc.NoisyClassifier(nc.build_net('mlp', 1, hidden=64, depth=2), 1)
+  if net == 'mlp':
+    disc = nc.NoisyClassifier(nc.build_net('mlp', 1, hidden=64, depth=2), 1)
+  else:
+    disc = nc.NoisyClassifier(nc.build_net('head', 1, hidden=64), 1, lambda frozen, x, t: x)
   method = tiw.TIW(DSM(ScoreModel(MLPScore(hidden=8, depth=1), schedule)), disc,
                    split_fn=lambda d, i: (bias, ref), variant='tiw', batch_size=64,
                    disc_tx=optax.adam(optax.cosine_decay_schedule(3e-3, steps, 0.05)),
@@ -510,3 +517,148 @@ def test_discriminator_cache_key_covers_the_frozen_feature_extractor():
   assert method._cache_path(10, a) != method._cache_path(10, b)
   assert method._cache_path(10, None) != method._cache_path(10, a)
   assert method._cache_path(10, None) != method._cache_path(11, None)
+
+
+# ------------------------------------------------------- tempering, layout, cache, metrics, T-BCE
+
+
+def _tempered_affine_fit(gauss, t, alpha, pi, schedule):
+  """(A, b) of the best affine eps under p_alpha ~ p_obs_t^(1 - alpha) p_data_t^alpha (1-D).
+
+  By Stein's identity the least-squares affine fit of a score under its own density is the
+  Gaussian score with that density's mean m and variance v: eps = sigma_t (x - m) / v.
+  m and v come from quadrature on a grid, independent of the code under test.
+  """
+  (mu_d,), (var_d,), (mu_b,), (var_b,) = gauss
+  a, s = float(schedule.alpha(t)), float(schedule.sigma(t))
+  x = np.linspace(-12.0, 12.0, 200_001)
+  normal = lambda m, v: np.exp(-0.5 * (x - m) ** 2 / v) / np.sqrt(2 * np.pi * v)
+  p_data = normal(a * mu_d, a ** 2 * var_d + s ** 2)
+  p_obs = pi * p_data + (1 - pi) * normal(a * mu_b, a ** 2 * var_b + s ** 2)
+  dens = p_obs ** (1 - alpha) * p_data ** alpha
+  dens = dens / dens.sum()
+  m = np.sum(dens * x)
+  v = np.sum(dens * (x - m) ** 2)
+  return s / v, -s * m / v
+
+
+def test_fractional_alpha_minimizer_is_the_score_of_the_tempered_density():
+  """alpha = 1/2: weight w~^alpha and correction alpha grad log w~ make the minimizer the score
+  of p_obs_t^(1 - alpha) p_data_t^alpha (its affine fit from quadrature moments)."""
+  t, alpha = 0.3, 0.5
+  (a, b), (a_data, b_data) = affine_minimizer(GAUSS_1D, t, variant='tiw', alpha=alpha)
+  a_true, b_true = _tempered_affine_fit(GAUSS_1D, t, alpha, 0.5, FixedTime(t_fixed=t))
+  err = max(abs(a.item() - a_true), abs(b.item() - b_true))
+  assert err < COEF_TOL, f'alpha={alpha}: minimizer is {err:.4f} from the tempered score'
+  # Not vacuous: the tempered target is far from both p_data_t's and p_obs_t's.
+  assert abs(b_true - b_data.item()) > 4 * COEF_TOL
+  a_obs, b_obs = _tempered_affine_fit(GAUSS_1D, t, 0.0, 0.5, FixedTime(t_fixed=t))
+  assert abs(b_true - b_obs) > 4 * COEF_TOL
+
+
+def test_batch_layout_and_ratio_use_the_actual_reference_share():
+  """batch_size 10 at ref_batch_fraction 0.26 gives 3 reference + 7 biased examples, and w~ uses
+  that actual share pi = 3/10: w~ = d / (pi d + (1 - pi)(1 - d)) with d = sigmoid(logit)."""
+  schedule = schedules.get_schedule(config_lib.base_config().diffusion)
+  bias, ref = np.arange(20), np.arange(20, 26)
+  method = tiw.TIW(DSM(ScoreModel(MLPFlat(), schedule)), nc.NoisyClassifier(MeanPixelLogit(), 1),
+                   split_fn=lambda ds, idx: (bias, ref), batch_size=10, ref_batch_fraction=0.26)
+  groups = method.data_groups(None, None)
+  assert [(name, size) for name, _, size in groups] == [('bias', 7), ('ref', 3)]
+  np.testing.assert_array_equal(groups[0][1], bias)
+  np.testing.assert_array_equal(groups[1][1], ref)
+  batch = _image_batch(10)
+  params = method.disc.init(jax.random.key(1), (4, 4, 1))
+  log_ratio = jax.vmap(method.example_log_ratio_fn({'params': params}))(
+      batch['image'], jnp.full((10,), 0.3))
+  x = np.asarray(batch['image'], np.float64).reshape(10, -1)
+  d = 1 / (1 + np.exp(-8.0 * (x.mean(-1) - 0.1)))
+  pi = 3 / 10
+  np.testing.assert_allclose(np.exp(np.asarray(log_ratio)), d / (pi * d + (1 - pi) * (1 - d)),
+                             rtol=1e-5)
+
+
+def test_discriminator_cache_key_covers_variant_schedule_and_recipe():
+  """A cached discriminator is not reused across IW/TIW (clean vs noised inputs), a different
+  forward process, or a different discriminator recipe."""
+  method = _image_method()
+  method._data.update(dataset=ArrayDataset(np.zeros((4, 4, 4, 1), np.float32),
+                                           np.zeros(4, np.int64), 2, 'tiny'),
+                      bias=np.arange(2), ref=np.arange(2, 4))
+  key = method._cache_path(10)
+  assert dataclasses.replace(method)._cache_path(10) == key  # the same recipe: the same file
+  assert dataclasses.replace(method, variant='iw')._cache_path(10) != key
+  other = ScoreModel(MLPFlat(), schedules.VPSchedule(beta_max=10.0))
+  assert dataclasses.replace(method, dsm=DSM(other))._cache_path(10) != key
+  assert dataclasses.replace(method, disc_signature='{"disc_lr": 1.0}')._cache_path(10) != key
+
+
+def test_weight_metrics_are_group_means_and_effective_sample_size():
+  """weight_bias / weight_ref are the mean weights of each group and weight_ess is
+  (sum w)^2 / (n sum w^2), recomputed from the per-example weights."""
+  method = _image_method()
+  batch = _image_batch()
+  params, extras = _init(method, batch)
+  rng = jax.random.key(3)
+  w, m = jax.jit(lambda p: (method.per_example_terms(p, extras, batch, rng)['weight'],
+                            method.loss(p, extras, batch, rng)[1]['metrics']))(params)
+  w = np.asarray(w, np.float64)
+  g = np.asarray(batch['group'])
+  np.testing.assert_allclose(m['weight_bias'], w[g == 0].mean(), rtol=1e-5)
+  np.testing.assert_allclose(m['weight_ref'], w[g == 1].mean(), rtol=1e-5)
+  assert abs(w[g == 0].mean() - w[g == 1].mean()) > 0.1  # the groups are told apart
+  ess = w.sum() ** 2 / (len(w) * np.sum(w ** 2))
+  assert ess < 0.9  # the weights are uneven, so the metric is not trivially 1
+  np.testing.assert_allclose(m['weight_ess'], ess, rtol=1e-5)
+
+
+def test_joint_discriminator_step_takes_the_reference_group_as_positive():
+  """Joint mode, IW-DSM's clean discriminator (x_t = x0): the step's T-BCE is the closed form
+  mean_ref softplus(-l) + mean_bias softplus(l) of the known logits, 5 reference vs 11 biased."""
+  method = _image_method(variant='iw', disc_joint=True, disc_tx=optax.sgd(0.1))
+  batch = _image_batch()
+  g = np.r_[np.ones(5), np.zeros(11)].astype(np.int32)
+  batch['group'] = jnp.asarray(g)
+  params, extras = _init(method, batch)
+  extras['disc']['opt_state'] = method.disc_tx.init(extras['disc']['params'])
+  _, aux = method.loss(params, extras, batch, jax.random.key(2))
+  new, m = method.update_extras(extras, aux, 0, jax.random.key(3))
+  x = np.asarray(batch['image'], np.float64).reshape(16, -1)
+  logit = 8.0 * (x.mean(-1) - 0.1)
+  ref = g == 1
+  bce = np.mean(np.logaddexp(0, -logit[ref])) + np.mean(np.logaddexp(0, logit[~ref]))
+  np.testing.assert_allclose(m['disc_bce'], bce, rtol=1e-5)
+  acc = (np.sum(logit[ref] > 0) + np.sum(logit[~ref] <= 0)) / 16
+  np.testing.assert_allclose(m['disc_accuracy'], acc, rtol=1e-6)
+  # The update is one SGD step on that loss: d bce / d scale from the closed form.
+  u = x.mean(-1) - 0.1
+  dscale = (np.mean(-u[ref] / (1 + np.exp(logit[ref])))
+            + np.mean(u[~ref] / (1 + np.exp(-logit[~ref]))))
+  np.testing.assert_allclose(new['disc']['params']['scale'], 8.0 - 0.1 * dscale, rtol=1e-5)
+
+
+class ConstantLogit(nn.Module):
+  """A discriminator with one logit c for every input (its T-BCE is known in closed form)."""
+
+  @nn.compact
+  def __call__(self, x, t, train=False):
+    c = self.param('c', nn.initializers.constant(0.7), ())
+    return jnp.full((x.shape[0], 1), c)
+
+
+@pytest.mark.parametrize('weighting', ['uniform', 'sigma2'])
+def test_time_weighted_bce_closed_form_on_unbalanced_sides(weighting):
+  """T-BCE of a constant logit c at one t: lambda(t) (softplus(-c) + softplus(c)), each side
+  a mean over its own examples (4 reference vs 12 biased); lambda = 1 or sigma_t^2."""
+  t0 = 0.3
+  clf = nc.NoisyClassifier(ConstantLogit(), 1)
+  params = clf.init(jax.random.key(0), (2,))
+  x0 = jax.random.normal(jax.random.key(1), (16, 2))
+  is_ref = np.r_[np.ones(4), np.zeros(12)].astype(bool)
+  loss, m = nc.noised_bce_loss(clf, params, x0, jnp.asarray(is_ref), jnp.asarray(~is_ref),
+                               jax.random.key(2), FixedTime(t_fixed=t0), weighting)
+  # VP: sigma_t^2 = 1 - alpha_t^2, log alpha_t^2 = -(t^2 (beta_max - beta_min) / 2 + t beta_min).
+  lam = 1.0 if weighting == 'uniform' else 1 - np.exp(-(0.5 * t0 ** 2 * 19.9 + 0.1 * t0))
+  c = 0.7
+  np.testing.assert_allclose(loss, lam * (np.logaddexp(0, -c) + np.logaddexp(0, c)), rtol=1e-5)
+  np.testing.assert_allclose(m['accuracy'], 4 / 16)
