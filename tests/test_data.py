@@ -114,6 +114,25 @@ def test_minority_and_filtering():
   assert lt[0] == 5000 and lt[-1] == 50 and np.all(np.diff(lt) <= 0)
 
 
+def test_subsample_classes_counts_and_at_least_one():
+  """Class c keeps round(fraction * n_c) of its examples (at least 1), drawn from
+  ``indices`` only; classes without a fraction stay whole."""
+  labels = np.repeat(np.arange(4), 200)
+  indices = np.flatnonzero(np.arange(800) % 2 == 0)        # 100 examples of each class
+  idx = imbalance.subsample_classes(labels, {1: 0.15, 2: 0.001}, seed=0, indices=indices)
+  assert list(np.bincount(labels[idx], minlength=4)) == [100, 15, 1, 100]
+  assert set(idx) <= set(indices) and np.all(np.diff(idx) > 0)
+
+
+def test_long_tail_profile_follows_class_order():
+  """The k-th class of class_order gets ratio ** (k / (C - 1)) (an order that is not its
+  own inverse, so a profile indexed the other way round shows)."""
+  profile = imbalance.long_tail_profile(4, 0.001, class_order=(2, 0, 3, 1))
+  expected = np.empty(4)
+  expected[[2, 0, 3, 1]] = [1.0, 0.1, 0.01, 0.001]
+  np.testing.assert_allclose(profile, expected, rtol=1e-9)
+
+
 def _dataset(n=50):
   return sources.ArrayDataset(np.arange(n, dtype=np.float32).reshape(n, 1, 1, 1) / n,
                               np.arange(n) % 5, 5)

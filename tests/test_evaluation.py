@@ -23,6 +23,68 @@ def test_class_frequencies_and_tv():
   assert evaluation.tv_distance(f, [0.25] * 4) == pytest.approx(0.25)
 
 
+def _exact_moments(rng, n, mean, cov):
+  """n points whose sample mean and (ddof=1) covariance are exactly ``mean`` and ``cov``."""
+  z = rng.standard_normal((n, len(mean)))
+  z -= z.mean(0)
+  z = z @ np.linalg.inv(np.linalg.cholesky(np.cov(z, rowvar=False))).T
+  return z @ np.linalg.cholesky(cov).T + mean
+
+
+def test_frechet_distance_closed_form_non_commuting_covariances():
+  """2-D Gaussians with correlated, non-commuting covariances: Tr (S_a S_b)^(1/2) of a 2x2
+  product with eigenvalues l1, l2 is sqrt(l1 + l2 + 2 sqrt(l1 l2)) = sqrt(tr + 2 sqrt(det))."""
+  rng = np.random.default_rng(1)
+  s_a, s_b = np.array([[4.0, 1.0], [1.0, 1.0]]), np.array([[1.0, -0.5], [-0.5, 2.0]])
+  a = _exact_moments(rng, 500, np.array([2.0, 0.0]), s_a)
+  b = _exact_moments(rng, 700, np.array([0.0, -1.0]), s_b)
+  tr_root = np.sqrt(np.trace(s_a @ s_b) + 2 * np.sqrt(np.linalg.det(s_a) * np.linalg.det(s_b)))
+  expected = 5.0 + np.trace(s_a) + np.trace(s_b) - 2 * tr_root
+  assert evaluation.frechet_distance(a, b) == pytest.approx(expected, rel=1e-9)
+  assert evaluation.frechet_distance(b, a) == pytest.approx(expected, rel=1e-9)
+
+
+def test_class_frequencies_divide_by_the_number_of_labels():
+  """Frequencies are counts / number of labels (not / number of classes); none: all 0."""
+  np.testing.assert_allclose(evaluation.class_frequencies(np.array([2, 2, 0]), 5),
+                             [1 / 3, 0, 2 / 3, 0, 0])
+  np.testing.assert_array_equal(evaluation.class_frequencies(np.array([], np.int64), 3), 0.0)
+
+
+class _LinearNet:
+  """A stand-in classifier network: logits = flat image @ w, features = the flat image."""
+
+  def apply(self, variables, x, t, return_features=False):
+    flat = x.reshape(x.shape[0], -1)
+    return flat @ variables['params']['w'], flat
+
+
+def test_evaluate_samples_against_a_known_classifier():
+  """evaluate_samples with a linear stand-in classifier, in padded chunks of 5: frequencies
+  of the argmax, TV to uniform, FID of the features and the mean top softmax probability,
+  all recomputed here from the known logits and features."""
+  rng = np.random.default_rng(0)
+  w = rng.standard_normal((4, 3)).astype(np.float32)
+  clf = evaluation.EvalClassifier(_LinearNet(), {'w': w}, 3, 0.9, (2, 2, 1))
+  samples = rng.standard_normal((13, 2, 2, 1)).astype(np.float32)
+  reference = rng.standard_normal((11, 2, 2, 1)).astype(np.float32) + 0.5
+  logits, feats = clf.logits_and_features(samples, batch_size=5)
+  flat = samples.reshape(13, -1)
+  np.testing.assert_allclose(logits, flat @ w, rtol=1e-5, atol=1e-6)
+  np.testing.assert_array_equal(feats, flat)
+  out = evaluation.evaluate_samples(clf, samples, reference)
+  freqs = np.bincount((flat @ w).argmax(1), minlength=3) / 13
+  np.testing.assert_allclose(out['class_frequencies'], freqs)
+  assert out['tv_to_uniform'] == pytest.approx(0.5 * np.abs(freqs - 1 / 3).sum())
+  assert out['classifier_fid'] == pytest.approx(
+      evaluation.frechet_distance(flat, reference.reshape(11, -1)), rel=1e-6)
+  z = flat @ w
+  p = np.exp(z - z.max(1, keepdims=True))
+  p /= p.sum(1, keepdims=True)
+  assert out['mean_confidence'] == pytest.approx(p.max(1).mean(), rel=1e-5)
+  assert out['num_samples'] == 13 and out['num_reference'] == 11
+
+
 @pytest.fixture(scope='module')
 def digits_classifier(tmp_path_factory):
   import os
