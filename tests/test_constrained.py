@@ -172,6 +172,97 @@ def test_dual_every_n_primal_steps_and_window_estimate():
   np.testing.assert_allclose(np.stack(gaps), [[1, 2], [1.5, 2], [2, 2]] * 2, rtol=1e-6)
 
 
+def test_lagrangian_weights_and_normalization():
+  """L_0 + sum lam_i L_i, divided by 1 + sum lam only when normalize (two constraints)."""
+  L = jnp.array([2.0, 3.0, 5.0])
+  lam = jnp.array([0.5, 0.25])
+  total = 2.0 + 0.5 * 3.0 + 0.25 * 5.0
+  assert float(_method().lagrangian(L, lam)) == pytest.approx(total / 1.75, rel=1e-6)
+  assert float(_method(normalize=False).lagrangian(L, lam)) == pytest.approx(total, rel=1e-6)
+
+
+def test_ema_estimate_is_the_bias_corrected_running_mean():
+  """dual_estimate='ema': Adam-style m_k = d m_{k-1} + (1 - d) L_k, estimate m_k / (1 - d^k)."""
+  # A constant loss is estimated exactly from the first step on (no pull towards 0).
+  _, lams = _run_dual(_method(dual_estimate='ema', dual_ema=0.9, thresholds=(0.0, 0.0),
+                              dual_lr=1.0), [[2.0, 0.5]] * 4)
+  np.testing.assert_allclose(lams, np.arange(1, 5)[:, None] * [2.0, 0.5], rtol=1e-5)
+  # A changing loss: each dual step moves lam by the estimate (thresholds 0, eta 1).
+  losses = np.array([[1.0, 4.0], [3.0, 0.0], [7.0, 2.0], [2.0, 2.0]])
+  d, m, expected = 0.75, np.zeros(2), []
+  for k, l in enumerate(losses, start=1):
+    m = d * m + (1 - d) * l
+    expected.append(m / (1 - d ** k))
+  _, lams = _run_dual(_method(dual_estimate='ema', dual_ema=d, thresholds=(0.0, 0.0),
+                              dual_lr=1.0), losses)
+  np.testing.assert_allclose(lams, np.cumsum(expected, 0), rtol=1e-5)
+
+
+def test_dual_start_and_minibatch_estimate_with_dual_every():
+  """With dual_every=2 and dual_start=3 lam moves at steps 3 and 5 only (step 1 ends a window
+  before the start; step 3 is the first allowed), by the last minibatch's loss, not the
+  window's mean; num_dual_steps counts those steps only."""
+  method = _method(dual_every=2, dual_start=3, dual_lr=1.0, thresholds=(0.0, 0.0))
+  extras, lams = _run_dual(method, [[1.0, 0.0], [2.0, 0.0], [3.0, 0.0], [4.0, 0.0],
+                                    [5.0, 0.0], [6.0, 0.0]])
+  np.testing.assert_allclose(lams[:, 0], [0, 0, 0, 4, 4, 10])
+  assert int(extras['num_dual_steps']) == 2
+  # dual_every=1: the first dual step is step dual_start itself.
+  _, lams = _run_dual(_method(dual_start=2, dual_lr=1.0, thresholds=(0.0, 0.0)), [[1.0, 0.0]] * 4)
+  np.testing.assert_allclose(lams[:, 0], [0, 0, 1, 2])
+
+
+def test_disabled_arm_keeps_lambda_at_zero():
+  """enabled=False: lam starts at 0 whatever init_lambda says and never moves."""
+  extras, lams = _run_dual(_method(enabled=False, init_lambda=0.3), [[1.5, 2.0]] * 3)
+  np.testing.assert_array_equal(lams, 0.0)
+  assert int(extras['num_dual_steps']) == 0
+
+
+class _TimeWindowBase:
+  """A per-example loss equal to the example's t_lo plus its image: shows which examples
+  group_losses restricts to t >= constraint_t_min, and how it averages them."""
+
+  def per_example_loss(self, params, batch, rng, t_lo=None):
+    x = batch['image'][:, 0]
+    return x + (0.0 if t_lo is None else t_lo), {}
+
+
+def test_group_losses_are_group_means_with_the_constraint_time_window():
+  """L[0] the objective group's mean, L[i] constraint i's; with constraint_t_min every
+  constraint example (not the objective's, unless window_objective) starts at t_min."""
+  x = jnp.array([[1.0], [3.0], [10.0], [20.0], [30.0], [100.0]])
+  batch = dict(image=x, group=jnp.array([0, 0, 1, 1, 2, 2]))
+  method = _method(base=_TimeWindowBase(), constraint_t_min=0.25)
+  L, _ = method.group_losses(None, batch, None)
+  np.testing.assert_allclose(L, [2.0, 15.25, 65.25], rtol=1e-6)
+  L, _ = method.group_losses(None, batch, None, window_objective=True)
+  np.testing.assert_allclose(L, [2.25, 15.25, 65.25], rtol=1e-6)
+  L, _ = _method(base=_TimeWindowBase()).group_losses(None, batch, None)
+  np.testing.assert_allclose(L, [2.0, 15.0, 65.0], rtol=1e-6)
+
+
+def test_constraint_groups_come_from_the_selected_training_data():
+  """constraint_source='classes': constraint c draws only the training examples of class c
+  (the kept minority, never the subsampled-away ones); 'source': group i is the training
+  examples of source i (the data selection applies to every source)."""
+  labels = np.array([0, 1, 2, 1, 2, 0, 1, 2, 2, 1])
+  ds = ArrayDataset(np.zeros((10, 1), np.float32), labels, 3, 'toy',
+                    dict(source=np.array([0, 1, 2, 0, 1, 2, 0, 1, 2, 0])))
+  train_idx = np.array([0, 1, 2, 5, 6, 9])
+  method = _method(constraint_classes=(1, 2), objective_batch=4, constraint_batch=2)
+  groups = method.data_groups(ds, train_idx)
+  assert [g[0] for g in groups] == ['objective', 'a', 'b'] and [g[2] for g in groups] == [4, 2, 2]
+  for (_, idx, _), expected in zip(groups, [train_idx, [1, 6, 9], [2]]):
+    np.testing.assert_array_equal(np.sort(idx), expected)
+  by_source = _method(constraint_source='source').data_groups(ds, np.arange(10))
+  for (_, idx, _), s in zip(by_source, range(3)):
+    np.testing.assert_array_equal(idx, np.flatnonzero(ds.attributes['source'] == s))
+  by_source = _method(constraint_source='source').data_groups(ds, train_idx)
+  for (_, idx, _), expected in zip(by_source, [[0, 6, 9], [1], [2, 5]]):
+    np.testing.assert_array_equal(idx, expected)
+
+
 def test_objective_reference_is_measured_over_the_constraint_window(tiny_config, monkeypatch,
                                                                      tmp_path):
   """threshold_reference='objective' with constraint_t_min > 0: L_0 over the constraints'
@@ -312,6 +403,28 @@ def test_frequency_target_thresholds(monkeypatch, tiny_config, tmp_path):
   tiny_config.diffusion.loss_weighting = 'eps'
   with pytest.raises(config_lib.ConfigError, match='loss_weighting'):
     train.build(tiny_config)
+
+
+def test_reference_thresholds_scale_then_offset(monkeypatch, tiny_config, tmp_path):
+  """b = threshold_scale * L_ref + threshold_offset, L_ref each constraint's reference loss
+  ('constraint') or the reference objective loss for every constraint ('objective')."""
+  from cdiff_jax import checkpoint
+  tiny_config.method = constrained.default_method_config()
+  tiny_config.method.constraint_classes = (4, 5)
+  tiny_config.method.objective_batch, tiny_config.method.constraint_batch = 16, 8
+  tiny_config.method.threshold_mode = 'reference'
+  tiny_config.method.reference_workdir = str(tmp_path)
+  (tmp_path / 'checkpoints').mkdir()
+  tiny_config.method.threshold_scale, tiny_config.method.threshold_offset = 0.5, -2.0
+  monkeypatch.setattr(checkpoint, 'load_params', lambda workdir: None)
+  monkeypatch.setattr(constrained, 'reference_losses',
+                      lambda *a, **k: np.array([300.0, 310.0, 320.0]))
+  exp = train.build(tiny_config)
+  np.testing.assert_allclose(exp.method.thresholds, [0.5 * 310.0 - 2.0, 0.5 * 320.0 - 2.0],
+                             rtol=1e-9)
+  tiny_config.method.threshold_reference = 'objective'
+  exp = train.build(tiny_config)
+  np.testing.assert_allclose(exp.method.thresholds, [0.5 * 300.0 - 2.0] * 2, rtol=1e-9)
 
 
 def test_tiw_objective_with_minority_constraints_in_one_step(tiny_config, tmp_path):

@@ -102,10 +102,11 @@ class Constrained:
       if 'source' not in dataset.attributes:
         raise ConfigError("config.method.constraint_source='source' needs a dataset with a "
                           "'source' attribute (0 = objective, i = constraint i).")
-      src = dataset.attributes['source']
-      groups = [('objective', np.flatnonzero(src == 0), self.objective_batch)]
+      # The data selection (config.data.keep/drop/minority_*) applies to every source.
+      src = np.asarray(dataset.attributes['source'])
+      groups = [('objective', pool[src[pool] == 0], self.objective_batch)]
       for i, name in enumerate(self.constraint_names, start=1):
-        groups.append((name, np.flatnonzero(src == i), self.constraint_batch))
+        groups.append((name, pool[src[pool] == i], self.constraint_batch))
     return groups
 
   # ------------------------------------------------------------------ state
