@@ -116,3 +116,67 @@ def test_time_window_estimates_the_window_integral():
       # Without a window the 'eps' weight is exactly 1 (the plain simple loss).
       _, w_full = losses.sample_time(jax.random.key(1), 8, sched, 'eps')
       np.testing.assert_allclose(w_full, 1.0)
+
+
+@pytest.mark.parametrize('sched', [schedules.VPSchedule(), schedules.DDPMSchedule(num_steps=10)],
+                         ids=lambda s: type(s).__name__)
+def test_window_at_or_below_t_min_is_the_whole_range(sched):
+  """A window from t_min or below is the whole range: 'eps' weight 1, 'elbo' as unwindowed."""
+  # (Constrained training passes t_lo = 0 for its unwindowed examples.)
+  n = 4096
+  t_min = 1.0 / sched.num_steps if sched.num_steps else sched.t_min
+  for lo in (t_min, 0.0):
+    t, w = losses.sample_time(jax.random.key(0), n, sched, 'eps', t_lo=jnp.full((n,), lo))
+    np.testing.assert_allclose(w, 1.0, rtol=1e-6)
+    assert float(t.min()) >= t_min - 1e-6 and float(t.max()) <= 1.0
+    t, w = losses.sample_time(jax.random.key(0), n, sched, 'elbo', t_lo=jnp.full((n,), lo))
+    _, w_full = losses.sample_time(jax.random.key(0), n, sched, 'elbo')
+    np.testing.assert_allclose(w, w_full, rtol=1e-6)
+    assert np.isfinite(np.asarray(w)).all() and float(t.min()) >= t_min - 1e-6
+
+
+def test_discrete_window_is_uniform_on_its_grid_times():
+  """Window [0.3, 1] on a T = 10 grid: t = i / 10, i = 3..10, equally often, weight 8 / 10."""
+  s = schedules.DDPMSchedule(num_steps=10)
+  n = 16_000
+  t, w = losses.sample_time(jax.random.key(5), n, s, 'eps', t_lo=jnp.full((n,), 0.3))
+  t = np.asarray(t, np.float64)
+  i = np.round(t * 10)
+  np.testing.assert_allclose(t * 10, i, atol=1e-4)
+  counts = np.bincount(i.astype(np.int64), minlength=11)
+  assert counts[:3].sum() == 0 and len(counts) == 11, counts
+  np.testing.assert_allclose(counts[3:] / n, 1 / 8, atol=0.012)  # noise 0.0026
+  np.testing.assert_allclose(w, 0.8, rtol=1e-6)
+
+
+@pytest.mark.parametrize('weighting', ['eps', 'elbo'])
+def test_stratified_window_and_elbo_times_cover_every_group(weighting):
+  """Stratified window times (uniform in t) and ELBO times (in log-SNR) cover every group evenly."""
+  s = schedules.VPSchedule()
+  n = 512
+  t_lo = jnp.full((n,), 0.3) if weighting == 'eps' else None
+  t, _ = losses.sample_time(jax.random.key(6), n, s, weighting, stratified=True, t_lo=t_lo)
+  if weighting == 'eps':
+    u = (np.asarray(t) - 0.3) / 0.7
+  else:  # back to the uniform variable through the log-SNR
+    hi, lo = float(s.log_snr(s.t_min)), float(s.log_snr(1.0))
+    u = (hi - np.asarray(s.log_snr(t))) / (hi - lo)
+  for chunk in (u[:64], u[64:128], u[300:428]):
+    hist = np.histogram(chunk, bins=4, range=(0.0, 1.0))[0]
+    assert hist.min() >= 0.2 * len(chunk), hist
+
+
+def test_dsm_loss_applies_the_time_weight():
+  """With eps_hat = 0 the mean DSM loss is the integral of the time weight times E||eps||^2."""
+  # 'elbo': 0.5 (logSNR(t_min) - logSNR(1)) * dim; 'eps' on the window [0.3, 1]: the
+  # window's share (1 - 0.3) / (1 - t_min) of the whole range.
+  s = schedules.VPSchedule()
+  n, dim = 20_000, 2
+  x0 = jax.random.normal(jax.random.key(7), (n, dim))
+  zero = lambda x, t: jnp.zeros_like(x)
+  elbo, aux = losses.dsm_loss(zero, x0, jax.random.key(8), s, 'elbo')
+  expected = 0.5 * (float(s.log_snr(s.t_min)) - float(s.log_snr(1.0))) * dim
+  assert float(elbo.mean()) == pytest.approx(expected, rel=0.03)
+  assert aux['weight'].shape == (n,)
+  window, _ = losses.dsm_loss(zero, x0, jax.random.key(9), s, 'eps', t_lo=jnp.full((n,), 0.3))
+  assert float(window.mean()) == pytest.approx(0.7 / (1 - s.t_min), rel=0.03)

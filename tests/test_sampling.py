@@ -52,6 +52,74 @@ def test_wrong_eps_is_detected():
   assert np.abs(np.cov(x.T) - COV).max() > 0.2
 
 
+def _point_mass_eps(schedule, m):
+  """Exact eps(x_t, t) = (x - alpha_t m) / sigma_t of x_0 = m (a point mass)."""
+  def eps_fn(params, x, t, cond):
+    del params, cond
+    return (x - schedule.alpha(t)[:, None] * m) / schedule.sigma(t)[:, None]
+  return eps_fn
+
+
+@pytest.mark.parametrize('sampler', ['ddim', 'ancestral'])
+def test_clipped_step_is_the_step_toward_the_clipped_x0(sampler):
+  """With clip = 1 the step for data at x_0 = 2 is the unclipped step for data at x_0 = 1."""
+  # (The predicted x_0 is clipped to 1 and eps recomputed from it.)
+  from cdiff_jax.sampling import diffusion
+  schedule = schedules.DDPMSchedule()
+  clipped = diffusion.make_step(_point_mass_eps(schedule, 2.0), schedule, sampler, clip=1.0)
+  plain = diffusion.make_step(_point_mass_eps(schedule, 1.0), schedule, sampler)
+  x = jax.random.normal(jax.random.key(0), (64, 2))
+  for t, s in [(1.0, 0.9), (0.5, 0.3), (0.1, 0.02)]:
+    key = jax.random.key(1)
+    np.testing.assert_allclose(clipped(None, None, x, t, s, key), plain(None, None, x, t, s, key),
+                               rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize('t,s', [(0.02, 0.019), (0.2, 0.15), (0.6, 0.3)])
+def test_ancestral_step_draws_from_the_ddpm_posterior(t, s):
+  """For point-mass data the ancestral step draws from the DDPM posterior q(x_s | x_t, x_0)."""
+  # Mean (alpha_{t|s} sigma_s^2 x_t + alpha_s sigma_{t|s}^2 x_0) / sigma_t^2, variance
+  # sigma_{t|s}^2 sigma_s^2 / sigma_t^2, with alpha_{t|s} = alpha_t / alpha_s and
+  # sigma_{t|s}^2 = sigma_t^2 - alpha_{t|s}^2 sigma_s^2 (Ho et al. 2020, eq. 7).
+  from cdiff_jax.sampling import diffusion
+  schedule = schedules.DDPMSchedule()
+  m, x_t, n = 0.7, 0.3, 40_000
+  step = diffusion.make_step(_point_mass_eps(schedule, m), schedule, 'ancestral')
+  x_s = np.asarray(step(None, None, jnp.full((n, 1), x_t), t, s, jax.random.key(2)), np.float64)
+  a_t, s_t, a_s, s_s = (float(f(u)) for u in (t, s) for f in (schedule.alpha, schedule.sigma))
+  a_ts = a_t / a_s
+  var_ts = s_t ** 2 - a_ts ** 2 * s_s ** 2
+  mean = (a_ts * s_s ** 2 * x_t + a_s * var_ts * m) / s_t ** 2
+  var = var_ts * s_s ** 2 / s_t ** 2
+  assert abs(x_s.mean() - mean) < 5 * np.sqrt(var / n) + 1e-5
+  assert x_s.var() == pytest.approx(var, rel=0.05)  # sampling noise 0.7%
+
+
+def _gaussian_flow(schedule, x, t, s):
+  """Exact probability-flow ODE map from t to s of x_0 ~ N(MU, COV): x_s - alpha_s MU =
+  Cov_s^{1/2} Cov_t^{-1/2} (x_t - alpha_t MU), Cov_u = alpha_u^2 COV + sigma_u^2 I."""
+  w, v = np.linalg.eigh(COV.astype(np.float64))
+  a_t, s_t, a_s, s_s = (float(f(u)) for u in (t, s) for f in (schedule.alpha, schedule.sigma))
+  m = v @ np.diag(np.sqrt((a_s ** 2 * w + s_s ** 2) / (a_t ** 2 * w + s_t ** 2))) @ v.T
+  return a_s * MU + (np.asarray(x, np.float64) - a_t * MU) @ m.T
+
+
+def test_heun_solves_the_probability_flow_ode_to_second_order():
+  """Heun's steps match the exact Gaussian ODE flow, with error ~1/n^2 (Euler's would be ~1/n)."""
+  from cdiff_jax.sampling import diffusion
+  schedule = schedules.VPSchedule()
+  step = jax.jit(diffusion.make_step(gaussian_eps(schedule), schedule, 'heun'))
+  x1 = jax.random.normal(jax.random.key(0), (256, 2))
+  err = {}
+  for n in (20, 40):
+    times = np.asarray(schedule.time_grid(n))
+    x = x1
+    for i in range(n):
+      x = step(None, None, x, times[i], times[i + 1], None)
+    err[n] = np.abs(np.asarray(x) - _gaussian_flow(schedule, x1, times[0], times[-1])).max()
+  assert err[40] < 0.006 and err[20] / err[40] > 3.0, err
+
+
 def test_unknown_sampler_message():
   with pytest.raises(ValueError, match='sample.sampler'):
     Sampler(gaussian_eps(schedules.VPSchedule()), schedules.VPSchedule(), (2,), 'euler')

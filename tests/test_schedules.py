@@ -95,3 +95,17 @@ def test_unknown_schedule_message():
   import ml_collections
   with pytest.raises(ValueError, match="diffusion.schedule='linear'"):
     schedules.get_schedule(ml_collections.ConfigDict({'schedule': 'linear'}))
+
+
+@pytest.mark.parametrize('stratified', [False, True])
+def test_discrete_training_times_are_uniform_on_the_grid(stratified):
+  """DDPM training times are the grid times i / T for i = 1..T (never t = 0), equally often."""
+  s = schedules.DDPMSchedule(num_steps=10)
+  n = 20_000
+  t = np.asarray(s.sample_t(jax.random.key(4), (n,), stratified=stratified), np.float64)
+  i = np.round(t * 10)
+  np.testing.assert_allclose(t * 10, i, atol=1e-4)
+  counts = np.bincount(i.astype(np.int64), minlength=11)
+  assert counts[0] == 0 and len(counts) == 11, counts
+  # 1/10 each; the sampling noise of a frequency is 0.002.
+  np.testing.assert_allclose(counts[1:] / n, 0.1, atol=0.01)

@@ -106,3 +106,112 @@ def test_training_loop_stops_on_nonfinite(tiny_config, tmp_path):
   ds.images[:] = np.nan
   with pytest.raises(train.NonFiniteError, match='step 0: loss is not finite'):
     train.train_and_evaluate(tiny_config, str(tmp_path), dataset=ds, progress=False)
+
+
+def test_ema_after_one_step_is_the_warmup_average(tiny_config):
+  """EMA starts as the parameters; after step 0 it is d init + (1 - d) new, d = min(decay, 1/10)."""
+  tiny_config.optim.warmup_steps = 0  # (a warm-up step has lr 0 and moves nothing)
+  from cdiff_jax.data.sources import ArrayDataset
+  tiny_config.data.name = 'toy'
+  tiny_config.model.name, tiny_config.model.hidden, tiny_config.model.depth = 'mlp', 16, 1
+  rng = np.random.default_rng(0)
+  data = ArrayDataset(rng.standard_normal((64, 2)).astype(np.float32), rng.integers(0, 3, 64),
+                      3, 'toy')
+  exp = train.build(tiny_config, data)
+  state = exp.init_state()
+  init = jax.tree.map(np.array, state.params)
+  assert _max_diff(init, state.ema_params) == 0.0
+  state, _ = exp.step(state, parallel.put_batch(exp.batcher.batch(0), exp.mesh))
+  d = min(tiny_config.train.ema_decay, 1 / 10)
+  expected = jax.tree.map(lambda e, p: d * e + (1 - d) * np.asarray(p), init, state.params)
+  assert _max_diff(init, state.params) > 1e-4  # the step moved the parameters
+  assert _max_diff(expected, state.ema_params) < 1e-6
+
+
+def test_ema_update_follows_its_warmup_decay():
+  """Toward constant p, updates leave p + (e0 - p) prod_s min(decay, (1 + s) / (10 + s))."""
+  from cdiff_jax.train_step import ema_update
+  e0, p = {'w': jnp.array([1.0, -2.0])}, {'w': jnp.array([3.0, 0.0])}
+  for start, decay in [(0, 0.999), (10_000, 0.99)]:
+    ema, prod = e0, 1.0
+    for s in range(start, start + 5):
+      ema = ema_update(ema, p, jnp.asarray(s), decay)
+      prod *= min(decay, (1 + s) / (10 + s))
+    np.testing.assert_allclose(ema['w'], p['w'] + (e0['w'] - p['w']) * prod, rtol=1e-5)
+
+
+def test_learning_rate_warmup_then_cosine_to_the_final_fraction():
+  """Linear warm-up to lr, then a half cosine down to final_lr_fraction * lr at the last step."""
+  import ml_collections
+  from cdiff_jax import optim
+  oc = ml_collections.ConfigDict(dict(lr=2e-3, lr_schedule='cosine', warmup_steps=10,
+                                      final_lr_fraction=0.1))
+  lr = optim.learning_rate_schedule(oc, 110)
+  s = np.arange(111)
+  cosine = 2e-4 + (2e-3 - 2e-4) * 0.5 * (1 + np.cos(np.pi * np.clip(s - 10, 0, 100) / 100))
+  expected = np.where(s < 10, 2e-3 * s / 10, cosine)
+  np.testing.assert_allclose([float(lr(i)) for i in s], expected, rtol=1e-5, atol=1e-10)
+
+
+@pytest.mark.parametrize('grad_clip', [1.0, 0.0])
+def test_optimizer_clips_the_global_gradient_norm(grad_clip):
+  """Adam's first moment after a step is (1 - b1) g / ||g|| with grad_clip = 1, else (1 - b1) g."""
+  import ml_collections
+  import optax
+  from cdiff_jax import optim
+  oc = ml_collections.ConfigDict(dict(name='adamw', lr=1e-3, lr_schedule='constant',
+                                      warmup_steps=0, b1=0.9, b2=0.999, eps=1e-8,
+                                      weight_decay=0.0, grad_clip=grad_clip))
+  tx, _ = optim.make_optimizer(oc, 100)
+  params = {'a': jnp.zeros(2), 'b': jnp.zeros((1, 1))}
+  g = {'a': jnp.array([60.0, 0.0]), 'b': jnp.array([[80.0]])}
+  _, opt_state = tx.update(g, tx.init(params), params)
+  mu = optax.tree_utils.tree_get(opt_state, 'mu')
+  scale = 1 / 100 if grad_clip else 1.0
+  for k in g:
+    np.testing.assert_allclose(mu[k], 0.1 * scale * np.asarray(g[k]), rtol=1e-5)
+
+
+def test_dsm_labels_drop_to_the_null_class_at_the_dropout_rate():
+  """CFG training: labels become the null class with probability class_dropout, others kept."""
+  from cdiff_jax.methods.dsm import DSM
+  y = jnp.arange(20_000) % 10
+  out = np.asarray(DSM(None, num_classes=10, class_dropout=0.25).labels({'label': y},
+                                                                        jax.random.key(0)))
+  dropped = out == 10
+  assert abs(dropped.mean() - 0.25) < 0.015  # sampling noise 0.003
+  np.testing.assert_array_equal(out[~dropped], np.asarray(y)[~dropped])
+  assert DSM(None).labels({'label': y}, jax.random.key(0)) is None
+
+
+def _unet_dsm(dropout):
+  from cdiff_jax import schedules
+  from cdiff_jax.methods.dsm import DSM
+  from cdiff_jax.models import ScoreModel, UNet
+  net = UNet(ch=8, ch_mult=(1,), num_res_blocks=1, attn_levels=(), num_groups=4,
+             dropout=dropout, zero_init_out=False)
+  return DSM(ScoreModel(net, schedules.DDPMSchedule()), batch_size=8)
+
+
+def test_dsm_loss_is_the_mean_squared_eps_error_with_training_dropout():
+  """Per-example loss mean((eps_theta - eps)^2), loss their mean, with the net's dropout active."""
+  x = jax.random.normal(jax.random.key(0), (8, 4, 4, 1))
+  batch, rng = {'image': x}, jax.random.key(2)
+  plain, dropout = _unet_dsm(0.0), _unet_dsm(0.5)
+
+  def run():
+    params = plain.model.init(jax.random.key(1), x, jnp.full((8,), 0.5))
+    # Away from the zero-initialized residual convolutions, which hide what dropout drops.
+    params = jax.tree.map(
+        lambda p: p + 0.05 * jax.random.normal(jax.random.key(p.size), p.shape), params)
+    per_example, aux = plain.per_example_loss(params, batch, rng)
+    eps_hat = plain.model.eps(params, aux['x_t'], aux['t'])
+    return (per_example, aux, eps_hat, plain.loss(params, {}, batch, rng)[0],
+            dropout.per_example_loss(params, batch, rng))
+
+  per_example, aux, eps_hat, loss, (dropped, aux_d) = parallel.run_once(run)  # fast compile
+  np.testing.assert_allclose(per_example, jnp.mean((eps_hat - aux['eps']) ** 2, axis=(1, 2, 3)),
+                             rtol=1e-5)
+  np.testing.assert_allclose(loss, per_example.mean(), rtol=1e-6)
+  np.testing.assert_array_equal(aux_d['t'], aux['t'])  # the same times and noise
+  assert np.abs(np.asarray(dropped) - np.asarray(per_example)).max() > 1e-3 * float(loss)
