@@ -3,6 +3,7 @@ call over conditions, classifier-free and classifier guidance through the core s
 mixtures/differences of energies against the exact toy densities."""
 
 import dataclasses
+import types
 
 import jax
 import jax.numpy as jnp
@@ -295,3 +296,145 @@ def test_classifier_guided_sampling_same_with_loop_friendly_gradients():
   for a, b in zip(out[False], out[True]):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
   assert np.abs(out[True][0] - out[True][1]).max() > 1e-3
+
+
+def test_cfg_eps_fn_without_labels_is_the_null_model():
+  """labels=None samples the unconditional (null-label) model: the exact class-2 Gaussian."""
+  model = _gaussian_model()
+  x = jax.random.normal(jax.random.key(6), (4, 2))
+  t = jnp.linspace(0.1, 0.7, 4)
+  got = guidance.cfg_eps_fn(model, 3.0, null_label=2)(None, x, t, None)
+  a, s = SCHED.alpha(t)[:, None], SCHED.sigma(t)[:, None]
+  var = (a * 1.5) ** 2 + s ** 2                       # class 2: N(0, 1.5^2 I)
+  np.testing.assert_allclose(got, s * x / var, rtol=1e-5, atol=1e-6)
+
+
+def test_composed_potential_equals_the_product_gaussian():
+  """Energy-parameterized AND/NOT: the composed gradient is the product Gaussian's score
+  (null weight 1 - sum w) and energy differences are the weighted sum of the experts'."""
+  model = _gaussian_model()
+  pot = guidance.composed_potential(model, null_label=2)
+  x = jax.random.normal(jax.random.key(7), (6, 2))
+  t = jnp.linspace(0.05, 0.9, 6)
+  weights = np.array([1.5, -0.5])
+  cond = guidance.make_composition((0, 1), weights, 6, null_label=2)
+  energy, grad = jax.jit(pot.fn)(None, x, t, cond)
+  s = SCHED.sigma(t)[:, None]
+  np.testing.assert_allclose(grad, _product_gaussian_eps(model, x, t, weights) / s,
+                             rtol=1e-4, atol=1e-5)
+  coefs = np.concatenate([weights, [1.0 - weights.sum()]])
+  expected = 0.0
+  for k, c in enumerate(coefs):
+    mean, var, _ = model._noised(t, jnp.full((6,), k))
+    expected = expected + c * 0.5 * jnp.sum((x - mean) ** 2 / var + jnp.log(var), axis=-1)
+  np.testing.assert_allclose(energy, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_mixture_uses_the_log_normalizers():
+  """Unnormalized component energies E_k = -log p_k - log Z_k with log_normalizer = log Z_k
+  give the exact (normalized) mixture with unequal weights."""
+  g1 = toys.GaussianMixture(((0.5, 0.0),), ((0.3, 0.3),), (1.0,))
+  g2 = toys.GaussianMixture(((0.0, -0.4),), ((0.5, 0.5),), (1.0,))
+  log_z = jnp.array([0.7, -1.3])
+  exact_comps = guidance.analytic_components([g1.log_prob, g2.log_prob], SCHED)
+
+  def comps(params, x, t, cond):
+    energies, grads = exact_comps(params, x, t, cond)
+    return energies - log_z[:, None], grads
+
+  pot = guidance.combine(comps, 'mixture', (0.3, 0.7), log_normalizer=lambda t_: log_z)
+  x = jax.random.normal(jax.random.key(8), (5, 2))
+  t = jnp.full((5,), 0.2)
+  energy, _ = pot.fn(None, x, t, None)
+  exact = toys.Mixture((g1, g2), (0.3, 0.7)).log_prob(x, SCHED.alpha(t), SCHED.sigma(t))
+  np.testing.assert_allclose(-energy, exact, rtol=1e-5, atol=1e-5)
+
+
+def test_stacked_models_product_applies_the_weights():
+  """product_eps_fn with unequal and negative weights: sum_k w_k eps_k over the stacked
+  models (here eps_k = a_k x, so the answer is (sum_k w_k a_k) x)."""
+  model = types.SimpleNamespace(eps=lambda p, x, t, cond: p['a'] * x)
+  x = jax.random.normal(jax.random.key(9), (4, 2))
+  stacked = guidance.stack_params([dict(a=jnp.float32(2.0)), dict(a=jnp.float32(-3.0))])
+  got = guidance.product_eps_fn(model, (0.7, -0.4))(stacked, x, jnp.full((4,), 0.5), None)
+  np.testing.assert_allclose(got, (0.7 * 2.0 + 0.4 * 3.0) * x, rtol=1e-6)
+
+
+def test_potential_from_model_gives_the_exact_energy_gradient():
+  """The potential of an exact Gaussian model: grad E = (x - a m) / v (eps / sigma_t), for the
+  energy and the score-only parameterization; eps_fn_from_potential maps it back to eps."""
+  model = _gaussian_model()
+  x = jax.random.normal(jax.random.key(10), (6, 2))
+  t = jnp.linspace(0.05, 0.9, 6)
+  y = jnp.array([0, 1, 2, 0, 1, 2])
+  mean, var, _ = model._noised(t, y)
+  for m in (model, dataclasses.replace(model, parameterization='eps')):
+    pot = mcmc.potential_from_model(m)
+    energy, grad = pot.fn(None, x, t, y)
+    np.testing.assert_allclose(grad, (x - mean) / var, rtol=1e-5, atol=1e-5)
+    assert pot.has_energy == (m.parameterization == 'energy')
+    np.testing.assert_allclose(mcmc.eps_fn_from_potential(pot, SCHED)(None, x, t, y),
+                               model.eps(None, x, t, y), rtol=1e-5, atol=1e-6)
+  energy = mcmc.potential_from_model(model).fn(None, x, t, y)[0]
+  np.testing.assert_allclose(energy, 0.5 * jnp.sum((x - mean) ** 2 / var + jnp.log(var), axis=-1),
+                             rtol=1e-5)
+
+
+def test_noised_smooth_box_matches_quadrature():
+  """SmoothBox.log_prob at (alpha, sigma) = log of int U(u; lo, hi) N(x; alpha u,
+  alpha^2 tau^2 + sigma^2) du per axis, by midpoint quadrature over u."""
+  b = toys.SmoothBox((-0.2, -0.6), (0.4, 1.0), tau=0.05)
+  x = np.random.default_rng(1).uniform(-1.0, 1.0, (16, 2)).astype(np.float32)
+  for alpha, sigma in ((1.0, 0.0), (0.8, 0.3), (0.3, 0.9)):
+    got = np.asarray(b.log_prob(jnp.asarray(x), alpha, sigma))
+    var = (alpha * b.tau) ** 2 + sigma ** 2
+    expected = 0.0
+    for d in range(2):
+      n = 4000
+      u = b.lo[d] + (b.hi[d] - b.lo[d]) * (np.arange(n) + 0.5) / n
+      dens = np.exp(-(x[:, d, None] - alpha * u) ** 2 / (2 * var)) / np.sqrt(2 * np.pi * var)
+      expected = expected + np.log(dens.mean(1))
+    np.testing.assert_allclose(got, expected, rtol=1e-3, atol=1e-3)
+
+
+def _grid_integral(log_prob, bounds=1.6, num=200):
+  pts, cell = toys.grid_points(bounds, num)
+  return float(np.sum(np.exp(np.asarray(jax.jit(log_prob)(jnp.asarray(pts)), np.float64))) * cell)
+
+
+def test_toy_targets_are_normalized_densities():
+  """Every composed target integrates to 1 on a grid (the ring-x-bar normalizer, unequal
+  mixture weights), and the box difference is flat, 1 / (|A| - |B|), on A minus B and 0 on B."""
+  ring, vbar, hbar = toys.ring(), toys.vertical_bar(), toys.horizontal_bar()
+  assert abs(_grid_integral(toys.ProductTarget(ring, vbar).log_prob) - 1.0) < 1e-2
+  assert abs(_grid_integral(toys.Mixture((vbar, hbar), (1.0, 3.0)).log_prob) - 1.0) < 1e-2
+  diff = toys.BoxDifference(toys.box(1.0, tau=0.01), toys.box(0.5, tau=0.01))
+  assert abs(_grid_integral(diff.log_prob, 1.2) - 1.0) < 1e-2
+  ring_pts = jnp.asarray([[0.75, 0.0], [-0.1, 0.8], [-0.9, -0.9], [0.6, -0.7]])
+  np.testing.assert_allclose(np.exp(diff.log_prob(ring_pts)), 1.0 / (4.0 - 1.0), rtol=1e-4)
+  assert np.all(np.exp(np.asarray(diff.log_prob(jnp.asarray([[0.0, 0.0], [0.3, -0.2]])))) < 1e-6)
+
+
+def test_sliced_wasserstein_of_a_shifted_sample_set():
+  """Shifting a sample set by d moves every projection by <d, theta>: SW2 = |d| / sqrt(2) in
+  2-D (up to the Monte Carlo error of the random directions); 0 against itself."""
+  a = np.random.default_rng(0).standard_normal((500, 2))
+  assert toys.sliced_wasserstein(a, a) < 1e-9
+  d = np.array([3.0, 0.0])
+  got = toys.sliced_wasserstein(a, a + d, num_projections=2000)
+  assert abs(got - 3.0 / np.sqrt(2)) < 0.05 * 3.0 / np.sqrt(2), got
+
+
+def test_signed_mixture_is_floored_at_a_fraction_of_its_positive_part():
+  """Where a signed mixture's sum is negative (w = (1, -2) on one density p) the density is
+  floor * (positive part) = floor * p: E = -log(floor) - log p, grad = -grad log p."""
+  g = toys.GaussianMixture(((0.3, -0.2),), ((0.4, 0.4),), (1.0,))
+  pot = guidance.combine(guidance.analytic_components([g.log_prob, g.log_prob], SCHED),
+                         'mixture', (1.0, -2.0), floor=1e-3)
+  x = jax.random.normal(jax.random.key(11), (5, 2))
+  t = jnp.full((5,), 0.3)
+  a, s = SCHED.alpha(t), SCHED.sigma(t)
+  energy, grad = jax.jit(pot.fn)(None, x, t, None)
+  grad_log_p = jax.jit(jax.grad(lambda x_: jnp.sum(g.log_prob(x_, a, s))))(x)
+  np.testing.assert_allclose(energy, -np.log(1e-3) - g.log_prob(x, a, s), rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(grad, -grad_log_p, rtol=1e-4, atol=1e-5)

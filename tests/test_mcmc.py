@@ -196,3 +196,57 @@ def test_mcmc_beats_reverse_diffusion_on_the_product_toy():
   assert ll_diffusion < exact_ll - 0.5, (ll_diffusion, exact_ll)
   for kind, value in results.items():
     assert value > ll_diffusion + 0.25, (kind, value, ll_diffusion, exact_ll)
+
+
+def test_nan_ratios_reject():
+  """A NaN log-ratio (an overflowing energy) rejects; a ratio of +inf or 0 accepts."""
+  log_alpha = jnp.asarray([jnp.nan, 0.0, jnp.inf, jnp.nan, -jnp.inf])
+  for seed in range(5):
+    np.testing.assert_array_equal(np.asarray(mcmc.metropolis(jax.random.key(seed), log_alpha)),
+                                  [False, True, True, False, False])
+  # A MALA proposal into a region where the energy is NaN is rejected: x stays.
+  energy_grad = lambda v: (jnp.where(v[:, 0] > 0.5, jnp.nan, _quartic(v)), _quartic_grad(v))
+  x = jnp.zeros((4, 1))
+  x_new, _, _, accept, _ = mcmc.mala_step(energy_grad, x, _quartic(x), _quartic_grad(x), 0.1,
+                                          jax.random.key(0), noise=jnp.full((4, 1), 3.0))
+  assert not np.asarray(accept).any()
+  np.testing.assert_array_equal(np.asarray(x_new), 0.0)
+
+
+def test_annealed_step_sizes_follow_the_noise_level_of_each_level():
+  """step_schedule='sigma': eta_i = step_size sigma(t_i)^2 (ULA/MALA), eps_i = step_size
+  sigma(t_i) (leapfrog), at the level t_i the MCMC runs at (info['times'])."""
+  sched = schedules.DDPMSchedule()
+  pot = mcmc.Potential(lambda p, x, t, c: (_quartic(x), _quartic_grad(x)))
+  for kind, power in (('mala', 2), ('ula', 2), ('hmc', 1), ('uhmc', 1)):
+    sampler = mcmc.AnnealedMCMC(pot, sched, (2,), kind=kind, num_steps=5, steps_per_level=1,
+                                step_size=0.3)
+    times = np.asarray(sched.time_grid(5))[1:]
+    np.testing.assert_allclose(sampler.step_sizes, 0.3 * np.asarray(sched.sigma(times)) ** power,
+                               rtol=1e-6)
+  _, info = sampler(None, jax.random.key(0), 2)
+  np.testing.assert_allclose(info['times'], times, rtol=1e-6)
+  np.testing.assert_allclose(info['step_size'], 0.3 * np.asarray(sched.sigma(times)), rtol=1e-6)
+  const = mcmc.AnnealedMCMC(pot, sched, (2,), num_steps=5, step_size=0.3, step_schedule='constant')
+  np.testing.assert_allclose(const.step_sizes, 0.3)
+
+
+def test_annealed_mcmc_targets_the_noise_level_it_stepped_to():
+  """With many MALA steps per level, the output (no final denoising) is distributed as the
+  noised data at the last level t_n: for data N(0, s0^2 I), N(0, (alpha^2 s0^2 + sigma^2) I)."""
+  sched = schedules.DDPMSchedule()
+  s0 = 0.2
+
+  def fn(params, x, t, cond):
+    v = (sched.alpha(t) * s0) ** 2 + sched.sigma(t) ** 2
+    return jnp.sum(0.5 * x ** 2, -1) / v, x / v[:, None]
+
+  times = np.asarray(sched.time_grid(2))
+  v = np.asarray((sched.alpha(times) * s0) ** 2 + sched.sigma(times) ** 2)
+  assert v[1] > 10 * v[2]  # the last two levels are far apart
+  sampler = mcmc.AnnealedMCMC(mcmc.Potential(fn), sched, (2,), kind='mala', num_steps=2,
+                              steps_per_level=150, step_size=0.01, step_schedule='constant',
+                              denoise=False)
+  x, info = sampler(None, jax.random.key(0), 2000)
+  assert np.all(np.asarray(info['accept_rate']) > 0.5)
+  assert abs(float(np.var(np.asarray(x))) / v[2] - 1.0) < 0.1, (np.var(np.asarray(x)), v)

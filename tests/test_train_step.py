@@ -128,18 +128,6 @@ def test_ema_after_one_step_is_the_warmup_average(tiny_config):
   assert _max_diff(expected, state.ema_params) < 1e-6
 
 
-def test_ema_update_follows_its_warmup_decay():
-  """Toward constant p, updates leave p + (e0 - p) prod_s min(decay, (1 + s) / (10 + s))."""
-  from cdiff_jax.train_step import ema_update
-  e0, p = {'w': jnp.array([1.0, -2.0])}, {'w': jnp.array([3.0, 0.0])}
-  for start, decay in [(0, 0.999), (10_000, 0.99)]:
-    ema, prod = e0, 1.0
-    for s in range(start, start + 5):
-      ema = ema_update(ema, p, jnp.asarray(s), decay)
-      prod *= min(decay, (1 + s) / (10 + s))
-    np.testing.assert_allclose(ema['w'], p['w'] + (e0['w'] - p['w']) * prod, rtol=1e-5)
-
-
 def test_learning_rate_warmup_then_cosine_to_the_final_fraction():
   """Linear warm-up to lr, then a half cosine down to final_lr_fraction * lr at the last step."""
   import ml_collections
@@ -215,3 +203,76 @@ def test_dsm_loss_is_the_mean_squared_eps_error_with_training_dropout():
   np.testing.assert_allclose(loss, per_example.mean(), rtol=1e-6)
   np.testing.assert_array_equal(aux_d['t'], aux['t'])  # the same times and noise
   assert np.abs(np.asarray(dropped) - np.asarray(per_example)).max() > 1e-3 * float(loss)
+
+
+class _Quadratic:
+  """loss = 1/2 ||w - batch||^2 (gradient w - batch); the rng draw is logged as a metric;
+  ``sqrt=True`` adds sqrt|w - batch|, whose gradient is infinite where w == batch."""
+
+  def __init__(self, sqrt=False):
+    self.sqrt = sqrt
+
+  def loss(self, params, extras, batch, rng):
+    r = params['w'] - batch
+    loss = 0.5 * jnp.sum(r ** 2) + (jnp.sum(jnp.sqrt(jnp.abs(r))) if self.sqrt else 0.0)
+    return loss, dict(metrics=dict(draw=jax.random.uniform(rng)))
+
+  def update_extras(self, extras, aux, step, rng):
+    return extras, {}
+
+
+def test_step_fn_update_ema_and_lr_match_hand_computation():
+  """SGD steps on a quadratic: params, the warm-up EMA d_s = min(decay, (1+s)/(10+s)) of the
+  *updated* parameters, and the logged lr = lr_fn(s), against a hand-rolled loop."""
+  import optax
+  from cdiff_jax import state as state_lib
+  from cdiff_jax import train_step as train_step_lib
+  lr_fn = lambda s: 0.1 + 0.05 * s
+  tx = optax.sgd(lr_fn)
+  decay = 0.15  # the warm-up (1/10) rules step 0, the decay (< 2/11) the later steps
+  step_fn = jax.jit(train_step_lib.make_step_fn(_Quadratic(), tx, lr_fn, decay))
+  w0 = np.array([1.0, -2.0, 0.5], np.float32)
+  st = state_lib.create_train_state(dict(w=jnp.asarray(w0)), tx, jax.random.key(0))
+  batches = np.array([[0.0, 0.0, 0.0], [1.0, 1.0, -1.0], [2.0, 0.0, 1.0], [0.5, 0.5, 0.5]],
+                     np.float32)
+  w, ema, draws = w0.astype(np.float64), w0.astype(np.float64), []
+  for s, b in enumerate(batches):
+    st, m = step_fn(st, jnp.asarray(b))
+    w = w - lr_fn(s) * (w - b)
+    d = min(decay, (1 + s) / (10 + s))
+    ema = d * ema + (1 - d) * w
+    np.testing.assert_allclose(np.asarray(st.params['w']), w, rtol=1e-5)
+    np.testing.assert_allclose(np.asarray(st.ema_params['w']), ema, rtol=1e-5)
+    np.testing.assert_allclose(float(m['lr']), lr_fn(s), rtol=1e-6)
+    draws.append(float(m['draw']))
+  # Each step draws fresh random numbers (the key is folded with the step).
+  assert len(set(draws)) == len(draws), draws
+
+
+def test_nonfinite_gradient_with_finite_loss_keeps_state():
+  """A finite loss whose gradient is infinite (sqrt|r| at r = 0) is a non-finite step too."""
+  import optax
+  from cdiff_jax import state as state_lib
+  from cdiff_jax import train_step as train_step_lib
+  tx = optax.sgd(0.1)
+  step_fn = jax.jit(train_step_lib.make_step_fn(_Quadratic(sqrt=True), tx, lambda s: 0.1, 0.9))
+  w0 = jnp.asarray([1.0, -2.0])
+  st = state_lib.create_train_state(dict(w=w0), tx, jax.random.key(0))
+  st, m = step_fn(st, jnp.asarray([1.0, 0.0]))   # r = (0, -2): loss finite, gradient not
+  assert np.isfinite(float(m['loss'])) and not np.isfinite(float(m['grad_norm']))
+  assert int(m['nonfinite']) == 1 and int(st.step) == 1
+  np.testing.assert_array_equal(np.asarray(st.params['w']), np.asarray(w0))
+  np.testing.assert_array_equal(np.asarray(st.ema_params['w']), np.asarray(w0))
+
+
+def test_first_nonfinite_names_the_step_within_a_scanned_call():
+  """With k steps per call the reported step is first_step + call * k + position in the call,
+  and the metric named is the one that is not finite."""
+  calls = [dict(loss=np.array([1.0, 2.0]), grad_norm=np.array([1.0, 1.0]),
+                nonfinite=np.array([0, 0])),
+           dict(loss=np.array([1.0, np.nan]), grad_norm=np.array([1.0, np.nan]),
+                nonfinite=np.array([0, 1]))]
+  assert train._first_nonfinite(calls, 10, 2).startswith('step 13: loss is not finite')
+  calls[1] = dict(loss=np.array([1.0, 1.0]), grad_norm=np.array([np.inf, 1.0]),
+                  nonfinite=np.array([1, 0]))
+  assert train._first_nonfinite(calls, 10, 2).startswith('step 12: grad_norm is not finite')
