@@ -49,6 +49,15 @@ def ema_update(ema, params, step, decay: float):
   return jax.tree.map(lambda e, p: d * e + (1.0 - d) * p, ema, params)
 
 
+def schedule_step(opt_state, step):
+  """The step the optimizer's learning-rate schedule is at: its own count, which a skipped
+  non-finite step does not advance, so the logged lr is the one applied; ``step`` when the
+  optimizer has no schedule state (a constant learning rate)."""
+  counts = [v for path, v in optax.tree_utils.tree_get_all_with_path(opt_state, 'count')
+            if getattr(path[-1], 'tuple_name', None) == 'ScaleByScheduleState']
+  return counts[0] if counts else step
+
+
 def _select(pred, on_true, on_false):
   return jax.tree.map(lambda a, b: jnp.where(pred, a, b), on_true, on_false)
 
@@ -82,7 +91,8 @@ def make_step_fn(method: Method, tx: optax.GradientTransformation,
                         opt_state=opt_state, extras=extras)
     # On a non-finite step keep everything but the step counter (so a 'skip' run moves on).
     new = _select(finite, new, state.replace(step=state.step + 1))
-    metrics = dict(loss=loss, grad_norm=grad_norm, lr=lr_fn(state.step),
+    lr = lr_fn(schedule_step(state.opt_state, state.step))
+    metrics = dict(loss=loss, grad_norm=grad_norm, lr=lr,
                    nonfinite=(~finite).astype(jnp.int32))
     metrics.update(aux.get('metrics', {}))
     metrics.update(extra_metrics)

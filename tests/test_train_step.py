@@ -276,3 +276,20 @@ def test_first_nonfinite_names_the_step_within_a_scanned_call():
   calls[1] = dict(loss=np.array([1.0, 1.0]), grad_norm=np.array([np.inf, 1.0]),
                   nonfinite=np.array([1, 0]))
   assert train._first_nonfinite(calls, 10, 2).startswith('step 12: grad_norm is not finite')
+
+
+def test_logged_lr_is_the_one_applied_after_a_skipped_step():
+  """A skipped non-finite step does not advance the optimizer's schedule, and the logged lr
+  follows the schedule's own count: step 1 after a skipped step 0 applies and logs lr_fn(0)."""
+  import optax
+  from cdiff_jax import state as state_lib
+  from cdiff_jax import train_step as train_step_lib
+  lr_fn = lambda s: 0.1 * (s + 1)
+  tx = optax.sgd(lr_fn)
+  step_fn = jax.jit(train_step_lib.make_step_fn(_Quadratic(), tx, lr_fn, 0.9, debug_nan_step=0))
+  st = state_lib.create_train_state(dict(w=jnp.asarray([1.0])), tx, jax.random.key(0))
+  st, m = step_fn(st, jnp.asarray([0.0]))
+  assert int(m['nonfinite']) == 1 and float(st.params['w'][0]) == 1.0
+  st, m = step_fn(st, jnp.asarray([0.0]))   # gradient w - 0 = 1, so w moves by the lr applied
+  applied = 1.0 - float(st.params['w'][0])
+  np.testing.assert_allclose([float(m['lr']), applied], [lr_fn(0), lr_fn(0)], rtol=1e-6)
