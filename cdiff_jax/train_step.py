@@ -53,9 +53,9 @@ def schedule_step(opt_state, step):
   """The step the optimizer's learning-rate schedule is at: its own count, which a skipped
   non-finite step does not advance, so the logged lr is the one applied; ``step`` when the
   optimizer has no schedule state (a constant learning rate)."""
-  counts = [v for path, v in optax.tree_utils.tree_get_all_with_path(opt_state, 'count')
-            if getattr(path[-1], 'tuple_name', None) == 'ScaleByScheduleState']
-  return counts[0] if counts else step
+  is_schedule = lambda x: isinstance(x, optax.ScaleByScheduleState)
+  states = [s for s in jax.tree.leaves(opt_state, is_leaf=is_schedule) if is_schedule(s)]
+  return states[0].count if states else step
 
 
 def _select(pred, on_true, on_false):
