@@ -103,3 +103,38 @@ def test_fingerprint_covers_the_method_but_not_paths():
   assert config_lib.fingerprint_mismatch(older, base) == []
   older['model.ch'] = base['model.ch'] + 1
   assert [d.split(':')[0] for d in config_lib.fingerprint_mismatch(older, base)] == ['model.ch']
+
+
+def test_fingerprint_covers_seed_and_batch_size():
+  """Every structural field but paths is in the fingerprint: seed, batch size, optimizer,
+  model, data and diffusion fields each show up as the one difference."""
+  from cdiff_jax import config as config_lib
+  base_cfg = config_lib.base_config()
+  base = config_lib.fingerprint(base_cfg)
+  for field in ('seed', 'train.batch_size', 'optim.name', 'model.ch', 'diffusion',
+                'data.name', 'method.name'):
+    assert any(k == field or k.startswith(field + '.') for k in base), field
+  for field, value in [('seed', base_cfg.seed + 1),
+                       ('train.batch_size', base_cfg.train.batch_size * 2)]:
+    changed = config_lib.base_config()
+    changed.update_from_flattened_dict({field: value})
+    assert [d.split(':')[0] for d in config_lib.fingerprint_mismatch(
+        base, config_lib.fingerprint(changed))] == [field]
+
+
+def test_hash_pytree_depends_on_every_leaf_value():
+  """hash_pytree keys a cache: equal trees hash equal, a change in any leaf changes it."""
+  import hashlib
+  tree = {'a': np.arange(6, dtype=np.float32).reshape(2, 3), 'b': [np.ones(4, np.float32),
+                                                                   np.zeros((), np.int32)]}
+  def digest(t):
+    h = hashlib.sha256()
+    checkpoint.hash_pytree(h, t)
+    return h.hexdigest()
+  base = digest(tree)
+  assert digest(jax.tree.map(np.copy, tree)) == base
+  assert digest(jax.tree.map(jax.numpy.asarray, tree)) == base
+  for i in range(len(jax.tree.leaves(tree))):
+    leaves, treedef = jax.tree.flatten(tree)
+    leaves[i] = leaves[i] + 1
+    assert digest(jax.tree.unflatten(treedef, leaves)) != base, i

@@ -246,3 +246,85 @@ def test_dropout_keeps_units_at_the_right_rate_and_ignores_sharding():
   y2 = jax.jit(apply, in_shardings=(sharded, None), out_shardings=sharded)(
       jax.device_put(x, sharded), 0)
   np.testing.assert_array_equal(np.asarray(y2), y)
+
+
+@pytest.mark.parametrize('padding,size', [('VALID', (8, 8)), (((1, 1), (1, 1)), (8, 7)),
+                                          (((0, 2), (1, 0)), (6, 7))])
+def test_loop_friendly_conv_gradients_with_cropping_paddings(padding, size):
+  """Stride-2 convolutions whose padding leaves input rows unused (VALID, explicit pads):
+  the hand-written kernel gradient keeps the right window (against lax's gradients)."""
+  import flax.linen as nn
+  from cdiff_jax.models import unet
+  x = jax.random.normal(jax.random.key(0), (2,) + size + (3,))
+  plain = nn.Conv(5, (3, 3), strides=2, padding=padding)
+  fast = nn.Conv(5, (3, 3), strides=2, padding=padding,
+                 conv_general_dilated=unet.loop_friendly_conv)
+  p = plain.init(jax.random.key(1), x)
+  from unittest import mock
+  with mock.patch.object(unet, '_conv_vjp', wraps=unet._conv_vjp) as custom:
+    fast.apply(p, x)
+  assert custom.called
+  w = jax.random.normal(jax.random.key(2), plain.apply(p, x).shape)
+  loss = lambda layer: lambda p, x: jnp.sum(layer.apply(p, x) * w)
+  ga = jax.grad(loss(fast), (0, 1))(p, x)
+  gb = jax.grad(loss(plain), (0, 1))(p, x)
+  for a, b in zip(jax.tree.leaves(ga), jax.tree.leaves(gb)):
+    np.testing.assert_allclose(a, b, atol=1e-4)
+
+
+def test_group_norm_epsilon_on_low_variance_and_constant_groups():
+  """GroupNorm's epsilon (1e-6, flax's) matters where a group's variance is small: against
+  the closed form (x - mean) / sqrt(var + 1e-6), a constant group gives the bias, not NaN."""
+  from cdiff_jax.models import unet
+  x = 1e-3 * jax.random.normal(jax.random.key(0), (2, 3, 3, 4))   # variance ~ epsilon
+  x = x.at[1].set(2.0)   # example 1: constant groups (variance 0)
+  gn = unet.GroupNorm(2)
+  bias = jnp.arange(4.0)
+  params = {'params': {'scale': jnp.ones(4), 'bias': bias}}
+  xg = np.asarray(x, np.float64).reshape(2, 9, 2, 2)
+  mean = xg.mean(axis=(1, 3), keepdims=True)
+  var = xg.var(axis=(1, 3), keepdims=True)
+  want = ((xg - mean) / np.sqrt(var + 1e-6)).reshape(x.shape) + np.asarray(bias)
+  out = np.asarray(gn.apply(params, x))
+  np.testing.assert_allclose(out, want, rtol=1e-3, atol=1e-3)
+  np.testing.assert_array_equal(out[1], np.broadcast_to(np.asarray(bias), out[1].shape))
+
+
+@pytest.mark.parametrize('dtype', [None, jnp.bfloat16, jnp.float32])
+@pytest.mark.parametrize('x_dtype', [jnp.float32, jnp.bfloat16])
+def test_group_norm_output_dtype_matches_flax(dtype, x_dtype):
+  """The fused GroupNorm's output dtype follows flax's GroupNorm: ``dtype`` when given,
+  else the promotion of the input and the float32 parameters."""
+  import flax.linen as nn
+  from cdiff_jax.models import unet
+  x = jnp.ones((1, 2, 2, 4), x_dtype)
+  ours = unet.GroupNorm(2, dtype=dtype)
+  ref = nn.GroupNorm(2, dtype=dtype)
+  assert (ours.apply(ours.init(jax.random.key(0), x), x).dtype ==
+          ref.apply(ref.init(jax.random.key(0), x), x).dtype)
+
+
+def test_timestep_embedding_is_the_ddpm_sinusoid():
+  """emb(t)[i] = sin(1000 t / 10000^(i/half)) for i < half, then the cosines (DDPM's, t
+  scaled to the step range); an odd dim gets a zero column."""
+  from cdiff_jax.models import unet
+  t = np.array([0.0, 0.013, 0.5, 1.0])
+  for dim in (8, 9):
+    half = dim // 2
+    args = 1000.0 * t[:, None] * 10000.0 ** (-np.arange(half) / half)[None]
+    want = np.concatenate([np.sin(args), np.cos(args)] + ([np.zeros((4, 1))] if dim % 2 else []),
+                          axis=-1)
+    np.testing.assert_allclose(unet.timestep_embedding(jnp.asarray(t), dim), want, atol=2e-4)
+
+
+def test_energy_is_half_the_squared_output_over_sigma():
+  """E(x, t) = ||net(x, t)||^2 / (2 sigma_t), from the network's own output."""
+  sched = schedules.VPSchedule()
+  net = MLPScore(hidden=16, depth=1)
+  model = ScoreModel(net, sched, 'energy')
+  x = jax.random.normal(jax.random.key(0), (4, 2))
+  t = jnp.array([0.05, 0.3, 0.6, 0.9])
+  params = model.init(jax.random.key(1), x, t)
+  f = np.asarray(net.apply({'params': params}, x, t), np.float64)
+  want = 0.5 * (f ** 2).sum(-1) / np.asarray(sched.sigma(t), np.float64)
+  np.testing.assert_allclose(model.energy(params, x, t), want, rtol=1e-5)

@@ -98,3 +98,20 @@ def test_two_processes_match_one(tmp_path):
   assert steps == [2, 4, 6]
   assert (workdir / 'samples' / 'final.png').exists()
   assert sorted(os.listdir(workdir / 'checkpoints')) == ['6']
+
+
+def test_put_batch_shards_the_example_axis_after_leading_axes():
+  """put_batch splits the example axis (after ``leading_axes`` stacked-step axes) over the
+  mesh: device i holds examples [i B/n, (i+1) B/n) of every step, the values unchanged."""
+  from cdiff_jax import parallel
+  mesh = parallel.make_mesh()
+  n = mesh.devices.size
+  for leading_axes, shape in [(0, (4 * n, 3)), (1, (3, 2 * n, 5)), (1, (2, 2 * n))]:
+    host = np.arange(np.prod(shape), dtype=np.float32).reshape(shape)
+    out = parallel.put_batch({'x': host}, mesh, leading_axes)['x']
+    np.testing.assert_array_equal(np.asarray(out), host)
+    per = shape[leading_axes] // n
+    for shard in out.addressable_shards:
+      i = list(mesh.devices.flat).index(shard.device)
+      want = host[(slice(None),) * leading_axes + (slice(i * per, (i + 1) * per),)]
+      np.testing.assert_array_equal(np.asarray(shard.data), want)
