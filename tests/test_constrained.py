@@ -325,6 +325,29 @@ def test_constrained_step_on_digits_one_program_and_two_devices(tiny_config):
   np.testing.assert_allclose(np.asarray(s1.extras['lam']), np.asarray(s2.extras['lam']), atol=5e-5)
 
 
+def test_dual_lr_follows_the_applied_primal_lr_after_a_skipped_step(tiny_config):
+  """dual_lr_schedule='primal' scales the dual step by the primal lr the optimizer applies:
+  after a skipped non-finite step 0 the schedule has not moved, so step 1's dual step uses
+  lr_fn(0) (the lr logged at step 1), not lr_fn(1)."""
+  c = tiny_config
+  c.method = constrained.default_method_config()
+  c.method.constraint_classes = (4, 5, 7)
+  c.method.objective_batch, c.method.constraint_batch = 16, 8
+  c.method.dual_estimate, c.method.dual_lr, c.method.dual_lr_schedule = 'minibatch', 2.0, 'primal'
+  c.method.thresholds = (0.0,)
+  c.data.minority_classes, c.data.minority_fraction = (4, 5, 7), 0.1
+  c.optim.lr_schedule, c.optim.warmup_steps, c.train.steps = 'cosine', 0, 4
+  c.train.debug_nan_step, c.train.on_nonfinite = 0, 'skip'
+  exp = train.build(c)
+  state, hist = train.fit(exp, exp.init_state(), until=2)
+  assert [int(h['nonfinite']) for h in hist] == [1, 0]
+  lr0, lr1 = exp.lr_fn(0), exp.lr_fn(1)
+  assert float(hist[1]['lr']) == pytest.approx(float(lr0)) and float(lr1) < 0.9 * float(lr0)
+  gap = np.asarray(hist[1]['constraint_loss'])       # threshold 0, lambda 0 before step 1
+  expected = np.maximum(0.0, 2.0 * float(lr0) / c.optim.lr * gap)
+  np.testing.assert_allclose(np.asarray(state.extras['lam']), expected, rtol=1e-5)
+
+
 @pytest.mark.parametrize('field,value,needle', [
     ('constraint_classes', (), 'constraint_classes'),
     ('dual_lr', -1.0, 'dual_lr'),

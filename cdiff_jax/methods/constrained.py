@@ -176,7 +176,10 @@ class Constrained:
     lam = extras['lam']
     gap = estimate - extras['thresholds']
     slack = lam / self.resilient_alpha if self.resilient_alpha > 0 else jnp.zeros_like(lam)
-    eta = self.dual_lr * (self.dual_lr_fn(step) if self.dual_lr_fn is not None else 1.0)
+    # ``ema_count`` counts the applied (finite) steps, as the optimizer's schedule does, so
+    # after a skipped non-finite step the dual lr stays in step with the primal lr applied.
+    eta = self.dual_lr * (self.dual_lr_fn(extras['ema_count']) if self.dual_lr_fn is not None
+                          else 1.0)
     ascent = jnp.maximum(0.0, lam + eta * (gap - slack))
     window_end = (step + 1) % self.dual_every == 0
     is_dual_step = window_end & (step >= self.dual_start) & self.enabled
