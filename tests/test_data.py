@@ -181,3 +181,183 @@ def test_batcher_prefetch_matches_direct_and_reraises():
     np.testing.assert_array_equal(g['label'], b.stacked(4 + 2 * i, 2)['label'])
   with pytest.raises(ValueError, match='empty'):
     data.GroupedBatcher(ds, [np.arange(0)], [4], seed=0, group_names=['minority_4'])
+
+
+def test_batcher_reshuffles_every_epoch_per_seed_and_group():
+  """Each epoch of a group is a new permutation of it (also past the permutation cache),
+  drawn from (seed, group, epoch): another seed, or another group of the same size, walks
+  another order."""
+  ds = _dataset(20)
+  groups = [np.arange(0, 10), np.arange(10, 20)]
+  b = data.GroupedBatcher(ds, groups, [5, 5], seed=3)
+  # 10 epochs of 2 steps: more permutations than the cache keeps (4 per group, 8 here).
+  epochs = [np.concatenate([b.group_positions(0, 2 * e + s) for s in range(2)]) for e in range(10)]
+  for order in epochs:
+    np.testing.assert_array_equal(np.sort(order), np.arange(10))
+  assert len({tuple(o) for o in epochs}) > 1
+  # An old epoch drawn again after eviction is the same permutation.
+  np.testing.assert_array_equal(b.group_positions(0, 0), epochs[0][:5])
+  other_group = np.concatenate([b.group_positions(1, s) for s in range(2)]) - 10
+  assert not np.array_equal(other_group, epochs[0])
+  other_seed = data.GroupedBatcher(ds, groups, [5, 5], seed=4)
+  assert not np.array_equal(np.concatenate([other_seed.group_positions(0, s) for s in range(2)]),
+                            epochs[0])
+
+
+def test_batcher_refuses_a_batch_the_processes_cannot_split():
+  """A global batch of 10 over 3 processes would drop a row: refused."""
+  ds = _dataset()
+  with pytest.raises(ValueError, match='not divisible by the 3 processes'):
+    data.GroupedBatcher(ds, [np.arange(40), np.arange(40, 50)], [8, 2], seed=0,
+                        process_index=0, process_count=3)
+
+
+def test_digits_pixels_labels_and_split_fraction_and_seed():
+  """Pixels 0..16 map to v / 8 - 1 (so both ends of [-1, 1] occur); train + test hold
+  exactly scikit-learn's (image, label) pairs; the test split has round(f * n_c) of every
+  class, chosen by the seed."""
+  from sklearn.datasets import load_digits as sk_digits
+  raw = sk_digits()
+  train, test = data.load_digits('train', 0.4, seed=1), data.load_digits('test', 0.4, seed=1)
+  assert train.images.min() == -1.0 and train.images.max() == 1.0
+
+  def rows(images, labels):
+    r = np.concatenate([images.reshape(len(images), -1), labels[:, None]], axis=1)
+    return r[np.lexsort(r.T[::-1])]
+  ours = rows(np.concatenate([train.images, test.images])[..., 0],
+              np.concatenate([train.labels, test.labels]))
+  np.testing.assert_array_equal(ours, rows(raw.images / 8.0 - 1.0, raw.target))
+  n_c = np.bincount(raw.target, minlength=10)
+  np.testing.assert_array_equal(np.bincount(test.labels, minlength=10), np.floor(0.4 * n_c + 0.5))
+  again, other = data.load_digits('test', 0.4, seed=1), data.load_digits('test', 0.4, seed=2)
+  np.testing.assert_array_equal(again.images, test.images)
+  assert other.images.shape == test.images.shape
+  assert not np.array_equal(other.images, test.images)
+
+
+def _idx_bytes(array, dtype_code=0x08):
+  """An IDX file by hand: 2 zero bytes, the dtype code, the rank, big-endian uint32 dims."""
+  header = bytes([0, 0, dtype_code, array.ndim]) + b''.join(d.to_bytes(4, 'big')
+                                                            for d in array.shape)
+  return header + array.tobytes()
+
+
+def test_idx_uncompressed_dotted_names_and_non_square_images(tmp_path):
+  """Uncompressed files, the 'train-images.idx3-ubyte' spelling, and H != W images read
+  back exactly; the test split reads the t10k files; a non-byte IDX file is refused."""
+  images = np.arange(2 * 3 * 5, dtype=np.uint8).reshape(2, 3, 5)
+  (tmp_path / 'train-images-idx3-ubyte').write_bytes(_idx_bytes(images))
+  (tmp_path / 'train-labels.idx1-ubyte').write_bytes(_idx_bytes(np.array([7, 2], np.uint8)))
+  (tmp_path / 't10k-images-idx3-ubyte').write_bytes(_idx_bytes(255 - images[:1]))
+  (tmp_path / 't10k-labels-idx1-ubyte').write_bytes(_idx_bytes(np.array([4], np.uint8)))
+  ds = data.load_idx(str(tmp_path), 'train')
+  assert ds.images.shape == (2, 3, 5, 1)
+  np.testing.assert_array_equal(ds.images[1, :, :, 0], [[15, 16, 17, 18, 19], [20, 21, 22, 23, 24],
+                                                        [25, 26, 27, 28, 29]])
+  assert list(ds.labels) == [7, 2]
+  test = data.load_idx(str(tmp_path), 'test')
+  assert list(test.labels) == [4] and test.images[0, 0, 0, 0] == 255
+  floats = tmp_path / 'floats-idx1-ubyte'
+  floats.write_bytes(_idx_bytes(np.zeros(3, '>f4'), dtype_code=0x0D))
+  with pytest.raises(ValueError, match='not an unsigned-byte IDX file'):
+    data.read_idx(str(floats))
+
+
+def test_npz_split_keys_and_classes_from_the_largest_label(tmp_path):
+  """{split}_images/{split}_labels of the requested split; num_classes = max label + 1
+  (labels {0, 2, 5}: 6 classes, not 3)."""
+  path = tmp_path / 'mine.npz'
+  np.savez(path, train_images=np.zeros((3, 4, 4), np.uint8), train_labels=np.array([0, 2, 5]),
+           test_images=np.full((2, 4, 4), 255, np.uint8), test_labels=np.array([1, 1]))
+  train, test = data.load_npz(str(path), 'train'), data.load_npz(str(path), 'test')
+  assert train.num_classes == 6 and list(train.labels) == [0, 2, 5]
+  assert list(test.labels) == [1, 1] and test.images.shape == (2, 4, 4, 1)
+  np.testing.assert_array_equal(test.get(np.arange(2))['image'], 1.0)
+
+
+def test_load_dataset_finds_npz_by_path_or_by_name(tmp_path):
+  """source='auto' with a .npz path loads it; source='npz' with a folder loads NAME.npz."""
+  np.savez(tmp_path / 'mnist.npz', images=np.zeros((3, 4, 4), np.uint8), labels=np.array([0, 1, 2]))
+  np.savez(tmp_path / 'other.npz', images=np.zeros((5, 4, 4), np.uint8), labels=np.arange(5))
+  cfg = lambda **kw: ml_collections.ConfigDict(dict(dict(name='mnist', source='auto',
+                                                         data_dir='', image_size=0), **kw))
+  assert len(data.load_dataset(cfg(data_dir=str(tmp_path / 'other.npz')))) == 5
+  assert len(data.load_dataset(cfg(source='npz', data_dir=str(tmp_path)))) == 3
+
+
+def _fake_tfds(monkeypatch, examples):
+  """tfds.data_source replaced by lists of examples per (name, split); records its calls."""
+  tfds = pytest.importorskip('tensorflow_datasets')
+  calls = []
+
+  def data_source(name, split, data_dir=None, download=True):
+    calls.append((name, split))
+    return examples[name, split]
+  monkeypatch.setattr(tfds, 'data_source', data_source)
+  return calls
+
+
+def test_tfds_celeba_crop_label_attribute_and_split(monkeypatch):
+  """celeb_a: the centered 140x140 crop of a 218x178 image, BOX-resized to 70x70 (2x2
+  means); the label is data.label_attribute; the requested split is the one read."""
+  rng = np.random.default_rng(0)
+  imgs = rng.integers(0, 256, (2, 218, 178, 3), dtype=np.uint8)
+  attrs = [dict(Male=True, Young=False), dict(Male=False, Young=True)]
+  examples = {('celeb_a', 'test'): [dict(image=im, attributes=a) for im, a in zip(imgs, attrs)],
+              ('celeb_a', 'train'): []}
+  calls = _fake_tfds(monkeypatch, examples)
+  c = ml_collections.ConfigDict(dict(name='celeb_a', source='tfds', data_dir='', image_size=70,
+                                     label_attribute='Young', attributes=('Male',)))
+  ds = data.load_dataset(c, 'test')
+  assert calls == [('celeb_a', 'test')]
+  top, left = (218 - 140) // 2, (178 - 140) // 2
+  crop = imgs[:, top:top + 140, left:left + 140].astype(np.float64)
+  expected = crop.reshape(2, 70, 2, 70, 2, 3).mean(axis=(2, 4))
+  assert ds.images.shape == (2, 70, 70, 3)
+  np.testing.assert_allclose(ds.images, expected, atol=1.0)
+  assert list(ds.labels) == [0, 1] and list(ds.attributes['Male']) == [1, 0]
+
+
+def test_keep_drop_and_minority_selection_of_the_training_set():
+  """train_indices: keep_classes, then drop_classes, then minority classes at
+  round(fraction * n_c) of what is left, counted with numpy from the labels."""
+  from cdiff_jax import config as config_lib
+  from cdiff_jax import train
+  labels = np.repeat(np.arange(5), 103)
+  ds = sources.ArrayDataset(np.zeros((len(labels), 2), np.float32), labels, 5)
+  dc = config_lib.base_config().data
+  dc.update(keep_classes=(0, 1, 2, 3), drop_classes=(3,), minority_classes=(1,),
+            minority_fraction=0.25)
+  idx = train.train_indices(dc, ds)
+  assert list(np.bincount(labels[idx], minlength=5)) == [103, 26, 103, 0, 0]  # 25.75 -> 26
+  np.testing.assert_array_equal(imbalance.filter_classes(labels, keep=[4, 1]),
+                                np.flatnonzero((labels == 1) | (labels == 4)))
+  for bad in ((5,), (-1,)):
+    dc.minority_classes = bad
+    with pytest.raises(config_lib.ConfigError, match='data.minority_classes'):
+      train.train_indices(dc, ds)
+  with pytest.raises(ValueError, match='fraction 1.5'):
+    imbalance.subsample_classes(labels, {1: 1.5}, seed=0)
+
+
+def test_long_tail_counts_clip_to_each_class_and_class_counts_length():
+  """long_tail_counts: floor(n_max * ratio ** (c / (C - 1))), never above a class's own
+  size; class_counts has one entry per class, absent classes included."""
+  np.testing.assert_array_equal(imbalance.long_tail_counts([100, 20, 50], 0.25), [100, 20, 25])
+  np.testing.assert_array_equal(imbalance.class_counts(np.array([0, 0, 2]), 5), [2, 0, 1, 0, 0])
+
+
+def test_biased_reference_split_is_the_largest_that_fits():
+  """Hand-solved cases. Two values of 11 each, flat profile, ref_fraction 0.1: a head of
+  10 per value and a reference of round(0.1 * 20 / 2) = 1 per value use all 22 examples.
+  Attribute bias toward value 1 (40 examples; value 0 has 10) at 0.8, ref_fraction 0.1:
+  head h takes floor(h / 4) of value 0 and a reference of round(0.1 * (h + h // 4) / 2)
+  per value; value 0's pool binds at h = 35 (8 + 2 = 10), so 35 + 8 biased, 2 + 2 reference."""
+  values = np.repeat([0, 1], 11)
+  bias, ref = imbalance.biased_reference_split(values, [1.0, 1.0], 0.1, seed=0)
+  assert list(np.bincount(values[bias])) == [10, 10] and list(np.bincount(values[ref])) == [1, 1]
+  attr = np.random.default_rng(0).permutation(np.repeat([0, 1], [10, 40]))
+  bias, ref = imbalance.attribute_bias_split(attr, 2, majority_value=1, majority_fraction=0.8,
+                                             ref_fraction=0.1, seed=0)
+  assert list(np.bincount(attr[bias])) == [8, 35] and list(np.bincount(attr[ref])) == [2, 2]
+  assert not set(bias) & set(ref)
