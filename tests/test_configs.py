@@ -1,9 +1,11 @@
 """Every shipped config loads, passes the launcher's validation, and documents how to run
-it (its docstring names the command and what to expect)."""
+it (its docstring names the command and what to expect); validation refuses a bad value
+with the field's name and accepts the limits themselves."""
 
 import glob
 import importlib.util
 import os
+import re
 
 import pytest
 
@@ -39,3 +41,45 @@ def test_shipped_config_validates_and_documents_its_command(name, tmp_path):
   doc = module.__doc__ or ''
   assert 'python -m' in doc, f'configs/{name}.py: the docstring gives no command'
   assert f'{name}.py' in doc or 'experiments.' in doc, f'configs/{name}.py: command of another config?'
+
+
+def _with(overrides):
+  c = config_lib.base_config()
+  for field, value in overrides.items():
+    section, name = field.split('.')
+    c[section][name] = value
+  return c
+
+
+@pytest.mark.parametrize('overrides,needle', [
+    ({'data.minority_fraction': 0.0}, 'config.data.minority_fraction=0.0'),
+    ({'data.minority_fraction': 1.5}, 'config.data.minority_fraction=1.5'),
+    ({'data.data_dir': '/nonexistent/data'}, 'config.data.data_dir'),
+    ({'data.subsample_seed': -1}, 'config.data.subsample_seed=-1'),
+    ({'model.class_dropout': 1.0}, 'config.model.class_dropout=1.0'),
+    ({'model.attn_levels': (2,)}, 'config.model.attn_levels=(2,)'),   # ch_mult (1, 2): levels 0, 1
+    ({'data.image_size': 4, 'model.ch_mult': (1, 2, 2, 2)}, 'config.model.ch_mult'),
+    ({'train.ema_decay': 1.0}, 'config.train.ema_decay=1.0'),
+    ({'optim.warmup_steps': -1}, 'config.optim.warmup_steps=-1'),
+    ({'data.source': 'hdf5'}, "config.data.source='hdf5'"),
+    ({'train.steps_per_call': 2, 'train.checkpoint_every': 3}, 'config.train.checkpoint_every=3'),
+    ({'parallel.num_processes': 2, 'parallel.process_id': 2}, 'config.parallel.process_id=2'),
+])
+def test_validate_refuses_and_names_the_field(overrides, needle):
+  c = _with(overrides)
+  with pytest.raises(config_lib.ConfigError, match=re.escape(needle)):
+    config_lib.validate(c)
+
+
+def test_validate_accepts_the_boundary_values():
+  """The limits themselves are allowed: minority_fraction 1, class_dropout and ema_decay
+  0, 8x8 images through 4 UNet levels (3 halvings), the last process id."""
+  config_lib.validate(_with({'data.minority_fraction': 1.0, 'model.class_dropout': 0.0,
+                             'train.ema_decay': 0.0, 'data.image_size': 8,
+                             'model.ch_mult': (1, 2, 2, 2), 'model.attn_levels': (3,),
+                             'parallel.num_processes': 2, 'parallel.process_id': 1}))
+  mc = _with({'model.ch_mult': (1, 2, 2, 2)}).model
+  config_lib.check_image_shape(mc, (8, 8, 1))
+  mc.ch_mult = (1, 2, 2, 2, 2)
+  with pytest.raises(config_lib.ConfigError, match='use at most 4 levels'):
+    config_lib.check_image_shape(mc, (8, 8, 1))
