@@ -128,3 +128,33 @@ def test_a_finished_arm_is_reused_only_for_the_same_config(tiny_config, tmp_path
     other[section][name] = value
     with pytest.raises(config_lib.ConfigError, match=rf'{field}: saved .* vs now {value!r}'):
       tiw_compare.finished_arm(other, wd)
+
+
+def test_run_errors_are_reported_by_their_first_line(capsys):
+  """reporting_errors: an expected error ends the program with status 2 and its first
+  line (an empty message: the error's type)."""
+  from cdiff_jax import cli
+  from cdiff_jax.config import ConfigError
+
+  def failing(message):
+    def main(argv):
+      raise ConfigError(message)
+    return cli.reporting_errors(main)
+  for message, line in (('config.x=1: bad.\nDetails that follow.', 'error: config.x=1: bad.'),
+                        ('', 'error: ConfigError')):
+    with pytest.raises(SystemExit) as e:
+      failing(message)(['prog'])
+    assert e.value.code == cli.EXIT_ERROR
+    assert capsys.readouterr().err.strip().splitlines() == [line]
+
+
+def test_flag_error_blames_the_override_whose_field_it_names(capsys):
+  """A message naming ``num_steps`` blames --config.sample.num_steps, not an earlier
+  --config.train.steps ('steps' inside 'num_steps' is not that field's name)."""
+  from cdiff_jax import cli
+  argv = ['prog', '--config.train.steps=4', '--config.sample.num_steps=0']
+  with pytest.raises(SystemExit) as e:
+    cli._flag_error(ValueError('num_steps must be positive'), argv)
+  assert e.value.code == cli.EXIT_ERROR
+  assert capsys.readouterr().err.strip() == ('error: --config.sample.num_steps=0: '
+                                             'num_steps must be positive')
