@@ -361,3 +361,22 @@ def test_biased_reference_split_is_the_largest_that_fits():
                                              ref_fraction=0.1, seed=0)
   assert list(np.bincount(attr[bias])) == [8, 35] and list(np.bincount(attr[ref])) == [2, 2]
   assert not set(bias) & set(ref)
+
+
+def test_a_data_dir_under_home_is_found(tmp_path, monkeypatch):
+  """data.data_dir='~/...' (the shell leaves a '~' after '=' alone): validation accepts it
+  as an existing path, so the loaders must read the same place."""
+  from cdiff_jax import config as config_lib
+  monkeypatch.setenv('HOME', str(tmp_path))
+  (tmp_path / 'mnist').mkdir()
+  (tmp_path / 'mnist' / 'train-images-idx3-ubyte').write_bytes(
+      _idx_bytes(np.zeros((2, 4, 4), np.uint8)))
+  (tmp_path / 'mnist' / 'train-labels-idx1-ubyte').write_bytes(
+      _idx_bytes(np.array([3, 1], np.uint8)))
+  np.savez(tmp_path / 'mine.npz', images=np.zeros((5, 4, 4), np.uint8), labels=np.arange(5))
+  c = config_lib.base_config()
+  for source, data_dir, n in (('idx', '~/mnist', 2), ('auto', '~/mnist', 2),
+                               ('auto', '~/mine.npz', 5)):
+    c.data.update(name='mnist', source=source, data_dir=data_dir)
+    config_lib.validate(c)
+    assert len(data.load_dataset(c.data)) == n, (source, data_dir)

@@ -227,13 +227,15 @@ SOURCES = ('auto', 'sklearn', 'tfds', 'idx', 'npz')
 def load_dataset(data_config, split: str = 'train') -> ArrayDataset:
   """The dataset described by ``config.data`` (fields name, source, data_dir, image_size)."""
   dc = data_config
+  # '~' as validation reads it (config.validate): a shell leaves it in --flag=~/path.
+  data_dir = os.path.expanduser(dc.data_dir or '')
   source = dc.source
   if source == 'auto':
     if dc.name == 'digits':
       source = 'sklearn'
-    elif dc.data_dir and dc.data_dir.endswith('.npz'):
+    elif data_dir.endswith('.npz'):
       source = 'npz'
-    elif dc.data_dir and _find(dc.data_dir, _IDX_FILES['train'][0]):
+    elif data_dir and _find(data_dir, _IDX_FILES['train'][0]):
       source = 'idx'
     else:
       source = 'tfds'
@@ -242,12 +244,12 @@ def load_dataset(data_config, split: str = 'train') -> ArrayDataset:
       raise ValueError(f"data.source='sklearn' only provides data.name='digits', not {dc.name!r}.")
     ds = load_digits(split, seed=dc.get('split_seed', 0))
   elif source == 'idx':
-    ds = load_idx(dc.data_dir, split, dc.name)
+    ds = load_idx(data_dir, split, dc.name)
   elif source == 'npz':
-    path = dc.data_dir if dc.data_dir.endswith('.npz') else os.path.join(dc.data_dir, f'{dc.name}.npz')
+    path = data_dir if data_dir.endswith('.npz') else os.path.join(data_dir, f'{dc.name}.npz')
     ds = load_npz(path, split, name=dc.name)
   elif source == 'tfds':
-    ds = load_tfds(dc.name, split, dc.data_dir, dc.image_size or None,
+    ds = load_tfds(dc.name, split, data_dir, dc.image_size or None,
                    label_attribute=dc.get('label_attribute', 'Male'),
                    attributes=tuple(dc.get('attributes', ())))
   else:
