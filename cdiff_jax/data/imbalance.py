@@ -62,7 +62,8 @@ def minority_indices(labels: np.ndarray, num_classes: int, minority_classes: Seq
 
 
 def long_tail_counts(class_sizes: Sequence[int], imbalance_ratio: float) -> np.ndarray:
-  """CIFAR-LT profile: class c keeps n_c * ratio**(c / (C - 1)) examples (ratio = n_last/n_0)."""
+  """CIFAR-LT profile: class c keeps floor(n_max * ratio**(c / (C - 1))) examples (ratio =
+  n_last/n_0, n_max the largest class), at least 1 and at most its own n_c."""
   if not 0.0 < imbalance_ratio <= 1.0:
     raise ValueError(f'imbalance_ratio={imbalance_ratio} must lie in (0, 1].')
   sizes = np.asarray(class_sizes)
