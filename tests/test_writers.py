@@ -4,6 +4,7 @@ checked against what was written or computed by hand."""
 import struct
 
 import numpy as np
+import pytest
 
 from cdiff_jax import writers
 
@@ -68,3 +69,20 @@ def test_image_grid_places_images_row_major_and_maps_to_0_255():
     expected[y:y + h, x:x + w] = round((v + 1) / 2 * 255)
   np.testing.assert_array_equal(grid, expected)
 
+
+@pytest.mark.parametrize('start', [0, 2])
+def test_a_rerun_hides_the_killed_runs_later_points_in_tensorboard(tmp_path, start):
+  """A rerun from a checkpoint (start 2), or from scratch when the killed run wrote none
+  (start 0), drops the killed run's later records from metrics.jsonl and tells TensorBoard
+  to hide its points from start + 1 on, so neither shows them twice."""
+  killed = writers.MetricWriter(str(tmp_path))
+  for step in (2, 4):
+    killed.write(step, dict(loss=1.0))
+  killed.close()
+  rerun = writers.MetricWriter(str(tmp_path), resume_step=start)
+  rerun.drop_after(start)
+  rerun.write(4, dict(loss=0.5))
+  rerun.close()
+  kept = [2] if start == 2 else []
+  assert [r['step'] for r in writers.read_metrics(str(tmp_path))] == kept + [4]
+  assert _events(tmp_path / 'tensorboard')[1] == [start + 1]
