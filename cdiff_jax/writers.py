@@ -36,8 +36,9 @@ class MetricWriter:
 
   def __init__(self, workdir: str, active: bool = True, tensorboard: bool = True,
                resume_step: int = 0):
-    """``resume_step`` > 0: a resumed run; TensorBoard hides the points a killed run logged
-    after that step (``drop_after`` removes them from metrics.jsonl)."""
+    """``resume_step``: the step the run starts from. TensorBoard hides the points a killed
+    run logged after it (``drop_after`` removes them from metrics.jsonl): after a resume
+    (> 0), and after a restart from step 0 of a run killed before its first checkpoint."""
     self.active = active
     self.path = os.path.join(workdir, 'metrics.jsonl')
     self._tb = None
@@ -46,8 +47,10 @@ class MetricWriter:
       if tensorboard:
         try:
           from tensorboardX import SummaryWriter
-          self._tb = SummaryWriter(os.path.join(workdir, 'tensorboard'), flush_secs=30,
-                                   purge_step=resume_step + 1 if resume_step else None)
+          logdir = os.path.join(workdir, 'tensorboard')
+          rerun = resume_step > 0 or os.path.isdir(logdir)
+          self._tb = SummaryWriter(logdir, flush_secs=30,
+                                   purge_step=resume_step + 1 if rerun else None)
         except ImportError:  # TensorBoard is optional; metrics.jsonl is the record.
           self._tb = None
 

@@ -41,6 +41,15 @@ def test_launcher_writes_everything(tmp_path):
   for key in ('loss', 'lr', 'grad_norm', 'images_per_sec'):
     assert all(key in r for r in records), key
   assert json.load(open(tmp_path / 'config.json'))['train']['steps'] == 6
+  assert '%|' not in out.stderr, out.stderr[-2000:]   # --no_progress: no progress bars
+
+
+def test_stray_argument_is_refused_before_any_work(tmp_path):
+  """A positional argument (say a mistyped flag without its dashes) stops the launcher
+  with a usage message instead of training with the argument ignored."""
+  out = _launch(tmp_path / 'w', *TINY, 'config.train.steps=2')
+  assert out.returncode != 0 and 'unexpected arguments' in out.stderr, out.stderr[-2000:]
+  assert not os.path.exists(tmp_path / 'w')
 
 
 @pytest.mark.parametrize('override,needle', [

@@ -1,0 +1,352 @@
+"""The experiments' tables, figures' data and helper metrics, recomputed by hand from the
+records they are made of (made-up per-arm eval records; no training)."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from cdiff_jax import config as config_lib
+from cdiff_jax import writers
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+
+def _run(code: str, *args) -> None:
+  """Experiment modules that define their flags on import: one module per process."""
+  out = subprocess.run([sys.executable, '-c', textwrap.dedent(code), *args], cwd=ROOT,
+                       capture_output=True, text=True, timeout=300)
+  assert out.returncode == 0 and out.stdout.strip().endswith('ok'), out.stderr[-3000:]
+
+
+def _rows(table: str) -> dict:
+  """{first cell: {column header: cell}} of every markdown table in ``table``."""
+  out, header = {}, None
+  for line in table.splitlines():
+    if not line.startswith('|'):
+      header = None
+      continue
+    cells = [c.strip() for c in line.strip('|').split('|')]
+    if header is None:
+      header = cells
+    elif not set(line) <= set('|-: '):
+      out[cells[0]] = dict(zip(header, cells))
+  return out
+
+
+def _floats(cell: str) -> list[float]:
+  return [float(v) for v in cell.replace(',', ' ').split()]
+
+
+def _minority_arm(seed: int, lam=None, seconds=None):
+  rng = np.random.default_rng(seed)
+  freqs = rng.dirichlet(np.ones(10))
+  ev = dict(tv_to_uniform=float(rng.uniform(0.1, 0.4)),
+            classifier_fid=float(rng.uniform(10, 90)), class_frequencies=freqs.tolist(),
+            training_class_frequencies=rng.dirichlet(np.ones(10)).tolist(), num_samples=500,
+            classifier_accuracy=0.97, num_reference=300)
+  fm = {} if lam is None else dict(lam=lam, threshold=[0.011, 0.022, 0.033])
+  return dict(eval=ev, final_metrics=fm, seconds=seconds)
+
+
+def test_minority_table_reads_each_arms_own_figures():
+  from configs import digits_minority
+  from experiments import minority
+  config = digits_minority.get_config()
+  arms = {'unconstrained': _minority_arm(0, seconds=90.0),
+          'constrained': _minority_arm(1, lam=[0.5, 1.25, 2.0], seconds=None)}
+  rows = _rows(minority.comparison_table(config, arms))
+  assert set(rows) == {'unconstrained', 'constrained'}
+  classes = sorted(config.data.minority_classes)
+  for name, arm in arms.items():
+    row, ev = rows[name], arm['eval']
+    freq_col = next(h for h in row if h.startswith('minority freq.'))
+    assert freq_col == f"minority freq. ({', '.join(map(str, classes))})"
+    assert abs(float(row['TV to uniform']) - ev['tv_to_uniform']) < 5e-4
+    assert abs(float(row['classifier FID']) - ev['classifier_fid']) < 5e-3
+    np.testing.assert_allclose(_floats(row[freq_col]),
+                               [ev['class_frequencies'][c] for c in classes], atol=5e-4)
+    np.testing.assert_allclose(_floats(row['class frequencies']), ev['class_frequencies'],
+                               atol=5e-3)
+  assert rows['unconstrained']['lambda (end)'] == '0 (fixed)'
+  assert rows['unconstrained']['thresholds b'] == '-'
+  assert rows['unconstrained']['run time'] == '1.5 min'
+  np.testing.assert_allclose(_floats(rows['constrained']['lambda (end)']), [0.5, 1.25, 2.0])
+  np.testing.assert_allclose(_floats(rows['constrained']['thresholds b']), [0.011, 0.022, 0.033])
+  assert rows['constrained']['run time'] == '-'
+
+
+def test_minority_figures_show_the_training_data_and_each_arm(tmp_path, monkeypatch):
+  """The frequency figure's series: the training data's frequencies, then each arm's
+  samples; the sample figure puts the arms' grids side by side."""
+  from configs import digits_minority
+  from experiments import minority
+  arms = {'unconstrained': _minority_arm(2), 'constrained': _minority_arm(3)}
+  sizes = {'unconstrained': (10, 12), 'constrained': (14, 9)}
+  grids = {}
+  for name, shape in sizes.items():
+    grids[name] = np.random.default_rng(len(name)).integers(0, 255, shape, np.uint8)
+    os.makedirs(tmp_path / name / 'samples')
+    Image.fromarray(grids[name]).save(tmp_path / name / 'samples' / 'eval_samples.png')
+  plotted = {}
+
+  def plot(path, series, target=None, **kw):
+    plotted.update(series={k: list(v) for k, v in series.items()}, target=np.asarray(target))
+    return path
+
+  monkeypatch.setattr(writers, 'plot_class_frequencies', plot)
+  minority.write_figures(str(tmp_path), digits_minority.get_config(), arms)
+  first = arms['unconstrained']['eval']
+  assert plotted['series'] == {'training data': first['training_class_frequencies'],
+                               'unconstrained': first['class_frequencies'],
+                               'constrained': arms['constrained']['eval']['class_frequencies']}
+  np.testing.assert_allclose(plotted['target'], np.full(10, 0.1))
+  side = np.asarray(Image.open(tmp_path / 'comparison_samples.png'))
+  assert side.shape == (14, 12 + 8 + 9 + 8)
+  np.testing.assert_array_equal(side[:10, :12], grids['unconstrained'])
+  np.testing.assert_array_equal(side[:, 20:29], grids['constrained'])
+
+
+def test_minority_reuses_a_finished_arm_only_for_its_config(tmp_path):
+  from configs import digits_minority
+  from experiments import minority
+  config = digits_minority.get_config()
+  arm = _minority_arm(4, lam=[0.1, 0.2, 0.3])
+  (tmp_path / 'config.json').write_text(config.to_json_best_effort())
+  (tmp_path / 'eval.json').write_text(json.dumps(arm['eval']))
+  (tmp_path / 'summary.json').write_text(json.dumps(dict(
+      final_step=config.train.steps, seconds=12.0, final_metrics=arm['final_metrics'])))
+  reused = minority.run_arm(config, str(tmp_path), progress=False)
+  assert reused == dict(eval=arm['eval'], seconds=12.0, final_metrics=arm['final_metrics'])
+  config.optim.lr *= 2
+  with pytest.raises(config_lib.ConfigError, match='optim.lr'):
+    minority.run_arm(config, str(tmp_path), progress=False)
+
+
+def _tiw_row(seed, fid):
+  rng = np.random.default_rng(seed)
+  return dict(classifier_fid=fid, tv_to_uniform=float(rng.uniform(0, 0.5)),
+              class_frequencies=rng.dirichlet(np.ones(4)).tolist(),
+              ref_nn_ratio=float(rng.uniform(0.2, 0.6)), obs_nn_ratio=float(rng.uniform(0.7, 1.2)),
+              seconds=float(rng.uniform(30, 300)))
+
+
+def test_tiw_table_tail_mass_copying_ratio_and_ordering(tmp_path):
+  from experiments import tiw_compare
+  bias = [0.55, 0.25, 0.15, 0.05]
+  arms = {'DSM(obs)': _tiw_row(0, 30.0), 'IW-DSM': _tiw_row(1, 20.0),
+          'TIW-DSM': _tiw_row(2, 25.0)}
+  results = {'0.1': dict(arms=arms, data=dict(bias=bias, ref=[0.25] * 4, obs_mix=bias,
+                                                num_bias=900, num_ref=90))}
+  text = tiw_compare.write_table(str(tmp_path), results, 'header')
+  assert (tmp_path / 'results.md').read_text() == text
+  rows = _rows(text)
+  for label, row in arms.items():
+    cells = rows[label]
+    assert abs(float(cells['classifier FID']) - row['classifier_fid']) < 5e-3
+    assert abs(float(cells['TV to uniform']) - row['tv_to_uniform']) < 5e-4
+    # the tail: the upper half of the classes, 2 and 3 of 4
+    assert abs(float(cells['tail mass']) - sum(row['class_frequencies'][2:])) < 5e-4
+    assert abs(float(cells['NN ratio to D_ref']) - row['ref_nn_ratio']) < 5e-3
+    assert abs(float(cells['minutes']) - row['seconds'] / 60) < 0.05 + 1e-9
+  assert 'Tail = classes 2-3' in text and 'biased set: 0.20' in text
+  # FID: TIW-DSM 25 < DSM(obs) 30 holds; DSM(obs) 30 < IW-DSM 20 does not.
+  assert 'TIW-DSM < DSM(obs): yes; DSM(obs) < IW-DSM: no.' in text
+
+
+def test_tiw_alpha_sweep_starts_at_dsm_obs(tmp_path, monkeypatch):
+  """The sweep plots FID and TV over alpha: alpha 0 is DSM(obs), then the TIW-DSM arms."""
+  from experiments import tiw_compare
+  arms = {'DSM(ref)': _tiw_row(3, 50.0), 'DSM(obs)': _tiw_row(4, 30.0),
+          'TIW-DSM a=0.5': _tiw_row(5, 27.0), 'TIW-DSM': _tiw_row(6, 25.0),
+          'TIW-DSM a=2': _tiw_row(7, 26.0)}
+  results = {'0.1': dict(arms=arms, data=dict(bias=[0.4, 0.3, 0.2, 0.1], ref=[0.25] * 4,
+                                                obs_mix=[0.35, 0.3, 0.2, 0.15], num_bias=9,
+                                                num_ref=1))}
+  figures = []
+  new_figure = writers.new_figure
+
+  def recording(*args, **kw):
+    fig, axes = new_figure(*args, **kw)
+    figures.append(axes)
+    return fig, axes
+
+  monkeypatch.setattr(writers, 'new_figure', recording)
+  tiw_compare.write_plots(str(tmp_path), results, [0.5, 2.0])
+  freq_ax = figures[0][0][0]
+  lines = {l.get_label(): list(l.get_ydata()) for l in freq_ax.get_lines()}
+  assert lines['biased set'] == results['0.1']['data']['bias']
+  assert lines['minibatch mix (pi)'] == results['0.1']['data']['obs_mix']
+  for label, row in arms.items():
+    assert lines[label] == row['class_frequencies'], label
+  order = ['DSM(obs)', 'TIW-DSM a=0.5', 'TIW-DSM', 'TIW-DSM a=2']
+  for ax, key in zip(figures[1], ('classifier_fid', 'tv_to_uniform')):
+    sweep = ax.get_lines()[0]
+    assert list(sweep.get_xdata()) == [0.0, 0.5, 1.0, 2.0]
+    assert list(sweep.get_ydata()) == [arms[a][key] for a in order]
+
+
+def test_tiw_split_frequencies_and_copying_ratios():
+  """Class frequencies of the biased and reference sets counted by hand, the minibatch mix
+  with the integer share of reference examples, and the nearest-neighbour ratios by brute
+  force."""
+  from cdiff_jax import train
+  from cdiff_jax.data import sources
+  from cdiff_jax.methods import tiw
+  from configs import digits_tiw
+  from experiments import tiw_compare
+  config = digits_tiw.get_config()
+  config.train.batch_size = 30
+  config.method.ref_batch_fraction = 0.25   # 7.5 -> 8 reference examples of 30
+  dataset = sources.load_dataset(config.data, 'train')
+  bias, ref = tiw.split_indices(config.method, dataset,
+                                train.train_indices(config.data, dataset))
+  got = tiw_compare.split_frequencies(config, 10)
+  count = lambda i: [float(np.sum(dataset.labels[i] == c)) / len(i) for c in range(10)]
+  np.testing.assert_allclose(got['bias'], count(bias))
+  np.testing.assert_allclose(got['ref'], count(ref))
+  pi = 8 / 30
+  np.testing.assert_allclose(got['obs_mix'], pi * np.array(count(ref)) +
+                             (1 - pi) * np.array(count(bias)))
+  assert (got['num_bias'], got['num_ref']) == (len(bias), len(ref))
+
+  test = sources.to_float(sources.load_dataset(config.data, 'test').images)
+  rng = np.random.default_rng(0)
+  samples = np.concatenate([sources.to_float(dataset.images[ref[:5]]),
+                            np.clip(test[:20] + rng.normal(0, 0.3, test[:20].shape), -1, 1)])
+
+  def nn(x, pool):
+    x, pool = x.reshape(len(x), -1).astype(np.float64), pool.reshape(len(pool), -1)
+    return np.array([np.sqrt(((pool - q) ** 2).sum(1)).min() for q in x])
+
+  ratio = lambda pool: np.median(nn(samples, pool)) / np.median(nn(test, pool))
+  out = tiw_compare.copying(samples, config)
+  ref_images = sources.to_float(dataset.images[ref])
+  obs_images = sources.to_float(dataset.images[np.concatenate([bias, ref])])
+  np.testing.assert_allclose(out['ref_nn_ratio'], ratio(ref_images), rtol=1e-4)
+  np.testing.assert_allclose(out['obs_nn_ratio'], ratio(obs_images), rtol=1e-4)
+  np.testing.assert_allclose(tiw_compare.nearest_distances(samples, ref_images, chunk=7),
+                             nn(samples, ref_images), rtol=1e-4, atol=1e-3)
+
+
+def test_finetune_helpers():
+  """nearest_distance is the per-pixel RMS distance to the nearest data image, averaged over
+  samples; the fine-tuning data set is the new images (source 0) then the generated ones
+  (source 1); pre-training drops the held-out classes with its own steps and batch."""
+  _run('''
+    import numpy as np
+    import experiments.finetune as f
+    from cdiff_jax.data import sources
+    from configs import digits_finetune
+    rng = np.random.default_rng(0)
+    s, d = rng.normal(size=(5, 3, 2, 1)), rng.normal(size=(7, 3, 2, 1))
+    brute = np.mean([min(np.sqrt(np.mean((a - b) ** 2)) for b in d) for a in s])
+    assert abs(f.nearest_distance(s, d) - brute) < 1e-9, (f.nearest_distance(s, d), brute)
+
+    c = digits_finetune.get_config()
+    c.finetune.pretrain_batch, c.finetune.pretrain_steps = 32, 40
+    pre = f.pretrain_config(c)
+    assert pre.method.name == 'dsm' and not pre.train.init_from
+    assert tuple(pre.data.drop_classes) == tuple(c.finetune.pretrain_drop_classes)
+    assert tuple(pre.data.keep_classes) == tuple(c.data.keep_classes)
+    assert (pre.train.steps, pre.train.batch_size) == (40, 32)
+
+    full = sources.load_dataset(c.data, 'train')
+    gen = rng.uniform(-1, 1, (4,) + full.image_shape).astype(np.float32)
+    gen_labels = np.array([9, 9, 3, 1])
+    ds, new_images = f.build_finetune_dataset(c, full, gen, gen_labels)
+    n = c.finetune.new_data_size
+    assert len(ds) == n + 4 and len(new_images) == n
+    np.testing.assert_array_equal(ds.attributes['source'], [0] * n + [1] * 4)
+    np.testing.assert_array_equal(ds.images[n:], gen)
+    np.testing.assert_array_equal(ds.labels[n:], gen_labels)
+    np.testing.assert_array_equal(ds.images[:n], new_images)
+    # the new images are distinct training images, with their own labels
+    flat = sources.to_float(full.images).reshape(len(full), -1)
+    idx = [int(np.argmin(((flat - x.ravel()) ** 2).sum(1))) for x in new_images]
+    assert len(set(idx)) == n
+    np.testing.assert_array_equal(ds.labels[:n], full.labels[idx])
+    print('ok')
+  ''')
+
+
+def test_guidance_sampling_in_batches_and_table():
+  """sample_in_batches gives exactly ``num`` samples, each batch conditioned on its own
+  slice of the sequence; the table's columns hold the rows' own figures."""
+  _run('''
+    import numpy as np
+    import experiments.digits_guidance as g
+    sizes = []
+    def sampler(params, rng, n, cond, progress=False):
+      sizes.append(n)
+      return np.asarray(cond, np.float32)[:, None]   # each "sample" is its label
+    x = g.sample_in_batches(sampler, None, 23, lambda s, m: np.arange(s, s + m) % 10, seed=0,
+                            batch=10)
+    assert sizes == [10, 10, 3], sizes
+    np.testing.assert_array_equal(x[:, 0], np.arange(23) % 10)
+
+    rows = {'unconditional': dict(class_frequencies=list(np.linspace(0.01, 0.19, 10)),
+                                  classifier_fid=12.34, num_samples=100),
+            'CFG w=3': dict(class_frequencies=[0.1] * 10, classifier_fid=5.67, num_samples=100,
+                            hit_rate=0.875)}
+    meta = dict(guidance_classifier=dict(accuracy=0.8), sampler='ddim', num_steps=10,
+                evaluation_classifier_accuracy=0.99, total_seconds=600.0, train_seconds=None,
+                classifier_train_seconds=60.0, sampling_seconds=120.0)
+    lines = [l.strip('|').split('|') for l in g.markdown(rows, meta, 3).splitlines()
+             if l.startswith('|')]
+    header = [h.strip() for h in lines[0]]
+    table = {cells[0].strip(): dict(zip(header, (c.strip() for c in cells))) for cells in lines[2:]}
+    for name, r in rows.items():
+      t = table[name]
+      hit = f"{r['hit_rate']:.3f}" if 'hit_rate' in r else '-'
+      assert t['hit rate of requested class'] == hit
+      assert float(t['frequency of 3']) == round(r['class_frequencies'][3], 3)
+      assert float(t['classifier FID']) == round(r['classifier_fid'], 2)
+    print('ok')
+  ''')
+
+
+def test_toy_scores_table_and_log_normalizer():
+  """Mean log-likelihood with each sample floored at LL_FLOOR (non-finite ones too), the
+  table's columns, and log Z by quadrature against a Gaussian energy's closed form."""
+  _run('''
+    import types
+    import jax.numpy as jnp
+    import numpy as np
+    import experiments.toy_composition as t
+    from cdiff_jax import toys
+    from configs import toy_composition
+    ring = toys.ring()
+    x = np.array([[0.5, 0.0], [0.0, 0.49], [5.0, 5.0], [np.nan, 0.0], [0.3, 0.3]], np.float32)
+    ll = np.asarray(ring.log_prob(jnp.asarray(x)), np.float64)
+    assert ll[2] < t.LL_FLOOR and ll[0] > t.LL_FLOOR
+    floored = [max(v, t.LL_FLOOR) if np.isfinite(v) else t.LL_FLOOR for v in ll]
+    m = t.evaluate(ring, x, ring.sample(np.random.default_rng(0), 50))
+    assert abs(m['log_likelihood'] - np.mean(floored)) < 1e-5, (m, floored)
+    assert m['nonfinite'] == 1
+
+    c = toy_composition.get_config()
+    row = dict(benchmark='product', components='oracle', sampler='mala', log_likelihood=-1.25,
+               exact_log_likelihood=-0.5, sliced_w2=0.0123, exact_sliced_w2=0.0045,
+               accept_rate=0.75)
+    line = [l for l in t.markdown_table([row], c, 60.0, {}).splitlines()
+            if l.startswith('| product')][0]
+    assert [s.strip() for s in line.strip('|').split('|')] == [
+        'product', 'oracle', 'mala', '-1.250 (-0.500)', '0.0123 (0.0045)', '0.75']
+
+    schedule = t.score_model(c).schedule
+    model = types.SimpleNamespace(
+        schedule=schedule,
+        energy=lambda p, x, tt: jnp.sum(x ** 2, -1) / (2 * p['s'] ** 2))
+    s = np.array([0.15, 0.25])
+    table = t.log_normalizer_table(model, {'s': jnp.asarray(s)}, np.array([0.05, 0.5]), 201)
+    expected = np.log(2 * np.pi * s ** 2)
+    np.testing.assert_allclose(table, np.stack([expected, expected]), atol=1e-3)
+    print('ok')
+  ''')

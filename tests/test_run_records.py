@@ -1,0 +1,193 @@
+"""What the launcher records, checked against an independent computation: every
+metrics.jsonl record is the mean of the per-step metrics of ``fit`` since the record
+before, a run killed or preempted between checkpoints and rerun ends with the parameters
+and the records of an uninterrupted run, and samples come from the params the config
+names."""
+
+import hashlib
+import json
+import os
+import types
+
+import jax
+import numpy as np
+import pytest
+
+from cdiff_jax import checkpoint, parallel, train, train_step, writers
+
+
+class _FakeClock(types.SimpleNamespace):
+  """Stands in for the launcher's ``time`` module: one second per reading, so the logged
+  throughput is known exactly."""
+
+  def __init__(self):
+    super().__init__(now=0.0)
+
+  def perf_counter(self):
+    self.now += 1.0
+    return self.now
+
+
+def _leaves(tree):
+  return [np.asarray(x) for x in jax.tree.leaves(jax.device_get(tree))]
+
+
+def _per_step(history):
+  """{metric: array with one row per training step} from ``fit``'s metrics (one step per
+  call)."""
+  return {key: np.stack([np.asarray(m[key], np.float64) for m in history]) for key in history[0]}
+
+
+def _assert_interval_means(records, per_step, batch_size):
+  """Each record holds the means of the steps after the previous record up to its own
+  (``nonfinite``: their count) and the throughput of one fake second per interval."""
+  prev = 0
+  for r in records:
+    assert r['step'] > prev, [r['step'] for r in records]
+    for key, values in per_step.items():
+      window = values[prev:r['step']]
+      expected = window.sum(0) if key == 'nonfinite' else window.mean(0)
+      np.testing.assert_allclose(np.asarray(r[key], np.float64), expected, rtol=2e-6,
+                                 atol=1e-12, err_msg=f"{key} at step {r['step']}")
+    assert r['images_per_sec'] == (r['step'] - prev) * batch_size, r
+    prev = r['step']
+
+
+def _snapshot(directory):
+  out = {}
+  for root, _, files in os.walk(directory):
+    for f in files:
+      path = os.path.join(root, f)
+      with open(path, 'rb') as fh:
+        out[os.path.relpath(path, directory)] = (os.stat(path).st_mtime_ns,
+                                                 hashlib.sha1(fh.read()).hexdigest())
+  return out
+
+
+def _config():
+  """A tiny digits config: 8 steps, a record every 3 and a checkpoint every 2 steps."""
+  from cdiff_jax.config import base_config
+  c = base_config()
+  c.model.ch, c.model.num_res_blocks, c.model.attn_levels = 16, 1, ()
+  c.train.steps, c.train.batch_size, c.train.log_every, c.train.checkpoint_every = 8, 16, 3, 2
+  c.train.compilation_cache = False
+  c.optim.warmup_steps = 2
+  c.sample.num_steps, c.sample.num_samples = 2, 2
+  return c
+
+
+@pytest.fixture(scope='module')
+def reference(tmp_path_factory):
+  """Per-step metrics and final state of ``fit`` run in two calls (steps 0-4, 4-8), and an
+  uninterrupted launcher run of the same config (on the fake clock)."""
+  c = _config()
+  exp = train.build(c)
+  state, h1 = train.fit(exp, exp.init_state(), until=4)
+  assert int(state.step) == 4
+  state, h2 = train.fit(exp, state)
+  workdir = str(tmp_path_factory.mktemp('full'))
+  with pytest.MonkeyPatch.context() as mp:
+    mp.setattr(train, 'time', _FakeClock())
+    full = train.train_and_evaluate(c, workdir, progress=False)
+  return dict(per_step=_per_step(h1 + h2), fit=_leaves((state.params, state.ema_params)),
+              full=full, workdir=workdir, records=writers.read_metrics(workdir))
+
+
+def test_records_are_interval_means_of_fit(reference):
+  """Every log step and the last step are recorded with the means since the record before;
+  the launcher ends with the parameters of ``fit`` continued from step 4 (which trains on
+  the batches of steps 4.., not those of 0..); the final metrics are the last record."""
+  records, full = reference['records'], reference['full']
+  assert {3, 6, 8} <= {r['step'] for r in records}
+  _assert_interval_means(records, reference['per_step'], _config().train.batch_size)
+  for a, b in zip(reference['fit'], _leaves((full['state'].params, full['state'].ema_params))):
+    np.testing.assert_array_equal(a, b)
+  last = {key: v for key, v in records[-1].items() if key != 'step'}
+  assert full['final_metrics'] == last
+  summary = json.load(open(os.path.join(reference['workdir'], 'summary.json')))
+  assert summary['final_metrics'] == last
+
+
+def test_killed_run_resumes_to_the_same_records(reference, tmp_path, monkeypatch):
+  """Killed after logging step 3, beyond its last checkpoint (2), then rerun: the stale
+  record is dropped and the records and parameters are those of the uninterrupted run; a
+  rerun of the finished run changes nothing."""
+  c = _config()
+  monkeypatch.setattr(train, 'time', _FakeClock())
+  calls = {'n': 0}
+  original = train_step.CompiledStep.__call__
+
+  def killed(self, state, batch):
+    calls['n'] += 1
+    if calls['n'] == 4:
+      raise KeyboardInterrupt
+    return original(self, state, batch)
+
+  monkeypatch.setattr(train_step.CompiledStep, '__call__', killed)
+  with pytest.raises(KeyboardInterrupt):
+    train.train_and_evaluate(c, str(tmp_path), progress=False)
+  monkeypatch.setattr(train_step.CompiledStep, '__call__', original)
+  assert checkpoint.Checkpointer(str(tmp_path / 'checkpoints')).latest_step() == 2
+  assert 3 in [r['step'] for r in writers.read_metrics(str(tmp_path))]
+
+  resumed = train.train_and_evaluate(c, str(tmp_path), progress=False)
+  assert writers.read_metrics(str(tmp_path)) == reference['records']
+  for a, b in zip(reference['fit'], _leaves((resumed['state'].params,
+                                             resumed['state'].ema_params))):
+    np.testing.assert_array_equal(a, b)
+
+  before = _snapshot(str(tmp_path / 'checkpoints'))
+  again = train.train_and_evaluate(c, str(tmp_path), progress=False)
+  assert again['final_step'] == 8
+  assert writers.read_metrics(str(tmp_path)) == reference['records']
+  assert _snapshot(str(tmp_path / 'checkpoints')) == before
+
+
+def test_preemption_between_checkpoints_saves_there_and_resumes(reference, tmp_path,
+                                                                monkeypatch, capsys):
+  """A stop request at step 5 (no log or checkpoint step) writes that step's record and
+  checkpoint; the rerun resumes there and ends with the uninterrupted parameters."""
+  c = _config()
+  monkeypatch.setattr(train, 'time', _FakeClock())
+  original = train._PreemptionWatch.should_stop
+  monkeypatch.setattr(train._PreemptionWatch, 'should_stop', lambda self, step: step == 5)
+  with pytest.raises(train.Preempted) as info:
+    train.train_and_evaluate(c, str(tmp_path), progress=False)
+  assert info.value.step == 5
+  assert checkpoint.Checkpointer(str(tmp_path / 'checkpoints')).latest_step() == 5
+  assert {3, 5} <= {r['step'] for r in writers.read_metrics(str(tmp_path))}
+
+  monkeypatch.setattr(train._PreemptionWatch, 'should_stop', original)
+  out = train.train_and_evaluate(c, str(tmp_path), progress=False)
+  assert 'Resumed from step 5' in capsys.readouterr().out
+  for a, b in zip(reference['fit'], _leaves((out['state'].params, out['state'].ema_params))):
+    np.testing.assert_array_equal(a, b)
+  records = writers.read_metrics(str(tmp_path))
+  assert {3, 5, 6, 8} <= {r['step'] for r in records}
+  _assert_interval_means(records, reference['per_step'], c.train.batch_size)
+
+
+def test_samples_come_from_the_params_the_config_names(tiny_config, tmp_path):
+  """sample.use_ema picks ema_params or params for the sample grids; the number asked for
+  is rounded up (not down) to the device count."""
+  tiny_config.sample.num_steps, tiny_config.sample.clip = 2, 0.0   # unclipped: params show
+  exp = train.build(tiny_config)
+  state = exp.init_state()
+  # (the zero-initialized output layer would hide a rescaling)
+  state = state.replace(ema_params=jax.tree.map(lambda p: p + 0.01, state.params))
+  sampler = exp.sampler()
+  rng = jax.random.key(3)
+  devices = exp.mesh.devices.size
+
+  def direct(params, n):
+    return np.asarray(parallel.to_host(sampler(params, rng, n, exp.sample_labels(n))))
+
+  n = -(-3 // devices) * devices
+  for use_ema, chosen, other in ((True, state.ema_params, state.params),
+                                 (False, state.params, state.ema_params)):
+    exp.config.sample.use_ema = use_ema
+    images = train.save_samples(exp, state, str(tmp_path / f'{use_ema}.png'), num=3, rng=rng,
+                                sampler=sampler)
+    assert len(images) == n >= 3
+    np.testing.assert_array_equal(images, direct(chosen, n))
+    assert not np.array_equal(images, direct(other, n))

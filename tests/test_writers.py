@@ -1,0 +1,88 @@
+"""What a run writes: metrics.jsonl after a resume, TensorBoard scalars and PNG grids, each
+checked against what was written or computed by hand."""
+
+import struct
+
+import numpy as np
+import pytest
+
+from cdiff_jax import writers
+
+
+def _events(logdir) -> tuple[dict, list[int]]:
+  """({(tag, step): value} of every scalar summary, [step of every SessionLog START (a purge
+  of the points from that step on)]) in a TensorBoard log directory."""
+  from tensorboardX.proto import event_pb2
+  scalars, starts = {}, []
+  for path in sorted(logdir.iterdir()):
+    data = path.read_bytes()
+    pos = 0
+    while pos + 12 <= len(data):   # TFRecord: length (8), crc (4), payload, crc (4)
+      (length,) = struct.unpack('<Q', data[pos:pos + 8])
+      event = event_pb2.Event.FromString(data[pos + 12:pos + 12 + length])
+      for v in event.summary.value:
+        scalars[(v.tag, event.step)] = v.simple_value
+      if event.HasField('session_log') and event.session_log.status == event.session_log.START:
+        starts.append(event.step)
+      pos += 12 + length + 4
+  return scalars, starts
+
+
+def test_drop_after_keeps_records_up_to_the_step_and_drops_a_cut_line(tmp_path):
+  """A resumed run removes what the killed run logged after its checkpoint, including a
+  last line cut short mid-write, and appends after the kept records."""
+  w = writers.MetricWriter(str(tmp_path), tensorboard=False)
+  for step in (2, 4, 6):
+    w.write(step, dict(loss=step / 10))
+  with open(tmp_path / 'metrics.jsonl', 'a') as f:
+    f.write('{"step": 8, "lo')
+  w.drop_after(6)
+  assert writers.read_metrics(str(tmp_path)) == [dict(step=s, loss=s / 10) for s in (2, 4, 6)]
+  w.drop_after(4)
+  w.write(5, dict(loss=0.5))
+  assert writers.read_metrics(str(tmp_path)) == [dict(step=2, loss=0.2), dict(step=4, loss=0.4),
+                                                 dict(step=5, loss=0.5)]
+
+
+def test_tensorboard_mirrors_scalars_and_each_vector_entry(tmp_path):
+  w = writers.MetricWriter(str(tmp_path))
+  w.write(3, dict(loss=np.float32(0.5), lam=np.array([0.25, 2.0]), note='text'))
+  w.write(5, dict(loss=np.float32(0.75), lam=np.array([0.5, 4.0]), note='text'))
+  w.close()
+  assert _events(tmp_path / 'tensorboard')[0] == {
+      ('loss', 3): 0.5, ('lam/0', 3): 0.25, ('lam/1', 3): 2.0,
+      ('loss', 5): 0.75, ('lam/0', 5): 0.5, ('lam/1', 5): 4.0}
+
+
+def test_image_grid_places_images_row_major_and_maps_to_0_255():
+  """Image i sits in row i // ncols, column i % ncols (so conditional grids show one class
+  per column); [-1, 1] maps to [0, 255]; padding and empty cells are white."""
+  n, h, w, ncols, pad = 5, 2, 3, 3, 1
+  values = np.linspace(-1.0, 1.0, n)
+  images = np.broadcast_to(values[:, None, None, None], (n, h, w, 1)).copy()
+  grid = writers.image_grid(images, ncols=ncols, pad=pad)
+  assert grid.dtype == np.uint8 and grid.shape == (2 * (h + pad) + pad, 3 * (w + pad) + pad, 1)
+  expected = np.full(grid.shape, 255, np.uint8)
+  for i, v in enumerate(values):
+    r, c = i // ncols, i % ncols
+    y, x = pad + r * (h + pad), pad + c * (w + pad)
+    expected[y:y + h, x:x + w] = round((v + 1) / 2 * 255)
+  np.testing.assert_array_equal(grid, expected)
+
+
+@pytest.mark.parametrize('start', [0, 2])
+def test_a_rerun_hides_the_killed_runs_later_points_in_tensorboard(tmp_path, start):
+  """A rerun from a checkpoint (start 2), or from scratch when the killed run wrote none
+  (start 0), drops the killed run's later records from metrics.jsonl and tells TensorBoard
+  to hide its points from start + 1 on, so neither shows them twice."""
+  killed = writers.MetricWriter(str(tmp_path))
+  for step in (2, 4):
+    killed.write(step, dict(loss=1.0))
+  killed.close()
+  rerun = writers.MetricWriter(str(tmp_path), resume_step=start)
+  rerun.drop_after(start)
+  rerun.write(4, dict(loss=0.5))
+  rerun.close()
+  kept = [2] if start == 2 else []
+  assert [r['step'] for r in writers.read_metrics(str(tmp_path))] == kept + [4]
+  assert _events(tmp_path / 'tensorboard')[1] == [start + 1]
