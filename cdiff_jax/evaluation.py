@@ -231,7 +231,9 @@ def evaluate_samples(clf: EvalClassifier, samples, reference_images,
 
 def generate(exp, state, num_samples: int, seed: int = 1234, progress: bool = False,
              batch_size: int = 1000) -> np.ndarray:
-  """``num_samples`` samples of a run's model (EMA by default), in batches."""
+  """``num_samples`` samples of a run's model (EMA by default), in batches. A conditional
+  model's labels run on across batches (sample i gets class i mod C), so the classes stay
+  balanced when C does not divide ``batch_size``."""
   sampler = exp.sampler()
   params = state.ema_params if exp.config.sample.use_ema else state.params
   n_dev = exp.mesh.devices.size
@@ -240,7 +242,7 @@ def generate(exp, state, num_samples: int, seed: int = 1234, progress: bool = Fa
     n = min(batch_size, num_samples - start)
     n_pad = -(-n // n_dev) * n_dev
     x = sampler(params, jax.random.fold_in(jax.random.key(seed), i), n_pad,
-                exp.sample_labels(n_pad), progress=progress)
+                exp.sample_labels(n_pad, offset=start), progress=progress)
     out.append(np.asarray(parallel.to_host(x))[:n])
   return np.concatenate(out)
 

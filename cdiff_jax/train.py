@@ -206,10 +206,12 @@ class Experiment:
     kw.update(overrides)
     return Sampler(self.eps_fn, self.model.schedule, self.image_shape, **kw)
 
-  def sample_labels(self, n: int):
+  def sample_labels(self, n: int, offset: int = 0):
+    """Labels of samples ``offset .. offset + n - 1`` of a class-balanced sequence
+    (sample i gets class i mod C); None for an unconditional model."""
     if not self.config.model.conditional:
       return None
-    return jnp.arange(n, dtype=jnp.int32) % self.num_classes
+    return (offset + jnp.arange(n, dtype=jnp.int32)) % self.num_classes
 
 
 def build(config, dataset: sources.ArrayDataset | None = None) -> Experiment:

@@ -142,7 +142,9 @@ def write_plots(workdir: str, results: dict, alphas) -> None:
     ax.axhline(1 / k, color='gray', lw=0.8)
     ax.set_xticks(range(k))
     ax.set_xlabel('class')
-    ax.set_ylabel('frequency in 1,000 samples' if r['arms'] else 'frequency')
+    counts = {row.get('num_samples') for row in r['arms'].values()}
+    ax.set_ylabel(f'frequency in {counts.pop():,} samples' if len(counts) == 1 and None not in counts
+                  else 'frequency')
     ax.set_title(f'reference = {float(frac):g} x |biased set|', fontsize=9)
     ax.legend(fontsize=6.5, ncol=2)
   fig.tight_layout()

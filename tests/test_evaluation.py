@@ -158,3 +158,25 @@ def test_figures_leave_the_users_matplotlib_backend_alone(tmp_path):
   for p in (p1, p2):   # real PNGs of the requested size
     with Image.open(p) as im:
       assert im.format == 'PNG' and im.size[0] > 300 and im.size[1] > 200
+
+
+def test_generate_keeps_the_classes_balanced_across_batches():
+  """Sample i of ``generate`` is drawn for class i mod C over all batches (not restarting
+  at class 0 in each batch), also when C does not divide the batch or the devices pad it."""
+  import functools
+  import types
+  from cdiff_jax import train
+  num_classes, num_samples, batch = 3, 11, 4
+  exp = types.SimpleNamespace(
+      config=config_lib.base_config(), num_classes=num_classes,
+      mesh=types.SimpleNamespace(devices=np.empty((3,))))   # 3 devices: batches padded to 6
+  exp.config.model.conditional, exp.config.sample.use_ema = True, True
+  exp.sample_labels = functools.partial(train.Experiment.sample_labels, exp)
+  # A sampler whose "images" are their labels.
+  fake = lambda params, rng, n, labels, progress: np.broadcast_to(
+      np.asarray(labels, np.float32)[:, None, None, None], (n, 2, 2, 1))
+  exp.sampler = lambda: fake
+  state = types.SimpleNamespace(ema_params=None, params=None)
+  out = evaluation.generate(exp, state, num_samples, batch_size=batch)
+  assert out.shape == (num_samples, 2, 2, 1)
+  np.testing.assert_array_equal(out[:, 0, 0, 0], np.arange(num_samples) % num_classes)

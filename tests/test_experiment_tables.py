@@ -134,7 +134,7 @@ def _tiw_row(seed, fid):
   return dict(classifier_fid=fid, tv_to_uniform=float(rng.uniform(0, 0.5)),
               class_frequencies=rng.dirichlet(np.ones(4)).tolist(),
               ref_nn_ratio=float(rng.uniform(0.2, 0.6)), obs_nn_ratio=float(rng.uniform(0.7, 1.2)),
-              seconds=float(rng.uniform(30, 300)))
+              seconds=float(rng.uniform(30, 300)), num_samples=500)
 
 
 def test_tiw_table_tail_mass_copying_ratio_and_ordering(tmp_path):
@@ -183,6 +183,7 @@ def test_tiw_alpha_sweep_starts_at_dsm_obs(tmp_path, monkeypatch):
   lines = {l.get_label(): list(l.get_ydata()) for l in freq_ax.get_lines()}
   assert lines['biased set'] == results['0.1']['data']['bias']
   assert lines['minibatch mix (pi)'] == results['0.1']['data']['obs_mix']
+  assert freq_ax.get_ylabel() == 'frequency in 500 samples'   # the arms' eval.num_samples
   for label, row in arms.items():
     assert lines[label] == row['class_frequencies'], label
   order = ['DSM(obs)', 'TIW-DSM a=0.5', 'TIW-DSM', 'TIW-DSM a=2']
