@@ -2,7 +2,6 @@
 `error:` line naming the problem, no traceback, and leaves the workdir as it was (an
 existing run's checkpoints, config and metrics untouched; a new workdir not created)."""
 
-import hashlib
 import importlib.util
 import os
 import shutil
@@ -11,6 +10,8 @@ import sys
 
 import numpy as np
 import pytest
+
+import run_files
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = {'model.ch': 16, 'model.attn_levels': (), 'train.steps': 4, 'train.batch_size': 16,
@@ -81,17 +82,6 @@ def _load_config(name):
   return module.get_config()
 
 
-def _snapshot(directory):
-  out = {}
-  for root, _, files in os.walk(directory):
-    for f in files:
-      path = os.path.join(root, f)
-      with open(path, 'rb') as fh:
-        digest = hashlib.sha1(fh.read()).hexdigest()
-      out[os.path.relpath(path, directory)] = (os.stat(path).st_mtime_ns, digest)
-  return out
-
-
 @pytest.fixture(scope='module')
 def existing_run(tmp_path_factory):
   """A workdir holding what a finished run leaves (checkpoint with the tiny digits_dsm
@@ -140,9 +130,9 @@ def test_bad_input_gets_one_line_and_no_damage(case, existing_run, tmp_path):
   extra = [e.format(empty=empty, existing=existing_run) for e in extra]
   workdir = tmp_path / 'run'
   shutil.copytree(existing_run, workdir)
-  before = _snapshot(workdir)
+  before = run_files.snapshot(workdir)
   line = _check_one_line(_launch(config, workdir, extra), needle)
-  assert _snapshot(workdir) == before, line
+  assert run_files.snapshot(workdir) == before, line
   assert len(line) < 400, line
 
 

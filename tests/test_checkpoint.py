@@ -5,6 +5,7 @@ import jax
 import numpy as np
 import pytest
 
+import run_files
 from cdiff_jax import checkpoint, train, train_step
 
 
@@ -40,25 +41,7 @@ def test_resume_is_exact(tiny_config, tmp_path, monkeypatch):
   steps = [r['step'] for r in writers.read_metrics(str(tmp_path / 'resumed'))]
   assert steps == [4, 8]
   # TensorBoard is told to hide what the killed run logged after the checkpoint (step 4).
-  assert _session_starts(tmp_path / 'resumed' / 'tensorboard') == [5]
-
-
-def _session_starts(logdir) -> list[int]:
-  """Steps of the SessionLog START (purge) records in a TensorBoard log directory."""
-  import struct
-  from tensorboardX.proto import event_pb2
-  starts = []
-  for path in sorted(logdir.iterdir()):
-    data = path.read_bytes()
-    pos = 0
-    while pos + 12 <= len(data):   # TFRecord: length (8), crc (4), payload, crc (4)
-      (length,) = struct.unpack('<Q', data[pos:pos + 8])
-      event = event_pb2.Event.FromString(data[pos + 12:pos + 12 + length])
-      if (event.HasField('session_log') and
-          event.session_log.status == event_pb2.SessionLog.START):
-        starts.append(event.step)
-      pos += 12 + length + 4
-  return starts
+  assert run_files.tensorboard_events(tmp_path / 'resumed' / 'tensorboard')[1] == [5]
 
 
 def test_incompatible_checkpoint_is_refused(tiny_config, tmp_path):

@@ -4,7 +4,6 @@ before, a run killed or preempted between checkpoints and rerun ends with the pa
 and the records of an uninterrupted run, and samples come from the params the config
 names."""
 
-import hashlib
 import json
 import os
 import types
@@ -13,6 +12,7 @@ import jax
 import numpy as np
 import pytest
 
+import run_files
 from cdiff_jax import checkpoint, parallel, train, train_step, writers
 
 
@@ -51,17 +51,6 @@ def _assert_interval_means(records, per_step, batch_size):
                                  atol=1e-12, err_msg=f"{key} at step {r['step']}")
     assert r['images_per_sec'] == (r['step'] - prev) * batch_size, r
     prev = r['step']
-
-
-def _snapshot(directory):
-  out = {}
-  for root, _, files in os.walk(directory):
-    for f in files:
-      path = os.path.join(root, f)
-      with open(path, 'rb') as fh:
-        out[os.path.relpath(path, directory)] = (os.stat(path).st_mtime_ns,
-                                                 hashlib.sha1(fh.read()).hexdigest())
-  return out
 
 
 def _config():
@@ -136,11 +125,11 @@ def test_killed_run_resumes_to_the_same_records(reference, tmp_path, monkeypatch
                                              resumed['state'].ema_params))):
     np.testing.assert_array_equal(a, b)
 
-  before = _snapshot(str(tmp_path / 'checkpoints'))
+  before = run_files.snapshot(str(tmp_path / 'checkpoints'))
   again = train.train_and_evaluate(c, str(tmp_path), progress=False)
   assert again['final_step'] == 8
   assert writers.read_metrics(str(tmp_path)) == reference['records']
-  assert _snapshot(str(tmp_path / 'checkpoints')) == before
+  assert run_files.snapshot(str(tmp_path / 'checkpoints')) == before
 
 
 def test_preemption_between_checkpoints_saves_there_and_resumes(reference, tmp_path,

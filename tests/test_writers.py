@@ -1,31 +1,11 @@
 """What a run writes: metrics.jsonl after a resume, TensorBoard scalars and PNG grids, each
 checked against what was written or computed by hand."""
 
-import struct
-
 import numpy as np
 import pytest
 
+import run_files
 from cdiff_jax import writers
-
-
-def _events(logdir) -> tuple[dict, list[int]]:
-  """({(tag, step): value} of every scalar summary, [step of every SessionLog START (a purge
-  of the points from that step on)]) in a TensorBoard log directory."""
-  from tensorboardX.proto import event_pb2
-  scalars, starts = {}, []
-  for path in sorted(logdir.iterdir()):
-    data = path.read_bytes()
-    pos = 0
-    while pos + 12 <= len(data):   # TFRecord: length (8), crc (4), payload, crc (4)
-      (length,) = struct.unpack('<Q', data[pos:pos + 8])
-      event = event_pb2.Event.FromString(data[pos + 12:pos + 12 + length])
-      for v in event.summary.value:
-        scalars[(v.tag, event.step)] = v.simple_value
-      if event.HasField('session_log') and event.session_log.status == event.session_log.START:
-        starts.append(event.step)
-      pos += 12 + length + 4
-  return scalars, starts
 
 
 def test_drop_after_keeps_records_up_to_the_step_and_drops_a_cut_line(tmp_path):
@@ -49,7 +29,7 @@ def test_tensorboard_mirrors_scalars_and_each_vector_entry(tmp_path):
   w.write(3, dict(loss=np.float32(0.5), lam=np.array([0.25, 2.0]), note='text'))
   w.write(5, dict(loss=np.float32(0.75), lam=np.array([0.5, 4.0]), note='text'))
   w.close()
-  assert _events(tmp_path / 'tensorboard')[0] == {
+  assert run_files.tensorboard_events(tmp_path / 'tensorboard')[0] == {
       ('loss', 3): 0.5, ('lam/0', 3): 0.25, ('lam/1', 3): 2.0,
       ('loss', 5): 0.75, ('lam/0', 5): 0.5, ('lam/1', 5): 4.0}
 
@@ -85,4 +65,4 @@ def test_a_rerun_hides_the_killed_runs_later_points_in_tensorboard(tmp_path, sta
   rerun.close()
   kept = [2] if start == 2 else []
   assert [r['step'] for r in writers.read_metrics(str(tmp_path))] == kept + [4]
-  assert _events(tmp_path / 'tensorboard')[1] == [start + 1]
+  assert run_files.tensorboard_events(tmp_path / 'tensorboard')[1] == [start + 1]
