@@ -143,8 +143,8 @@ def write_plots(workdir: str, results: dict, alphas) -> None:
     ax.set_xticks(range(k))
     ax.set_xlabel('class')
     counts = {row.get('num_samples') for row in r['arms'].values()}
-    ax.set_ylabel(f'frequency in {counts.pop():,} samples' if len(counts) == 1 and None not in counts
-                  else 'frequency')
+    n = counts.pop() if len(counts) == 1 else None   # the arms' eval.num_samples
+    ax.set_ylabel(f'frequency in {n:,} samples' if n else 'frequency')
     ax.set_title(f'reference = {float(frac):g} x |biased set|', fontsize=9)
     ax.legend(fontsize=6.5, ncol=2)
   fig.tight_layout()
