@@ -35,3 +35,57 @@ def tensorboard_events(logdir) -> tuple[dict, list[int]]:
         starts.append(event.step)
       pos += 12 + length + 4
   return scalars, starts
+
+
+class FakeClock:
+  """Stands in for the launcher's ``time`` module: one second per reading, so the logged
+  throughput is known exactly."""
+
+  def __init__(self):
+    self.now = 0.0
+
+  def perf_counter(self):
+    self.now += 1.0
+    return self.now
+
+
+def per_step(calls, steps_per_call: int = 1) -> dict:
+  """{metric: array with one row per training step} from the metrics of successive step
+  calls (``fit``'s history, or what the launcher's calls returned): with k steps per call
+  each call's metrics carry a leading axis of k, laid end to end here."""
+  import numpy as np
+  out = {}
+  for key in calls[0]:
+    rows = [np.asarray(m[key], np.float64) for m in calls]
+    out[key] = np.concatenate(rows) if steps_per_call > 1 else np.stack(rows)
+  return out
+
+
+def assert_interval_means(records, steps: dict, batch_size: int) -> None:
+  """Each metrics.jsonl record holds the means of the steps after the previous record up
+  to its own (``nonfinite``: their count; a skipped non-finite step is left out of the
+  other means) and the throughput of one fake second per interval (``FakeClock``)."""
+  import numpy as np
+  prev = 0
+  for r in records:
+    assert r['step'] > prev, [r['step'] for r in records]
+    ok = steps['nonfinite'][prev:r['step']] == 0 if 'nonfinite' in steps else None
+    for key, values in steps.items():
+      window = values[prev:r['step']]
+      if key == 'nonfinite':
+        expected = window.sum(0)
+      else:
+        expected = window[ok].mean(0) if ok is not None and ok.any() else window.mean(0)
+      np.testing.assert_allclose(np.asarray(r[key], np.float64), expected, rtol=2e-6,
+                                 atol=1e-12, err_msg=f"{key} at step {r['step']}")
+    assert r['images_per_sec'] == (r['step'] - prev) * batch_size, r
+    prev = r['step']
+
+
+def state_leaves(state) -> list:
+  """Every array of a TrainState on the host (the rng key as its raw data), in tree order:
+  step, params, EMA params, optimizer state, method extras and rng."""
+  import jax
+  import numpy as np
+  state = state.replace(rng=jax.random.key_data(state.rng))
+  return [np.asarray(x) for x in jax.tree.leaves(jax.device_get(state))]

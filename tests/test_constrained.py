@@ -172,6 +172,27 @@ def test_dual_every_n_primal_steps_and_window_estimate():
   np.testing.assert_allclose(np.stack(gaps), [[1, 2], [1.5, 2], [2, 2]] * 2, rtol=1e-6)
 
 
+def test_windows_count_applied_steps_around_a_skipped_step():
+  """A skipped non-finite step keeps the old extras (train_step), so it must neither end a
+  window nor count in its mean: with dual_every=2 the windows are pairs of applied steps.
+  Counted by step, skipping step 1 (the end of the first window) carried step 0's loss into
+  the next window, whose mean at step 2 read twice the loss over a window of one; here every
+  gap is the constant loss and lam moves after the applied steps 2 and 4 only."""
+  method = _method(dual_every=2, dual_estimate='window', thresholds=(0.0, 0.0), dual_lr=1.0)
+  extras = method.init_extras(None, None)
+  gaps, lams = [], []
+  for step, l in enumerate([[2.0, 1.0], None, [2.0, 1.0], [2.0, 1.0], [2.0, 1.0]]):
+    if l is None:   # skipped: the step keeps the extras and moves on
+      continue
+    extras, m = method.update_extras(extras, dict(constraint_loss=jnp.asarray(l)),
+                                     jnp.asarray(step), None)
+    gaps.append(np.asarray(m['constraint_gap']))
+    lams.append(np.asarray(extras['lam']))
+  np.testing.assert_allclose(np.stack(gaps), [[2.0, 1.0]] * 4, rtol=1e-6)
+  np.testing.assert_allclose(np.stack(lams), [[0, 0], [2, 1], [2, 1], [4, 2]], rtol=1e-6)
+  assert int(extras['num_dual_steps']) == 2 and int(extras['ema_count']) == 4
+
+
 def test_lagrangian_weights_and_normalization():
   """L_0 + sum lam_i L_i, divided by 1 + sum lam only when normalize (two constraints)."""
   L = jnp.array([2.0, 3.0, 5.0])

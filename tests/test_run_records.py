@@ -6,8 +6,6 @@ names."""
 
 import json
 import os
-import types
-
 import jax
 import numpy as np
 import pytest
@@ -16,41 +14,8 @@ import run_files
 from cdiff_jax import checkpoint, parallel, train, train_step, writers
 
 
-class _FakeClock(types.SimpleNamespace):
-  """Stands in for the launcher's ``time`` module: one second per reading, so the logged
-  throughput is known exactly."""
-
-  def __init__(self):
-    super().__init__(now=0.0)
-
-  def perf_counter(self):
-    self.now += 1.0
-    return self.now
-
-
 def _leaves(tree):
   return [np.asarray(x) for x in jax.tree.leaves(jax.device_get(tree))]
-
-
-def _per_step(history):
-  """{metric: array with one row per training step} from ``fit``'s metrics (one step per
-  call)."""
-  return {key: np.stack([np.asarray(m[key], np.float64) for m in history]) for key in history[0]}
-
-
-def _assert_interval_means(records, per_step, batch_size):
-  """Each record holds the means of the steps after the previous record up to its own
-  (``nonfinite``: their count) and the throughput of one fake second per interval."""
-  prev = 0
-  for r in records:
-    assert r['step'] > prev, [r['step'] for r in records]
-    for key, values in per_step.items():
-      window = values[prev:r['step']]
-      expected = window.sum(0) if key == 'nonfinite' else window.mean(0)
-      np.testing.assert_allclose(np.asarray(r[key], np.float64), expected, rtol=2e-6,
-                                 atol=1e-12, err_msg=f"{key} at step {r['step']}")
-    assert r['images_per_sec'] == (r['step'] - prev) * batch_size, r
-    prev = r['step']
 
 
 def _config():
@@ -76,9 +41,9 @@ def reference(tmp_path_factory):
   state, h2 = train.fit(exp, state)
   workdir = str(tmp_path_factory.mktemp('full'))
   with pytest.MonkeyPatch.context() as mp:
-    mp.setattr(train, 'time', _FakeClock())
+    mp.setattr(train, 'time', run_files.FakeClock())
     full = train.train_and_evaluate(c, workdir, progress=False)
-  return dict(per_step=_per_step(h1 + h2), fit=_leaves((state.params, state.ema_params)),
+  return dict(per_step=run_files.per_step(h1 + h2), fit=_leaves((state.params, state.ema_params)),
               full=full, workdir=workdir, records=writers.read_metrics(workdir))
 
 
@@ -88,7 +53,7 @@ def test_records_are_interval_means_of_fit(reference):
   the batches of steps 4.., not those of 0..); the final metrics are the last record."""
   records, full = reference['records'], reference['full']
   assert {3, 6, 8} <= {r['step'] for r in records}
-  _assert_interval_means(records, reference['per_step'], _config().train.batch_size)
+  run_files.assert_interval_means(records, reference['per_step'], _config().train.batch_size)
   for a, b in zip(reference['fit'], _leaves((full['state'].params, full['state'].ema_params))):
     np.testing.assert_array_equal(a, b)
   last = {key: v for key, v in records[-1].items() if key != 'step'}
@@ -102,7 +67,7 @@ def test_killed_run_resumes_to_the_same_records(reference, tmp_path, monkeypatch
   record is dropped and the records and parameters are those of the uninterrupted run; a
   rerun of the finished run changes nothing."""
   c = _config()
-  monkeypatch.setattr(train, 'time', _FakeClock())
+  monkeypatch.setattr(train, 'time', run_files.FakeClock())
   calls = {'n': 0}
   original = train_step.CompiledStep.__call__
 
@@ -137,7 +102,7 @@ def test_preemption_between_checkpoints_saves_there_and_resumes(reference, tmp_p
   """A stop request at step 5 (no log or checkpoint step) writes that step's record and
   checkpoint; the rerun resumes there and ends with the uninterrupted parameters."""
   c = _config()
-  monkeypatch.setattr(train, 'time', _FakeClock())
+  monkeypatch.setattr(train, 'time', run_files.FakeClock())
   original = train._PreemptionWatch.should_stop
   monkeypatch.setattr(train._PreemptionWatch, 'should_stop', lambda self, step: step == 5)
   with pytest.raises(train.Preempted) as info:
@@ -153,7 +118,7 @@ def test_preemption_between_checkpoints_saves_there_and_resumes(reference, tmp_p
     np.testing.assert_array_equal(a, b)
   records = writers.read_metrics(str(tmp_path))
   assert {3, 5, 6, 8} <= {r['step'] for r in records}
-  _assert_interval_means(records, reference['per_step'], c.train.batch_size)
+  run_files.assert_interval_means(records, reference['per_step'], c.train.batch_size)
 
 
 def test_samples_come_from_the_params_the_config_names(tiny_config, tmp_path):

@@ -11,9 +11,9 @@ One training step (one XLA program, see ``cdiff_jax.train_step``):
   ``1 + sum lam``, which does not move the minimizer and keeps the step size stable), where
   every ``L_i`` is the mean per-example DSM loss of group i of one flat batch evaluated in a
   single model call;
-* dual, every ``dual_every`` steps: ``lam <- max(0, lam + eta (Lhat - b))`` with ``Lhat`` the
-  current minibatch loss (the authors' choice), the mean over the window of primal steps
-  since the last dual step, or a running average; with the resilient relaxation
+* dual, every ``dual_every`` applied (finite) steps: ``lam <- max(0, lam + eta (Lhat - b))``
+  with ``Lhat`` the current minibatch loss (the authors' choice), the mean over the window
+  of primal steps since the last dual step, or a running average; with the resilient relaxation
   (``resilient_alpha > 0``) the step is ``lam <- max(0, lam + eta (Lhat - b - lam/alpha))``,
   whose fixed point ``alpha (L - b)_+`` stays bounded when a threshold is infeasible.
 
@@ -168,9 +168,14 @@ class Constrained:
     loss_ema = self.dual_ema * extras['loss_ema'] + (1 - self.dual_ema) * current
     # Bias-corrected running average (as in Adam), so early dual steps are not pulled to 0.
     ema = loss_ema / (1 - self.dual_ema ** count.astype(jnp.float32))
-    # The window's mean so far (its full mean at the window's last step, where lam moves),
-    # so the logged gap is a gap at every step.
-    in_window = jnp.asarray(step % self.dual_every + 1, jnp.float32)
+    # Windows of ``dual_every`` applied steps: ``ema_count`` counts the applied (finite)
+    # steps, and a skipped non-finite step keeps the old extras, so it neither adds to the
+    # window's sum nor to its length nor ends it (counted by ``step``, a skip would leave
+    # the window's mean short of one loss, or keep the sum of a window whose last step was
+    # skipped in the next window's mean). The window's mean so far (its full mean at the
+    # window's last step, where lam moves), so the logged gap is a gap at every step.
+    position = extras['ema_count'] % self.dual_every
+    in_window = jnp.asarray(position + 1, jnp.float32)
     estimate = {'minibatch': current, 'window': window_sum / in_window,
                 'ema': ema}[self.dual_estimate]
     lam = extras['lam']
@@ -181,7 +186,7 @@ class Constrained:
     eta = self.dual_lr * (self.dual_lr_fn(extras['ema_count']) if self.dual_lr_fn is not None
                           else 1.0)
     ascent = jnp.maximum(0.0, lam + eta * (gap - slack))
-    window_end = (step + 1) % self.dual_every == 0
+    window_end = position + 1 == self.dual_every
     is_dual_step = window_end & (step >= self.dual_start) & self.enabled
     lam = jnp.where(is_dual_step, ascent, lam)
     new = dict(extras, lam=lam, loss_ema=loss_ema, ema_count=count,
@@ -469,7 +474,7 @@ def default_method_config():
       reference_batches=50,
       dual_lr=1.0,
       dual_lr_schedule='constant',   # constant | primal (scaled like the primal LR)
-      dual_every=1,                  # primal steps per dual step
+      dual_every=1,                  # applied (finite) primal steps per dual step
       dual_start=0,                  # first primal step at which the dual ascent runs
       dual_estimate='window',        # minibatch | window | ema
       dual_ema=0.9,
