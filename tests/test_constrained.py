@@ -193,6 +193,22 @@ def test_windows_count_applied_steps_around_a_skipped_step():
   assert int(extras['num_dual_steps']) == 2 and int(extras['ema_count']) == 4
 
 
+def test_dual_start_counts_applied_steps():
+  """dual_start=2, dual_every=1, step 1 skipped: the first dual step is the third applied
+  step (step 3), as the primal schedule, which counts applied steps, would place it. Counted
+  by step it came one applied step early, at step 2."""
+  method = _method(dual_start=2, thresholds=(0.0, 0.0), dual_lr=1.0)
+  extras, lams = method.init_extras(None, None), []
+  for step, l in enumerate([[2.0, 1.0], None, [2.0, 1.0], [2.0, 1.0]]):
+    if l is None:   # skipped: the step keeps the extras and moves on
+      continue
+    extras, _ = method.update_extras(extras, dict(constraint_loss=jnp.asarray(l)),
+                                     jnp.asarray(step), None)
+    lams.append(np.asarray(extras['lam']))
+  np.testing.assert_allclose(np.stack(lams), [[0, 0], [0, 0], [2, 1]], rtol=1e-6)
+  assert int(extras['num_dual_steps']) == 1
+
+
 def test_lagrangian_weights_and_normalization():
   """L_0 + sum lam_i L_i, divided by 1 + sum lam only when normalize (two constraints)."""
   L = jnp.array([2.0, 3.0, 5.0])

@@ -238,8 +238,8 @@ def test_constrained_skipped_step_leaves_lr_and_dual_ascent_in_step(constrained_
   (finite) steps count, for the optimizer's schedule (the lr logged and applied at a step is
   lr_fn(applied steps before it)), for the dual lr (dual_lr_schedule='primal': the same
   lr_fn), for the windows (dual_every applied steps each, their mean the window estimate) and
-  for the bias-corrected EMA estimate; lambda moves at each window's end from dual_start on,
-  by eta (estimate - b). The records' means leave the skipped step out."""
+  for the bias-corrected EMA estimate; lambda moves at each window's end once dual_start
+  steps have been applied, by eta (estimate - b). The records' means leave the skipped step out."""
   p, full = constrained_run
   c, exp = _constrained_config(p), full.result['experiment']
   steps = run_files.per_step(full.calls, p['k'])
@@ -264,7 +264,7 @@ def test_constrained_skipped_step_leaves_lr_and_dual_ascent_in_step(constrained_
     np.testing.assert_allclose(steps['constraint_gap'][s], estimate - b, rtol=1e-5,
                                atol=1e-6, err_msg=f'step {s}')
     if len(window) == m.dual_every:
-      if s >= m.dual_start:
+      if applied[s] >= m.dual_start:
         eta = m.dual_lr * lr[s] / c.optim.lr
         lam = np.maximum(0.0, lam + eta * (estimate - b))
         dual_steps += 1

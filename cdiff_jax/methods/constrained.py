@@ -58,7 +58,7 @@ class Constrained:
   constraint_batch: int = 64
   dual_lr: float = 1.0
   dual_every: int = 1
-  dual_start: int = 0                         # no dual steps before this primal step
+  dual_start: int = 0                         # no dual steps before this many applied steps
   dual_estimate: str = 'window'
   dual_ema: float = 0.9
   dual_lr_fn: Callable | None = None          # multiplies dual_lr (e.g. the primal LR shape)
@@ -161,7 +161,10 @@ class Constrained:
     return self.lagrangian(group_loss, lam), dict(metrics=metrics, constraint_loss=constraint_loss)
 
   def update_extras(self, extras, aux, step, rng):
-    del rng
+    # Everything here counts applied (finite) steps, ``ema_count``, not ``step``: a skipped
+    # non-finite step keeps the old extras, so counted by step the windows, the dual lr and
+    # dual_start would drift from the primal schedule, which counts applied steps too.
+    del step, rng
     current = aux['constraint_loss']
     window_sum = extras['window_sum'] + current
     count = extras['ema_count'] + 1
@@ -187,7 +190,7 @@ class Constrained:
                           else 1.0)
     ascent = jnp.maximum(0.0, lam + eta * (gap - slack))
     window_end = position + 1 == self.dual_every
-    is_dual_step = window_end & (step >= self.dual_start) & self.enabled
+    is_dual_step = window_end & (extras['ema_count'] >= self.dual_start) & self.enabled
     lam = jnp.where(is_dual_step, ascent, lam)
     new = dict(extras, lam=lam, loss_ema=loss_ema, ema_count=count,
                window_sum=jnp.where(window_end, jnp.zeros_like(window_sum), window_sum),
@@ -475,7 +478,7 @@ def default_method_config():
       dual_lr=1.0,
       dual_lr_schedule='constant',   # constant | primal (scaled like the primal LR)
       dual_every=1,                  # applied (finite) primal steps per dual step
-      dual_start=0,                  # first primal step at which the dual ascent runs
+      dual_start=0,                  # applied (finite) primal steps before the first dual step
       dual_estimate='window',        # minibatch | window | ema
       dual_ema=0.9,
       init_lambda=0.0,
