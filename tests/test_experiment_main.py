@@ -1,5 +1,6 @@
 """The five experiment scripts end to end: each ``main()`` runs once on a tiny config (in a
-subprocess: the scripts define their flags at import), and what it writes is checked
+subprocess: the scripts define their flags at import; one test per script, so that under
+pytest-xdist no script runs twice), and what it writes is checked
 against figures recomputed here from the files it leaves (the arms' saved samples, the
 evaluation classifier, the data), never against stored numbers. A second call of the
 script must reuse the finished stages and leave their files as they were.
@@ -78,14 +79,9 @@ MINORITY = dict(IMAGE_TINY, **{'method.objective_batch': 16, 'method.constraint_
                                'method.dual_start': 0, 'method.dual_lr': 0.5})
 
 
-@pytest.fixture(scope='module')
-def minority_run(tmp_path_factory):
-  wd = tmp_path_factory.mktemp('minority')
-  _launch('minority', wd, 'digits_minority', MINORITY)
-  return wd
 
 
-def test_minority_reports_each_arms_own_run(minority_run):
+def _check_minority_reports_each_arms_own_run(minority_run):
   """comparison.json holds each arm's own eval.json, run time and final multipliers and
   thresholds (the last metrics record of the constrained arm); the class frequencies are
   those of the arm's saved samples under the evaluation classifier; the unconstrained arm
@@ -113,7 +109,7 @@ def test_minority_reports_each_arms_own_run(minority_run):
           == str(wd / 'unconstrained'))
 
 
-def test_minority_table_and_figures_agree_with_the_json(minority_run):
+def _check_minority_table_and_figures_agree_with_the_json(minority_run):
   """comparison.md's rows are the JSON's figures (minority column: data.minority_classes);
   comparison_samples.png puts the arms' own sample grids side by side, unconstrained
   first."""
@@ -138,7 +134,7 @@ def test_minority_table_and_figures_agree_with_the_json(minority_run):
   np.testing.assert_array_equal(side[:grids[1].shape[0], w:w + grids[1].shape[1]], grids[1])
 
 
-def test_minority_rerun_reuses_both_arms(minority_run):
+def _check_minority_rerun_reuses_both_arms(minority_run):
   """A second call trains nothing: both arms are read back, their files stay as they were,
   and the table is written again with the same figures."""
   wd = minority_run
@@ -153,6 +149,15 @@ def test_minority_rerun_reuses_both_arms(minority_run):
   assert _json(wd / 'comparison.json') == comparison
 
 
+
+def test_minority_main(tmp_path):
+  """experiments/minority.py end to end, then again (see the checks)."""
+  _launch('minority', tmp_path, 'digits_minority', MINORITY)
+  _check_minority_reports_each_arms_own_run(tmp_path)
+  _check_minority_table_and_figures_agree_with_the_json(tmp_path)
+  _check_minority_rerun_reuses_both_arms(tmp_path)
+
+
 # ----------------------------------------------------------------------------- finetune
 
 FINETUNE = dict(IMAGE_TINY, **{
@@ -164,11 +169,6 @@ FINETUNE = dict(IMAGE_TINY, **{
     'method.objective_batch': 8, 'method.constraint_batch': 8, 'method.dual_start': 0})
 
 
-@pytest.fixture(scope='module')
-def finetune_run(tmp_path_factory):
-  wd = tmp_path_factory.mktemp('finetune')
-  _launch('finetune', wd, 'digits_finetune', FINETUNE)
-  return wd
 
 
 def _new_data(config):
@@ -179,7 +179,7 @@ def _new_data(config):
   return sources.to_float(full.images[idx]), full.labels[idx], full
 
 
-def test_finetune_pretrained_model_never_saw_the_dropped_class(finetune_run):
+def _check_finetune_pretrained_model_never_saw_the_dropped_class(finetune_run):
   """The pre-training run drops finetune.pretrain_drop_classes from its data (its training
   class frequencies, counted here, are 0 there) with its own steps, batch and rate."""
   wd = finetune_run
@@ -196,7 +196,7 @@ def test_finetune_pretrained_model_never_saw_the_dropped_class(finetune_run):
                              np.bincount(kept, minlength=10) / len(kept))
 
 
-def test_finetune_arms_start_from_the_pretrained_model(finetune_run):
+def _check_finetune_arms_start_from_the_pretrained_model(finetune_run):
   """Both arms name the pre-trained run as init_from and the q_pre samples they were
   trained against; their parameters lie near the pre-trained EMA parameters, far from a
   fresh initialization; the q_pre samples are labelled by the evaluation classifier."""
@@ -227,7 +227,7 @@ def test_finetune_arms_start_from_the_pretrained_model(finetune_run):
   assert (saved['threshold_mode'], saved['reference_workdir']) == ('reference', pre_dir)
 
 
-def test_finetune_table_recomputed_from_the_saved_samples(finetune_run):
+def _check_finetune_table_recomputed_from_the_saved_samples(finetune_run):
   """'fraction of 9s' is the frequency of the dropped class among each arm's (and the
   pre-trained model's) saved samples under the evaluation classifier; the distance column
   is recomputed by a brute-force loop over the new images; comparison.json holds each
@@ -264,7 +264,7 @@ def test_finetune_table_recomputed_from_the_saved_samples(finetune_run):
     assert abs(float(rows[name]['classifier FID']) - ev['classifier_fid']) <= 5e-3
 
 
-def test_finetune_rerun_reuses_every_stage(finetune_run):
+def _check_finetune_rerun_reuses_every_stage(finetune_run):
   """A second call retrains and resamples nothing: the three runs and the q_pre samples
   stay as they were, and the same table is written."""
   wd = finetune_run
@@ -279,6 +279,16 @@ def test_finetune_rerun_reuses_every_stage(finetune_run):
   assert (wd / 'comparison.md').read_text() == table
 
 
+
+def test_finetune_main(tmp_path):
+  """experiments/finetune.py end to end on two devices, then again (see the checks)."""
+  _launch('finetune', tmp_path, 'digits_finetune', FINETUNE)
+  _check_finetune_pretrained_model_never_saw_the_dropped_class(tmp_path)
+  _check_finetune_arms_start_from_the_pretrained_model(tmp_path)
+  _check_finetune_table_recomputed_from_the_saved_samples(tmp_path)
+  _check_finetune_rerun_reuses_every_stage(tmp_path)
+
+
 # ----------------------------------------------------------------------------- guidance
 
 GUIDANCE = dict(IMAGE_TINY, **{
@@ -287,14 +297,9 @@ GUIDANCE = dict(IMAGE_TINY, **{
 GUIDANCE_SETTINGS = ['unconditional', 'CFG w=2', 'NOT 1 w=1', 'classifier guidance w=1']
 
 
-@pytest.fixture(scope='module')
-def guidance_run(tmp_path_factory):
-  wd = tmp_path_factory.mktemp('guidance')
-  _launch('digits_guidance', wd, 'digits_cfg', GUIDANCE)
-  return wd
 
 
-def test_guidance_figures_recomputed_from_the_saved_samples(guidance_run, tmp_path):
+def _check_guidance_figures_recomputed_from_the_saved_samples(guidance_run, tmp_path):
   """Each setting's class frequencies, classifier FID, hit rate and per-class hit rates,
   recomputed from its saved samples with the evaluation classifier; the conditional
   settings requested the labels 0..k-1 in turn (sample i: class i mod k), the others have
@@ -329,7 +334,7 @@ def test_guidance_figures_recomputed_from_the_saved_samples(guidance_run, tmp_pa
                                   err_msg=name)
 
 
-def test_guidance_table_agrees_with_the_json(guidance_run):
+def _check_guidance_table_agrees_with_the_json(guidance_run):
   """guidance.md's rows are guidance.json's figures, setting by setting."""
   wd = guidance_run
   settings = _json(wd / 'guidance.json')['settings']
@@ -345,7 +350,7 @@ def test_guidance_table_agrees_with_the_json(guidance_run):
     assert abs(float(row['classifier FID']) - r['classifier_fid']) <= 5e-3
 
 
-def test_guidance_samples_are_drawn_as_documented(guidance_run):
+def _check_guidance_samples_are_drawn_as_documented(guidance_run):
   """The unconditional setting is the model with the null class as its label (seed 1),
   the CFG setting eps_u + w (eps_c - eps_u) with labels i mod k (seed 2): both sampled
   again here from the trained model's EMA parameters give the saved samples."""
@@ -379,7 +384,7 @@ def test_guidance_samples_are_drawn_as_documented(guidance_run):
                              np.load(wd / 'samples' / 'CFG_w=2.npy'), atol=1e-4)
 
 
-def test_guidance_rerun_reuses_the_model(guidance_run):
+def _check_guidance_rerun_reuses_the_model(guidance_run):
   """A second call reuses the finished model (its run folder stays as it was) and, with
   the same seeds, writes the same samples."""
   wd = guidance_run
@@ -390,3 +395,237 @@ def test_guidance_rerun_reuses_the_model(guidance_run):
   assert run_files.snapshot(wd / 'model') == model
   for name, x in samples.items():
     np.testing.assert_array_equal(np.load(wd / 'samples' / f'{name}.npy'), x, err_msg=name)
+
+
+
+def test_digits_guidance_main(tmp_path):
+  """experiments/digits_guidance.py end to end, then again (see the checks)."""
+  wd = tmp_path / 'run'
+  _launch('digits_guidance', wd, 'digits_cfg', GUIDANCE)
+  _check_guidance_figures_recomputed_from_the_saved_samples(wd, tmp_path)
+  _check_guidance_table_agrees_with_the_json(wd)
+  _check_guidance_samples_are_drawn_as_documented(wd)
+  _check_guidance_rerun_reuses_the_model(wd)
+
+
+# ----------------------------------------------------------------------------- tiw_compare
+
+TIW = dict(IMAGE_TINY, **{'method.disc_pretrain_steps': 4, 'method.disc_batch_size': 16,
+                          'method.disc_ch': 8, 'method.disc_ch_mult': (1,)})
+TIW_ARMS = {'DSM(obs)': ('dsm_obs', 'dsm_obs'), 'TIW-DSM': ('tiw_dsm', 'tiw')}
+
+
+
+
+def _tiw_split(config):
+  from cdiff_jax import train
+  from cdiff_jax.methods import tiw
+  dataset = sources.load_dataset(config.data, 'train')
+  bias, ref = tiw.split_indices(config.method, dataset, train.train_indices(config.data, dataset))
+  return dataset, bias, ref
+
+
+def _check_tiw_compare_rows_recomputed_from_each_arms_samples(tiw_run):
+  """Only the arms asked for ran, each with its variant, alpha 1 and the reference
+  fraction; each row is its arm's eval.json and run time, with class frequencies of its
+  saved samples under the evaluation classifier and nearest-neighbour ratios (median
+  distance of a sample to its nearest reference / observed image over the same for the
+  test images) recomputed by brute force; the split's class frequencies are counted."""
+  wd, clf = tiw_run, _classifier()
+  config = _config('digits_tiw', TIW)
+  out = _json(wd / 'results.json')
+  assert list(out['results']) == ['0.1']
+  res = out['results']['0.1']
+  assert list(res['arms']) == list(TIW_ARMS)
+  assert sorted(os.listdir(wd / 'ref0.1')) == sorted(d for d, _ in TIW_ARMS.values())
+  dataset, bias, ref = _tiw_split(config)
+  test = sources.to_float(sources.load_dataset(config.data, 'test').images)
+  flat = lambda x: np.asarray(x, np.float64).reshape(len(x), -1)
+
+  def nn(x, pool):
+    pool = flat(pool)
+    return np.array([np.sqrt(((pool - q) ** 2).sum(1)).min() for q in flat(x)])
+
+  pools = dict(ref_nn_ratio=sources.to_float(dataset.images[ref]),
+               obs_nn_ratio=sources.to_float(dataset.images[np.concatenate([bias, ref])]))
+  for label, (slug, variant) in TIW_ARMS.items():
+    arm, row = wd / 'ref0.1' / slug, res['arms'][label]
+    saved = _json(arm / 'config.json')['method']
+    assert (saved['variant'], saved['alpha'], saved['ref_fraction']) == (variant, 1.0, 0.1)
+    record = _json(arm / 'arm.json')
+    assert {k: v for k, v in row.items() if k in record['eval']} == record['eval']
+    assert row['seconds'] == record['seconds'] > 0
+    samples = np.load(arm / 'eval_samples.npy').astype(np.float32)
+    _assert_frequencies(row['class_frequencies'], samples, clf)
+    for key, pool in pools.items():
+      want = np.median(nn(samples, pool)) / np.median(nn(test, pool))
+      assert row[key] == pytest.approx(want, rel=1e-4), (label, key)
+  count = lambda i: np.bincount(dataset.labels[i], minlength=10) / len(i)
+  np.testing.assert_allclose(res['data']['bias'], count(bias))
+  np.testing.assert_allclose(res['data']['ref'], count(ref))
+  np.testing.assert_allclose(res['data']['obs_mix'], 0.5 * count(ref) + 0.5 * count(bias))
+  assert (res['data']['num_bias'], res['data']['num_ref']) == (len(bias), len(ref))
+  assert out['header'].startswith(f'TIW-DSM comparison: digits, 4 steps of batch 16 per arm, '
+                                  f'40 samples per arm, evaluation classifier accuracy '
+                                  f'{clf.accuracy:.3f};')
+
+
+def _check_tiw_compare_table_agrees_with_the_json(tiw_run):
+  """results.md's rows are results.json's figures (tail: classes 5-9)."""
+  wd = tiw_run
+  res = _json(wd / 'results.json')['results']['0.1']
+  rows = run_files.markdown_rows((wd / 'results.md').read_text())
+  assert set(rows) == set(TIW_ARMS)
+  for label, r in res['arms'].items():
+    row = rows[label]
+    assert abs(float(row['classifier FID']) - r['classifier_fid']) <= 5e-3
+    assert abs(float(row['TV to uniform']) - r['tv_to_uniform']) <= 5e-4
+    assert abs(float(row['tail mass']) - sum(r['class_frequencies'][5:])) <= 5e-4
+    assert abs(float(row['NN ratio to D_ref']) - r['ref_nn_ratio']) <= 5e-3
+  assert f"({res['data']['num_ref']} reference, {res['data']['num_bias']} biased images)" in (
+      wd / 'results.md').read_text()
+
+
+def _check_tiw_compare_rerun_tabulates_finished_arms_without_touching_them(tiw_run):
+  """A second call asking for one arm reuses it and tabulates the other one, finished
+  earlier with the same config: both arms' folders stay as they were and the rows keep
+  their figures."""
+  wd = tiw_run
+  before = run_files.snapshot(wd / 'ref0.1')
+  rows = _json(wd / 'results.json')['results']['0.1']['arms']
+  out = _launch('tiw_compare', wd, 'digits_tiw', TIW, '--arms=DSM(obs)', '--alphas=')
+  assert '=== reference 0.1: TIW-DSM: finished earlier' in out, out[-2000:]
+  assert run_files.snapshot(wd / 'ref0.1') == before
+  assert _json(wd / 'results.json')['results']['0.1']['arms'] == rows
+
+
+
+def test_tiw_compare_main(tmp_path):
+  """experiments/tiw_compare.py with two arms, then again with one (see the checks)."""
+  _launch('tiw_compare', tmp_path, 'digits_tiw', TIW, '--arms=DSM(obs),TIW-DSM', '--alphas=')
+  _check_tiw_compare_rows_recomputed_from_each_arms_samples(tmp_path)
+  _check_tiw_compare_table_agrees_with_the_json(tmp_path)
+  _check_tiw_compare_rerun_tabulates_finished_arms_without_touching_them(tmp_path)
+
+
+# ----------------------------------------------------------------------------- toy
+
+TOY = {'model.hidden': 16, 'model.depth': 1, 'train.steps': 4, 'train.batch_size': 16,
+       'train.log_every': 2, 'optim.warmup_steps': 1, 'sample.num_steps': 4,
+       'toy.benchmarks': ('product', 'mixture'), 'toy.num_train': 64, 'toy.num_samples': 50,
+       'toy.quadrature_points': 20, 'mcmc.samplers': ('diffusion', 'mala'),
+       'mcmc.steps_per_level': 2}
+TOY_COMPONENTS = ('ring', 'vertical_bar', 'horizontal_bar', 'big_box', 'small_box')
+
+
+
+
+def _toy_targets():
+  """{row's benchmark: (exact density, seed of the reference samples, seed of the exact
+  samples the row is scored against)}, as the script documents them."""
+  from cdiff_jax import toys
+  densities = dict(zip(TOY_COMPONENTS, (toys.ring(), toys.vertical_bar(), toys.horizontal_bar(),
+                                        toys.box(1.0), toys.box(0.5))))
+  out = {f'component {n}': (d, 3, 4) for n, d in densities.items()}
+  out.update({b: (toys.benchmarks()[b].target, 11, 12) for b in TOY['toy.benchmarks']})
+  return out
+
+
+def _check_toy_rows_recomputed_from_the_saved_samples(toy_run):
+  """One row per learned component, then per benchmark x components x sampler, in order;
+  each row's exact log-likelihood (per-sample floor -20), sliced W2 to exact samples and
+  the same two figures of exact samples, recomputed from the saved samples and the
+  exact densities; acceptance only for MCMC."""
+  import jax.numpy as jnp
+  from cdiff_jax import toys
+  wd = toy_run
+  rows = _json(wd / 'toy_table.json')['rows']
+  want = [(f'component {n}', 'learned', 'diffusion') for n in TOY_COMPONENTS] + [
+      (b, s, k) for b in TOY['toy.benchmarks'] for s in ('oracle', 'learned')
+      for k in TOY['mcmc.samplers']]
+  assert [(r['benchmark'], r['components'], r['sampler']) for r in rows] == want
+  samples = np.load(wd / 'toy_samples.npz')
+  assert sorted(samples.files) == sorted('/'.join(w) for w in want)
+  targets = _toy_targets()
+
+  def ll(density, x):
+    v = np.asarray(density.log_prob(jnp.asarray(x, jnp.float32)), np.float64)
+    return float(np.mean(np.maximum(np.where(np.isfinite(v), v, -20.0), -20.0)))
+
+  for r in rows:
+    x = samples['/'.join((r['benchmark'], r['components'], r['sampler']))]
+    density, exact_seed, ref_seed = targets[r['benchmark']]
+    assert x.shape == (50, 2)
+    exact = density.sample(np.random.default_rng(exact_seed), 50)
+    ref = density.sample(np.random.default_rng(ref_seed), 50)
+    assert r['log_likelihood'] == pytest.approx(ll(density, x), abs=1e-5), r
+    assert r['exact_log_likelihood'] == pytest.approx(ll(density, ref), abs=1e-5), r
+    assert r['sliced_w2'] == pytest.approx(toys.sliced_wasserstein(x, exact), rel=1e-6), r
+    assert r['exact_sliced_w2'] == pytest.approx(toys.sliced_wasserstein(ref, exact), rel=1e-6)
+    assert r['nonfinite'] == int(np.sum(~np.isfinite(x).all(1)))
+    if not r['benchmark'].startswith('component'):
+      assert (r['accept_rate'] is None) == (r['sampler'] == 'diffusion')
+      if r['accept_rate'] is not None:
+        assert 0 <= r['accept_rate'] <= 1
+
+
+def _check_toy_table_agrees_with_the_json(toy_run):
+  """toy_table.md has one line per JSON row, with that row's figures."""
+  wd = toy_run
+  rows = _json(wd / 'toy_table.json')['rows']
+  lines = [l for l in (wd / 'toy_table.md').read_text().splitlines()
+           if l.startswith('|') and not l.startswith(('| benchmark', '|---'))]
+  assert len(lines) == len(rows)
+  for line, r in zip(lines, rows):
+    cells = [c.strip() for c in line.strip('|').split('|')]
+    acc = '-' if r.get('accept_rate') is None else f"{r['accept_rate']:.2f}"
+    assert cells == [r['benchmark'], r['components'], r['sampler'],
+                     f"{r['log_likelihood']:.3f} ({r['exact_log_likelihood']:.3f})",
+                     f"{r['sliced_w2']:.4f} ({r['exact_sliced_w2']:.4f})", acc]
+
+
+def _check_toy_component_check_samples_its_own_model(toy_run):
+  """The 'component vertical_bar' samples are reverse diffusion (key 7) of the model
+  saved as components/vertical_bar.msgpack, drawn again here."""
+  import flax.serialization
+  import jax
+  from cdiff_jax import train
+  from cdiff_jax.methods import guidance
+  from cdiff_jax.sampling import Sampler, mcmc
+  wd = toy_run
+  config = _config('toy_composition', TOY)
+  with open(wd / 'components' / 'vertical_bar.msgpack', 'rb') as f:
+    params = flax.serialization.msgpack_restore(f.read())
+  model = train.build_score_model(config, num_classes=1)
+  pot = guidance.combine(guidance.model_components(model), 'product', (1.0,))
+  sampler = Sampler(mcmc.eps_fn_from_potential(pot, model.schedule), model.schedule, (2,),
+                    sampler='ancestral', num_steps=4, num_chunks=1)
+  x = np.asarray(sampler(guidance.stack_params([params]), jax.random.key(7), 50))
+  np.testing.assert_allclose(np.load(wd / 'toy_samples.npz')['component vertical_bar/learned/diffusion'],
+                             x, atol=1e-5)
+
+
+def _check_toy_rerun_loads_the_trained_components(toy_run):
+  """A second call (one benchmark and sampler: the samplers' settings do not retrain the
+  components) trains no component, their files stay as they were, and sampling with the
+  same seeds gives the same rows as the first call."""
+  wd = toy_run
+  before = run_files.snapshot(wd / 'components')
+  strip = lambda r: {k: v for k, v in r.items() if k != 'seconds'}
+  keep = lambda r: r['benchmark'].startswith('component') or (
+      r['benchmark'] == 'product' and r['sampler'] == 'diffusion')
+  rows = [strip(r) for r in _json(wd / 'toy_table.json')['rows'] if keep(r)]
+  out = _launch('toy_composition', wd, 'toy_composition',
+                dict(TOY, **{'toy.benchmarks': ('product',), 'mcmc.samplers': ('diffusion',)}))
+  assert out.count('loaded') == 5 and 'steps in' not in out, out[-2000:]
+  assert run_files.snapshot(wd / 'components') == before
+  assert [strip(r) for r in _json(wd / 'toy_table.json')['rows']] == rows
+
+
+def test_toy_composition_main(tmp_path):
+  """experiments/toy_composition.py end to end, then again (see the checks)."""
+  _launch('toy_composition', tmp_path, 'toy_composition', TOY)
+  _check_toy_rows_recomputed_from_the_saved_samples(tmp_path)
+  _check_toy_table_agrees_with_the_json(tmp_path)
+  _check_toy_component_check_samples_its_own_model(tmp_path)
+  _check_toy_rerun_loads_the_trained_components(tmp_path)
