@@ -16,7 +16,9 @@
 3. Labels every sample with the evaluation classifier (trained once on the real balanced
    training set and cached) and writes WORKDIR/guidance.{md,json} (class frequencies, hit
    rate of the requested class, classifier FID), WORKDIR/frequencies.png and one sample
-   grid per setting under WORKDIR/grids/ (conditional grids: one column per class).
+   grid per setting under WORKDIR/grids/ (conditional grids: one column per class), and
+   every setting's samples as WORKDIR/samples/<setting>.npy (conditional settings: sample
+   i requested class i mod k).
 """
 
 from __future__ import annotations
@@ -102,7 +104,8 @@ def main(argv):
   # Checked before training, so a bad guidance field costs no training run; a ConfigError
   # is one error line (cli.run).
   validate(config, sources.load_dataset(config.data, 'train').num_classes)
-  os.makedirs(os.path.join(workdir, 'grids'), exist_ok=True)
+  for sub in ('grids', 'samples'):
+    os.makedirs(os.path.join(workdir, sub), exist_ok=True)
   train.setup_jax(config)
   t_start = time.time()
   exp, state, train_seconds = train_model(config, workdir, progress)
@@ -167,6 +170,9 @@ def main(argv):
     # Conditional settings cycle the labels 0..k-1, so each grid column is one class.
     writers.save_image_grid(os.path.join(workdir, 'grids', name.replace(' ', '_') + '.png'),
                             x[:100], ncols=k if requested is not None else None)
+    # Every sample (sample i of a conditional setting requested class i mod k), so the
+    # figures can be recomputed or the samples relabelled with another classifier.
+    np.save(os.path.join(workdir, 'samples', name.replace(' ', '_') + '.npy'), x)
 
   writers.plot_class_frequencies(
       os.path.join(workdir, 'frequencies.png'),

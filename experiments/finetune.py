@@ -138,7 +138,11 @@ def main(argv):
       else:
         print(f'{gen_path}: made by another pre-trained model or sampler; sampling again.')
   if cached is None:
+    from cdiff_jax import parallel
     exp = train.build(pre_cfg)
+    # load_params gives the parameters on one device; the sampler's state is replicated
+    # over the run's mesh (with several devices, mixing the two fails).
+    params = parallel.put_replicated(params, exp.mesh)
     state = exp.init_state().replace(params=params, ema_params=params)
     generated = evaluation.generate(exp, state, fc.num_generated, seed=fc.new_data_seed + 7,
                                     progress=progress)

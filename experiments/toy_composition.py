@@ -20,7 +20,8 @@ Steps (each component model is trained once and cached in WORKDIR/components/):
    Wasserstein distance to exact samples.
 
 Outputs: WORKDIR/toy_table.{md,json}, WORKDIR/toy_<benchmark>.png (sample scatter plots),
-WORKDIR/toy_acceptance.png (acceptance rate per noise level), WORKDIR/components.png.
+WORKDIR/toy_acceptance.png (acceptance rate per noise level), WORKDIR/components.png and
+WORKDIR/toy_samples.npz (every row's samples, under 'benchmark/components/sampler').
 """
 
 from __future__ import annotations
@@ -296,6 +297,7 @@ def main(argv):
     params, train_seconds = train_components(config, workdir, _PROGRESS.value)
 
   rows, curves, n = [], {}, config.toy.num_samples
+  samples = {}   # 'benchmark/components/sampler' -> the row's samples (toy_samples.npz)
   benches = toys.benchmarks()
   densities = component_densities()
   # Component check: each learned model alone, by reverse diffusion (its own quality).
@@ -313,6 +315,7 @@ def main(argv):
                        **m, exact_log_likelihood=ref['log_likelihood'],
                        exact_sliced_w2=ref['sliced_w2']))
       component_panels[('learned', name)] = (x, f"LL {m['log_likelihood']:.2f}")
+      samples[f'component {name}/learned/diffusion'] = x
     plot_benchmark(os.path.join(workdir, 'components.png'), 'component models (reverse diffusion)',
                    component_panels, toys.Mixture(tuple(densities.values()), (1,) * 5))
 
@@ -338,6 +341,7 @@ def main(argv):
                    accept_rate=None if acc is None else float(np.mean(acc)),
                    seconds=seconds)
         rows.append(row)
+        samples[f'{bench_name}/{source}/{sampler_name}'] = x
         if acc is not None:
           curves[f'{bench_name}/{source}/{sampler_name}'] = (info['times'], acc)
         panels[(source, sampler_name)] = (
@@ -350,6 +354,7 @@ def main(argv):
     plot_benchmark(os.path.join(workdir, f'toy_{bench_name}.png'), bench.name, panels,
                    bench.target, exact=(exact, f"LL {ref['log_likelihood']:.2f}"))
     table = write_table(workdir, rows, config, time.time() - start_all, train_seconds)
+    np.savez(os.path.join(workdir, 'toy_samples.npz'), **samples)
   bar.close()
   plot_acceptance(os.path.join(workdir, 'toy_acceptance.png'), curves)
   table = write_table(workdir, rows, config, time.time() - start_all, train_seconds)

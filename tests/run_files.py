@@ -89,3 +89,24 @@ def state_leaves(state) -> list:
   import numpy as np
   state = state.replace(rng=jax.random.key_data(state.rng))
   return [np.asarray(x) for x in jax.tree.leaves(jax.device_get(state))]
+
+
+def markdown_rows(text: str) -> dict:
+  """{first cell: {column header: cell}} of every markdown table row in ``text`` (each
+  table's first row is its header)."""
+  out, header = {}, None
+  for line in text.splitlines():
+    if not line.startswith('|'):
+      header = None
+      continue
+    cells = [c.strip() for c in line.strip().strip('|').split('|')]
+    if header is None:
+      header = cells
+    elif not set(line.strip()) <= set('|-: '):
+      out[cells[0]] = dict(zip(header, cells))
+  return out
+
+
+def floats(cell: str) -> list[float]:
+  """The numbers of a table cell such as '0.100, 0.250' or '0.10 0.25'."""
+  return [float(v) for v in cell.replace(',', ' ').split()]

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+import run_files
 from cdiff_jax import config as config_lib
 from cdiff_jax import writers
 
@@ -23,25 +24,6 @@ def _run(code: str, *args) -> None:
   out = subprocess.run([sys.executable, '-c', textwrap.dedent(code), *args], cwd=ROOT,
                        capture_output=True, text=True, timeout=300)
   assert out.returncode == 0 and out.stdout.strip().endswith('ok'), out.stderr[-3000:]
-
-
-def _rows(table: str) -> dict:
-  """{first cell: {column header: cell}} of every markdown table in ``table``."""
-  out, header = {}, None
-  for line in table.splitlines():
-    if not line.startswith('|'):
-      header = None
-      continue
-    cells = [c.strip() for c in line.strip('|').split('|')]
-    if header is None:
-      header = cells
-    elif not set(line) <= set('|-: '):
-      out[cells[0]] = dict(zip(header, cells))
-  return out
-
-
-def _floats(cell: str) -> list[float]:
-  return [float(v) for v in cell.replace(',', ' ').split()]
 
 
 def _minority_arm(seed: int, lam=None, seconds=None):
@@ -61,7 +43,7 @@ def test_minority_table_reads_each_arms_own_figures():
   config = digits_minority.get_config()
   arms = {'unconstrained': _minority_arm(0, seconds=90.0),
           'constrained': _minority_arm(1, lam=[0.5, 1.25, 2.0], seconds=None)}
-  rows = _rows(minority.comparison_table(config, arms))
+  rows = run_files.markdown_rows(minority.comparison_table(config, arms))
   assert set(rows) == {'unconstrained', 'constrained'}
   classes = sorted(config.data.minority_classes)
   for name, arm in arms.items():
@@ -70,15 +52,17 @@ def test_minority_table_reads_each_arms_own_figures():
     assert freq_col == f"minority freq. ({', '.join(map(str, classes))})"
     assert abs(float(row['TV to uniform']) - ev['tv_to_uniform']) < 5e-4
     assert abs(float(row['classifier FID']) - ev['classifier_fid']) < 5e-3
-    np.testing.assert_allclose(_floats(row[freq_col]),
+    np.testing.assert_allclose(run_files.floats(row[freq_col]),
                                [ev['class_frequencies'][c] for c in classes], atol=5e-4)
-    np.testing.assert_allclose(_floats(row['class frequencies']), ev['class_frequencies'],
+    np.testing.assert_allclose(run_files.floats(row['class frequencies']), ev['class_frequencies'],
                                atol=5e-3)
   assert rows['unconstrained']['lambda (end)'] == '0 (fixed)'
   assert rows['unconstrained']['thresholds b'] == '-'
   assert rows['unconstrained']['run time'] == '1.5 min'
-  np.testing.assert_allclose(_floats(rows['constrained']['lambda (end)']), [0.5, 1.25, 2.0])
-  np.testing.assert_allclose(_floats(rows['constrained']['thresholds b']), [0.011, 0.022, 0.033])
+  constrained = rows['constrained']
+  np.testing.assert_allclose(run_files.floats(constrained['lambda (end)']), [0.5, 1.25, 2.0])
+  np.testing.assert_allclose(run_files.floats(constrained['thresholds b']),
+                             [0.011, 0.022, 0.033])
   assert rows['constrained']['run time'] == '-'
 
 
@@ -146,7 +130,7 @@ def test_tiw_table_tail_mass_copying_ratio_and_ordering(tmp_path):
                                                 num_bias=900, num_ref=90))}
   text = tiw_compare.write_table(str(tmp_path), results, 'header')
   assert (tmp_path / 'results.md').read_text() == text
-  rows = _rows(text)
+  rows = run_files.markdown_rows(text)
   for label, row in arms.items():
     cells = rows[label]
     assert abs(float(cells['classifier FID']) - row['classifier_fid']) < 5e-3
