@@ -161,36 +161,32 @@ class Constrained:
     return self.lagrangian(group_loss, lam), dict(metrics=metrics, constraint_loss=constraint_loss)
 
   def update_extras(self, extras, aux, step, rng):
-    # Everything here counts applied (finite) steps, ``ema_count``, not ``step``: a skipped
-    # non-finite step keeps the old extras, so counted by step the windows, the dual lr and
-    # dual_start would drift from the primal schedule, which counts applied steps too.
+    # The dual side counts applied (finite) steps, ``ema_count``, not ``step``: a skipped
+    # non-finite step keeps the old extras (neither adding to a window nor ending one), and
+    # the primal schedule counts applied steps too. Counted by step, a skip left a window's
+    # mean one loss short or carried its sum into the next window, and moved the dual lr
+    # and dual_start out of step with the primal lr.
     del step, rng
+    applied = extras['ema_count']   # applied steps before this one
     current = aux['constraint_loss']
     window_sum = extras['window_sum'] + current
-    count = extras['ema_count'] + 1
+    count = applied + 1
     loss_ema = self.dual_ema * extras['loss_ema'] + (1 - self.dual_ema) * current
     # Bias-corrected running average (as in Adam), so early dual steps are not pulled to 0.
     ema = loss_ema / (1 - self.dual_ema ** count.astype(jnp.float32))
-    # Windows of ``dual_every`` applied steps: ``ema_count`` counts the applied (finite)
-    # steps, and a skipped non-finite step keeps the old extras, so it neither adds to the
-    # window's sum nor to its length nor ends it (counted by ``step``, a skip would leave
-    # the window's mean short of one loss, or keep the sum of a window whose last step was
-    # skipped in the next window's mean). The window's mean so far (its full mean at the
-    # window's last step, where lam moves), so the logged gap is a gap at every step.
-    position = extras['ema_count'] % self.dual_every
+    # Windows of ``dual_every`` applied steps. The window's mean so far (its full mean at
+    # the window's last step, where lam moves), so the logged gap is a gap at every step.
+    position = applied % self.dual_every
     in_window = jnp.asarray(position + 1, jnp.float32)
     estimate = {'minibatch': current, 'window': window_sum / in_window,
                 'ema': ema}[self.dual_estimate]
     lam = extras['lam']
     gap = estimate - extras['thresholds']
     slack = lam / self.resilient_alpha if self.resilient_alpha > 0 else jnp.zeros_like(lam)
-    # ``ema_count`` counts the applied (finite) steps, as the optimizer's schedule does, so
-    # after a skipped non-finite step the dual lr stays in step with the primal lr applied.
-    eta = self.dual_lr * (self.dual_lr_fn(extras['ema_count']) if self.dual_lr_fn is not None
-                          else 1.0)
+    eta = self.dual_lr * (self.dual_lr_fn(applied) if self.dual_lr_fn is not None else 1.0)
     ascent = jnp.maximum(0.0, lam + eta * (gap - slack))
     window_end = position + 1 == self.dual_every
-    is_dual_step = window_end & (extras['ema_count'] >= self.dual_start) & self.enabled
+    is_dual_step = window_end & (applied >= self.dual_start) & self.enabled
     lam = jnp.where(is_dual_step, ascent, lam)
     new = dict(extras, lam=lam, loss_ema=loss_ema, ema_count=count,
                window_sum=jnp.where(window_end, jnp.zeros_like(window_sum), window_sum),
