@@ -1,10 +1,16 @@
-"""The Colab notebooks run top to bottom (a smoke run of a few steps), so they cannot rot."""
+"""The Colab notebooks run top to bottom (a smoke run of a few steps), so they cannot rot,
+and the tables they print are the figures their arms wrote (eval.json, metrics.jsonl)."""
 
 import os
 
+import json
+
 import nbformat
+import numpy as np
 import pytest
 from nbclient import NotebookClient
+
+import run_files
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -38,3 +44,37 @@ def test_notebook_executes(name, tmp_path, monkeypatch):
       assert (workdir / arm / f).exists(), (arm, f)
   if name == 'constrained_digits.ipynb':
     assert (workdir / 'constrained' / 'lambda.png').exists()
+  printed = run_files.markdown_rows('\n'.join(
+      o.get('text', '') for c in nb.cells if c.cell_type == 'code' for o in c.outputs
+      if o.get('output_type') == 'stream'))
+  assert set(printed) == set(NOTEBOOK_ROWS[name]), printed
+  for row_name, arm in NOTEBOOK_ROWS[name].items():
+    _assert_row_is_the_arms_figures(printed[row_name], workdir / arm)
+
+
+# notebook -> {printed table row: arm folder}
+NOTEBOOK_ROWS = {
+    'constrained_digits.ipynb': {'unconstrained': 'unconstrained', 'constrained': 'constrained'},
+    'tiw_digits.ipynb': {'DSM(obs)': 'dsm_obs', 'TIW-DSM': 'tiw_dsm'},
+}
+
+
+def _assert_row_is_the_arms_figures(row: dict, arm):
+  """A printed row's TV, FID, minority frequencies / tail mass and final multipliers are
+  those of the arm's eval.json and last metrics record, to the printed digits."""
+  with open(arm / 'eval.json') as f:
+    ev = json.load(f)
+  freqs = np.asarray(ev['class_frequencies'])
+  assert abs(float(row['TV to uniform']) - ev['tv_to_uniform']) <= 5e-4, row
+  assert abs(float(row['classifier FID']) - ev['classifier_fid']) <= 5e-3, row
+  if 'tail mass (5-9)' in row:
+    assert abs(float(row['tail mass (5-9)']) - freqs[5:].sum()) <= 5e-4, row
+    return
+  np.testing.assert_allclose(run_files.floats(row['minority freq. (4, 5, 7)']),
+                             freqs[[4, 5, 7]], atol=5e-4)
+  if arm.name == 'constrained':
+    with open(arm / 'metrics.jsonl') as f:
+      last = [json.loads(line) for line in f][-1]
+    np.testing.assert_allclose(run_files.floats(row['lambda (end)']), last['lam'], atol=5e-4)
+  else:
+    assert row['lambda (end)'] == '0 (fixed)', row
