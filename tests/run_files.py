@@ -37,6 +37,21 @@ def tensorboard_events(logdir) -> tuple[dict, list[int]]:
   return scalars, starts
 
 
+def tiny_digits_config(log_every: int, checkpoint_every: int, steps_per_call: int = 1):
+  """A digits DSM config for launcher runs of a few seconds: a one-block UNet without
+  attention, 8 steps of batch 16, records and checkpoints at the given cadence, 2-step
+  sampling of 2 samples, no compilation cache."""
+  from cdiff_jax.config import base_config
+  c = base_config()
+  c.model.ch, c.model.num_res_blocks, c.model.attn_levels = 16, 1, ()
+  c.train.steps, c.train.batch_size, c.train.steps_per_call = 8, 16, steps_per_call
+  c.train.log_every, c.train.checkpoint_every = log_every, checkpoint_every
+  c.train.compilation_cache = False
+  c.optim.warmup_steps = 2
+  c.sample.num_steps, c.sample.num_samples = 2, 2
+  return c
+
+
 class FakeClock:
   """Stands in for the launcher's ``time`` module: one second per reading, so the logged
   throughput is known exactly."""
@@ -82,13 +97,18 @@ def assert_interval_means(records, steps: dict, batch_size: int) -> None:
     prev = r['step']
 
 
+def leaves(tree) -> list:
+  """Every array of a pytree on the host, in tree order."""
+  import jax
+  import numpy as np
+  return [np.asarray(x) for x in jax.tree.leaves(jax.device_get(tree))]
+
+
 def state_leaves(state) -> list:
   """Every array of a TrainState on the host (the rng key as its raw data), in tree order:
   step, params, EMA params, optimizer state, method extras and rng."""
   import jax
-  import numpy as np
-  state = state.replace(rng=jax.random.key_data(state.rng))
-  return [np.asarray(x) for x in jax.tree.leaves(jax.device_get(state))]
+  return leaves(state.replace(rng=jax.random.key_data(state.rng)))
 
 
 def markdown_rows(text: str) -> dict:

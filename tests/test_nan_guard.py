@@ -4,15 +4,11 @@ step untouched and goes on."""
 
 import os
 
-import jax
 import numpy as np
 import pytest
 
+import run_files
 from cdiff_jax import checkpoint, train, writers
-
-
-def _leaves(tree):
-  return [np.asarray(x) for x in jax.tree.leaves(jax.device_get(tree))]
 
 
 def test_nan_stops_and_keeps_last_good_checkpoint(tiny_config, tmp_path):
@@ -31,7 +27,8 @@ def test_nan_stops_and_keeps_last_good_checkpoint(tiny_config, tmp_path):
   c.train.debug_nan_step = -1
   exp = train.build(c)
   clean4, _ = train.fit(exp, exp.init_state(), until=4)
-  for a, b in zip(_leaves(clean4.params), _leaves(checkpoint.load_params(str(tmp_path), 'params'))):
+  saved = checkpoint.load_params(str(tmp_path), 'params')
+  for a, b in zip(run_files.leaves(clean4.params), run_files.leaves(saved)):
     np.testing.assert_array_equal(a, b)
 
 
@@ -42,11 +39,12 @@ def test_nan_skip_keeps_state_and_continues(tiny_config, tmp_path):
   c.train.on_nonfinite = 'skip'
   exp = train.build(c)
   before, _ = train.fit(exp, exp.init_state(), until=5)
-  before_leaves = _leaves((before.params, before.ema_params, before.opt_state, before.extras))
+  before_leaves = run_files.leaves((before.params, before.ema_params, before.opt_state,
+                                    before.extras))
   after, history = train.fit(exp, before, until=6)
   assert int(history[-1]['nonfinite']) == 1 and int(after.step) == 6
-  for a, b in zip(before_leaves, _leaves((after.params, after.ema_params, after.opt_state,
-                                          after.extras))):
+  for a, b in zip(before_leaves, run_files.leaves((after.params, after.ema_params,
+                                                   after.opt_state, after.extras))):
     np.testing.assert_array_equal(a, b)
 
   out = train.train_and_evaluate(c, str(tmp_path), progress=False)
@@ -55,7 +53,7 @@ def test_nan_skip_keeps_state_and_continues(tiny_config, tmp_path):
   assert [r['nonfinite'] for r in records] == [0, 1]
   # The interval's loss is the mean over its finite steps (not 'nan' for the whole interval).
   assert isinstance(records[1]['loss'], float) and np.isfinite(records[1]['loss'])
-  assert all(np.isfinite(x).all() for x in _leaves(out['state'].params))
+  assert all(np.isfinite(x).all() for x in run_files.leaves(out['state'].params))
 
 
 def test_interval_means_leave_out_skipped_steps():

@@ -109,14 +109,7 @@ def _scan_equals_single_steps(config, scanned, dataset=None):
 def _dsm_config():
   """Tiny digits DSM, 2 steps per call: 8 steps, checkpoints at 4, records at 6 and 8
   (and at every checkpoint)."""
-  c = config_lib.base_config()
-  c.model.ch, c.model.num_res_blocks, c.model.attn_levels = 16, 1, ()
-  c.train.steps, c.train.batch_size, c.train.steps_per_call = 8, 16, 2
-  c.train.log_every, c.train.checkpoint_every = 6, 4
-  c.train.compilation_cache = False
-  c.optim.warmup_steps = 2
-  c.sample.num_steps, c.sample.num_samples = 2, 2
-  return c
+  return run_files.tiny_digits_config(log_every=6, checkpoint_every=4, steps_per_call=2)
 
 
 @pytest.fixture(scope='module')

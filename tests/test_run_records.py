@@ -14,20 +14,9 @@ import run_files
 from cdiff_jax import checkpoint, parallel, train, train_step, writers
 
 
-def _leaves(tree):
-  return [np.asarray(x) for x in jax.tree.leaves(jax.device_get(tree))]
-
-
 def _config():
   """A tiny digits config: 8 steps, a record every 3 and a checkpoint every 2 steps."""
-  from cdiff_jax.config import base_config
-  c = base_config()
-  c.model.ch, c.model.num_res_blocks, c.model.attn_levels = 16, 1, ()
-  c.train.steps, c.train.batch_size, c.train.log_every, c.train.checkpoint_every = 8, 16, 3, 2
-  c.train.compilation_cache = False
-  c.optim.warmup_steps = 2
-  c.sample.num_steps, c.sample.num_samples = 2, 2
-  return c
+  return run_files.tiny_digits_config(log_every=3, checkpoint_every=2)
 
 
 @pytest.fixture(scope='module')
@@ -43,7 +32,8 @@ def reference(tmp_path_factory):
   with pytest.MonkeyPatch.context() as mp:
     mp.setattr(train, 'time', run_files.FakeClock())
     full = train.train_and_evaluate(c, workdir, progress=False)
-  return dict(per_step=run_files.per_step(h1 + h2), fit=_leaves((state.params, state.ema_params)),
+  return dict(per_step=run_files.per_step(h1 + h2),
+              fit=run_files.leaves((state.params, state.ema_params)),
               full=full, workdir=workdir, records=writers.read_metrics(workdir))
 
 
@@ -54,7 +44,8 @@ def test_records_are_interval_means_of_fit(reference):
   records, full = reference['records'], reference['full']
   assert {3, 6, 8} <= {r['step'] for r in records}
   run_files.assert_interval_means(records, reference['per_step'], _config().train.batch_size)
-  for a, b in zip(reference['fit'], _leaves((full['state'].params, full['state'].ema_params))):
+  for a, b in zip(reference['fit'],
+                  run_files.leaves((full['state'].params, full['state'].ema_params))):
     np.testing.assert_array_equal(a, b)
   last = {key: v for key, v in records[-1].items() if key != 'step'}
   assert full['final_metrics'] == last
@@ -86,8 +77,8 @@ def test_killed_run_resumes_to_the_same_records(reference, tmp_path, monkeypatch
 
   resumed = train.train_and_evaluate(c, str(tmp_path), progress=False)
   assert writers.read_metrics(str(tmp_path)) == reference['records']
-  for a, b in zip(reference['fit'], _leaves((resumed['state'].params,
-                                             resumed['state'].ema_params))):
+  for a, b in zip(reference['fit'], run_files.leaves((resumed['state'].params,
+                                                      resumed['state'].ema_params))):
     np.testing.assert_array_equal(a, b)
 
   before = run_files.snapshot(str(tmp_path / 'checkpoints'))
@@ -114,7 +105,8 @@ def test_preemption_between_checkpoints_saves_there_and_resumes(reference, tmp_p
   monkeypatch.setattr(train._PreemptionWatch, 'should_stop', original)
   out = train.train_and_evaluate(c, str(tmp_path), progress=False)
   assert 'Resumed from step 5' in capsys.readouterr().out
-  for a, b in zip(reference['fit'], _leaves((out['state'].params, out['state'].ema_params))):
+  for a, b in zip(reference['fit'],
+                  run_files.leaves((out['state'].params, out['state'].ema_params))):
     np.testing.assert_array_equal(a, b)
   records = writers.read_metrics(str(tmp_path))
   assert {3, 5, 6, 8} <= {r['step'] for r in records}
