@@ -168,11 +168,12 @@ def main(argv):
       row['per_class_hit_rate'] = [float(np.mean(pred[requested == c] == c)) for c in range(k)]
     rows[name] = row
     # Conditional settings cycle the labels 0..k-1, so each grid column is one class.
-    writers.save_image_grid(os.path.join(workdir, 'grids', name.replace(' ', '_') + '.png'),
+    file_name = name.replace(' ', '_')
+    writers.save_image_grid(os.path.join(workdir, 'grids', file_name + '.png'),
                             x[:100], ncols=k if requested is not None else None)
     # Every sample (sample i of a conditional setting requested class i mod k), so the
     # figures can be recomputed or the samples relabelled with another classifier.
-    np.save(os.path.join(workdir, 'samples', name.replace(' ', '_') + '.npy'), x)
+    np.save(os.path.join(workdir, 'samples', file_name + '.npy'), x)
 
   writers.plot_class_frequencies(
       os.path.join(workdir, 'frequencies.png'),

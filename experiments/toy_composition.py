@@ -341,15 +341,16 @@ def main(argv):
                    accept_rate=None if acc is None else float(np.mean(acc)),
                    seconds=seconds)
         rows.append(row)
-        samples[f'{bench_name}/{source}/{sampler_name}'] = x
+        key = f'{bench_name}/{source}/{sampler_name}'
+        samples[key] = x
         if acc is not None:
-          curves[f'{bench_name}/{source}/{sampler_name}'] = (info['times'], acc)
+          curves[key] = (info['times'], acc)
         panels[(source, sampler_name)] = (
             x, f"LL {m['log_likelihood']:.2f}  SW {m['sliced_w2']:.3f}")
         bar.update(1)
-        bar.set_postfix(last=f'{bench_name}/{source}/{sampler_name}')
+        bar.set_postfix(last=key)
         if not _PROGRESS.value:
-          print(f"{bench_name}/{source}/{sampler_name}: LL {m['log_likelihood']:.3f}, "
+          print(f"{key}: LL {m['log_likelihood']:.3f}, "
                 f"sliced W2 {m['sliced_w2']:.4f}, {seconds:.0f} s", flush=True)
     plot_benchmark(os.path.join(workdir, f'toy_{bench_name}.png'), bench.name, panels,
                    bench.target, exact=(exact, f"LL {ref['log_likelihood']:.2f}"))
