@@ -6,8 +6,8 @@ and with its metrics.jsonl records; each record is the mean of the per-step metr
 interval; the scanned step equals k single steps; and after a skipped non-finite step the
 count of applied steps, the learning rate and the dual ascent (its lr, window and estimate)
 stay where a step-by-step replay of the logged figures puts them. For DSM (the U-Net, with
-its loop-friendly convolutions), constrained dual training and TIW-DSM with the
-discriminator trained jointly."""
+its loop-friendly convolutions; k = 2 and 4), constrained dual training (k = 2 and 4) and
+TIW-DSM with the discriminator trained jointly."""
 
 import signal
 
@@ -155,6 +155,42 @@ def test_preempted_mid_call_then_killed_resumes_to_the_uninterrupted_run(dsm_run
   assert resumed.records[2:] == dsm_run.records[1:]
   run_files.assert_interval_means(resumed.records, run_files.per_step(dsm_run.calls, 2),
                                   c.train.batch_size)
+
+
+def _dsm_k4_config():
+  """The same DSM at 4 steps per call: 16 steps, records every 4, checkpoints at 8."""
+  c = run_files.tiny_digits_config(log_every=4, checkpoint_every=8, steps_per_call=4)
+  c.train.steps = 16
+  return c
+
+
+@pytest.fixture(scope='module')
+def dsm_k4_run(tmp_path_factory):
+  return _Run(_dsm_k4_config(), tmp_path_factory.mktemp('dsm_k4'))
+
+
+def test_dsm_k4_killed_resumes_to_the_uninterrupted_run(dsm_k4_run, tmp_path):
+  """k = 4: killed before its fourth call (steps 0-11 done, records at 4, 8 and 12, the
+  checkpoint at 8), the rerun resumes at 8 and ends with every array of the uninterrupted
+  run's state and its records."""
+  assert [r['step'] for r in dsm_k4_run.records] == [4, 8, 12, 16]
+  run_files.assert_interval_means(dsm_k4_run.records, run_files.per_step(dsm_k4_run.calls, 4),
+                                  _dsm_k4_config().train.batch_size)
+  _resume_after_kill(_dsm_k4_config(), tmp_path, dsm_k4_run, kill_at=4)
+
+
+def test_dsm_k4_preempted_mid_call_resumes_to_the_uninterrupted_run(dsm_k4_run, tmp_path):
+  """k = 4: a SIGTERM during the first call is honoured at its end (step 4, not a
+  checkpoint step): a record and a checkpoint there, then Preempted; the rerun runs the
+  three remaining calls from step 4 and ends as the uninterrupted run did."""
+  c = _dsm_k4_config()
+  preempted = _Run(c, tmp_path, sigterm_in=1)
+  assert isinstance(preempted.error, train.Preempted) and preempted.error.step == 4
+  assert preempted.saved == 4 and [r['step'] for r in preempted.records] == [4]
+  resumed = _Run(c, tmp_path)
+  assert resumed.error is None and len(resumed.calls) == 3
+  _assert_same_state(dsm_k4_run.result['state'], resumed.result['state'])
+  assert resumed.records == dsm_k4_run.records
 
 
 # ----------------------------------------------------------------- toy data: the methods
