@@ -7,11 +7,11 @@
 #   bash benchmarks/gpu.sh OUT_DIR [MNIST_IDX_DIR]
 #
 # PYTHON (default .venv/bin/python) needs jax with CUDA and this project's dependencies,
-# TORCH_PYTHON (default: PYTHON) a CUDA build of torch. With MNIST_IDX_DIR (MNIST's IDX files) `mfu.py` times
-# configs/mnist_minority.py, else configs/digits_minority.py. TORCH_DEVICE=cpu runs the
-# same parts with PyTorch on the CPU (a dry run of this script where there is no GPU);
-# REPEATS sets the alternating rounds (default 3). JAX gets 45% of the GPU's memory
-# (XLA_PYTHON_CLIENT_MEM_FRACTION), PyTorch the rest.
+# TORCH_PYTHON (default: PYTHON) a CUDA build of torch. With MNIST_IDX_DIR (MNIST's IDX
+# files) `mfu.py` times configs/mnist_minority.py, else configs/digits_minority.py.
+# TORCH_DEVICE=cpu runs the same parts with PyTorch on the CPU (a dry run of this script
+# where there is no GPU); REPEATS sets the alternating rounds (default 3). JAX gets 45% of
+# the GPU's memory (XLA_PYTHON_CLIENT_MEM_FRACTION), PyTorch the rest.
 set -u
 out=${1:?usage: bash benchmarks/gpu.sh OUT_DIR [MNIST_IDX_DIR]}
 data=${2:-}
@@ -32,11 +32,11 @@ part() {  # part NAME SECONDS COMMAND...: run it under a time limit, keep its lo
 }
 
 side=(--torch-python "$tpy" --torch-device "$dev" --repeats "$rounds")
-part train_float32 180 "$py" benchmarks/train_step.py "${side[@]}" --settle 1 --models default,mnist28 \
-  --steps-per-call 1 --json "$out/train_float32.json"
-part train_bfloat16 180 "$py" benchmarks/train_step.py "${side[@]}" --settle 1 --models default,mnist28 \
-  --steps-per-call 1 --set model.dtype=bfloat16 --set train.batch_size=256 \
-  --json "$out/train_bfloat16.json"
+part train_float32 180 "$py" benchmarks/train_step.py "${side[@]}" --settle 1 \
+  --models default,mnist28 --steps-per-call 1 --json "$out/train_float32.json"
+part train_bfloat16 180 "$py" benchmarks/train_step.py "${side[@]}" --settle 1 \
+  --models default,mnist28 --steps-per-call 1 --set model.dtype=bfloat16 \
+  --set train.batch_size=256 --json "$out/train_bfloat16.json"
 part sampling 150 "$py" benchmarks/sampling.py "${side[@]}" --models default,mnist28 \
   --levels 20 --kinds ula,hmc --json "$out/sampling.json"
 if [ -n "$data" ]; then

@@ -173,10 +173,11 @@ def test_dsm_k4_killed_resumes_to_the_uninterrupted_run(dsm_k4_run, tmp_path):
   """k = 4: killed before its fourth call (steps 0-11 done, records at 4, 8 and 12, the
   checkpoint at 8), the rerun resumes at 8 and ends with every array of the uninterrupted
   run's state and its records."""
+  c = _dsm_k4_config()
   assert [r['step'] for r in dsm_k4_run.records] == [4, 8, 12, 16]
   run_files.assert_interval_means(dsm_k4_run.records, run_files.per_step(dsm_k4_run.calls, 4),
-                                  _dsm_k4_config().train.batch_size)
-  _resume_after_kill(_dsm_k4_config(), tmp_path, dsm_k4_run, kill_at=4)
+                                  c.train.batch_size)
+  _resume_after_kill(c, tmp_path, dsm_k4_run, kill_at=4)
 
 
 def test_dsm_k4_preempted_mid_call_resumes_to_the_uninterrupted_run(dsm_k4_run, tmp_path):
