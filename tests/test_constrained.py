@@ -120,28 +120,34 @@ def _method(**kw):
 
 
 def _run_dual(method, losses_per_step):
+  """The dual side over steps with these constraint losses; a None entry is a skipped
+  non-finite step, which keeps the extras (train_step) while the step number moves on.
+  Returns the last extras and, for each applied step, lam after it and its logged gap."""
   extras = method.init_extras(None, None)
-  lams = []
+  lams, gaps = [], []
   for step, l in enumerate(losses_per_step):
-    extras, _ = method.update_extras(extras, dict(constraint_loss=jnp.asarray(l, jnp.float32)),
+    if l is None:
+      continue
+    extras, m = method.update_extras(extras, dict(constraint_loss=jnp.asarray(l, jnp.float32)),
                                      jnp.asarray(step), None)
     lams.append(np.asarray(extras['lam']))
-  return extras, np.stack(lams)
+    gaps.append(np.asarray(m['constraint_gap']))
+  return extras, np.stack(lams), np.stack(gaps)
 
 
 def test_projection_and_sign():
   # Violated constraint (L > b) raises lam; satisfied one is projected at 0, never negative.
-  _, lams = _run_dual(_method(init_lambda=0.3), [[1.5, 0.2]] * 4)
+  _, lams, _ = _run_dual(_method(init_lambda=0.3), [[1.5, 0.2]] * 4)
   np.testing.assert_allclose(lams[:, 0], 0.3 + 0.25 * np.arange(1, 5), rtol=1e-6)
   np.testing.assert_array_equal(lams[:, 1], 0.0)
 
 
 def test_infeasible_threshold_grows_and_resilient_stays_bounded():
   method = _method(thresholds=(0.0, 0.0))
-  _, lams = _run_dual(method, [[0.5, 0.5]] * 200)
+  _, lams, _ = _run_dual(method, [[0.5, 0.5]] * 200)
   assert lams[-1, 0] == pytest.approx(0.5 * 0.5 * 200, rel=1e-5)  # grows without bound
   resilient = _method(thresholds=(0.0, 0.0), resilient_alpha=2.0)
-  extras, lams_r = _run_dual(resilient, [[0.5, 0.5]] * 200)
+  extras, lams_r, _ = _run_dual(resilient, [[0.5, 0.5]] * 200)
   # Fixed point lam = alpha (L - b)_+ = 1.0, approached and never exceeded.
   assert lams_r[-1, 0] == pytest.approx(1.0, abs=1e-3) and lams_r.max() <= 1.0 + 1e-6
 
@@ -157,19 +163,13 @@ def test_warning_when_lambda_keeps_growing():
 
 def test_dual_every_n_primal_steps_and_window_estimate():
   method = _method(dual_every=3, dual_estimate='window', thresholds=(0.0, 0.0), dual_lr=1.0)
-  extras, lams = _run_dual(method, [[1.0, 2.0], [2.0, 2.0], [3.0, 2.0]] * 3)
+  extras, lams, gaps = _run_dual(method, [[1.0, 2.0], [2.0, 2.0], [3.0, 2.0]] * 3)
   assert int(extras['num_dual_steps']) == 3
   # lam changes only at steps 2, 5, 8, by the mean loss of the window (2.0).
   np.testing.assert_allclose(lams[:, 0], [0, 0, 2, 2, 2, 4, 4, 4, 6])
   # The logged gap is the window's mean so far (not its partial sum over the window size,
   # which read 1/3, 1, 2 here and hid a violated constraint from the infeasibility warning).
-  extras = method.init_extras(None, None)
-  gaps = []
-  for step, l in enumerate([[1.0, 2.0], [2.0, 2.0], [3.0, 2.0]] * 2):
-    extras, m = method.update_extras(extras, dict(constraint_loss=jnp.asarray(l)),
-                                     jnp.asarray(step), None)
-    gaps.append(np.asarray(m['constraint_gap']))
-  np.testing.assert_allclose(np.stack(gaps), [[1, 2], [1.5, 2], [2, 2]] * 2, rtol=1e-6)
+  np.testing.assert_allclose(gaps, [[1, 2], [1.5, 2], [2, 2]] * 3, rtol=1e-6)
 
 
 def test_windows_count_applied_steps_around_a_skipped_step():
@@ -179,17 +179,9 @@ def test_windows_count_applied_steps_around_a_skipped_step():
   the next window, whose mean at step 2 read twice the loss over a window of one; here every
   gap is the constant loss and lam moves after the applied steps 2 and 4 only."""
   method = _method(dual_every=2, dual_estimate='window', thresholds=(0.0, 0.0), dual_lr=1.0)
-  extras = method.init_extras(None, None)
-  gaps, lams = [], []
-  for step, l in enumerate([[2.0, 1.0], None, [2.0, 1.0], [2.0, 1.0], [2.0, 1.0]]):
-    if l is None:   # skipped: the step keeps the extras and moves on
-      continue
-    extras, m = method.update_extras(extras, dict(constraint_loss=jnp.asarray(l)),
-                                     jnp.asarray(step), None)
-    gaps.append(np.asarray(m['constraint_gap']))
-    lams.append(np.asarray(extras['lam']))
-  np.testing.assert_allclose(np.stack(gaps), [[2.0, 1.0]] * 4, rtol=1e-6)
-  np.testing.assert_allclose(np.stack(lams), [[0, 0], [2, 1], [2, 1], [4, 2]], rtol=1e-6)
+  extras, lams, gaps = _run_dual(method, [[2.0, 1.0], None, [2.0, 1.0], [2.0, 1.0], [2.0, 1.0]])
+  np.testing.assert_allclose(gaps, [[2.0, 1.0]] * 4, rtol=1e-6)
+  np.testing.assert_allclose(lams, [[0, 0], [2, 1], [2, 1], [4, 2]], rtol=1e-6)
   assert int(extras['num_dual_steps']) == 2 and int(extras['ema_count']) == 4
 
 
@@ -198,14 +190,8 @@ def test_dual_start_counts_applied_steps():
   step (step 3), as the primal schedule, which counts applied steps, would place it. Counted
   by step it came one applied step early, at step 2."""
   method = _method(dual_start=2, thresholds=(0.0, 0.0), dual_lr=1.0)
-  extras, lams = method.init_extras(None, None), []
-  for step, l in enumerate([[2.0, 1.0], None, [2.0, 1.0], [2.0, 1.0]]):
-    if l is None:   # skipped: the step keeps the extras and moves on
-      continue
-    extras, _ = method.update_extras(extras, dict(constraint_loss=jnp.asarray(l)),
-                                     jnp.asarray(step), None)
-    lams.append(np.asarray(extras['lam']))
-  np.testing.assert_allclose(np.stack(lams), [[0, 0], [0, 0], [2, 1]], rtol=1e-6)
+  extras, lams, _ = _run_dual(method, [[2.0, 1.0], None, [2.0, 1.0], [2.0, 1.0]])
+  np.testing.assert_allclose(lams, [[0, 0], [0, 0], [2, 1]], rtol=1e-6)
   assert int(extras['num_dual_steps']) == 1
 
 
@@ -221,7 +207,7 @@ def test_lagrangian_weights_and_normalization():
 def test_ema_estimate_is_the_bias_corrected_running_mean():
   """dual_estimate='ema': Adam-style m_k = d m_{k-1} + (1 - d) L_k, estimate m_k / (1 - d^k)."""
   # A constant loss is estimated exactly from the first step on (no pull towards 0).
-  _, lams = _run_dual(_method(dual_estimate='ema', dual_ema=0.9, thresholds=(0.0, 0.0),
+  _, lams, _ = _run_dual(_method(dual_estimate='ema', dual_ema=0.9, thresholds=(0.0, 0.0),
                               dual_lr=1.0), [[2.0, 0.5]] * 4)
   np.testing.assert_allclose(lams, np.arange(1, 5)[:, None] * [2.0, 0.5], rtol=1e-5)
   # A changing loss: each dual step moves lam by the estimate (thresholds 0, eta 1).
@@ -230,7 +216,7 @@ def test_ema_estimate_is_the_bias_corrected_running_mean():
   for k, l in enumerate(losses, start=1):
     m = d * m + (1 - d) * l
     expected.append(m / (1 - d ** k))
-  _, lams = _run_dual(_method(dual_estimate='ema', dual_ema=d, thresholds=(0.0, 0.0),
+  _, lams, _ = _run_dual(_method(dual_estimate='ema', dual_ema=d, thresholds=(0.0, 0.0),
                               dual_lr=1.0), losses)
   np.testing.assert_allclose(lams, np.cumsum(expected, 0), rtol=1e-5)
 
@@ -240,18 +226,19 @@ def test_dual_start_and_minibatch_estimate_with_dual_every():
   before the start; step 3 is the first allowed), by the last minibatch's loss, not the
   window's mean; num_dual_steps counts those steps only."""
   method = _method(dual_every=2, dual_start=3, dual_lr=1.0, thresholds=(0.0, 0.0))
-  extras, lams = _run_dual(method, [[1.0, 0.0], [2.0, 0.0], [3.0, 0.0], [4.0, 0.0],
+  extras, lams, _ = _run_dual(method, [[1.0, 0.0], [2.0, 0.0], [3.0, 0.0], [4.0, 0.0],
                                     [5.0, 0.0], [6.0, 0.0]])
   np.testing.assert_allclose(lams[:, 0], [0, 0, 0, 4, 4, 10])
   assert int(extras['num_dual_steps']) == 2
   # dual_every=1: the first dual step is step dual_start itself.
-  _, lams = _run_dual(_method(dual_start=2, dual_lr=1.0, thresholds=(0.0, 0.0)), [[1.0, 0.0]] * 4)
+  _, lams, _ = _run_dual(_method(dual_start=2, dual_lr=1.0, thresholds=(0.0, 0.0)),
+                         [[1.0, 0.0]] * 4)
   np.testing.assert_allclose(lams[:, 0], [0, 0, 1, 2])
 
 
 def test_disabled_arm_keeps_lambda_at_zero():
   """enabled=False: lam starts at 0 whatever init_lambda says and never moves."""
-  extras, lams = _run_dual(_method(enabled=False, init_lambda=0.3), [[1.5, 2.0]] * 3)
+  extras, lams, _ = _run_dual(_method(enabled=False, init_lambda=0.3), [[1.5, 2.0]] * 3)
   np.testing.assert_array_equal(lams, 0.0)
   assert int(extras['num_dual_steps']) == 0
 
