@@ -110,7 +110,7 @@ def nearest_distance(samples: np.ndarray, data: np.ndarray) -> float:
 
 def main(argv):
   del argv
-  from cdiff_jax import evaluation, train, writers
+  from cdiff_jax import evaluation, parallel, train, writers
   from experiments.minority import comparison_table, run_arm
   from cdiff_jax.data import sources
   config = _CONFIG.value
@@ -138,7 +138,6 @@ def main(argv):
       else:
         print(f'{gen_path}: made by another pre-trained model or sampler; sampling again.')
   if cached is None:
-    from cdiff_jax import parallel
     exp = train.build(pre_cfg)
     # load_params gives the parameters on one device; the sampler's state is replicated
     # over the run's mesh (with several devices, mixing the two fails).

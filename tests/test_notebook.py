@@ -1,9 +1,8 @@
 """The Colab notebooks run top to bottom (a smoke run of a few steps), so they cannot rot,
 and the tables they print are the figures their arms wrote (eval.json, metrics.jsonl)."""
 
-import os
-
 import json
+import os
 
 import nbformat
 import numpy as np

@@ -6,6 +6,7 @@ names."""
 
 import json
 import os
+
 import jax
 import numpy as np
 import pytest
