@@ -28,6 +28,11 @@ def _flag_error(e: Exception, argv) -> None:
   text = ' '.join(str(e).replace('\\n', ' ').replace('\\', '').split())
   while len(text) > 1 and text[0] == text[-1] and text[0] in '\'"':  # a KeyError's quotes
     text = text[1:-1]
+  hint = None
+  if isinstance(e, AttributeError):  # "'stepz' Did you mean "steps" instead of "stepz"?"
+    hint = re.search(r'Did you mean "([\w.]+)"', text)
+    text = text[:hint.start()].strip() if hint else text   # the missing name alone
+    text = text.replace("'", '')
   overrides = [a for a in argv[1:] if a.startswith('--config.')]
   named = lambda name: re.search(rf'(?<![\w.]){re.escape(name)}(?![\w.])', text)
   # The override the message quotes (flag and value), else the one whose flag it names,
@@ -38,10 +43,17 @@ def _flag_error(e: Exception, argv) -> None:
               [a for a in overrides if named(a.split('=')[0].split('.')[-1])] or
               [a for a in overrides if any(named(p) for p in a.split('=')[0].split('.')[1:])])
   where = f'{culprits[0]}: ' if culprits else ''
+  if culprits and text.startswith(f'flag {culprits[0]}: '):  # absl repeats the flag
+    text = text[len(f'flag {culprits[0]}: '):]
   if isinstance(e, AttributeError):
-    text = 'no such config field. ' + text.replace("'", '')
+    text = f'no such config field {text!r}' + (f'; did you mean {hint.group(1)!r}?' if hint
+                                                else '.')
   elif isinstance(e, KeyError):
     text = f'no such config section: {text}'
+  for raw, plain in (('invalid literal for int() with base 10', 'must be an integer, not'),
+                     ('could not convert string to float', 'must be a number, not')):
+    if text.startswith(raw + ': '):
+      text = f'{plain} {text[len(raw) + 2:]}.'
   print(f'error: {where}{text}', file=sys.stderr)
   sys.exit(EXIT_ERROR)
 

@@ -25,7 +25,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.seed = 0
 
   c.data = ml_collections.ConfigDict(dict(
-      name='digits',          # digits | mnist | fashion_mnist | cifar10 | celeb_a
+      name='digits',          # digits | mnist | fashion_mnist | cifar10 | celeb_a | toy
       source='auto',          # auto | sklearn | tfds | idx | npz
       data_dir='',            # TFDS data_dir, folder of IDX files, or .npz path
       image_size=0,           # 0: take it from the data
@@ -125,11 +125,38 @@ def _positive(c, field: str, allow_zero: bool = False):
     _fail(field, value, 'must be positive.' if not allow_zero else 'must be >= 0.')
 
 
+# Tuple fields of numbers (the core's, the methods' and the experiments'; checked where
+# present). ml_collections keeps an override it cannot parse as the raw text in a 1-tuple
+# (--config.model.ch_mult=abc gives ('abc',)), which would fail later inside arithmetic.
+NUMBER_TUPLES = {'data.minority_classes': int, 'data.drop_classes': int,
+                 'data.keep_classes': int, 'model.ch_mult': int, 'model.attn_levels': int,
+                 'method.constraint_classes': int, 'method.class_order': int,
+                 'method.disc_ch_mult': int, 'method.thresholds': float,
+                 'method.tiw.class_order': int, 'method.tiw.disc_ch_mult': int,
+                 'finetune.pretrain_drop_classes': int, 'guidance.cfg_scales': float,
+                 'guidance.classifier_scales': float, 'guidance.not_scales': float}
+
+
+def _check_number_tuples(c) -> None:
+  for field, kind in NUMBER_TUPLES.items():
+    try:
+      value = _get(c, field)
+    except (KeyError, AttributeError):
+      continue
+    ok = (int,) if kind is int else (int, float)
+    if not isinstance(value, (tuple, list)) or any(
+        isinstance(v, bool) or not isinstance(v, ok) for v in value):
+      what = 'integers' if kind is int else 'numbers'
+      _fail(field, value, f'must be a tuple of {what}, e.g. --config.{field}="(1, 2)" '
+            '(quoted for the shell).')
+
+
 def validate(c: ml_collections.ConfigDict) -> None:
   """Checks the fields the core uses; methods check their own (``methods.validate``)."""
   from cdiff_jax.sampling import SAMPLERS  # Local: keeps config import light.
   from cdiff_jax.models import PARAMETERIZATIONS
 
+  _check_number_tuples(c)
   _choice(c, 'data.name', ('digits', 'mnist', 'fashion_mnist', 'cifar10', 'celeb_a', 'toy'))
   _choice(c, 'data.source', ('auto', 'sklearn', 'tfds', 'idx', 'npz'))
   if c.data.data_dir and not os.path.exists(os.path.expanduser(c.data.data_dir)):

@@ -23,15 +23,19 @@ REFERENCE = '--config.method.reference_workdir={existing}'
 
 # (config file, overrides, text the error line must contain)
 CASES = {
-    'wrong field name': ('digits_dsm', ['--config.train.stepz=3'], 'stepz'),
+    'wrong field name': ('digits_dsm', ['--config.train.stepz=3'],
+                         "error: --config.train.stepz=3: no such config field 'stepz'; did you "
+                         "mean 'steps'?"),
     'wrong section': ('digits_dsm', ['--config.optimizer.lr=0.1'],
                       '--config.optimizer.lr=0.1: no such config section: optimizer'),
     'wrong type, named among other overrides': (
         'digits_dsm', ['--config.train.log_every=4', '--config.sample.num_steps=abc'],
-        "error: --config.sample.num_steps=abc: flag --config.sample.num_steps=abc: invalid "
-        "literal for int() with base 10: 'abc'"),
+        "error: --config.sample.num_steps=abc: must be an integer, not 'abc'."),
     'wrong type (int)': ('digits_dsm', ['--config.train.batch_size=abc'], 'batch_size'),
-    'wrong type (float)': ('digits_dsm', ['--config.optim.lr=fast'], 'lr'),
+    'wrong type (float)': ('digits_dsm', ['--config.optim.lr=fast'],
+                           "error: --config.optim.lr=fast: must be a number, not 'fast'."),
+    'tuple that does not parse': ('digits_dsm', ['--config.model.ch_mult=abc'],
+                                  "config.model.ch_mult=('abc',): must be a tuple of integers"),
     'unknown choice': ('digits_dsm', ['--config.sample.sampler=euler'], 'sample.sampler'),
     'negative dual step': ('digits_minority', ['--config.method.dual_lr=-0.5', REFERENCE],
                            'config.method.dual_lr=-0.5'),
