@@ -360,7 +360,10 @@ def _train_and_evaluate(config, workdir, dataset, progress, hooks, preemption) -
   writer = writers.MetricWriter(workdir, active=is_main, resume_step=start)
   writer.drop_after(start)  # Steps logged after the checkpoint by a killed run.
   if is_main and start == 0:
-    print(f'{config.method.name}: {num_params(state.params):,} parameters, '
+    method = config.method.name
+    if method == 'constrained' and not config.method.enabled:
+      method += ' (disabled: lambda fixed at 0)'
+    print(f'{method}: {num_params(state.params):,} parameters, '
           f'{len(exp.train_idx)} training examples, global batch '
           f'{exp.batcher.global_batch_size}, {exp.mesh.devices.size} device(s); workdir {workdir}')
     b = exp.batcher

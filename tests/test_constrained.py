@@ -158,7 +158,15 @@ def test_warning_when_lambda_keeps_growing():
   for step in range(8):
     warnings = method.host_metrics(dict(lam=np.array([0.1 * step, 0.0]),
                                         constraint_gap=np.array([0.5, -0.1])), step)
-  assert len(warnings) == 1 and 'constraint a' in warnings[0] and 'infeasible' in warnings[0]
+  assert len(warnings) == 1 and 'constraint a: lambda 0.2 -> 0.7' in warnings[0]
+  assert 'infeasible' in warnings[0] and ' b:' not in warnings[0]
+  # Both growing: still one line, naming both.
+  method = _method(thresholds=(0.0, 0.0))
+  for step in range(8):
+    warnings = method.host_metrics(dict(lam=np.array([0.1 * step, 0.2 * step]),
+                                        constraint_gap=np.array([0.5, 0.3])), step)
+  assert len(warnings) == 1 and warnings[0].startswith('constraints a: lambda 0.2 -> 0.7')
+  assert 'b: lambda 0.4 -> 1.4, L - b now 0.3' in warnings[0]
 
 
 def test_dual_every_n_primal_steps_and_window_estimate():

@@ -208,16 +208,16 @@ class Constrained:
       return []
     lams = np.stack([h[1] for h in self.history])
     gaps = np.stack([h[2] for h in self.history])
-    warnings = []
-    for i in range(self.num_constraints):
-      growing = np.all(np.diff(lams[:, i]) > 0) and np.all(gaps[1:, i] > 0)
-      if growing:
-        warnings.append(
-            f'constraint {self.constraint_names[i]}: lambda grew from {lams[0, i]:.3g} to '
-            f'{lams[-1, i]:.3g} over the last {patience} logs while L - b stayed > 0 '
-            f'(now {gaps[-1, i]:.3g}); the threshold may be infeasible: raise '
-            'method.thresholds or set method.resilient_alpha > 0.')
-    return warnings
+    growing = [i for i in range(self.num_constraints)
+               if np.all(np.diff(lams[:, i]) > 0) and np.all(gaps[1:, i] > 0)]
+    if not growing:
+      return []
+    # One line per log for all of them (not one per constraint).
+    each = '; '.join(f'{self.constraint_names[i]}: lambda {lams[0, i]:.3g} -> {lams[-1, i]:.3g}, '
+                     f'L - b now {gaps[-1, i]:.3g}' for i in growing)
+    return [f'constraint{"s" if len(growing) > 1 else ""} {each} (over the last {patience} '
+            'logs lambda grew while L - b stayed > 0): the threshold may be infeasible; raise '
+            'method.thresholds or set method.resilient_alpha > 0.']
 
   def prepare(self, config, model, batcher, mesh) -> 'Constrained':
     """threshold_mode='reference': b_i = scale * L_ref + offset, with L_ref the reference
@@ -378,7 +378,9 @@ def validate(config) -> None:
                       'measured frequencies).')
   if mc.target_frequency > 0 and (mc.constraint_source != 'classes' or mc.threshold_mode != 'reference'):
     raise ConfigError(f'config.method.target_frequency={mc.target_frequency}: needs '
-                      "constraint_source='classes' and threshold_mode='reference'.")
+                      "constraint_source='classes' and threshold_mode='reference' (with "
+                      f'constraint_source={mc.constraint_source!r}, threshold_mode='
+                      f'{mc.threshold_mode!r} set target_frequency=0).')
   if not 0.0 <= mc.constraint_t_min < 1.0:
     raise ConfigError(f'config.method.constraint_t_min={mc.constraint_t_min}: must lie in [0, 1).')
   for field in ('dual_lr', 'init_lambda', 'resilient_alpha'):
