@@ -58,9 +58,11 @@ def train_model(config, workdir: str, progress: bool):
   from cdiff_jax import train
   model_dir = os.path.join(workdir, 'model')
   summary = os.path.join(model_dir, 'summary.json')
-  if os.path.exists(summary) and json.load(open(summary)).get('final_step') == config.train.steps:
+  if os.path.exists(summary):
     from cdiff_jax import config as config_lib
-    config_lib.check_finished_run(model_dir, config)   # not the answer for another config
+    # Not the answer for another config; one with other steps is refused, not extended.
+    config_lib.check_finished_run(model_dir, config)
+  if os.path.exists(summary) and json.load(open(summary)).get('final_step') == config.train.steps:
     exp = train.build(config)
     ckpt = checkpoint_lib.Checkpointer(os.path.join(model_dir, 'checkpoints'),
                                        config.train.keep_checkpoints)

@@ -111,7 +111,7 @@ def nearest_distance(samples: np.ndarray, data: np.ndarray) -> float:
 def main(argv):
   del argv
   from cdiff_jax import evaluation, parallel, train, writers
-  from experiments.minority import comparison_table, run_arm
+  from experiments.minority import comparison_table, run_arm, unconstrained_arm
   from cdiff_jax.data import sources
   config = _CONFIG.value
   fc = config.finetune
@@ -153,15 +153,13 @@ def main(argv):
 
   arms = {}
   for name in ('unconstrained', 'constrained'):
-    c = copy.deepcopy(config)
+    c = unconstrained_arm(config) if name == 'unconstrained' else copy.deepcopy(config)
     c.train.init_from = pre_dir
     # Saved with the arm's config: a finished arm is not reused once q_pre has changed
     # (a retrained pre-trained model), it is refused by name.
     with c.unlocked():
       c.finetune.q_pre_samples = key[:16]
-    if name == 'unconstrained':
-      c.method.enabled = False
-    else:
+    if name == 'constrained':
       c.method.threshold_mode = 'reference'
       c.method.threshold_reference = 'constraint'
       c.method.reference_workdir = pre_dir

@@ -42,11 +42,13 @@ def run_arm(config, workdir: str, progress: bool, dataset=None) -> dict:
   from cdiff_jax import train
   summary_path = os.path.join(workdir, 'summary.json')
   eval_path = os.path.join(workdir, 'eval.json')
-  if os.path.exists(summary_path) and os.path.exists(eval_path):
+  if os.path.exists(summary_path):
+    # A finished arm answers only its own config: one finished with other steps is refused,
+    # not extended (its schedule ran to its own end).
+    from cdiff_jax import config as config_lib
+    config_lib.check_finished_run(workdir, config)
     summary = json.load(open(summary_path))
-    if summary.get('final_step') == config.train.steps:
-      from cdiff_jax import config as config_lib
-      config_lib.check_finished_run(workdir, config)
+    if summary.get('final_step') == config.train.steps and os.path.exists(eval_path):
       print(f'{workdir}: finished earlier, reusing it.')
       return dict(eval=json.load(open(eval_path)), seconds=summary.get('seconds'),
                   final_metrics=summary.get('final_metrics', {}))
@@ -92,6 +94,18 @@ def comparison_table(config, arms: dict) -> str:
   return '\n'.join(lines)
 
 
+LABEL_HEIGHT = 14  # pixels of the arm's name above its sample grid
+
+
+def _labelled(grid, name: str):
+  """``grid`` (uint8, H x W or H x W x C) under a white strip with ``name`` written in it."""
+  import numpy as np
+  from PIL import Image, ImageDraw
+  header = Image.fromarray(np.full((LABEL_HEIGHT,) + grid.shape[1:], 255, np.uint8))
+  ImageDraw.Draw(header).text((2, 1), name, fill='black')
+  return np.concatenate([np.asarray(header), grid], axis=0)
+
+
 def write_figures(workdir: str, config, arms: dict):
   import numpy as np
   from PIL import Image
@@ -102,7 +116,8 @@ def write_figures(workdir: str, config, arms: dict):
   writers.plot_class_frequencies(os.path.join(workdir, 'comparison_frequencies.png'), series,
                                  target=np.full(num_classes, 1 / num_classes),
                                  title='generated class frequencies (classifier-labelled)')
-  grids = [np.asarray(Image.open(os.path.join(workdir, name, 'samples', 'eval_samples.png')))
+  grids = [_labelled(np.asarray(Image.open(os.path.join(workdir, name, 'samples',
+                                                      'eval_samples.png'))), name)
            for name in arms]
   h = max(g.shape[0] for g in grids)
   pad = [np.pad(g, ((0, h - g.shape[0]), (0, 8)) + (((0, 0),) if g.ndim == 3 else ()),
@@ -110,21 +125,35 @@ def write_figures(workdir: str, config, arms: dict):
   Image.fromarray(np.concatenate(pad, axis=1)).save(os.path.join(workdir, 'comparison_samples.png'))
 
 
+def unconstrained_arm(config):
+  """The config of the unconstrained arm: the constrained one with lambda fixed at 0. It
+  never reads a reference run, so it does not carry one (or a rerun naming another
+  reference would find its finished arm "finished with another config")."""
+  import copy
+  unconstrained = copy.deepcopy(config)
+  unconstrained.method.enabled = False
+  unconstrained.method.reference_workdir = ''
+  return unconstrained
+
+
 def main(argv):
   del argv
   import copy
+  from cdiff_jax import config as config_lib
+  from cdiff_jax import methods
   config = _FLAGS['config'].value
   workdir = os.path.abspath(_FLAGS['workdir'].value)
-  os.makedirs(workdir, exist_ok=True)
-
-  unconstrained = copy.deepcopy(config)
-  unconstrained.method.enabled = False
-  arms = {'unconstrained': run_arm(unconstrained, os.path.join(workdir, 'unconstrained'),
-                                   _FLAGS['progress'].value)}
 
   constrained = copy.deepcopy(config)
   if constrained.method.threshold_mode == 'reference' and not constrained.method.reference_workdir:
     constrained.method.reference_workdir = os.path.join(workdir, 'unconstrained')
+  else:  # Its own reference (or none): checked now, not after the unconstrained arm's training.
+    config_lib.validate(constrained)
+    methods.validate(constrained)
+  # Each arm checks its config and data before writing (train_and_evaluate): the workdir is
+  # created by the first arm, not before.
+  arms = {'unconstrained': run_arm(unconstrained_arm(config),
+                                   os.path.join(workdir, 'unconstrained'), _FLAGS['progress'].value)}
   arms['constrained'] = run_arm(constrained, os.path.join(workdir, 'constrained'), _FLAGS['progress'].value)
 
   table = comparison_table(config, arms)

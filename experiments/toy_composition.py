@@ -65,6 +65,15 @@ def validate(config):
   if bad:
     raise config_lib.ConfigError(f"config.toy.components: {bad} unknown; use 'oracle' and/or "
                                  "'learned'.")
+  for field in ('toy.num_train', 'toy.num_samples', 'toy.quadrature_points',
+                'mcmc.ula_step', 'mcmc.mala_step', 'mcmc.uhmc_step', 'mcmc.hmc_step',
+                'mcmc.num_leapfrog'):
+    config_lib._positive(config, field)
+  config_lib._positive(config, 'mcmc.steps_per_level', allow_zero=True)
+  config_lib._choice(config, 'mcmc.step_schedule', mcmc.STEP_SCHEDULES)
+  if not 0.0 < config.mcmc.damping <= 1.0:
+    config_lib._fail('mcmc.damping', config.mcmc.damping, 'must lie in (0, 1] (1: a full '
+                     'momentum refresh).')
   bad = [s for s in config.mcmc.samplers if s != 'diffusion' and s not in mcmc.KINDS]
   if bad:
     raise config_lib.ConfigError(f"config.mcmc.samplers: {bad} unknown; use 'diffusion' or "
@@ -284,9 +293,9 @@ def main(argv):
 
   config = _CONFIG.value
   workdir = os.path.abspath(_WORKDIR.value)
-  os.makedirs(workdir, exist_ok=True)
-  config_lib.validate(config)  # a ConfigError is one error line (cli.run)
+  config_lib.validate(config)  # a ConfigError is one error line (cli.run); nothing written
   validate(config)
+  os.makedirs(workdir, exist_ok=True)
   with open(os.path.join(workdir, 'config.json'), 'w') as f:
     f.write(config.to_json_best_effort(indent=2, sort_keys=True))
   from cdiff_jax import train
@@ -397,4 +406,6 @@ def markdown_table(rows, config, total_seconds, train_seconds) -> str:
 
 
 if __name__ == '__main__':
+  from absl import logging as absl_logging
+  absl_logging.set_verbosity(absl_logging.WARNING)
   cli.run(main)

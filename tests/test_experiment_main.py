@@ -127,9 +127,11 @@ def _check_minority_table_and_figures_agree_with_the_json(minority_run):
                              comparison['constrained']['lam'], atol=5e-4)
   side = np.asarray(Image.open(wd / 'comparison_samples.png'))
   grids = [np.asarray(Image.open(wd / n / 'samples' / 'eval_samples.png')) for n in comparison]
-  np.testing.assert_array_equal(side[:grids[0].shape[0], :grids[0].shape[1]], grids[0])
+  from experiments.minority import LABEL_HEIGHT as top   # the arm's name above its grid
+  np.testing.assert_array_equal(side[top:top + grids[0].shape[0], :grids[0].shape[1]], grids[0])
   w = grids[0].shape[1] + 8
-  np.testing.assert_array_equal(side[:grids[1].shape[0], w:w + grids[1].shape[1]], grids[1])
+  np.testing.assert_array_equal(side[top:top + grids[1].shape[0], w:w + grids[1].shape[1]],
+                                grids[1])
 
 
 def _check_minority_rerun_reuses_both_arms(minority_run):

@@ -92,9 +92,11 @@ def test_minority_figures_show_the_training_data_and_each_arm(tmp_path, monkeypa
                                'constrained': arms['constrained']['eval']['class_frequencies']}
   np.testing.assert_allclose(plotted['target'], np.full(10, 0.1))
   side = np.asarray(Image.open(tmp_path / 'comparison_samples.png'))
-  assert side.shape == (14, 12 + 8 + 9 + 8)
-  np.testing.assert_array_equal(side[:10, :12], grids['unconstrained'])
-  np.testing.assert_array_equal(side[:, 20:29], grids['constrained'])
+  top = minority.LABEL_HEIGHT   # each grid under a strip with its arm's name
+  assert side.shape == (top + 14, 12 + 8 + 9 + 8)
+  np.testing.assert_array_equal(side[top:top + 10, :12], grids['unconstrained'])
+  np.testing.assert_array_equal(side[top:, 20:29], grids['constrained'])
+  assert (side[:top, :12] < 128).any() and (side[:top, 20:29] < 128).any()  # names written
 
 
 def test_minority_reuses_a_finished_arm_only_for_its_config(tmp_path):
@@ -111,6 +113,38 @@ def test_minority_reuses_a_finished_arm_only_for_its_config(tmp_path):
   config.optim.lr *= 2
   with pytest.raises(config_lib.ConfigError, match='optim.lr'):
     minority.run_arm(config, str(tmp_path), progress=False)
+  # More steps: refused too, not trained on from the finished checkpoint (whose schedule
+  # ran to its own end), also when the evaluation is missing.
+  longer = digits_minority.get_config()
+  longer.train.steps += 500
+  (tmp_path / 'eval.json').unlink()
+  with pytest.raises(config_lib.ConfigError, match='train.steps: saved 1500 vs now 2000'):
+    minority.run_arm(longer, str(tmp_path), progress=False)
+
+
+def test_unconstrained_arm_drops_the_reference_it_never_reads():
+  from configs import digits_minority
+  from experiments import minority
+  config = digits_minority.get_config()
+  config.method.reference_workdir = '/elsewhere/reference'
+  arm = minority.unconstrained_arm(config)
+  assert not arm.method.enabled and arm.method.reference_workdir == ''
+  assert config.method.enabled and config.method.reference_workdir == '/elsewhere/reference'
+  arm.method.reference_workdir, arm.method.enabled = config.method.reference_workdir, True
+  assert arm.to_dict() == config.to_dict()   # nothing else changed
+
+
+def test_guidance_model_finished_with_other_steps_is_refused(tmp_path):
+  from configs import digits_cfg
+  from experiments import digits_guidance
+  config = digits_cfg.get_config()
+  model = tmp_path / 'model'
+  model.mkdir()
+  (model / 'config.json').write_text(config.to_json_best_effort())
+  (model / 'summary.json').write_text(json.dumps(dict(final_step=config.train.steps)))
+  config.train.steps *= 2
+  with pytest.raises(config_lib.ConfigError, match='train.steps'):
+    digits_guidance.train_model(config, str(tmp_path), progress=False)
 
 
 def _tiw_row(seed, fid):

@@ -71,6 +71,13 @@ def test_bad_config_gets_one_line(tmp_path, override, needle):
     ('experiments.digits_guidance', '--config.train.stepz=3', 'stepz'),
     # A ConfigError from the script's own checks, before any work.
     ('experiments.toy_composition', "--config.toy.benchmarks=('nope',)", 'config.toy.benchmarks'),
+    ('experiments.toy_composition', '--config.toy.num_samples=-5',
+     'config.toy.num_samples=-5: must be positive'),
+    ('experiments.toy_composition', '--config.mcmc.damping=0', 'config.mcmc.damping=0'),
+    # Checked before the unconstrained arm trains (its own reference, given explicitly).
+    ('experiments.minority', '--config.method.reference_workdir=/nonexistent/ref',
+     "config.method.reference_workdir='/nonexistent/ref' holds no checkpoints/"),
+    ('experiments.minority', '--config.data.data_dir=/nonexistent/data', 'data.data_dir'),
     ('experiments.digits_guidance', '--config.guidance.not_class=12', 'guidance.not_class'),
     # Named as set, not as the pre-training config's train.steps it becomes.
     ('experiments.finetune', '--config.train.steps_per_call=3', 'config.finetune.pretrain_steps'),
@@ -80,10 +87,10 @@ def test_bad_config_gets_one_line(tmp_path, override, needle):
      'config.finetune.new_data_size'),
 ])
 def test_experiment_scripts_report_bad_input_in_one_line(module, override, needle, tmp_path):
-  out = subprocess.run([sys.executable, '-m', module, f'--workdir={tmp_path}', override],
+  out = subprocess.run([sys.executable, '-m', module, f'--workdir={tmp_path / "run"}', override],
                        cwd=ROOT, capture_output=True, text=True, timeout=300)
   _assert_one_error_line(out, needle)
-  assert not os.listdir(tmp_path)
+  assert not os.listdir(tmp_path)   # the workdir not even created
 
 
 def test_experiment_scripts_import_each_other_without_flag_clash():
