@@ -18,7 +18,8 @@ $(PY):
 	  if $$cand -c 'import sys, venv; assert sys.version_info[:2] == (3, 12)' >/dev/null 2>&1; then \
 	    echo "creating $(VENV) with $$cand"; $$cand -m venv $(VENV); exit 0; fi; \
 	done; \
-	echo "error: Python 3.12 with the venv module is needed (jax >= 0.11 requires it)." \
+	echo "error: Python 3.12 with the venv module is needed" \
+	     "(the jax >= 0.12 of setup.py requires it)." \
 	     "Install it (e.g. 'pyenv install 3.12' or your package manager) and rerun." >&2; exit 1
 
 $(VENV)/.installed: setup.py | $(PY)

@@ -7,7 +7,7 @@ threshold b = L_male(ref) - log(0.5 / pi_male) nats from the unconstrained refer
 Data: TFDS `celeb_a` prepared as ArrayRecord (`tfds build celeb_a --file_format=array_record`,
 then `--config.data.data_dir=DIR`); images are center-cropped to 140x140 and resized to 64.
 
-  python -m experiments.minority --config=configs/celeba_male_minority.py \
+  python -m experiments.minority --config=configs/celeba_male_minority.py \\
       --workdir=runs/celeba_male --config.data.data_dir=DIR
 
 Expected: the constrained model's male frequency moves from the skewed training frequency

@@ -10,9 +10,9 @@ Both arms and the comparison table (the README's default experiment, `make demo`
 
 One arm alone: the unconstrained arm (the reference) is `--config.method.enabled=False`;
 the constrained arm then takes its thresholds from that run's workdir:
-  python -m cdiff_jax.main --config=configs/digits_minority.py --workdir=runs/ref \
+  python -m cdiff_jax.main --config=configs/digits_minority.py --workdir=runs/ref \\
       --config.method.enabled=False
-  python -m cdiff_jax.main --config=configs/digits_minority.py --workdir=runs/constrained \
+  python -m cdiff_jax.main --config=configs/digits_minority.py --workdir=runs/constrained \\
       --config.method.reference_workdir=runs/ref
 
 Expected (2-core CPU, ~10 minutes for both arms): the constrained model generates the

@@ -11,7 +11,7 @@ losses L_c = H_c - log rho_c + const, so the constraint asks for each tail class
 generated exp(0.3) = 1.35x as often as TIW-DSM alone generates it.
 
 Both arms and the comparison table (TIW-DSM alone, then TIW-DSM + constraints):
-  python -m experiments.minority --config=configs/digits_tiw_minority.py \
+  python -m experiments.minority --config=configs/digits_tiw_minority.py \\
       --workdir=runs/digits_tiw_minority
 One arm alone: `python -m cdiff_jax.main --config=configs/digits_tiw_minority.py
 --workdir=DIR --config.method.reference_workdir=TIW_ALONE_DIR` (or

@@ -4,7 +4,7 @@ Pre-train on MNIST without the 9s, generate 5,000 samples from it (q_pre), then 
 on 1,000 new training images of all ten classes with KL(q_pre || p) <= b; plain
 fine-tuning is the baseline.
 
-  python -m experiments.finetune --config=configs/mnist_finetune.py --workdir=runs/mnist_finetune \
+  python -m experiments.finetune --config=configs/mnist_finetune.py --workdir=runs/mnist_finetune \\
       --config.data.source=idx --config.data.data_dir=DIR
 
 Expected: the paper reports FID 45.9 (plain fine-tuning) vs 25.2 (constrained); here the

@@ -4,7 +4,7 @@ Data: TFDS `mnist` prepared as ArrayRecord (`--config.data.data_dir=DIR`), or th
 official IDX files in a folder (`--config.data.source=idx --config.data.data_dir=DIR`).
 The minority digits keep 10% of their training images (about 590 each).
 
-  python -m experiments.minority --config=configs/mnist_minority.py --workdir=runs/mnist_minority \
+  python -m experiments.minority --config=configs/mnist_minority.py --workdir=runs/mnist_minority \\
       --config.data.source=idx --config.data.data_dir=DIR
 
 Expected: generated class frequencies of the constrained model much closer to uniform than
