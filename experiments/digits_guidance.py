@@ -58,18 +58,18 @@ def train_model(config, workdir: str, progress: bool):
   from cdiff_jax import train
   model_dir = os.path.join(workdir, 'model')
   summary = os.path.join(model_dir, 'summary.json')
-  if os.path.exists(summary):
+  if os.path.exists(summary):  # finished earlier
     from cdiff_jax import config as config_lib
     # Not the answer for another config; one with other steps is refused, not extended.
     config_lib.check_finished_run(model_dir, config)
-  if os.path.exists(summary) and json.load(open(summary)).get('final_step') == config.train.steps:
-    exp = train.build(config)
-    ckpt = checkpoint_lib.Checkpointer(os.path.join(model_dir, 'checkpoints'),
-                                       config.train.keep_checkpoints)
-    state, _ = ckpt.restore_latest(exp.init_state(), config)
-    ckpt.close()
-    print(f'model: reusing the finished run in {model_dir}')
-    return exp, state, None
+    if json.load(open(summary)).get('final_step') == config.train.steps:
+      exp = train.build(config)
+      ckpt = checkpoint_lib.Checkpointer(os.path.join(model_dir, 'checkpoints'),
+                                         config.train.keep_checkpoints)
+      state, _ = ckpt.restore_latest(exp.init_state(), config)
+      ckpt.close()
+      print(f'model: reusing the finished run in {model_dir}')
+      return exp, state, None
   start = time.time()
   result = train.train_and_evaluate(config, model_dir, progress=progress)
   return result['experiment'], result['state'], time.time() - start
