@@ -395,6 +395,31 @@ def test_bad_method_config_messages(tiny_config, field, value, needle):
     train.build(tiny_config)
 
 
+def test_reference_run_with_another_network_or_process_is_refused(tmp_path):
+  """The thresholds evaluate the reference's parameters with this run's network and forward
+  process: a reference run that had others is refused by name before any training (another
+  data split, as with minorities subsampled, is fine)."""
+  from configs import digits_minority
+  ref = tmp_path / 'reference'
+  (ref / 'checkpoints').mkdir(parents=True)
+  saved = digits_minority.get_config()
+  saved.method.enabled, saved.data.minority_fraction = False, 1.0
+  (ref / 'config.json').write_text(saved.to_json_best_effort())
+  c = digits_minority.get_config()
+  c.method.reference_workdir = str(ref)
+  constrained.validate(c)                       # same network and process: accepted
+  for field, value, needle in [('model', ('ch', 16), 'model.ch: reference 32 vs now 16'),
+                               ('model', ('ch_mult', (1, 2, 2)),
+                                'model.ch_mult: reference [1, 2] vs now [1, 2, 2]'),
+                               ('diffusion', ('schedule', 'cosine'),
+                                "diffusion.schedule: reference 'ddpm' vs now 'cosine'")]:
+    other = digits_minority.get_config()
+    other.method.reference_workdir = str(ref)
+    other[field][value[0]] = value[1]
+    with pytest.raises(config_lib.ConfigError, match=re.escape(needle)):
+      constrained.validate(other)
+
+
 def test_constrained_run_logs_per_constraint_figures(tiny_config, tmp_path, capsys):
   tiny_config.method = constrained.default_method_config()
   tiny_config.method.constraint_classes = (4, 5, 7)

@@ -398,6 +398,45 @@ def validate(config) -> None:
   for field in ('objective_batch', 'constraint_batch'):
     if mc[field] < 1:
       raise ConfigError(f'config.method.{field}={mc[field]}: must be positive.')
+  if mc.threshold_mode == 'reference' and mc.enabled:
+    _check_reference_run(config)
+
+
+# The reference model's losses are measured with this run's network and forward process on
+# this run's data, so these must be the reference run's too (its data may be another split).
+REFERENCE_MUST_MATCH = ('data.name', 'data.image_size', 'model.name', 'model.ch',
+                        'model.ch_mult', 'model.num_res_blocks', 'model.attn_levels',
+                        'model.num_heads', 'model.num_groups', 'model.hidden', 'model.depth',
+                        'model.conditional', 'model.parameterization', 'diffusion.schedule',
+                        'diffusion.num_steps', 'diffusion.beta_start', 'diffusion.beta_end',
+                        'diffusion.beta_min', 'diffusion.beta_max', 'diffusion.t_min')
+
+
+def _check_reference_run(config) -> None:
+  """A reference run (its config.json) with another network or forward process is refused
+  by name, before training, instead of failing to load or giving meaningless thresholds."""
+  import json
+  from cdiff_jax import config as config_lib
+  path = os.path.join(config.method.reference_workdir, 'config.json')
+  if not os.path.exists(path):
+    return
+  with open(path) as f:
+    saved = json.load(f)
+  diffs = []
+  for field in REFERENCE_MUST_MATCH:
+    try:
+      ref, now = config_lib._get(saved, field), config_lib._get(config, field)
+    except KeyError:   # a field the reference run's record lacks (older code)
+      continue
+    now = list(now) if isinstance(now, tuple) else now
+    if ref != now:
+      diffs.append(f'{field}: reference {ref!r} vs now {now!r}')
+  if diffs:
+    raise ConfigError(f'config.method.reference_workdir={config.method.reference_workdir!r}: '
+                      f'that run has another network or forward process ({"; ".join(diffs[:3])}'
+                      f'{" ..." if len(diffs) > 3 else ""}); its losses set the thresholds '
+                      'through this run\'s model, so use a reference trained with the same '
+                      'model, data and diffusion settings.')
 
 
 def num_constraints(config) -> int:
