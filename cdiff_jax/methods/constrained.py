@@ -421,16 +421,10 @@ def _check_reference_run(config) -> None:
   if not os.path.exists(path):
     return
   with open(path) as f:
-    saved = json.load(f)
-  diffs = []
-  for field in REFERENCE_MUST_MATCH:
-    try:
-      ref, now = config_lib._get(saved, field), config_lib._get(config, field)
-    except KeyError:   # a field the reference run's record lacks (older code)
-      continue
-    now = list(now) if isinstance(now, tuple) else now
-    if ref != now:
-      diffs.append(f'{field}: reference {ref!r} vs now {now!r}')
+    saved = {k: v for k, v in config_lib._computing_fields(json.load(f)).items()
+             if k in REFERENCE_MUST_MATCH}
+  # The same comparison as a finished run's (a field the record lacks is not held against it).
+  diffs = config_lib._mismatch(saved, config_lib.computing_fields(config), 'reference')
   if diffs:
     raise ConfigError(f'config.method.reference_workdir={config.method.reference_workdir!r}: '
                       f'that run has another network or forward process ({"; ".join(diffs[:3])}'
