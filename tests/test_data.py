@@ -94,9 +94,26 @@ def test_celeba_attribute_bias_through_the_config():
     tiw.split_indices(c.method, ds, np.arange(len(ds)))
 
 
-def test_missing_tfds_dataset_names_the_fix(tmp_path):
-  with pytest.raises(data.DatasetNotFound, match='tfds build cifar10'):
+def test_missing_tfds_dataset_names_the_fix(tmp_path, caplog):
+  """One error naming the fix, without TFDS's own warning line before it."""
+  pytest.importorskip('tensorflow_datasets')
+  (tmp_path / 'cifar10' / '3.0.2').mkdir(parents=True)  # a copy without dataset_info.json
+  with caplog.at_level('INFO'), pytest.raises(data.DatasetNotFound, match='tfds build cifar10'):
     data.load_tfds('cifar10', 'train', data_dir=str(tmp_path))
+  assert not [r for r in caplog.records if r.name == 'absl'], caplog.text
+
+
+def test_tfds_log_lines_are_held_then_replayed(caplog):
+  """A load that succeeds still shows what TFDS logged (replayed after the call)."""
+  from absl import logging as absl_logging
+  from cdiff_jax.data import sources
+  held = sources._HeldLogRecords()
+  with caplog.at_level('INFO'):
+    with held:
+      absl_logging.warning('from tfds')
+    assert 'from tfds' not in caplog.text
+    held.replay()
+  assert [r.getMessage() for r in caplog.records if r.name == 'absl'] == ['from tfds']
 
 
 def test_minority_and_filtering():

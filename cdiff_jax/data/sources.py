@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import gzip
+import logging
 import os
 import struct
 from typing import Sequence
@@ -179,6 +180,29 @@ def center_crop_resize(image: np.ndarray, size: int, crop: int | None = None) ->
   return image
 
 
+class _HeldLogRecords(logging.Filter):
+  """Holds the records of absl's logger (TFDS logs through it) while in the ``with``
+  block; ``replay()`` logs them afterwards, and records not replayed are dropped."""
+
+  def __init__(self):
+    super().__init__()
+    self.records = []
+
+  def filter(self, record):
+    self.records.append(record)
+    return False
+
+  def __enter__(self):
+    logging.getLogger('absl').addFilter(self)
+
+  def __exit__(self, *exc):
+    logging.getLogger('absl').removeFilter(self)
+
+  def replay(self):
+    for record in self.records:
+      logging.getLogger('absl').handle(record)
+
+
 def load_tfds(name: str, split: str = 'train', data_dir: str | None = None,
               image_size: int | None = None, label_attribute: str = 'Male',
               attributes: Sequence[str] = ()) -> ArrayDataset:
@@ -191,14 +215,17 @@ def load_tfds(name: str, split: str = 'train', data_dir: str | None = None,
   import tensorflow_datasets as tfds
   if name not in TFDS_NUM_CLASSES:
     raise ValueError(f'data.name={name!r} has no TFDS loader; use one of {sorted(TFDS_NUM_CLASSES)}.')
+  held = _HeldLogRecords()  # TFDS logs its own warning for a missing copy: ours says more.
   try:
-    source = tfds.data_source(name, split=split, data_dir=data_dir or None, download=False)
+    with held:
+      source = tfds.data_source(name, split=split, data_dir=data_dir or None, download=False)
   except Exception as e:  # DatasetNotFoundError, or a tfrecord-only copy.
     raise DatasetNotFound(
         f'{name} ({split}) is not available as a prepared ArrayRecord TFDS dataset in '
         f'data_dir={data_dir!r} ({type(e).__name__}). Prepare it where you have internet with '
         f'`tfds build {name} --file_format=array_record --data_dir=DIR` and pass '
         f'--config.data.data_dir=DIR, or use local files (data.source=idx or npz).') from e
+  held.replay()
   n = len(source)
   images, labels, attrs = None, np.zeros(n, np.int32), {a: np.zeros(n, np.int32) for a in attributes}
   for i in range(n):
