@@ -214,10 +214,16 @@ class Experiment:
     return (offset + jnp.arange(n, dtype=jnp.int32)) % self.num_classes
 
 
-def build(config, dataset: sources.ArrayDataset | None = None) -> Experiment:
-  """Validates the config and builds everything but the state (``init_state``)."""
+def validate(config) -> None:
+  """Every check of a training config, before any work: the core's fields
+  (``config.validate``), then its method's (``methods.validate``). Raises ``ConfigError``."""
   config_lib.validate(config)
   methods_lib.validate(config)
+
+
+def build(config, dataset: sources.ArrayDataset | None = None) -> Experiment:
+  """Validates the config and builds everything but the state (``init_state``)."""
+  validate(config)
   dataset = dataset if dataset is not None else load_training_data(config.data)
   config_lib.check_image_shape(config.model, dataset.image_shape)
   idx = train_indices(config.data, dataset)
@@ -323,8 +329,7 @@ def train_and_evaluate(config, workdir: str, dataset: sources.ArrayDataset | Non
   data and an existing checkpoint have been checked. Multi-process: every process calls
   this; only process 0 writes files other than checkpoints.
   """
-  config_lib.validate(config)  # Before setup: a wrong parallel.* must not start a cluster.
-  methods_lib.validate(config)
+  validate(config)  # Before setup: a wrong parallel.* must not start a cluster.
   setup_jax(config)
   with _PreemptionWatch() as preemption:
     return _train_and_evaluate(config, workdir, dataset, progress, hooks, preemption)

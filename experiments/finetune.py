@@ -39,7 +39,7 @@ def validate(config, train_size: int, num_classes: int):
   field costs no pre-training run, and is named as the user set it (a ConfigError is one
   error line, ``cli.run``)."""
   from cdiff_jax import config as config_lib
-  from cdiff_jax import methods
+  from cdiff_jax import train
   fc = config.finetune
   k = config.train.steps_per_call
   if fc.pretrain_steps <= 0 or fc.pretrain_steps % k:
@@ -55,8 +55,7 @@ def validate(config, train_size: int, num_classes: int):
   if not 0 < fc.new_data_size <= train_size:
     config_lib._fail('finetune.new_data_size', fc.new_data_size,
                      f'must lie in 1..{train_size} (the training set\'s size).')
-  config_lib.validate(config)
-  methods.validate(config)
+  train.validate(config)
   config_lib.validate(pretrain_config(config))
 
 

@@ -139,8 +139,7 @@ def unconstrained_arm(config):
 def main(argv):
   del argv
   import copy
-  from cdiff_jax import config as config_lib
-  from cdiff_jax import methods
+  from cdiff_jax import train
   config = _FLAGS['config'].value
   workdir = os.path.abspath(_FLAGS['workdir'].value)
 
@@ -148,8 +147,7 @@ def main(argv):
   if constrained.method.threshold_mode == 'reference' and not constrained.method.reference_workdir:
     constrained.method.reference_workdir = os.path.join(workdir, 'unconstrained')
   else:  # Its own reference (or none): checked now, not after the unconstrained arm's training.
-    config_lib.validate(constrained)
-    methods.validate(constrained)
+    train.validate(constrained)
   # Each arm checks its config and data before writing (train_and_evaluate): the workdir is
   # created by the first arm, not before.
   arms = {'unconstrained': run_arm(unconstrained_arm(config),
