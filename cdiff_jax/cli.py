@@ -23,8 +23,38 @@ def one_line_error(e: BaseException) -> str:
   return msg[0] if msg else type(e).__name__
 
 
+def _config_file_error(error: BaseException) -> str | None:
+  """The one line for a config file that did not load, or None for any other error.
+
+  ml_collections keeps that error until the config is first used (an attribute access, or
+  the default config's overrides), where it would surface as a traceback.
+  """
+  while 'earlier failure to load' in str(error) and error.__cause__ is not None:
+    error = error.__cause__
+  lines = [l.strip() for l in str(error).splitlines() if l.strip()]
+  if not lines or not lines[0].startswith('Failed loading config file'):
+    return None
+  path = lines[2] if len(lines) > 2 else '?'  # after "Attempted [Relative path]:"
+  reason = ('no such file' if 'No such file' in lines[-1] else lines[-1])
+  return (f'--config={path}: {reason}. Pass the path of a config file (the shipped ones are '
+          'in configs/; run the commands from the repository root).')
+
+
+def _check_config_files() -> None:
+  """After parsing: one error line for a config flag whose file did not load."""
+  for name in list(flags.FLAGS):
+    value = flags.FLAGS[name].value
+    if type(value).__name__ == '_ErrorConfig':  # ml_collections' stand-in for a failed load
+      error = vars(value)['_error']
+      print(f'error: {_config_file_error(error) or one_line_error(error)}', file=sys.stderr)
+      sys.exit(EXIT_ERROR)
+
+
 def _flag_error(e: Exception, argv) -> None:
   """One line naming the ``--config.FIELD=VALUE`` at fault; exits with EXIT_ERROR."""
+  if (line := _config_file_error(e)) is not None:  # a default config file that did not load
+    print(f'error: {line}', file=sys.stderr)
+    sys.exit(EXIT_ERROR)
   text = ' '.join(str(e).replace('\\n', ' ').replace('\\', '').split())
   while len(text) > 1 and text[0] == text[-1] and text[0] in '\'"':  # a KeyError's quotes
     text = text[1:-1]
@@ -61,9 +91,11 @@ def _flag_error(e: Exception, argv) -> None:
 def parse_flags(argv):
   """absl's parser, with a wrong ``--config.FIELD=VALUE`` turned into one line."""
   try:
-    return flags.FLAGS(argv)
+    argv = flags.FLAGS(argv)
   except Exception as e:  # flags.Error, or the config's AttributeError/TypeError/KeyError.
     _flag_error(e, argv)
+  _check_config_files()
+  return argv
 
 
 def define_config_file(name: str, default: str | None, help_string: str):

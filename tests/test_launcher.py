@@ -64,6 +64,24 @@ def test_bad_config_gets_one_line(tmp_path, override, needle):
   assert not os.path.exists(tmp_path / 'w' / 'checkpoints')
 
 
+def test_a_config_file_that_does_not_load_gets_one_line(tmp_path):
+  """ml_collections defers a config file's load error to the config's first use (a
+  traceback there); the launcher and the scripts report it at parsing, in one line."""
+  missing = tmp_path / 'no_such_config.py'
+  _assert_one_error_line(_launch(tmp_path / 'w', config=str(missing)),
+                         f'--config={missing}: no such file')
+  # A script's default config (configs/...) from outside the repository root, with and
+  # without an override (with one, ml_collections loads the default at the flag's definition).
+  env = dict(os.environ, PYTHONPATH=ROOT)
+  for extra in ([], ['--config.train.steps=5']):
+    out = subprocess.run([sys.executable, '-m', 'experiments.finetune',
+                          f'--workdir={tmp_path / "w"}', *extra], cwd=tmp_path, env=env,
+                         capture_output=True, text=True, timeout=300)
+    _assert_one_error_line(out, '--config=configs/digits_finetune.py: no such file. Pass the '
+                                'path of a config file')
+  assert not os.path.exists(tmp_path / 'w')
+
+
 @pytest.mark.parametrize('module,override,needle', [
     # Their --config has a default file, so ml_collections applies overrides at definition.
     ('experiments.minority', '--config.train.stepz=3', 'stepz'),
