@@ -55,6 +55,11 @@ def _flag_error(e: Exception, argv) -> None:
   if (line := _config_file_error(e)) is not None:  # a default config file that did not load
     print(f'error: {line}', file=sys.stderr)
     sys.exit(EXIT_ERROR)
+  if isinstance(e, AttributeError) and "attribute 'get_config'" in str(e):
+    given = [a for a in argv[1:] if a.startswith('--config=')]
+    print(f'error: {given[-1] + ": " if given else ""}the config file defines no get_config() '
+          '(a config file\'s get_config() returns its ConfigDict).', file=sys.stderr)
+    sys.exit(EXIT_ERROR)
   text = ' '.join(str(e).replace('\\n', ' ').replace('\\', '').split())
   while len(text) > 1 and text[0] == text[-1] and text[0] in '\'"':  # a KeyError's quotes
     text = text[1:-1]

@@ -70,6 +70,10 @@ def test_a_config_file_that_does_not_load_gets_one_line(tmp_path):
   missing = tmp_path / 'no_such_config.py'
   _assert_one_error_line(_launch(tmp_path / 'w', config=str(missing)),
                          f'--config={missing}: no such file')
+  no_get_config = tmp_path / 'no_get_config.py'
+  no_get_config.write_text('steps = 5\n')
+  _assert_one_error_line(_launch(tmp_path / 'w', config=str(no_get_config)),
+                         f'--config={no_get_config}: the config file defines no get_config()')
   # A script's default config (configs/...) from outside the repository root, with and
   # without an override (with one, ml_collections loads the default at the flag's definition).
   env = dict(os.environ, PYTHONPATH=ROOT)
