@@ -23,11 +23,15 @@ from __future__ import annotations
 import copy
 import json
 import os
+import sys
 
 import numpy as np
 from absl import flags
 
 from cdiff_jax import cli
+
+if not __package__:  # run as a file (python experiments/finetune.py): experiments.* from the root
+  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 _CONFIG = cli.define_config_file('config', 'configs/digits_finetune.py', 'Fine-tuning config.')
 _WORKDIR = flags.DEFINE_string('workdir', 'runs/finetune', 'Output directory.')

@@ -115,6 +115,15 @@ def test_experiment_scripts_report_bad_input_in_one_line(module, override, needl
   assert not os.listdir(tmp_path)   # the workdir not even created
 
 
+def test_finetune_also_runs_as_a_file(tmp_path):
+  """python experiments/finetune.py (as tiw_compare.py is run) finds experiments.minority:
+  it gets to its own config check, not a ModuleNotFoundError."""
+  out = subprocess.run([sys.executable, 'experiments/finetune.py', f'--workdir={tmp_path / "w"}',
+                        '--config.finetune.new_data_size=100000'], cwd=ROOT,
+                       capture_output=True, text=True, timeout=300)
+  _assert_one_error_line(out, 'config.finetune.new_data_size')
+
+
 def test_experiment_scripts_import_each_other_without_flag_clash():
   """experiments.finetune (like the notebook) imports experiments.minority's helpers after
   defining its own --config/--workdir flags: the import must not define flags again."""
