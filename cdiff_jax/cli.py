@@ -3,7 +3,7 @@
 A wrong ``--config.FIELD=VALUE`` and the errors a run can meet before or while it trains
 (bad config, missing dataset, incompatible checkpoint, non-finite loss) end the program
 with one ``error:`` line and exit status 2, not a traceback; a preempted run (SIGTERM)
-exits with 3 after its checkpoint is saved.
+exits with 3 after its checkpoint is saved, and one stopped by Ctrl-C with 130.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from absl import app, flags
 
 EXIT_ERROR = 2
 EXIT_PREEMPTED = 3
+EXIT_INTERRUPTED = 130  # Ctrl-C, as a shell reports it; not 3, so a restart loop stops
 
 
 def one_line_error(e: BaseException) -> str:
@@ -133,7 +134,7 @@ def reporting_errors(main):
       sys.exit(EXIT_ERROR)
     except train.Preempted as e:
       print(str(e), file=sys.stderr)
-      sys.exit(EXIT_PREEMPTED)
+      sys.exit(EXIT_INTERRUPTED if e.interrupted else EXIT_PREEMPTED)
   return wrapped
 
 

@@ -7,7 +7,7 @@ Exit status: 0 done; 2 the run cannot start (one ``error:`` line on stderr, noth
 written to the workdir, its checkpoints untouched) or went non-finite (one ``error:`` line;
 nothing is saved after the bad step, the checkpoints before it are kept); 3 preempted
 (SIGTERM): a checkpoint was saved at the next step boundary, rerun the same command to
-resume.
+resume; 130 the same after Ctrl-C (a second Ctrl-C stops at once).
 """
 
 from __future__ import annotations

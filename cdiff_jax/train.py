@@ -11,6 +11,7 @@ import dataclasses
 import json
 import os
 import signal
+import sys
 import threading
 import time
 from typing import Any, Callable
@@ -39,38 +40,50 @@ class NonFiniteError(FloatingPointError):
 
 
 class Preempted(Exception):
-  """SIGTERM (or the cluster's preemption notice) arrived: the run saved a checkpoint at
-  the next step boundary and stopped; rerunning the same command resumes from it."""
+  """SIGTERM (or the cluster's preemption notice), or Ctrl-C (``interrupted``), arrived: the
+  run saved a checkpoint at the next step boundary and stopped; rerunning the same command
+  resumes from it."""
 
-  def __init__(self, step: int, directory: str):
-    self.step = step
-    super().__init__(f'preempted: saved a checkpoint at step {step} in {directory}; rerun '
-                     'the same command to resume from it.')
+  def __init__(self, step: int, directory: str, interrupted: bool = False):
+    self.step, self.interrupted = step, interrupted
+    super().__init__(f'{"interrupted" if interrupted else "preempted"}: saved a checkpoint at '
+                     f'step {step} in {directory}; rerun the same command to resume from it.')
 
 
 class _PreemptionWatch:
   """Tells the training loop when to save and stop.
 
-  One process: a SIGTERM handler (installed from the start of the run until the last
-  step is saved, when called from the main thread) sets a flag that the loop reads at
-  every step boundary. Several processes: JAX's
+  One process: SIGTERM and SIGINT handlers (installed from the start of the run until the
+  last step is saved, when called from the main thread) set a flag that the loop reads at
+  every step boundary. The first Ctrl-C (SIGINT) asks for that save and puts the previous
+  handler back, so a second one stops at once (KeyboardInterrupt). Several processes: JAX's
   preemption service (started by ``jax.distributed.initialize``) receives the notice and
   agrees with the other processes on one step at which all of them save.
   """
 
   def __init__(self):
     self.requested = False
-    self._previous = None
+    self.interrupted = False  # by Ctrl-C, not a preemption notice
+    self._previous = {}
     self._multi = jax.process_count() > 1
 
   def __enter__(self):
     if not self._multi and threading.current_thread() is threading.main_thread():
-      self._previous = signal.signal(signal.SIGTERM, self._on_sigterm)
+      for signum, handler in ((signal.SIGTERM, self._on_sigterm),
+                              (signal.SIGINT, self._on_sigint)):
+        self._previous[signum] = signal.signal(signum, handler)
     return self
 
   def _on_sigterm(self, signum, frame):
     del signum, frame
     self.requested = True
+
+  def _on_sigint(self, signum, frame):
+    del frame
+    self.requested = self.interrupted = True
+    self._restore(signum)
+    print('\ninterrupt: saving a checkpoint at the next step boundary; press Ctrl-C again to '
+          'stop at once.', file=sys.stderr, flush=True)
 
   def should_stop(self, step: int) -> bool:
     if self._multi:
@@ -82,11 +95,14 @@ class _PreemptionWatch:
     return self.requested
 
   def release(self) -> bool:
-    """Puts the previous SIGTERM handler back; returns whether a SIGTERM had arrived."""
-    if self._previous is not None:
-      signal.signal(signal.SIGTERM, self._previous)
-      self._previous = None
+    """Puts the previous handlers back; returns whether a notice had arrived."""
+    for signum in list(self._previous):
+      self._restore(signum)
     return self.requested
+
+  def _restore(self, signum):
+    previous = self._previous.pop(signum)  # None: a handler not set from Python
+    signal.signal(signum, signal.SIG_DFL if previous is None else previous)
 
   def __exit__(self, *exc):
     self.release()
@@ -323,11 +339,12 @@ def train_and_evaluate(config, workdir: str, dataset: sources.ArrayDataset | Non
   """Trains (resuming from ``workdir`` if it holds a checkpoint), samples, and returns a
   summary dict; everything a run produces is written under ``workdir``.
 
-  Faults: SIGTERM saves a checkpoint at the next step boundary and raises ``Preempted``;
-  a non-finite step raises ``NonFiniteError`` (``train.on_nonfinite='stop'``) without
-  saving the state it left. Nothing is written to ``workdir`` before the config, the
-  data and an existing checkpoint have been checked. Multi-process: every process calls
-  this; only process 0 writes files other than checkpoints.
+  Faults: SIGTERM or Ctrl-C saves a checkpoint at the next step boundary and raises
+  ``Preempted``; a non-finite step raises ``NonFiniteError``
+  (``train.on_nonfinite='stop'``) without saving the state it left. Nothing is written to
+  ``workdir`` before the config, the data and an existing checkpoint have been checked.
+  Multi-process: every process calls this; only process 0 writes files other than
+  checkpoints.
   """
   validate(config)  # Before setup: a wrong parallel.* must not start a cluster.
   setup_jax(config)
@@ -438,13 +455,13 @@ def _train_and_evaluate(config, workdir, dataset, progress, hooks, preemption) -
         if last_saved != done:
           ckpt.save(done, state, config)
         ckpt.wait()
-        raise Preempted(done, ckpt.directory)
+        raise Preempted(done, ckpt.directory, preemption.interrupted)
     flush(tc.steps)
     if last_saved != tc.steps and int(state.step) == tc.steps:
       ckpt.save(tc.steps, state, config)
     if preemption.should_stop(tc.steps):  # Arrived during the last step: skip sampling.
       ckpt.wait()
-      raise Preempted(int(state.step), ckpt.directory)
+      raise Preempted(int(state.step), ckpt.directory, preemption.interrupted)
   finally:
     bar.close()
     batches.close()
@@ -452,7 +469,7 @@ def _train_and_evaluate(config, workdir, dataset, progress, hooks, preemption) -
     writer.close()
   # From here on the final checkpoint is complete: a SIGTERM may end the process at once.
   if preemption.release():
-    raise Preempted(int(state.step), ckpt.directory)
+    raise Preempted(int(state.step), ckpt.directory, preemption.interrupted)
 
   result = {'workdir': workdir, 'final_step': int(state.step)}
   records = writers.read_metrics(workdir)

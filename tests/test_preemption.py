@@ -1,6 +1,7 @@
 """Preemption through the launcher: SIGTERM saves at the next step boundary and exits with
-status 3; SIGKILL at any moment loses at most the steps since the last checkpoint. Either
-way, rerunning the command ends with exactly the parameters of an uninterrupted run."""
+status 3 (Ctrl-C the same, with 130); SIGKILL at any moment loses at most the steps since
+the last checkpoint. Either way, rerunning the command ends with exactly the parameters of
+an uninterrupted run."""
 
 import json
 import os
@@ -8,6 +9,7 @@ import random
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import jax
@@ -103,6 +105,43 @@ def test_sigterm_saves_and_resumes_exactly(tmp_path, uninterrupted):
   assert resumed.returncode == 0, resumed.stderr[-2000:]
   assert f'Resumed from step {saved[-1]}' in resumed.stdout
   _assert_same_as(uninterrupted, tmp_path)
+
+
+def test_ctrl_c_saves_and_resumes_exactly(tmp_path, uninterrupted):
+  """The first Ctrl-C (SIGINT) saves at the next step boundary like SIGTERM, but exits with
+  130, not 3, so a restart loop on status 3 stops."""
+  proc = _start(tmp_path)
+  _wait_for(lambda: os.path.exists(tmp_path / 'config.json'), proc)
+  proc.send_signal(signal.SIGINT)
+  out, err = proc.communicate(timeout=600)
+  assert proc.returncode == 130, err[-2000:]
+  assert 'Traceback' not in err and 'KeyboardInterrupt' not in err, err[-2000:]
+  assert 'press Ctrl-C again to stop at once' in err
+  saved = _committed_steps(tmp_path)
+  assert saved and 0 < saved[-1] < STEPS, saved
+  assert f'interrupted: saved a checkpoint at step {saved[-1]}' in err
+
+  resumed = _run(tmp_path)
+  assert resumed.returncode == 0, resumed.stderr[-2000:]
+  assert f'Resumed from step {saved[-1]}' in resumed.stdout
+  _assert_same_as(uninterrupted, tmp_path)
+
+
+def test_a_second_ctrl_c_stops_at_once():
+  """The first Ctrl-C only asks for the save; the second raises KeyboardInterrupt at once
+  (the previous handler is back); leaving the run puts every handler back."""
+  if threading.current_thread() is not threading.main_thread():
+    pytest.skip('signal handlers need the main thread')
+  before = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+  with train._PreemptionWatch() as watch:
+    assert signal.getsignal(signal.SIGINT) != before[0]
+    os.kill(os.getpid(), signal.SIGINT)
+    time.sleep(0.05)  # the handler runs at the main thread's next bytecode
+    assert watch.requested and watch.interrupted
+    with pytest.raises(KeyboardInterrupt):
+      os.kill(os.getpid(), signal.SIGINT)
+      time.sleep(1.0)
+  assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == before
 
 
 def test_sigkill_resumes_from_last_complete_checkpoint(tmp_path, uninterrupted):
