@@ -237,6 +237,21 @@ def validate(config) -> None:
   methods_lib.validate(config)
 
 
+def check_workdir(workdir: str) -> None:
+  """A workdir a run can write: a folder, new or holding a run (``ConfigError`` otherwise)."""
+  if '://' in workdir:  # a remote file system: left to it
+    return
+  existing = os.path.abspath(workdir)
+  while not os.path.exists(existing):
+    existing = os.path.dirname(existing)
+  if not os.path.isdir(existing):
+    raise config_lib.ConfigError(f'workdir {workdir}: {existing} is a file; give a folder '
+                                 '(new, or holding a run).')
+  if not os.access(existing, os.W_OK | os.X_OK):
+    raise config_lib.ConfigError(f'workdir {workdir}: {existing} is not writable; give a '
+                                 'folder you can write to.')
+
+
 def build(config, dataset: sources.ArrayDataset | None = None) -> Experiment:
   """Validates the config and builds everything but the state (``init_state``)."""
   validate(config)
@@ -347,6 +362,7 @@ def train_and_evaluate(config, workdir: str, dataset: sources.ArrayDataset | Non
   checkpoints.
   """
   validate(config)  # Before setup: a wrong parallel.* must not start a cluster.
+  check_workdir(workdir)
   setup_jax(config)
   with _PreemptionWatch() as preemption:
     return _train_and_evaluate(config, workdir, dataset, progress, hooks, preemption)

@@ -64,6 +64,14 @@ def test_bad_config_gets_one_line(tmp_path, override, needle):
   assert not os.path.exists(tmp_path / 'w' / 'checkpoints')
 
 
+def test_a_workdir_that_is_a_file_gets_one_line(tmp_path):
+  a_file = tmp_path / 'notes.txt'
+  a_file.write_text('mine')
+  for workdir in (a_file, a_file / 'run'):
+    _assert_one_error_line(_launch(workdir, *TINY), f'workdir {workdir}: {a_file} is a file')
+  assert a_file.read_text() == 'mine'
+
+
 def test_a_config_file_that_does_not_load_gets_one_line(tmp_path):
   """ml_collections defers a config file's load error to the config's first use (a
   traceback there); the launcher and the scripts report it at parsing, in one line."""
