@@ -106,6 +106,7 @@ def main(argv):
   # Checked before training, so a bad guidance field costs no training run; a ConfigError
   # is one error line (cli.run).
   validate(config, sources.load_dataset(config.data, 'train').num_classes)
+  train.check_workdir(workdir)
   for sub in ('grids', 'samples'):
     os.makedirs(os.path.join(workdir, sub), exist_ok=True)
   train.setup_jax(config)

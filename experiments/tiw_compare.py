@@ -224,6 +224,7 @@ def main(argv):
   if unknown:
     raise app.UsageError(f'--arms: no arm {unknown}; the arms are {labels} '
                          '(TIW-DSM a=... from --alphas).')
+  train.check_workdir(workdir)
   os.makedirs(workdir, exist_ok=True)
 
   train.setup_jax(base)  # XLA options before the classifier starts the backend

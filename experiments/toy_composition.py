@@ -287,7 +287,7 @@ def main(argv):
   import jax
   import numpy as np
   from cdiff_jax import config as config_lib
-  from cdiff_jax import toys
+  from cdiff_jax import toys, train
   from cdiff_jax.methods import guidance
   from tqdm.auto import tqdm
 
@@ -295,6 +295,7 @@ def main(argv):
   workdir = os.path.abspath(_WORKDIR.value)
   config_lib.validate(config)  # a ConfigError is one error line (cli.run); nothing written
   validate(config)
+  train.check_workdir(workdir)
   os.makedirs(workdir, exist_ok=True)
   with open(os.path.join(workdir, 'config.json'), 'w') as f:
     f.write(config.to_json_best_effort(indent=2, sort_keys=True))

@@ -69,6 +69,11 @@ def test_a_workdir_that_is_a_file_gets_one_line(tmp_path):
   a_file.write_text('mine')
   for workdir in (a_file, a_file / 'run'):
     _assert_one_error_line(_launch(workdir, *TINY), f'workdir {workdir}: {a_file} is a file')
+  for script in (['experiments/tiw_compare.py'], ['-m', 'experiments.toy_composition'],
+                 ['-m', 'experiments.digits_guidance'], ['-m', 'experiments.minority']):
+    out = subprocess.run([sys.executable, *script, f'--workdir={a_file / "run"}'], cwd=ROOT,
+                         capture_output=True, text=True, timeout=300)
+    _assert_one_error_line(out, f'{a_file} is a file')
   assert a_file.read_text() == 'mine'
 
 
