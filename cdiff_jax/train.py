@@ -94,6 +94,10 @@ class _PreemptionWatch:
         return False
     return self.requested
 
+  def stopped(self, step: int, directory: str) -> Preempted:
+    """The exception that ends the run after it saved ``step`` for this notice."""
+    return Preempted(step, directory, self.interrupted)
+
   def release(self) -> bool:
     """Puts the previous handlers back; returns whether a notice had arrived."""
     for signum in list(self._previous):
@@ -471,21 +475,22 @@ def _train_and_evaluate(config, workdir, dataset, progress, hooks, preemption) -
         if last_saved != done:
           ckpt.save(done, state, config)
         ckpt.wait()
-        raise Preempted(done, ckpt.directory, preemption.interrupted)
+        raise preemption.stopped(done, ckpt.directory)
     flush(tc.steps)
     if last_saved != tc.steps and int(state.step) == tc.steps:
       ckpt.save(tc.steps, state, config)
     if preemption.should_stop(tc.steps):  # Arrived during the last step: skip sampling.
       ckpt.wait()
-      raise Preempted(int(state.step), ckpt.directory, preemption.interrupted)
+      raise preemption.stopped(int(state.step), ckpt.directory)
   finally:
     bar.close()
     batches.close()
     ckpt.close()
     writer.close()
-  # From here on the final checkpoint is complete: a SIGTERM may end the process at once.
+  # From here on the final checkpoint is complete: a SIGTERM or Ctrl-C may end the process
+  # at once.
   if preemption.release():
-    raise Preempted(int(state.step), ckpt.directory, preemption.interrupted)
+    raise preemption.stopped(int(state.step), ckpt.directory)
 
   result = {'workdir': workdir, 'final_step': int(state.step)}
   records = writers.read_metrics(workdir)
