@@ -138,3 +138,19 @@ def test_samples_come_from_the_params_the_config_names(tiny_config, tmp_path):
     assert len(images) == n >= 3
     np.testing.assert_array_equal(images, direct(chosen, n))
     assert not np.array_equal(images, direct(other, n))
+
+
+def test_a_run_loads_back_from_its_workdir(reference, tmp_path):
+  """train.load_run rebuilds the run from config.json and its newest checkpoint: the final
+  state of the run, and the same final sample grid, pixel for pixel."""
+  from PIL import Image
+  exp, state = train.load_run(reference['workdir'])
+  assert int(state.step) == exp.config.train.steps == 8
+  for a, b in zip(run_files.leaves((state.params, state.ema_params)), reference['fit']):
+    np.testing.assert_array_equal(a, b)
+  train.save_samples(exp, state, str(tmp_path / 'again.png'))
+  final = os.path.join(reference['workdir'], 'samples', 'final.png')
+  np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / 'again.png')),
+                                np.asarray(Image.open(final)))
+  with pytest.raises(FileNotFoundError, match='holds no config.json'):
+    train.load_run(str(tmp_path))
