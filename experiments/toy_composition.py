@@ -299,7 +299,6 @@ def main(argv):
   os.makedirs(workdir, exist_ok=True)
   with open(os.path.join(workdir, 'config.json'), 'w') as f:
     f.write(config.to_json_best_effort(indent=2, sort_keys=True))
-  from cdiff_jax import train
   train.setup_jax(config)  # persistent compilation cache: the 5 models share one program
   start_all = time.time()
   params, train_seconds = ({}, {})
