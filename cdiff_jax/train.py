@@ -338,24 +338,26 @@ def _first_nonfinite(metric_list: list[dict], first_step: int, k: int) -> str:
   return 'unknown step'
 
 
-def load_run(workdir: str, dataset: sources.ArrayDataset | None = None
+def load_run(workdir: str, dataset: sources.ArrayDataset | None = None, config=None
              ) -> tuple[Experiment, TrainState]:
-  """A run back from its workdir: the ``Experiment`` its ``config.json`` builds, and the
-  training state of its newest checkpoint, placed on this process's devices. E.g. more
-  samples from a finished run::
+  """A run back from its workdir: the ``Experiment`` its ``config.json`` builds (or
+  ``config``, which its checkpoint must fit), and the training state of its newest
+  checkpoint, placed on this process's devices. E.g. more samples from a finished run::
 
       exp, state = train.load_run('runs/demo/constrained')
       images = exp.sampler()(state.ema_params, jax.random.key(0), 16, exp.sample_labels(16))
 
   The run's data must be readable, as for training (or pass ``dataset``).
   """
-  path = os.path.join(workdir, 'config.json')
-  if not os.path.exists(path):
-    raise FileNotFoundError(f'{workdir} holds no config.json: not the workdir of a run.')
-  with open(path) as f:  # JSON turned the config's tuples into lists
-    as_tuples = lambda v: (tuple(map(as_tuples, v)) if isinstance(v, list) else
-                           {k: as_tuples(x) for k, x in v.items()} if isinstance(v, dict) else v)
-    config = ml_collections.ConfigDict(as_tuples(json.load(f)))
+  if config is None:
+    path = os.path.join(workdir, 'config.json')
+    if not os.path.exists(path):
+      raise FileNotFoundError(f'{workdir} holds no config.json: not the workdir of a run.')
+    with open(path) as f:  # JSON turned the config's tuples into lists
+      as_tuples = lambda v: (tuple(map(as_tuples, v)) if isinstance(v, list) else
+                             {k: as_tuples(x) for k, x in v.items()} if isinstance(v, dict)
+                             else v)
+      config = ml_collections.ConfigDict(as_tuples(json.load(f)))
   exp = build(config, dataset)
   ckpt = checkpoint_lib.Checkpointer(os.path.join(workdir, 'checkpoints'))
   try:

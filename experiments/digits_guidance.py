@@ -54,7 +54,6 @@ def validate(config, num_classes: int):
 
 def train_model(config, workdir: str, progress: bool):
   """The trained conditional model (the run in WORKDIR/model, resumed or reused)."""
-  from cdiff_jax import checkpoint as checkpoint_lib
   from cdiff_jax import train
   model_dir = os.path.join(workdir, 'model')
   summary = os.path.join(model_dir, 'summary.json')
@@ -63,11 +62,7 @@ def train_model(config, workdir: str, progress: bool):
     # Not the answer for another config; one with other steps is refused, not extended.
     config_lib.check_finished_run(model_dir, config)
     if json.load(open(summary)).get('final_step') == config.train.steps:
-      exp = train.build(config)
-      ckpt = checkpoint_lib.Checkpointer(os.path.join(model_dir, 'checkpoints'),
-                                         config.train.keep_checkpoints)
-      state, _ = ckpt.restore_latest(exp.init_state(), config)
-      ckpt.close()
+      exp, state = train.load_run(model_dir, config=config)
       print(f'model: reusing the finished run in {model_dir}')
       return exp, state, None
   start = time.time()
