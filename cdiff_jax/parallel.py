@@ -16,7 +16,11 @@ one host with the same number of devices.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
+import re
+import subprocess
+import sys
 
 import jax
 import numpy as np
@@ -190,6 +194,29 @@ def non_cpu_flags(flags: str) -> list[str]:
   return [f for f in str(flags).split() if not f.startswith('--xla_cpu_')]
 
 
+_XLA_FLAG_ERROR = re.compile(r'(Unknown flags? in XLA_FLAGS: .*|Illegal value for .*)')
+
+
+@functools.lru_cache(maxsize=None)
+def check_xla_flags(xla_flags: str) -> None:
+  """Raises ValueError, in one line, when this jaxlib's XLA refuses ``xla_flags`` (an
+  ``XLA_FLAGS`` value). XLA reads its flags once, when the first backend starts, and a flag
+  it does not know, or a value it cannot parse, ends the process there with a fatal log
+  (and, for a bad value, its 90-line usage). So they are tried first in a short child
+  process (about a second) that starts the CPU backend alone."""
+  env = dict(os.environ, XLA_FLAGS=xla_flags, JAX_PLATFORMS='cpu')
+  child = subprocess.run([sys.executable, '-c', 'import jax; jax.devices("cpu")'], env=env,
+                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+  if child.returncode == 0:
+    return
+  import jaxlib
+  found = _XLA_FLAG_ERROR.search(child.stderr)
+  reason = found.group(1).strip() if found else (child.stderr.strip().splitlines() or ['?'])[-1]
+  raise ValueError(f'XLA (jaxlib {jaxlib.__version__}) refuses XLA_FLAGS={xla_flags!r}: '
+                   f'{reason}. Correct the option, or leave it out '
+                   "(config.train.xla_cpu_flags='' applies none).")
+
+
 def configure_xla_cpu(flags: str = DEFAULT_XLA_CPU_FLAGS, environ=None) -> list[str]:
   """Appends XLA:CPU ``flags`` (e.g. ``'--xla_cpu_a=1 --xla_cpu_b=x'``) to ``XLA_FLAGS``
   before the XLA backend starts; returns the flags added. A flag whose option ``XLA_FLAGS``
@@ -207,6 +234,8 @@ def configure_xla_cpu(flags: str = DEFAULT_XLA_CPU_FLAGS, environ=None) -> list[
                      'XLA:CPU options (--xla_cpu_...); put other XLA options in XLA_FLAGS.')
   if not new:
     return []
+  if flags != DEFAULT_XLA_CPU_FLAGS:
+    check_xla_flags(' '.join([current] + new).strip())
   if environ is os.environ and _backends_initialized():
     import warnings
     warnings.warn(f'XLA:CPU flags {new} not applied: the XLA backend already started. Set '

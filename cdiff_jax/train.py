@@ -119,7 +119,10 @@ def setup_jax(config) -> None:
   the persistent compilation cache."""
   flags = config.train.get('xla_cpu_flags', parallel.DEFAULT_XLA_CPU_FLAGS)
   if flags:
-    parallel.configure_xla_cpu(flags)
+    try:
+      parallel.configure_xla_cpu(flags)
+    except ValueError as e:  # an option this jaxlib's XLA refuses
+      raise config_lib.ConfigError(f'config.train.xla_cpu_flags={flags!r}: {e}') from e
   if 'parallel' in config:
     parallel.initialize_distributed(config.parallel)
   if config.train.get('compilation_cache', True):

@@ -74,6 +74,9 @@ CASES = {
         'config.sample.num_steps=1000: must be below diffusion.num_steps=1000'),
     'batch the devices cannot split': ('digits_dsm', ['--config.train.batch_size=15'],
                                        'config.train.batch_size'),
+    'XLA:CPU option this jaxlib does not know': (
+        'digits_dsm', ['--config.train.xla_cpu_flags=--xla_cpu_no_such_option=1'],
+        "config.train.xla_cpu_flags='--xla_cpu_no_such_option=1': XLA (jaxlib "),
     'checkpoint of another model': ('digits_dsm', ['--config.model.ch=24'],
                                     'model.ch: checkpoint 16 vs now 24'),
 }

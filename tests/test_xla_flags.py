@@ -10,6 +10,7 @@ import pytest
 
 from cdiff_jax import config as config_lib
 from cdiff_jax import parallel
+from cdiff_jax import train
 
 
 def test_configure_adds_flags_and_keeps_the_users_value():
@@ -30,6 +31,27 @@ def test_config_rejects_non_cpu_flags():
   c.train.xla_cpu_flags = '--xla_gpu_autotune_level=0'
   with pytest.raises(config_lib.ConfigError, match='train.xla_cpu_flags'):
     config_lib.validate(c)
+
+
+def test_options_xla_refuses_are_one_config_error():
+  """XLA ends the process on an option it does not know (or a value it cannot parse) when
+  its backend starts, with a fatal log and for a bad value its whole usage; the options are
+  tried in a child process first and refused in one line naming the config field."""
+  with pytest.raises(ValueError, match=r'Unknown flag in XLA_FLAGS: --xla_cpu_no_such_option=1'):
+    parallel.configure_xla_cpu('--xla_cpu_no_such_option=1', environ={})
+  env = {}
+  with pytest.raises(ValueError, match=r"Illegal value for --xla_cpu_experimental_ynn_fusion_type"):
+    parallel.configure_xla_cpu('--xla_cpu_experimental_ynn_fusion_type=bogus', environ=env)
+  assert env == {}  # nothing applied
+  c = config_lib.base_config()
+  c.train.xla_cpu_flags = '--xla_cpu_no_such_option=1'
+  with pytest.raises(config_lib.ConfigError) as e:
+    train.setup_jax(c)
+  assert str(e.value).startswith("config.train.xla_cpu_flags='--xla_cpu_no_such_option=1': ")
+  assert len(str(e.value).splitlines()) == 1
+  # A known option with a valid value passes the check (and is added).
+  assert parallel.configure_xla_cpu('--xla_cpu_enable_fast_math=false', environ=env) == [
+      '--xla_cpu_enable_fast_math=false']
 
 
 _CHILD = r'''
