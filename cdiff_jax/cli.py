@@ -3,7 +3,8 @@
 A wrong ``--config.FIELD=VALUE`` and the errors a run can meet before or while it trains
 (bad config, missing dataset, incompatible checkpoint, non-finite loss) end the program
 with one ``error:`` line and exit status 2, not a traceback; a preempted run (SIGTERM)
-exits with 3 after its checkpoint is saved, and one stopped by Ctrl-C with 130.
+exits with 3 after its checkpoint is saved, and one stopped by Ctrl-C with 130 (after a
+checkpoint when Ctrl-C came during training, at once otherwise), without a traceback.
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ from absl import app, flags
 EXIT_ERROR = 2
 EXIT_PREEMPTED = 3
 EXIT_INTERRUPTED = 130  # Ctrl-C, as a shell reports it; not 3, so a restart loop stops
+INTERRUPTED_AT_ONCE = ('interrupted: stopped at once. What was saved before is kept (checkpoints, '
+                       'finished arms and components); rerun the same command to go on from it.')
 
 
 def one_line_error(e: BaseException) -> str:
@@ -135,6 +138,11 @@ def reporting_errors(main):
     except train.Preempted as e:
       print(str(e), file=sys.stderr)
       sys.exit(EXIT_INTERRUPTED if e.interrupted else EXIT_PREEMPTED)
+    except KeyboardInterrupt:
+      # Ctrl-C outside a training loop (set-up, sampling, evaluation, the MLPs of
+      # toy_composition) or a second Ctrl-C inside one: stopped at once.
+      print(f'\n{INTERRUPTED_AT_ONCE}', file=sys.stderr)
+      sys.exit(EXIT_INTERRUPTED)
   return wrapped
 
 

@@ -208,6 +208,19 @@ def test_run_errors_are_reported_by_their_first_line(capsys):
     assert capsys.readouterr().err.strip().splitlines() == [line]
 
 
+def test_ctrl_c_outside_training_stops_in_one_line(capsys):
+  """Ctrl-C where no training loop saves first (set-up, sampling, evaluation, or a second
+  Ctrl-C): exit status 130 and one line saying what is kept, no KeyboardInterrupt traceback."""
+  from cdiff_jax import cli
+
+  def main(argv):
+    raise KeyboardInterrupt
+  with pytest.raises(SystemExit) as e:
+    cli.reporting_errors(main)(['prog'])
+  assert e.value.code == cli.EXIT_INTERRUPTED == 130
+  assert capsys.readouterr().err.strip().splitlines() == [cli.INTERRUPTED_AT_ONCE]
+
+
 def test_flag_error_blames_the_override_whose_field_it_names(capsys):
   """A message naming ``num_steps`` blames --config.sample.num_steps, not an earlier
   --config.train.steps ('steps' inside 'num_steps' is not that field's name)."""
