@@ -6,6 +6,7 @@ names."""
 
 import json
 import os
+import re
 
 import jax
 import numpy as np
@@ -154,3 +155,35 @@ def test_a_run_loads_back_from_its_workdir(reference, tmp_path):
                                 np.asarray(Image.open(final)))
   with pytest.raises(FileNotFoundError, match='holds no config.json'):
     train.load_run(str(tmp_path))
+
+
+def _readme_examples() -> list[str]:
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  with open(os.path.join(root, 'README.md')) as f:
+    return re.findall(r'```python\n(.*?)```', f.read(), re.S)
+
+
+def test_the_readme_library_examples_run_as_written(reference, monkeypatch):
+  """The README's two library examples, as printed there but for fewer steps and another
+  workdir: the build / step / sample loop gives images of the data's shape in [-1, 1]
+  after the steps it ran, and load_run gives back the reference run's last state."""
+  first, second = _readme_examples()
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  monkeypatch.syspath_prepend(root)  # `from configs import ...`, as from the repository root
+  for old, new in (('range(200)', 'range(2)'), ('num_steps=50', 'num_steps=3')):
+    assert old in first
+    first = first.replace(old, new)
+  scope = {}
+  exec(compile(first, 'README.md', 'exec'), scope)
+  assert int(scope['state'].step) == 2
+  assert np.isfinite(float(scope['metrics']['loss']))
+  images = np.asarray(parallel.to_host(scope['images']))
+  assert images.shape == (16, 8, 8, 1) and -1 <= images.min() < images.max() <= 1
+  assert "'runs/demo/constrained'" in second
+  exec(compile(second.replace("'runs/demo/constrained'", repr(reference['workdir'])),
+               'README.md', 'exec'), scope)
+  assert int(scope['state'].step) == 8
+  loaded = scope['state']
+  for a, b in zip(run_files.leaves((loaded.params, loaded.ema_params)), reference['fit']):
+    np.testing.assert_array_equal(a, b)
+  assert np.asarray(parallel.to_host(scope['images'])).shape == (20, 8, 8, 1)
