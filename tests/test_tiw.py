@@ -420,6 +420,43 @@ def test_bad_method_config_names_the_field(field, value, match):
     train.build(c, _toy_dataset())
 
 
+def test_a_diverged_discriminator_is_refused_and_not_cached(tmp_path, monkeypatch):
+  """A discriminator whose pre-training diverged (T-BCE far above chance) would give every
+  example weight 0 or NaN and leave the score model untrained with a finite loss: refused
+  in one line naming method.disc_lr, and not written to the discriminator cache; the same
+  recipe at the default learning rate passes and is cached."""
+  monkeypatch.setenv('CDIFF_JAX_CACHE', str(tmp_path))
+  cache = tmp_path / 'discriminators'
+  bad = train.build(_toy_config(disc_lr=1e4, disc_pretrain_steps=60, disc_cache=True),
+                    _toy_dataset())
+  with pytest.raises(config_lib.ConfigError,
+                     match=r'^config.method.disc_lr=10000.0: the discriminator diverged in its '
+                           r'60 pre-training steps \(T-BCE [0-9.e+]+,'):
+    bad.init_state()
+  assert not cache.exists() or not list(cache.iterdir())
+  good = train.build(_toy_config(disc_pretrain_steps=60, disc_cache=True), _toy_dataset())
+  good.init_state()
+  assert len(list(cache.glob('*.msgpack'))) == 1
+
+
+def test_host_warnings_for_a_diverged_joint_discriminator_and_vanishing_weights():
+  """The logged figures of a discriminator trained with the score model: a T-BCE far above
+  chance (or NaN) says it diverged; weights near 0 on both groups say the score model is
+  not training. A constrained run with a TIW-DSM objective passes them on."""
+  from cdiff_jax.methods.constrained import Constrained
+  method = train.build(_toy_config(disc_joint=True), _toy_dataset()).method
+  sane = dict(disc_bce=1.30, weight_bias=0.9, weight_ref=1.2)
+  assert method.host_metrics(sane, 10) == []
+  for bce in (1e6, float('nan')):
+    (line,) = method.host_metrics(dict(sane, disc_bce=bce), 10)
+    assert line.startswith('the discriminator diverged') and 'method.disc_lr' in line
+  (line,) = method.host_metrics(dict(sane, weight_bias=0.0, weight_ref=2e-4), 10)
+  assert line.startswith('the importance weights vanish')
+  composed = Constrained(base=method, num_constraints=1, thresholds=(0.0,), enabled=False)
+  assert composed.host_metrics(dict(sane, disc_bce=1e6), 10) == method.host_metrics(
+      dict(sane, disc_bce=1e6), 10)
+
+
 def test_unknown_method_field_is_refused():
   c = _toy_config()
   c.method.disc_lrr = 1.0

@@ -198,26 +198,29 @@ class Constrained:
   # ------------------------------------------------------------------ host side
   def host_metrics(self, summary: dict, step: int, patience: int = 5) -> list[str]:
     """Warnings from the logged figures: a multiplier that keeps growing while its
-    constraint stays violated means the threshold is probably infeasible."""
+    constraint stays violated means the threshold is probably infeasible. A composed
+    objective's own warnings (TIW-DSM's discriminator) come first."""
+    base = (list(self.base.host_metrics(summary, step)) if hasattr(self.base, 'host_metrics')
+            else [])
     if not self.enabled:
-      return []
+      return base
     self.history.append((step, np.atleast_1d(summary['lam']),
                          np.atleast_1d(summary['constraint_gap'])))
     del self.history[:-(patience + 1)]
     if len(self.history) <= patience:
-      return []
+      return base
     lams = np.stack([h[1] for h in self.history])
     gaps = np.stack([h[2] for h in self.history])
     growing = [i for i in range(self.num_constraints)
                if np.all(np.diff(lams[:, i]) > 0) and np.all(gaps[1:, i] > 0)]
     if not growing:
-      return []
+      return base
     # One line per log for all of them (not one per constraint).
     each = '; '.join(f'{self.constraint_names[i]}: lambda {lams[0, i]:.3g} -> {lams[-1, i]:.3g}, '
                      f'L - b now {gaps[-1, i]:.3g}' for i in growing)
-    return [f'constraint{"s" if len(growing) > 1 else ""} {each} (over the last {patience} '
-            'logs lambda grew while L - b stayed > 0): the threshold may be infeasible; raise '
-            'method.thresholds or set method.resilient_alpha > 0.']
+    return base + [f'constraint{"s" if len(growing) > 1 else ""} {each} (over the last '
+                   f'{patience} logs lambda grew while L - b stayed > 0): the threshold may be '
+                   'infeasible; raise method.thresholds or set method.resilient_alpha > 0.']
 
   def prepare(self, config, model, batcher, mesh) -> 'Constrained':
     """threshold_mode='reference': b_i = scale * L_ref + offset, with L_ref the reference

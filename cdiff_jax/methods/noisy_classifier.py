@@ -161,6 +161,12 @@ def time_weight(schedule: schedules_lib.Schedule, t, kind: str):
   raise ValueError(f'time weighting {kind!r} is unknown; use one of {TIME_WEIGHTINGS}.')
 
 
+# The balanced BCE of a constant logit 0 (time weights <= 1, as sigma2's, only lower it).
+# A discriminator far above it (DIVERGED_BCE) is worse than any constant: it diverged.
+CHANCE_BCE = 2 * float(np.log(2))
+DIVERGED_BCE = 2 * CHANCE_BCE
+
+
 def balanced_bce(logits, is_positive, is_negative, weights=None):
   """E_pos[-log sigmoid(l)] + E_neg[-log sigmoid(-l)], each a mean over its own examples.
 

@@ -158,6 +158,7 @@ class TIW:
   batch_size: int = 128
   ref_batch_fraction: float = 0.5
   disc_tx: optax.GradientTransformation | None = None
+  disc_lr: float = 0.0                     # disc_tx's learning rate, for messages
   disc_pretrain_steps: int = 500
   disc_joint: bool = False
   disc_batch_size: int = 128
@@ -267,10 +268,16 @@ class TIW:
     params, _, summary = nc.fit(update, params, self.disc_tx.init(params), batches,
                                 self.disc_pretrain_steps, rng, progress=self.progress,
                                 desc='discriminator (T-BCE)')
+    described = (f'T-BCE {summary["bce"]:.4f}, accuracy {summary["accuracy"]:.3f} '
+                 f'(last 50 steps; chance: BCE {nc.CHANCE_BCE:.3f})')
+    if not summary['bce'] <= nc.DIVERGED_BCE:  # NaN too
+      # Its weights would then be 0 (or NaN) for every example: a score model that does not
+      # train, with no non-finite loss to stop the run. Not cached.
+      _fail('disc_lr', self.disc_lr, f'the discriminator diverged in its '
+            f'{self.disc_pretrain_steps} pre-training steps ({described}); lower '
+            'method.disc_lr.')
     if self.progress:
-      print(f'discriminator: {self.disc_pretrain_steps} steps, '
-            f'T-BCE {summary["bce"]:.4f}, accuracy {summary["accuracy"]:.3f} '
-            f'(last 50 steps; chance: BCE {2 * np.log(2):.3f})')
+      print(f'discriminator: {self.disc_pretrain_steps} steps, {described}')
     if path:
       os.makedirs(os.path.dirname(path), exist_ok=True)
       tmp = f'{path}.{os.getpid()}.tmp'
@@ -380,6 +387,24 @@ class TIW:
         disc_batch['is_bias'], rng)
     new = dict(disc_state, params=params, opt_state=opt_state)
     return new, {'disc_bce': m['bce'], 'disc_accuracy': m['accuracy']}
+
+  def host_metrics(self, summary: dict, step: int) -> list[str]:
+    """Warnings from the logged figures: a discriminator trained with the score model
+    (``disc_joint``) that diverged, or weights that vanish for every example (no score
+    training). Its pre-training is checked where it ends (``_pretrained``)."""
+    del step
+    out = []
+    bce = summary.get('disc_bce')
+    if bce is not None and not float(bce) <= nc.DIVERGED_BCE:
+      out.append(f'the discriminator diverged: its T-BCE over the last log interval is '
+                 f'{float(bce):.4g} (chance {nc.CHANCE_BCE:.3f}), so its weights and score '
+                 'correction are meaningless; lower method.disc_lr.')
+    weights = [float(summary[k]) for k in ('weight_bias', 'weight_ref') if k in summary]
+    if weights and not max(weights) >= 1e-3:
+      out.append(f'the importance weights vanish (mean {max(weights):.3g} on the reference '
+                 'and biased examples): the score model is hardly training; check the '
+                 'discriminator (method.disc_lr, method.alpha).')
+    return out
 
   def update_extras(self, extras, aux, step, rng):
     del step
@@ -530,7 +555,7 @@ def build(config, model, num_classes: int, common: dict) -> TIW:
   return TIW(dsm, disc, lambda ds, idx: split_indices(mc, ds, idx), variant=mc.variant,
              alpha=float(mc.alpha), score_correction=bool(mc.score_correction),
              batch_size=config.train.batch_size,
-             ref_batch_fraction=mc.ref_batch_fraction, disc_tx=disc_tx,
+             ref_batch_fraction=mc.ref_batch_fraction, disc_tx=disc_tx, disc_lr=mc.disc_lr,
              disc_pretrain_steps=mc.disc_pretrain_steps, disc_joint=mc.disc_joint,
              disc_batch_size=mc.disc_batch_size, disc_time_weighting=mc.disc_time_weighting,
              frozen_features=frozen, disc_cache=mc.disc_cache, disc_signature=signature,
