@@ -66,6 +66,10 @@ CASES = {
     'constraint on a class that does not exist': (
         'digits_minority', ['--config.method.constraint_classes=(4,12)', REFERENCE],
         'config.method.constraint_classes=[4, 12] names classes [12]'),
+    'reference run that has not finished': (
+        'digits_minority', ['--config.method.reference_workdir={unfinished}'],
+        'that run has not finished (newest checkpoint: step 4 of its train.steps=4); finish it '
+        'first by rerunning its command'),
     'steps that a call of several steps would overshoot': (
         'digits_dsm', ['--config.train.steps_per_call=3'],
         'config.train.steps=4: must be a multiple of train.steps_per_call=3'),
@@ -92,7 +96,7 @@ def _load_config(name):
 @pytest.fixture(scope='module')
 def existing_run(tmp_path_factory):
   """A workdir holding what a finished run leaves (checkpoint with the tiny digits_dsm
-  config's fingerprint, config.json, metrics.jsonl)."""
+  config's fingerprint, config.json, metrics.jsonl, summary.json)."""
   from cdiff_jax import checkpoint
   workdir = tmp_path_factory.mktemp('existing')
   c = _load_config('digits_dsm')
@@ -104,6 +108,7 @@ def existing_run(tmp_path_factory):
   ckpt.close()
   (workdir / 'config.json').write_text(c.to_json_best_effort())
   (workdir / 'metrics.jsonl').write_text('{"step": 4, "loss": 0.5}\n')
+  (workdir / 'summary.json').write_text('{"final_step": 4}\n')
   return workdir
 
 
@@ -134,7 +139,10 @@ def test_bad_input_gets_one_line_and_no_damage(case, existing_run, tmp_path):
     pytest.skip(f'configs/{config}.py is not in this checkout')
   empty = tmp_path / 'empty_data'
   empty.mkdir()
-  extra = [e.format(empty=empty, existing=existing_run) for e in extra]
+  unfinished = tmp_path / 'unfinished'  # a run that stopped before its end: no summary.json
+  shutil.copytree(existing_run, unfinished)
+  (unfinished / 'summary.json').unlink()
+  extra = [e.format(empty=empty, existing=existing_run, unfinished=unfinished) for e in extra]
   workdir = tmp_path / 'run'
   shutil.copytree(existing_run, workdir)
   before = run_files.snapshot(workdir)

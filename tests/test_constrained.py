@@ -398,7 +398,7 @@ def test_bad_method_config_messages(tiny_config, field, value, needle):
 def test_reference_run_with_another_network_or_process_is_refused(tmp_path):
   """The thresholds evaluate the reference's parameters with this run's network and forward
   process: a reference run that had others is refused by name before any training (another
-  data split, as with minorities subsampled, is fine)."""
+  data split, as with minorities subsampled, is fine), and so is one that has not finished."""
   from configs import digits_minority
   ref = tmp_path / 'reference'
   (ref / 'checkpoints').mkdir(parents=True)
@@ -407,6 +407,9 @@ def test_reference_run_with_another_network_or_process_is_refused(tmp_path):
   (ref / 'config.json').write_text(saved.to_json_best_effort())
   c = digits_minority.get_config()
   c.method.reference_workdir = str(ref)
+  with pytest.raises(config_lib.ConfigError, match='that run has not finished'):
+    constrained.validate(c)                     # no summary.json: still training, or stopped
+  (ref / 'summary.json').write_text('{}')
   constrained.validate(c)                       # same network and process: accepted
   for field, value, needle in [('model', ('ch', 16), 'model.ch: reference 32 vs now 16'),
                                ('model', ('ch_mult', (1, 2, 2)),

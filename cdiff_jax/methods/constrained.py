@@ -417,15 +417,26 @@ REFERENCE_MUST_MATCH = ('data.name', 'data.image_size', 'model.name', 'model.ch'
 
 def _check_reference_run(config) -> None:
   """A reference run (its config.json) with another network or forward process is refused
-  by name, before training, instead of failing to load or giving meaningless thresholds."""
+  by name, before training, instead of failing to load or giving meaningless thresholds;
+  so is one that has not finished (still training, or stopped), whose newest checkpoint
+  would set looser thresholds than the finished model."""
   import json
   from cdiff_jax import config as config_lib
-  path = os.path.join(config.method.reference_workdir, 'config.json')
+  workdir = config.method.reference_workdir
+  path = os.path.join(workdir, 'config.json')
   if not os.path.exists(path):
     return
   with open(path) as f:
-    saved = {k: v for k, v in config_lib._computing_fields(json.load(f)).items()
-             if k in REFERENCE_MUST_MATCH}
+    record = json.load(f)
+  if not os.path.exists(os.path.join(workdir, 'summary.json')):  # written when a run ends
+    steps = [int(d) for d in os.listdir(os.path.join(workdir, 'checkpoints')) if d.isdigit()]
+    newest = f'step {max(steps)}' if steps else 'none'
+    raise ConfigError(f'config.method.reference_workdir={workdir!r}: that run has not finished '
+                      f'(newest checkpoint: {newest} of its train.steps='
+                      f'{record.get("train", {}).get("steps", "?")}); finish it first by '
+                      'rerunning its command: the finished model\'s losses set the thresholds.')
+  saved = {k: v for k, v in config_lib._computing_fields(record).items()
+           if k in REFERENCE_MUST_MATCH}
   # The same comparison as a finished run's (a field the record lacks is not held against it).
   diffs = config_lib._mismatch(saved, config_lib.computing_fields(config), 'reference')
   if diffs:
