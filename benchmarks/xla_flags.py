@@ -87,7 +87,9 @@ def main(argv=None):
                             env=env, capture_output=True, text=True)
       lines = [l for l in proc.stdout.splitlines() if l.startswith('RESULT ')]
       if proc.returncode or not lines:
-        err = (proc.stderr.strip().splitlines() or ['no output'])[-1][:120]
+        from cdiff_jax import parallel
+        err = (parallel.xla_flag_error(proc.stderr) or
+               (proc.stderr.strip().splitlines() or ['no output'])[-1])[:120]
         print(f'[{name}] {flags or "(default)"}: failed: {err}', flush=True)
         rows.append([name, flags or '(default)', 'failed', '-', '-', '-', err])
         continue

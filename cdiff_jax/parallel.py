@@ -195,6 +195,18 @@ def non_cpu_flags(flags: str) -> list[str]:
 
 
 _XLA_FLAG_ERROR = re.compile(r'(Unknown flags? in XLA_FLAGS: .*|Illegal value for .*)')
+# A value some options cannot parse gives no line of its own, only the usage of the flag.
+_XLA_FLAG_USAGE = re.compile(r'Flag parsing failed\.[\s\S]*?^usage: (\S+)', re.M)
+
+
+def xla_flag_error(stderr: str) -> str | None:
+  """XLA's one line on a flag it refused (unknown, or a value it cannot parse) in the
+  ``stderr`` of a process that died starting its backend; None if there is none."""
+  found = _XLA_FLAG_ERROR.search(stderr)
+  if found:
+    return found.group(1).strip()
+  found = _XLA_FLAG_USAGE.search(stderr)
+  return f'cannot parse {found.group(1)}' if found else None
 
 
 @functools.lru_cache(maxsize=None)
@@ -210,8 +222,8 @@ def check_xla_flags(xla_flags: str) -> None:
   if child.returncode == 0:
     return
   import jaxlib
-  found = _XLA_FLAG_ERROR.search(child.stderr)
-  reason = found.group(1).strip() if found else (child.stderr.strip().splitlines() or ['?'])[-1]
+  reason = (xla_flag_error(child.stderr) or
+            (child.stderr.strip().splitlines() or ['no output'])[-1])
   raise ValueError(f'XLA (jaxlib {jaxlib.__version__}) refuses XLA_FLAGS={xla_flags!r}: '
                    f'{reason}. Correct the option, or leave it out '
                    "(config.train.xla_cpu_flags='' applies none).")
@@ -230,8 +242,8 @@ def configure_xla_cpu(flags: str = DEFAULT_XLA_CPU_FLAGS, environ=None) -> list[
   present = {f.split('=')[0] for f in current.split()}
   new = [f for f in flags.split() if f.split('=')[0] not in present]
   if non_cpu_flags(' '.join(new)):
-    raise ValueError(f'config.train.xla_cpu_flags: {non_cpu_flags(" ".join(new))} are not '
-                     'XLA:CPU options (--xla_cpu_...); put other XLA options in XLA_FLAGS.')
+    raise ValueError(f'{non_cpu_flags(" ".join(new))} are not XLA:CPU options '
+                     '(--xla_cpu_...); put other XLA options in XLA_FLAGS.')
   if not new:
     return []
   if flags != DEFAULT_XLA_CPU_FLAGS:

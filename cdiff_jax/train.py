@@ -121,7 +121,7 @@ def setup_jax(config) -> None:
   if flags:
     try:
       parallel.configure_xla_cpu(flags)
-    except ValueError as e:  # an option this jaxlib's XLA refuses
+    except ValueError as e:  # not an XLA:CPU option, or one this jaxlib's XLA refuses
       raise config_lib.ConfigError(f'config.train.xla_cpu_flags={flags!r}: {e}') from e
   if 'parallel' in config:
     parallel.initialize_distributed(config.parallel)

@@ -42,6 +42,8 @@ def test_options_xla_refuses_are_one_config_error():
   env = {}
   with pytest.raises(ValueError, match=r"Illegal value for --xla_cpu_experimental_ynn_fusion_type"):
     parallel.configure_xla_cpu('--xla_cpu_experimental_ynn_fusion_type=bogus', environ=env)
+  with pytest.raises(ValueError, match=r'cannot parse --xla_cpu_scheduler_type=bogus\. '):
+    parallel.configure_xla_cpu('--xla_cpu_scheduler_type=bogus', environ=env)  # no line of its own
   assert env == {}  # nothing applied
   c = config_lib.base_config()
   c.train.xla_cpu_flags = '--xla_cpu_no_such_option=1'
