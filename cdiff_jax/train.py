@@ -113,6 +113,57 @@ class _PreemptionWatch:
     return False
 
 
+class _WorkdirLock:
+  """One run at a time in a workdir: two runs of the same command (a second terminal, a
+  restart loop started twice) would write the same checkpoints and metrics.
+
+  An advisory ``flock`` on ``WORKDIR/.lock``, which holds who has it. The kernel drops it
+  when the process ends, however it ends (SIGKILL included), so a rerun is never blocked
+  by a dead run. Taken by ``acquire`` once the run's checks have passed (nothing is written
+  before), by a single-process run on a local file system; file systems without ``flock``
+  run without it.
+  """
+
+  def __init__(self, workdir: str):
+    self.workdir, self._file = workdir, None
+
+  def acquire(self) -> None:
+    try:
+      import fcntl
+    except ImportError:  # not a POSIX system
+      return
+    if '://' in self.workdir or jax.process_count() > 1:
+      return
+    os.makedirs(self.workdir, exist_ok=True)
+    f = open(os.path.join(self.workdir, '.lock'), 'a+')
+    try:
+      fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as e:
+      import errno
+      f.seek(0)
+      holder = f.read().strip()
+      f.close()
+      if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+        raise config_lib.ConfigError(
+            f'workdir {self.workdir} is in use by another run ({holder or "a live process"}); '
+            'wait for it to end or stop it, or give another workdir.') from e
+      return  # no flock on this file system
+    import datetime
+    import socket
+    now = datetime.datetime.now(datetime.timezone.utc)
+    f.seek(0)
+    f.truncate()
+    f.write(f'pid {os.getpid()} on {socket.gethostname()}, since '
+            f'{now:%Y-%m-%d %H:%M:%S} UTC\n')
+    f.flush()
+    self._file = f
+
+  def release(self) -> None:
+    if self._file is not None:
+      self._file.close()  # drops the lock
+      self._file = None
+
+
 def setup_jax(config) -> None:
   """Process-wide JAX setup, before any device is touched: XLA:CPU options
   (``config.train.xla_cpu_flags``), multi-process initialization (``config.parallel``) and
@@ -402,11 +453,15 @@ def train_and_evaluate(config, workdir: str, dataset: sources.ArrayDataset | Non
   validate(config)  # Before setup: a wrong parallel.* must not start a cluster.
   check_workdir(workdir)
   setup_jax(config)
-  with _PreemptionWatch() as preemption:
-    return _train_and_evaluate(config, workdir, dataset, progress, hooks, preemption)
+  lock = _WorkdirLock(workdir)
+  try:
+    with _PreemptionWatch() as preemption:
+      return _train_and_evaluate(config, workdir, dataset, progress, hooks, preemption, lock)
+  finally:
+    lock.release()
 
 
-def _train_and_evaluate(config, workdir, dataset, progress, hooks, preemption) -> dict:
+def _train_and_evaluate(config, workdir, dataset, progress, hooks, preemption, lock) -> dict:
   exp = build(config, dataset)
   tc = config.train
   workdir = os.path.abspath(workdir)
@@ -426,8 +481,13 @@ def _train_and_evaluate(config, workdir, dataset, progress, hooks, preemption) -
       ckpt.close()
       raise config_lib.ConfigError(f'config.train.steps_per_call={tc.steps_per_call}: the '
                                    f'checkpoint is at step {restored_step}; use a divisor of it.')
-    if is_main:
-      print(f'Resumed from step {restored_step} ({ckpt_dir}).')
+  try:  # The checks have passed: the first write.
+    lock.acquire()
+  except BaseException:
+    ckpt.close()
+    raise
+  if restored is not None and is_main:
+    print(f'Resumed from step {restored_step} ({ckpt_dir}).')
   start = int(state.step)
   if is_main:
     os.makedirs(os.path.join(workdir, 'samples'), exist_ok=True)

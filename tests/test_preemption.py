@@ -158,3 +158,40 @@ def test_sigkill_resumes_from_last_complete_checkpoint(tmp_path, uninterrupted):
   _assert_same_as(uninterrupted, tmp_path)
   # Steps the killed run logged after its last checkpoint are not duplicated.
   assert _metric_steps(tmp_path) == list(range(2, STEPS + 1, 2))
+
+
+_HOLD_LOCK = '''
+import sys, time
+from cdiff_jax import train
+lock = train._WorkdirLock(sys.argv[1])   # held while the object lives
+lock.acquire()
+print('held', flush=True)
+time.sleep(600)
+'''
+
+
+def test_a_workdir_in_use_is_refused_and_a_dead_holder_does_not_block(tmp_path, tiny_config):
+  """A second run in a workdir that a live run holds stops before writing anything, with
+  one line naming the holder; once the holder dies (SIGKILL: no clean-up of its own) the
+  workdir is free again and the run trains."""
+  workdir = str(tmp_path / 'run')
+  holder = subprocess.Popen([sys.executable, '-c', _HOLD_LOCK, workdir], stdout=subprocess.PIPE,
+                            text=True)
+  try:
+    assert holder.stdout.readline().strip() == 'held'
+    with pytest.raises(config_lib.ConfigError) as e:
+      train.train_and_evaluate(tiny_config, workdir, progress=False)
+    assert str(e.value).startswith(f'workdir {workdir} is in use by another run (pid '
+                                   f'{holder.pid} on ')
+    assert os.listdir(workdir) == ['.lock']          # nothing of the run written
+  finally:
+    holder.kill()
+    holder.wait()
+  tiny_config.eval.enabled = False
+  result = train.train_and_evaluate(tiny_config, workdir, progress=False)
+  assert int(result['state'].step) == tiny_config.train.steps
+  with open(os.path.join(workdir, '.lock')) as f:    # the lock was this process's
+    assert f.read().startswith(f'pid {os.getpid()} on ')
+  again = train._WorkdirLock(workdir)                # and it let go at the end
+  again.acquire()
+  again.release()
