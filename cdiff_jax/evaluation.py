@@ -232,8 +232,9 @@ def evaluate_samples(clf: EvalClassifier, samples, reference_images,
 def generate(exp, state, num_samples: int, seed: int = 1234, progress: bool = False,
              batch_size: int = 1000) -> np.ndarray:
   """``num_samples`` samples of a run's model (EMA by default), in batches. A conditional
-  model's labels run on across batches (sample i gets class i mod C), so the classes stay
-  balanced when C does not divide ``batch_size``."""
+  model's labels run on across batches (``exp.sample_labels``: sample i gets the (i mod K)-th
+  of the K trained classes), so the classes stay balanced when K does not divide
+  ``batch_size``."""
   sampler = exp.sampler()
   params = state.ema_params if exp.config.sample.use_ema else state.params
   n_dev = exp.mesh.devices.size

@@ -280,12 +280,20 @@ class Experiment:
     kw.update(overrides)
     return Sampler(self.eps_fn, self.model.schedule, self.image_shape, **kw)
 
+  @property
+  def sample_classes(self) -> np.ndarray:
+    """The classes a conditional model's samples cycle over: those it was trained on (all
+    of the data's, unless ``data.keep_classes`` / ``drop_classes`` removed some)."""
+    return np.unique(self.dataset.labels[self.train_idx])
+
   def sample_labels(self, n: int, offset: int = 0):
     """Labels of samples ``offset .. offset + n - 1`` of a class-balanced sequence
-    (sample i gets class i mod C); None for an unconditional model."""
+    (sample i gets the (i mod K)-th of the K ``sample_classes``: class i mod C when every
+    class was trained); None for an unconditional model."""
     if not self.config.model.conditional:
       return None
-    return (offset + jnp.arange(n, dtype=jnp.int32)) % self.num_classes
+    classes = jnp.asarray(self.sample_classes, jnp.int32)
+    return classes[(offset + jnp.arange(n, dtype=jnp.int32)) % len(classes)]
 
 
 def validate(config) -> None:
@@ -433,7 +441,7 @@ def save_samples(exp: Experiment, state: TrainState, path: str, num: int | None 
   images = np.asarray(parallel.to_host(sampler(params, rng, n, exp.sample_labels(n),
                                                progress=progress)))
   if jax.process_index() == 0:
-    ncols = exp.num_classes if exp.config.model.conditional else None
+    ncols = len(exp.sample_classes) if exp.config.model.conditional else None
     writers.save_image_grid(path, images, ncols=ncols)
   return images
 

@@ -201,6 +201,20 @@ def _toy_experiment(scale):
   return train.build(c, data)
 
 
+def test_conditional_samples_cycle_over_the_trained_classes():
+  """sample_labels runs over the classes the model was trained on: every class when all
+  were (class i mod C), only the kept ones after data.keep_classes / drop_classes (a class
+  it never saw would be a column of noise in the grid and a ghost class in evaluation)."""
+  exp = _toy_experiment(1.0)
+  np.testing.assert_array_equal(exp.sample_labels(7, offset=2), (2 + np.arange(7)) % 3)
+  for field, value in (('keep_classes', (0, 2)), ('drop_classes', (1,))):
+    c = exp.config.copy_and_resolve_references()
+    c.data[field] = value
+    sub = train.build(c, exp.dataset)
+    np.testing.assert_array_equal(sub.sample_classes, [0, 2])
+    np.testing.assert_array_equal(sub.sample_labels(5, offset=1), [2, 0, 2, 0, 2])
+
+
 def test_guidance_scale_reaches_every_core_sampler():
   exp = _toy_experiment(4.0)
   state = exp.init_state()
