@@ -211,18 +211,31 @@ def load_feature_fn(spec: str) -> Callable:
   return getattr(importlib.import_module(module), name)
 
 
+def uniform_over(classes, num_classes: int) -> np.ndarray:
+  """The uniform distribution over ``classes`` (None: all ``num_classes``)."""
+  if classes is None:
+    return np.full(num_classes, 1 / num_classes)
+  target = np.zeros(num_classes)
+  target[np.asarray(classes)] = 1 / len(classes)
+  return target
+
+
 def evaluate_samples(clf: EvalClassifier, samples, reference_images,
-                     feature_fn: Callable | None = None) -> dict:
-  """Class frequencies, TV to uniform and classifier FID of ``samples`` vs held-out data."""
+                     feature_fn: Callable | None = None, classes=None) -> dict:
+  """Class frequencies, TV to uniform and classifier FID of ``samples`` vs held-out data.
+  ``classes``: the classes the model was trained on, when not all (the uniform target of
+  the TV is over them, recorded as ``uniform_over``)."""
   logits, feats = clf.logits_and_features(samples)
   _, ref_feats = clf.logits_and_features(reference_images)
   freqs = class_frequencies(logits.argmax(-1), clf.num_classes)
   out = dict(class_frequencies=freqs.tolist(),
-             tv_to_uniform=tv_distance(freqs, np.full(clf.num_classes, 1 / clf.num_classes)),
+             tv_to_uniform=tv_distance(freqs, uniform_over(classes, clf.num_classes)),
              classifier_fid=frechet_distance(feats, ref_feats),
              num_samples=int(len(samples)), num_reference=int(len(reference_images)),
              classifier_accuracy=clf.accuracy,
              mean_confidence=float(jax.nn.softmax(logits).max(-1).mean()))
+  if classes is not None:
+    out['uniform_over'] = [int(c) for c in classes]
   if feature_fn is not None:
     out['fid'] = frechet_distance(np.asarray(feature_fn(samples)),
                                   np.asarray(feature_fn(reference_images)))
@@ -255,7 +268,12 @@ def evaluate_run(exp, state, workdir: str, progress: bool = False) -> dict:
   test = sources.load_dataset(exp.config.data, 'test')
   samples = generate(exp, state, ec.num_samples, progress=progress)
   feature_fn = load_feature_fn(ec.feature_fn) if ec.feature_fn else None
-  result = evaluate_samples(clf, samples, sources.to_float(test.images), feature_fn)
+  # A model trained on some classes (data.keep_classes / drop_classes) is measured against
+  # those: uniform over them, held-out images of them.
+  classes = exp.sample_classes
+  classes = classes if len(classes) < exp.num_classes else None
+  reference = test.images if classes is None else test.images[np.isin(test.labels, classes)]
+  result = evaluate_samples(clf, samples, sources.to_float(reference), feature_fn, classes)
   train_freqs = class_frequencies(exp.dataset.labels[exp.objective_indices()], exp.num_classes)
   result['training_class_frequencies'] = train_freqs.tolist()
   if jax.process_index() == 0:
@@ -264,7 +282,7 @@ def evaluate_run(exp, state, workdir: str, progress: bool = False) -> dict:
     writers.plot_class_frequencies(
         os.path.join(workdir, 'class_frequencies.png'),
         {'training data': train_freqs, 'model samples': result['class_frequencies']},
-        target=np.full(exp.num_classes, 1 / exp.num_classes),
+        target=uniform_over(classes, exp.num_classes),
         title=f'{exp.config.method.name}: classifier FID {result["classifier_fid"]:.2f}, '
               f'TV to uniform {result["tv_to_uniform"]:.3f}')
     writers.save_image_grid(os.path.join(workdir, 'samples', 'eval_samples.png'), samples[:100])

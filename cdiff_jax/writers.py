@@ -172,7 +172,9 @@ def plot_curves(path: str, records: list[dict], keys: list[str], title: str = ''
 
 def plot_class_frequencies(path: str, series: Mapping[str, object], target=None,
                            title: str = '', class_names=None) -> str:
-  """Grouped bar chart of class frequencies (one bar per series), target as a dashed line."""
+  """Grouped bar chart of class frequencies (one bar per series), the target as a dashed
+  mark across each class's bars (a line through them would slope across a target that is
+  0 for some classes)."""
   names = list(series)
   values = [np.asarray(series[n], np.float64) for n in names]
   num = len(values[0])
@@ -181,7 +183,8 @@ def plot_class_frequencies(path: str, series: Mapping[str, object], target=None,
   for i, (name, v) in enumerate(zip(names, values)):
     ax.bar(np.arange(num) + (i - (len(values) - 1) / 2) * width, v, width, label=name)
   if target is not None:
-    ax.plot(np.arange(num), np.asarray(target), 'k--', lw=1, label='target')
+    ax.hlines(np.asarray(target), np.arange(num) - 0.45, np.arange(num) + 0.45, colors='k',
+              linestyles='--', lw=1, label='target')
   ax.set_xticks(np.arange(num))
   ax.set_xticklabels(class_names or [str(i) for i in range(num)])
   ax.set_xlabel('class')

@@ -83,6 +83,11 @@ def test_evaluate_samples_against_a_known_classifier():
   p /= p.sum(1, keepdims=True)
   assert out['mean_confidence'] == pytest.approx(p.max(1).mean(), rel=1e-5)
   assert out['num_samples'] == 13 and out['num_reference'] == 11
+  assert 'uniform_over' not in out
+  # A model trained on classes 0 and 2 only: the TV is to uniform over those two.
+  sub = evaluation.evaluate_samples(clf, samples, reference, classes=[0, 2])
+  assert sub['tv_to_uniform'] == pytest.approx(0.5 * np.abs(freqs - [0.5, 0, 0.5]).sum())
+  assert sub['uniform_over'] == [0, 2] and sub['class_frequencies'] == out['class_frequencies']
 
 
 @pytest.fixture(scope='module')
@@ -169,6 +174,7 @@ def test_generate_keeps_the_classes_balanced_across_batches():
   num_classes, num_samples, batch = 3, 11, 4
   exp = types.SimpleNamespace(
       config=config_lib.base_config(), num_classes=num_classes,
+      sample_classes=np.arange(num_classes),
       mesh=types.SimpleNamespace(devices=np.empty((3,))))   # 3 devices: batches padded to 6
   exp.config.model.conditional, exp.config.sample.use_ema = True, True
   exp.sample_labels = functools.partial(train.Experiment.sample_labels, exp)
