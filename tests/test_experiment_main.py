@@ -190,8 +190,16 @@ def _check_finetune_pretrained_model_never_saw_the_dropped_class(finetune_run):
   assert saved['train']['init_from'] == ''
   labels = sources.load_dataset(config.data, 'train').labels
   kept = labels[labels != drop]
-  np.testing.assert_allclose(_json(wd / 'pretrained' / 'eval.json')['training_class_frequencies'],
+  ev = _json(wd / 'pretrained' / 'eval.json')
+  np.testing.assert_allclose(ev['training_class_frequencies'],
                              np.bincount(kept, minlength=10) / len(kept))
+  # Measured against the classes it was trained on: uniform over them, their test images.
+  assert ev['uniform_over'] == [c for c in range(10) if c != drop]
+  freqs = np.asarray(ev['class_frequencies'])
+  target = np.where(np.arange(10) == drop, 0.0, 1 / 9)
+  assert ev['tv_to_uniform'] == pytest.approx(0.5 * np.abs(freqs - target).sum())
+  test_labels = sources.load_dataset(config.data, 'test').labels
+  assert ev['num_reference'] == int(np.sum(test_labels != drop))
 
 
 def _check_finetune_arms_start_from_the_pretrained_model(finetune_run):
