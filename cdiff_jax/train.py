@@ -8,6 +8,7 @@ step, initial state); ``Experiment.sampler`` builds a compiled sampler for its m
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import signal
@@ -120,8 +121,8 @@ class _WorkdirLock:
   An advisory ``flock`` on ``WORKDIR/.lock``, which holds who has it. The kernel drops it
   when the process ends, however it ends (SIGKILL included), so a rerun is never blocked
   by a dead run. Taken by ``acquire`` once the run's checks have passed (nothing is written
-  before), by a single-process run on a local file system; file systems without ``flock``
-  run without it.
+  before), by a single-process run on a file-system path; remote URLs, multi-process runs
+  and file systems without ``flock`` run without it.
   """
 
   def __init__(self, workdir: str):
@@ -280,7 +281,7 @@ class Experiment:
     kw.update(overrides)
     return Sampler(self.eps_fn, self.model.schedule, self.image_shape, **kw)
 
-  @property
+  @functools.cached_property
   def sample_classes(self) -> np.ndarray:
     """The classes a conditional model's samples cycle over: those it was trained on (all
     of the data's, unless ``data.keep_classes`` / ``drop_classes`` removed some)."""
