@@ -243,12 +243,12 @@ def evaluate_samples(clf: EvalClassifier, samples, reference_images,
 
 
 def generate(exp, state, num_samples: int, seed: int = 1234, progress: bool = False,
-             batch_size: int = 1000) -> np.ndarray:
+             batch_size: int = 1000, classes=None, sampler=None) -> np.ndarray:
   """``num_samples`` samples of a run's model (EMA by default), in batches. A conditional
   model's labels run on across batches (``exp.sample_labels``: sample i gets the (i mod K)-th
-  of the K trained classes), so the classes stay balanced when K does not divide
-  ``batch_size``."""
-  sampler = exp.sampler()
+  of the K trained classes, or of ``classes``), so the classes stay balanced when K does
+  not divide ``batch_size``. ``sampler``: another than the config's (``exp.sampler(...)``)."""
+  sampler = sampler or exp.sampler()
   params = state.ema_params if exp.config.sample.use_ema else state.params
   n_dev = exp.mesh.devices.size
   out = []
@@ -256,7 +256,7 @@ def generate(exp, state, num_samples: int, seed: int = 1234, progress: bool = Fa
     n = min(batch_size, num_samples - start)
     n_pad = -(-n // n_dev) * n_dev
     x = sampler(params, jax.random.fold_in(jax.random.key(seed), i), n_pad,
-                exp.sample_labels(n_pad, offset=start), progress=progress)
+                exp.sample_labels(n_pad, offset=start, classes=classes), progress=progress)
     out.append(np.asarray(parallel.to_host(x))[:n])
   return np.concatenate(out)
 

@@ -287,13 +287,14 @@ class Experiment:
     of the data's, unless ``data.keep_classes`` / ``drop_classes`` removed some)."""
     return np.unique(self.dataset.labels[self.train_idx])
 
-  def sample_labels(self, n: int, offset: int = 0):
+  def sample_labels(self, n: int, offset: int = 0, classes=None):
     """Labels of samples ``offset .. offset + n - 1`` of a class-balanced sequence
-    (sample i gets the (i mod K)-th of the K ``sample_classes``: class i mod C when every
-    class was trained); None for an unconditional model."""
+    (sample i gets the (i mod K)-th of the K ``classes``, by default the
+    ``sample_classes``: class i mod C when every class was trained); None for an
+    unconditional model."""
     if not self.config.model.conditional:
       return None
-    classes = jnp.asarray(self.sample_classes, jnp.int32)
+    classes = jnp.asarray(self.sample_classes if classes is None else classes, jnp.int32)
     return classes[(offset + jnp.arange(n, dtype=jnp.int32)) % len(classes)]
 
 
@@ -401,6 +402,18 @@ def _first_nonfinite(metric_list: list[dict], first_step: int, k: int) -> str:
   return 'unknown step'
 
 
+def load_config(workdir: str) -> ml_collections.ConfigDict:
+  """The config a run in ``workdir`` was launched with (its ``config.json``)."""
+  path = os.path.join(workdir, 'config.json')
+  if not os.path.exists(path):
+    raise FileNotFoundError(f'{workdir} holds no config.json: not the workdir of a run.')
+  with open(path) as f:  # JSON turned the config's tuples into lists
+    as_tuples = lambda v: (tuple(map(as_tuples, v)) if isinstance(v, list) else
+                           {k: as_tuples(x) for k, x in v.items()} if isinstance(v, dict)
+                           else v)
+    return ml_collections.ConfigDict(as_tuples(json.load(f)))
+
+
 def load_run(workdir: str, dataset: sources.ArrayDataset | None = None, config=None
              ) -> tuple[Experiment, TrainState]:
   """A run back from its workdir: the ``Experiment`` its ``config.json`` builds (or
@@ -412,15 +425,7 @@ def load_run(workdir: str, dataset: sources.ArrayDataset | None = None, config=N
 
   The run's data must be readable, as for training (or pass ``dataset``).
   """
-  if config is None:
-    path = os.path.join(workdir, 'config.json')
-    if not os.path.exists(path):
-      raise FileNotFoundError(f'{workdir} holds no config.json: not the workdir of a run.')
-    with open(path) as f:  # JSON turned the config's tuples into lists
-      as_tuples = lambda v: (tuple(map(as_tuples, v)) if isinstance(v, list) else
-                             {k: as_tuples(x) for k, x in v.items()} if isinstance(v, dict)
-                             else v)
-      config = ml_collections.ConfigDict(as_tuples(json.load(f)))
+  config = load_config(workdir) if config is None else config
   exp = build(config, dataset)
   ckpt = checkpoint_lib.Checkpointer(os.path.join(workdir, 'checkpoints'))
   try:

@@ -1,0 +1,166 @@
+"""Samples from a trained run: ``python -m cdiff_jax.sample --workdir=RUN``.
+
+Draws ``--num_samples`` images from the newest checkpoint of a run of the launcher or of an
+experiment's arm (e.g. ``runs/demo/constrained``), with the run's sampler unless a flag
+changes it, and writes a PNG grid and an ``.npz`` (``images`` in [-1, 1], NHWC, and
+``labels``)::
+
+  python -m cdiff_jax.sample --workdir=runs/demo/constrained --num_samples=100 --classify
+  python -m cdiff_jax.sample --workdir=runs/digits_cfg --classes=4,5,7 --guidance_scale=3
+
+``--classes`` picks the labels of a class-conditional model (cycled in the order given;
+default: every class it was trained on), ``--guidance_scale`` / ``--sampler`` /
+``--num_steps`` / ``--eta`` override the run's ``config.sample``, ``--classify`` labels the
+samples with the run's evaluation classifier and prints the class frequencies (trained and
+cached on first use, as for the run's evaluation). The same seed gives the same images.
+The run's data must be readable (as for ``train.load_run``); nothing in the run is changed
+but the files written under ``--out``. Exit status 2 with one ``error:`` line on bad input.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+from absl import app, flags
+from absl import logging as absl_logging
+
+from cdiff_jax import cli
+
+_WORKDIR = flags.DEFINE_string('workdir', None, 'Workdir of a trained run (holds config.json '
+                               'and checkpoints/).')
+_NUM = flags.DEFINE_integer('num_samples', 64, 'How many images.')
+_SEED = flags.DEFINE_integer('seed', 0, 'Random seed of the samples.')
+_CLASSES = flags.DEFINE_list('classes', [], 'Labels for a class-conditional model, cycled '
+                             '(default: the classes it was trained on).')
+_GUIDANCE = flags.DEFINE_float('guidance_scale', None, 'Classifier-free guidance weight '
+                               '(default: the run\'s sample.guidance_scale).')
+_SAMPLER = flags.DEFINE_string('sampler', None, 'ancestral | ddim | euler_maruyama | heun '
+                               '(default: the run\'s).')
+_STEPS = flags.DEFINE_integer('num_steps', None, 'Sampling steps (default: the run\'s).')
+_ETA = flags.DEFINE_float('eta', None, 'DDIM eta (default: the run\'s).')
+_OUT = flags.DEFINE_string('out', None, 'PNG path; the .npz goes beside it '
+                           '(default: WORKDIR/samples/drawn_seed{seed}.png).')
+_CLASSIFY = flags.DEFINE_bool('classify', False, 'Label the samples with the run\'s '
+                              'evaluation classifier and print the class frequencies.')
+_NO_PROGRESS = flags.DEFINE_bool('no_progress', False, 'Hide progress bars.')
+
+SAMPLE_FIELDS = ('guidance_scale', 'sampler', 'num_steps', 'eta')
+
+
+def _run_config(workdir: str, **sample_overrides):
+  """The run's config with ``config.sample`` overrides, set up to sample in this process."""
+  from cdiff_jax import config as config_lib
+  from cdiff_jax import train
+  if not os.path.isdir(workdir):
+    raise config_lib.ConfigError(f'--workdir={workdir}: no such folder; give the workdir '
+                                 'of a trained run.')
+  if not os.path.exists(os.path.join(workdir, 'config.json')):
+    runs = sorted(d for d in os.listdir(workdir)
+                  if os.path.exists(os.path.join(workdir, d, 'config.json')))
+    hint = (f'it holds the runs {", ".join(runs)} (an experiment\'s arms); give one of '
+            f'them, e.g. --workdir={os.path.join(workdir, runs[0])}' if runs else
+            'give the folder the launcher or an experiment wrote a run to')
+    raise config_lib.ConfigError(f'--workdir={workdir} holds no config.json, so it is not '
+                                 f'the workdir of a run: {hint}.')
+  config = train.load_config(workdir)
+  for field, value in sample_overrides.items():
+    if field not in SAMPLE_FIELDS:
+      raise TypeError(f'unknown sampling override {field!r}; one of {SAMPLE_FIELDS}.')
+    if value is not None:
+      config.sample[field] = value
+  # One process, the devices it sees: the run may have been trained on a cluster.
+  w = config.sample.get('guidance_scale', 1.0)
+  if w != 1.0 and not (config.model.conditional and config.model.class_dropout > 0):
+    why = ('trained an unconditional model' if not config.model.conditional else
+           'never trained the null class (model.class_dropout=0)')
+    raise config_lib.ConfigError(f'--guidance_scale={w}: the run in {workdir} {why}, so it '
+                                 'has no classifier-free guidance; drop --guidance_scale.')
+  config.train.num_devices = 0
+  if 'parallel' in config:
+    config.parallel.distributed = False
+  return config
+
+
+def draw(workdir: str, num_samples: int = 64, seed: int = 0, classes=None,
+         progress: bool = False, **sample_overrides) -> dict:
+  """``num_samples`` samples of the run in ``workdir`` (EMA parameters unless its config
+  says ``sample.use_ema=False``): ``{'images', 'labels', 'exp', 'state'}`` (labels None for
+  an unconditional model). ``classes``: labels of a conditional model, cycled in the given
+  order (default: its trained classes); ``sample_overrides``: any of ``SAMPLE_FIELDS``
+  (None keeps the run's). Raises ``ConfigError`` on bad input."""
+  from cdiff_jax import config as config_lib
+  from cdiff_jax import evaluation, train
+  if num_samples < 1:
+    raise config_lib.ConfigError(f'--num_samples={num_samples}: give a positive number.')
+  config = _run_config(workdir, **sample_overrides)
+  classes = [int(c) for c in classes] if classes is not None and len(classes) else None
+  if classes and not config.model.conditional:
+    raise config_lib.ConfigError(f'--classes={",".join(map(str, classes))}: the run in '
+                                 f'{workdir} trained an unconditional model; drop --classes.')
+  try:
+    train.setup_jax(config)
+    exp, state = train.load_run(workdir, config=config)
+  except FileNotFoundError as e:  # no checkpoint yet
+    raise config_lib.ConfigError(f'--workdir={workdir}: {e} Wait for its first checkpoint '
+                                 '(train.checkpoint_every) or give a trained run.') from e
+  except config_lib.ConfigError as e:  # a sampling override the config checks refuse
+    msg = str(e)
+    for field, value in sample_overrides.items():
+      if value is not None and msg.startswith(f'config.sample.{field}='):
+        raise config_lib.ConfigError(f'--{field}={value}: {msg.split(": ", 1)[-1]}') from e
+    raise
+  if classes:
+    trained = [int(c) for c in exp.sample_classes]
+    if untrained := [c for c in classes if c not in trained]:
+      raise config_lib.ConfigError(
+          f'--classes: the run in {workdir} was not trained on class(es) '
+          f'{",".join(map(str, untrained))}; it knows {",".join(map(str, trained))}.')
+  images = evaluation.generate(exp, state, num_samples, seed=seed, progress=progress,
+                               classes=classes)
+  labels = exp.sample_labels(num_samples, classes=classes)
+  return dict(images=images, labels=None if labels is None else np.asarray(labels),
+              exp=exp, state=state)
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  if not flags.FLAGS['verbosity'].present:
+    absl_logging.set_verbosity(absl_logging.WARNING)
+  from cdiff_jax import config as config_lib
+  from cdiff_jax import evaluation, writers
+  try:
+    classes = [int(c) for c in _CLASSES.value]
+  except ValueError:
+    raise config_lib.ConfigError(f'--classes={",".join(_CLASSES.value)}: give class indices '
+                                 'separated by commas, e.g. --classes=4,5,7.') from None
+  out = draw(_WORKDIR.value, _NUM.value, _SEED.value, classes, progress=not _NO_PROGRESS.value,
+             guidance_scale=_GUIDANCE.value, sampler=_SAMPLER.value, num_steps=_STEPS.value,
+             eta=_ETA.value)
+  exp, images, labels = out['exp'], out['images'], out['labels']
+  png = _OUT.value or os.path.join(_WORKDIR.value, 'samples', f'drawn_seed{_SEED.value}.png')
+  ncols = len(classes or exp.sample_classes) if labels is not None else None
+  writers.save_image_grid(png, images, ncols=ncols)
+  arrays = dict(images=images) if labels is None else dict(images=images, labels=labels)
+  if _CLASSIFY.value:
+    clf = evaluation.classifier_for(exp.config, progress=not _NO_PROGRESS.value)
+    arrays['predicted'] = clf.predict(images)
+    freqs = evaluation.class_frequencies(arrays['predicted'], exp.num_classes)
+    print('class frequencies (evaluation classifier, accuracy '
+          f'{clf.accuracy:.3f} on held-out data):')
+    print('  ' + ' '.join(f'{c}:{f:.3f}' for c, f in enumerate(freqs)))
+    if labels is not None:
+      print(f'  agreement with the labels asked for: {np.mean(arrays["predicted"] == labels):.3f}')
+  npz = os.path.splitext(png)[0] + '.npz'
+  np.savez(npz, **arrays)
+  print(f'wrote {len(images)} samples of {_WORKDIR.value} to {png} and {npz}')
+
+
+def run():
+  flags.mark_flags_as_required(['workdir'])
+  cli.run(main)
+
+
+if __name__ == '__main__':
+  run()

@@ -1,0 +1,136 @@
+"""Samples from a trained run (``python -m cdiff_jax.sample``), checked against the same
+samples composed by hand from the library: the run's checkpoint, a DDIM ``Sampler`` over
+classifier-free guided eps at the weight asked for, and the labels asked for; the command
+line writes those images and labels, and its class frequencies are those of the evaluation
+classifier; bad input stops with one line naming the flag."""
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+import run_files
+from cdiff_jax import config as config_lib
+from cdiff_jax import evaluation, sample, train
+from cdiff_jax.methods import guidance
+from cdiff_jax.sampling import diffusion
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _config():
+  c = run_files.tiny_digits_config(log_every=4, checkpoint_every=4)
+  c.model.conditional, c.model.class_dropout = True, 0.1
+  c.eval.classifier_steps = 30
+  return c
+
+
+@pytest.fixture(scope='module')
+def run(tmp_path_factory):
+  workdir = str(tmp_path_factory.mktemp('cond_run'))
+  train.train_and_evaluate(_config(), workdir, progress=False)
+  return workdir
+
+
+def _by_hand(workdir, n, seed, labels, w, num_steps):
+  """The first batch of ``evaluation.generate`` written out: DDIM over the CFG eps of the
+  run's EMA parameters, n rounded up to the 2 test devices."""
+  exp, state = train.load_run(workdir)
+  eps = lambda p, x, t, y: guidance.cfg_eps(exp.model, p, x, t, y, w, exp.num_classes)
+  sampler = diffusion.Sampler(eps, exp.model.schedule, exp.image_shape, sampler='ddim',
+                              num_steps=num_steps, eta=0.0, clip=exp.config.sample.clip,
+                              mesh=exp.mesh)
+  n_pad = -(-n // 2) * 2
+  y = np.resize(np.asarray(labels, np.int32), n_pad)
+  x = sampler(state.ema_params, jax.random.fold_in(jax.random.key(seed), 0), n_pad, y)
+  return np.asarray(x)[:n]
+
+
+def test_draw_is_the_guided_sampler_of_the_checkpoint(run):
+  out = sample.draw(run, num_samples=5, seed=3, classes=[2, 7], guidance_scale=2.0,
+                    num_steps=3)
+  np.testing.assert_array_equal(out['labels'], [2, 7, 2, 7, 2])
+  assert out['images'].shape == (5, 8, 8, 1)
+  np.testing.assert_allclose(out['images'], _by_hand(run, 5, 3, [2, 7], 2.0, 3), atol=1e-5)
+  # The run's own guidance weight (1) and another seed give other images.
+  plain = sample.draw(run, num_samples=5, seed=3, classes=[2, 7], num_steps=3)['images']
+  np.testing.assert_allclose(plain, _by_hand(run, 5, 3, [2, 7], 1.0, 3), atol=1e-5)
+  assert np.abs(plain - out['images']).max() > 1e-3
+  other = sample.draw(run, num_samples=5, seed=4, classes=[2, 7], guidance_scale=2.0,
+                      num_steps=3)['images']
+  assert np.abs(other - out['images']).max() > 1e-3
+
+
+def test_command_line_writes_images_labels_and_classifier_frequencies(run, tmp_path):
+  png = str(tmp_path / 'grid.png')
+  cmd = [sys.executable, '-m', 'cdiff_jax.sample', f'--workdir={run}', '--classes=3,1',
+         '--num_samples=4', '--num_steps=2', '--seed=5', f'--out={png}', '--classify',
+         '--no_progress']
+  done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+  assert done.returncode == 0, done.stderr[-2000:]
+  assert os.path.getsize(png) > 0
+  saved = np.load(str(tmp_path / 'grid.npz'))
+  np.testing.assert_array_equal(saved['labels'], [3, 1, 3, 1])
+  np.testing.assert_allclose(saved['images'], _by_hand(run, 4, 5, [3, 1], 1.0, 2), atol=1e-5)
+  exp = train.load_run(run)[0]
+  clf = evaluation.classifier_for(exp.config)
+  np.testing.assert_array_equal(saved['predicted'], clf.predict(saved['images']))
+  freqs = evaluation.class_frequencies(saved['predicted'], 10)
+  printed = re.search(r'^  (0:.*)$', done.stdout, re.M).group(1)
+  assert printed == ' '.join(f'{c}:{f:.3f}' for c, f in enumerate(freqs))
+  agreement = float(re.search(r'labels asked for: ([\d.]+)', done.stdout).group(1))
+  assert agreement == pytest.approx(np.mean(saved['predicted'] == [3, 1, 3, 1]), abs=1e-3)
+
+
+def _unconditional_copy(run, tmp_path):
+  """A workdir with the run's config.json made unconditional (checked before loading)."""
+  wd = tmp_path / 'uncond'
+  wd.mkdir()
+  cfg = json.load(open(os.path.join(run, 'config.json')))
+  cfg['model']['conditional'] = False
+  json.dump(cfg, open(wd / 'config.json', 'w'))
+  return str(wd)
+
+
+@pytest.mark.parametrize('case, kwargs, expected', [
+    ('missing', {}, r'--workdir=\S+: no such folder'),
+    ('parent', {}, r'holds no config.json.*it holds the runs arm .*--workdir=\S+arm\.'),
+    ('no checkpoint', {}, r'holds no checkpoint yet\. Wait for its first checkpoint'),
+    ('run', dict(classes=[4, 12]), r'--classes: .* not trained on class\(es\) 12; it knows '
+                                   r'0,1,2,3,4,5,6,7,8,9\.'),
+    ('run', dict(sampler='leapfrog'), r"^--sampler=leapfrog: must be one of \("),
+    ('run', dict(num_samples=0), r'^--num_samples=0: give a positive number'),
+    ('unconditional', dict(classes=[1]), r'^--classes=1: .* unconditional model; drop'),
+    ('unconditional', dict(guidance_scale=3.0), r'^--guidance_scale=3.0: .* unconditional'),
+])
+def test_bad_input_is_one_line_naming_the_flag(run, tmp_path, case, kwargs, expected):
+  if case == 'missing':
+    workdir = str(tmp_path / 'nothing')
+  elif case == 'parent':
+    os.makedirs(tmp_path / 'arm')
+    shutil.copy(os.path.join(run, 'config.json'), tmp_path / 'arm')
+    workdir = str(tmp_path)
+  elif case == 'no checkpoint':
+    shutil.copy(os.path.join(run, 'config.json'), tmp_path)
+    workdir = str(tmp_path)
+  elif case == 'unconditional':
+    workdir = _unconditional_copy(run, tmp_path)
+  else:
+    workdir = run
+  with pytest.raises(config_lib.ConfigError, match=expected):
+    sample.draw(workdir, **kwargs)
+
+
+def test_command_line_error_exit_status(tmp_path):
+  done = subprocess.run([sys.executable, '-m', 'cdiff_jax.sample', f'--workdir={tmp_path}',
+                         '--classes=4,x'], cwd=ROOT, capture_output=True, text=True,
+                        timeout=120)
+  assert done.returncode == 2
+  assert done.stderr.strip().splitlines() == [
+      'error: --classes=4,x: give class indices separated by commas, e.g. --classes=4,5,7.']
