@@ -69,13 +69,13 @@ def _run_config(workdir: str, **sample_overrides):
       raise TypeError(f'unknown sampling override {field!r}; one of {SAMPLE_FIELDS}.')
     if value is not None:
       config.sample[field] = value
-  # One process, the devices it sees: the run may have been trained on a cluster.
   w = config.sample.get('guidance_scale', 1.0)
   if w != 1.0 and not (config.model.conditional and config.model.class_dropout > 0):
     why = ('trained an unconditional model' if not config.model.conditional else
            'never trained the null class (model.class_dropout=0)')
     raise config_lib.ConfigError(f'--guidance_scale={w}: the run in {workdir} {why}, so it '
                                  'has no classifier-free guidance; drop --guidance_scale.')
+  # One process, the devices it sees: the run may have been trained on a cluster.
   config.train.num_devices = 0
   if 'parallel' in config:
     config.parallel.distributed = False
