@@ -242,7 +242,10 @@ def evaluate_samples(clf: EvalClassifier, samples, reference_images,
   return out
 
 
-def generate(exp, state, num_samples: int, seed: int = 1234, progress: bool = False,
+EVAL_SEED = 1234  # the seed of a run's evaluation samples (eval.json)
+
+
+def generate(exp, state, num_samples: int, seed: int = EVAL_SEED, progress: bool = False,
              batch_size: int = 1000, classes=None, sampler=None) -> np.ndarray:
   """``num_samples`` samples of a run's model (EMA by default), in batches. A conditional
   model's labels run on across batches (``exp.sample_labels``: sample i gets the (i mod K)-th
@@ -261,19 +264,26 @@ def generate(exp, state, num_samples: int, seed: int = 1234, progress: bool = Fa
   return np.concatenate(out)
 
 
-def evaluate_run(exp, state, workdir: str, progress: bool = False) -> dict:
-  """Samples a trained run, evaluates it, writes eval.json and the plots; returns the dict."""
+def evaluate_images(exp, samples, classes=None, progress: bool = False) -> dict:
+  """``evaluate_samples`` of a run's samples with the run's evaluation classifier (and
+  ``eval.feature_fn``), against uniform over ``classes`` and held-out images of them.
+  ``classes`` defaults to those the run was trained on: a model trained on some classes
+  (``data.keep_classes`` / ``drop_classes``) is measured against those."""
   ec = exp.config.eval
   clf = classifier_for(exp.config, progress=progress)
   test = sources.load_dataset(exp.config.data, 'test')
-  samples = generate(exp, state, ec.num_samples, progress=progress)
   feature_fn = load_feature_fn(ec.feature_fn) if ec.feature_fn else None
-  # A model trained on some classes (data.keep_classes / drop_classes) is measured against
-  # those: uniform over them, held-out images of them.
-  classes = exp.sample_classes
+  classes = np.unique(exp.sample_classes if classes is None or not len(classes) else classes)
   classes = classes if len(classes) < exp.num_classes else None
   reference = test.images if classes is None else test.images[np.isin(test.labels, classes)]
-  result = evaluate_samples(clf, samples, sources.to_float(reference), feature_fn, classes)
+  return evaluate_samples(clf, samples, sources.to_float(reference), feature_fn, classes)
+
+
+def evaluate_run(exp, state, workdir: str, progress: bool = False) -> dict:
+  """Samples a trained run, evaluates it, writes eval.json and the plots; returns the dict."""
+  samples = generate(exp, state, exp.config.eval.num_samples, progress=progress)
+  result = evaluate_images(exp, samples, progress=progress)
+  classes = result.get('uniform_over')
   train_freqs = class_frequencies(exp.dataset.labels[exp.objective_indices()], exp.num_classes)
   result['training_class_frequencies'] = train_freqs.tolist()
   if jax.process_index() == 0:

@@ -5,20 +5,25 @@ experiment's arm (e.g. ``runs/demo/constrained``), with the run's sampler unless
 changes it, and writes a PNG grid and an ``.npz`` (``images`` in [-1, 1], NHWC, and
 ``labels``)::
 
-  python -m cdiff_jax.sample --workdir=runs/demo/constrained --num_samples=100 --classify
+  python -m cdiff_jax.sample --workdir=runs/demo/constrained --num_samples=100 --evaluate
   python -m cdiff_jax.sample --workdir=runs/digits_cfg --classes=4,5,7 --guidance_scale=3
 
 ``--classes`` picks the labels of a class-conditional model (cycled in the order given;
 default: every class it was trained on), ``--guidance_scale`` / ``--sampler`` /
-``--num_steps`` / ``--eta`` override the run's ``config.sample``, ``--classify`` labels the
-samples with the run's evaluation classifier and prints the class frequencies (trained and
-cached on first use, as for the run's evaluation). The same seed gives the same images.
+``--num_steps`` / ``--eta`` override the run's ``config.sample``, ``--evaluate`` labels the
+samples with the run's evaluation classifier (trained and cached on first use, as for the
+run's evaluation) and prints and saves (``.json``) their class frequencies, TV to uniform
+over the classes asked for (default: those trained) and classifier FID against held-out
+images of those classes. The same seed gives the same images: ``--seed=1234`` (the
+run's ``evaluation.EVAL_SEED``) with ``--num_samples`` at its ``eval.num_samples`` redraws
+the samples of its ``eval.json``, and ``--evaluate`` then gives the same figures.
 The run's data must be readable (as for ``train.load_run``); nothing in the run is changed
 but the files written under ``--out``. Exit status 2 with one ``error:`` line on bad input.
 """
 
 from __future__ import annotations
 
+import json
 import os
 
 import numpy as np
@@ -27,23 +32,33 @@ from absl import logging as absl_logging
 
 from cdiff_jax import cli
 
-_WORKDIR = flags.DEFINE_string('workdir', None, 'Workdir of a trained run (holds config.json '
-                               'and checkpoints/).')
-_NUM = flags.DEFINE_integer('num_samples', 64, 'How many images.')
-_SEED = flags.DEFINE_integer('seed', 0, 'Random seed of the samples.')
-_CLASSES = flags.DEFINE_list('classes', [], 'Labels for a class-conditional model, cycled '
-                             '(default: the classes it was trained on).')
-_GUIDANCE = flags.DEFINE_float('guidance_scale', None, 'Classifier-free guidance weight '
-                               '(default: the run\'s sample.guidance_scale).')
-_SAMPLER = flags.DEFINE_string('sampler', None, 'ancestral | ddim | euler_maruyama | heun '
-                               '(default: the run\'s).')
-_STEPS = flags.DEFINE_integer('num_steps', None, 'Sampling steps (default: the run\'s).')
-_ETA = flags.DEFINE_float('eta', None, 'DDIM eta (default: the run\'s).')
-_OUT = flags.DEFINE_string('out', None, 'PNG path; the .npz goes beside it '
-                           '(default: WORKDIR/samples/drawn_seed{seed}.png).')
-_CLASSIFY = flags.DEFINE_bool('classify', False, 'Label the samples with the run\'s '
-                              'evaluation classifier and print the class frequencies.')
-_NO_PROGRESS = flags.DEFINE_bool('no_progress', False, 'Hide progress bars.')
+_FLAGS = {}
+
+
+def _define_flags():
+  """The command-line flags, defined only when this file is the program (code that imports
+  ``draw`` keeps its own flags)."""
+  d = _FLAGS
+  d['workdir'] = flags.DEFINE_string('workdir', None, 'Workdir of a trained run (holds '
+                                     'config.json and checkpoints/).')
+  d['num_samples'] = flags.DEFINE_integer('num_samples', 64, 'How many images.')
+  d['seed'] = flags.DEFINE_integer('seed', 0, 'Random seed of the samples.')
+  d['classes'] = flags.DEFINE_list('classes', [], 'Labels for a class-conditional model, '
+                                   'cycled (default: the classes it was trained on).')
+  d['guidance_scale'] = flags.DEFINE_float('guidance_scale', None, 'Classifier-free guidance '
+                                           'weight (default: the run\'s sample.guidance_scale).')
+  d['sampler'] = flags.DEFINE_string('sampler', None, 'ancestral | ddim | euler_maruyama | '
+                                     'heun (default: the run\'s).')
+  d['num_steps'] = flags.DEFINE_integer('num_steps', None, 'Sampling steps (default: the '
+                                        'run\'s).')
+  d['eta'] = flags.DEFINE_float('eta', None, 'DDIM eta (default: the run\'s).')
+  d['out'] = flags.DEFINE_string('out', None, 'PNG path; the .npz goes beside it '
+                                 '(default: WORKDIR/samples/drawn_seed{seed}.png).')
+  d['evaluate'] = flags.DEFINE_bool('evaluate', False, 'Label the samples with the run\'s '
+                                    'evaluation classifier; print and save class '
+                                    'frequencies, TV to uniform and classifier FID.')
+  d['no_progress'] = flags.DEFINE_bool('no_progress', False, 'Hide progress bars.')
+
 
 SAMPLE_FIELDS = ('guidance_scale', 'sampler', 'num_steps', 'eta')
 
@@ -130,34 +145,49 @@ def main(argv):
     absl_logging.set_verbosity(absl_logging.WARNING)
   from cdiff_jax import config as config_lib
   from cdiff_jax import evaluation, writers
+  f = {name: flag.value for name, flag in _FLAGS.items()}
   try:
-    classes = [int(c) for c in _CLASSES.value]
+    classes = [int(c) for c in f['classes']]
   except ValueError:
-    raise config_lib.ConfigError(f'--classes={",".join(_CLASSES.value)}: give class indices '
+    raise config_lib.ConfigError(f'--classes={",".join(f["classes"])}: give class indices '
                                  'separated by commas, e.g. --classes=4,5,7.') from None
-  out = draw(_WORKDIR.value, _NUM.value, _SEED.value, classes, progress=not _NO_PROGRESS.value,
-             guidance_scale=_GUIDANCE.value, sampler=_SAMPLER.value, num_steps=_STEPS.value,
-             eta=_ETA.value)
+  out = draw(f['workdir'], f['num_samples'], f['seed'], classes, progress=not f['no_progress'],
+             **{field: f[field] for field in SAMPLE_FIELDS})
   exp, images, labels = out['exp'], out['images'], out['labels']
-  png = _OUT.value or os.path.join(_WORKDIR.value, 'samples', f'drawn_seed{_SEED.value}.png')
+  png = f['out'] or os.path.join(f['workdir'], 'samples', f'drawn_seed{f["seed"]}.png')
   ncols = len(classes or exp.sample_classes) if labels is not None else None
   writers.save_image_grid(png, images, ncols=ncols)
   arrays = dict(images=images) if labels is None else dict(images=images, labels=labels)
-  if _CLASSIFY.value:
-    clf = evaluation.classifier_for(exp.config, progress=not _NO_PROGRESS.value)
-    arrays['predicted'] = clf.predict(images)
-    freqs = evaluation.class_frequencies(arrays['predicted'], exp.num_classes)
-    print('class frequencies (evaluation classifier, accuracy '
-          f'{clf.accuracy:.3f} on held-out data):')
-    print('  ' + ' '.join(f'{c}:{f:.3f}' for c, f in enumerate(freqs)))
+  stem = os.path.splitext(png)[0]
+  if f['evaluate']:
+    result = evaluation.evaluate_images(exp, images, classes or None,
+                                        progress=not f['no_progress'])
+    arrays['predicted'] = evaluation.classifier_for(exp.config).predict(images)
     if labels is not None:
-      print(f'  agreement with the labels asked for: {np.mean(arrays["predicted"] == labels):.3f}')
-  npz = os.path.splitext(png)[0] + '.npz'
-  np.savez(npz, **arrays)
-  print(f'wrote {len(images)} samples of {_WORKDIR.value} to {png} and {npz}')
+      result['agreement_with_labels'] = float(np.mean(arrays['predicted'] == labels))
+    with open(stem + '.json', 'w') as fh:
+      json.dump(result, fh, indent=2)
+    print(_evaluation_lines(result))
+  np.savez(stem + '.npz', **arrays)
+  print(f'wrote {len(images)} samples of {f["workdir"]} to {png} and {stem}.npz'
+        + (f' (evaluation: {stem}.json)' if f['evaluate'] else ''))
+
+
+def _evaluation_lines(result: dict) -> str:
+  over = result.get('uniform_over')
+  lines = [f'class frequencies (evaluation classifier, accuracy '
+           f'{result["classifier_accuracy"]:.3f} on held-out data):',
+           '  ' + ' '.join(f'{c}:{f:.3f}' for c, f in enumerate(result['class_frequencies'])),
+           f'TV to uniform over {"the classes " + ",".join(map(str, over)) if over else "all classes"}: '
+           f'{result["tv_to_uniform"]:.3f}; classifier FID {result["classifier_fid"]:.2f} '
+           f'against {result["num_reference"]} held-out images']
+  if 'agreement_with_labels' in result:
+    lines.append(f'agreement with the labels asked for: {result["agreement_with_labels"]:.3f}')
+  return '\n'.join(lines)
 
 
 def run():
+  _define_flags()
   flags.mark_flags_as_required(['workdir'])
   cli.run(main)
 

@@ -1,8 +1,8 @@
 """Samples from a trained run (``python -m cdiff_jax.sample``), checked against the same
 samples composed by hand from the library: the run's checkpoint, a DDIM ``Sampler`` over
 classifier-free guided eps at the weight asked for, and the labels asked for; the command
-line writes those images and labels, and its class frequencies are those of the evaluation
-classifier; bad input stops with one line naming the flag."""
+line writes those images and labels, and its evaluation is that of the run's evaluation
+classifier recomputed from the definitions; bad input stops with one line naming the flag."""
 
 import json
 import os
@@ -18,6 +18,7 @@ import pytest
 import run_files
 from cdiff_jax import config as config_lib
 from cdiff_jax import evaluation, sample, train
+from cdiff_jax.data import sources
 from cdiff_jax.methods import guidance
 from cdiff_jax.sampling import diffusion
 
@@ -27,7 +28,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def _config():
   c = run_files.tiny_digits_config(log_every=4, checkpoint_every=4)
   c.model.conditional, c.model.class_dropout = True, 0.1
-  c.eval.classifier_steps = 30
+  c.eval.enabled, c.eval.num_samples, c.eval.classifier_steps = True, 6, 30
   return c
 
 
@@ -67,10 +68,10 @@ def test_draw_is_the_guided_sampler_of_the_checkpoint(run):
   assert np.abs(other - out['images']).max() > 1e-3
 
 
-def test_command_line_writes_images_labels_and_classifier_frequencies(run, tmp_path):
+def test_command_line_writes_images_labels_and_their_evaluation(run, tmp_path):
   png = str(tmp_path / 'grid.png')
   cmd = [sys.executable, '-m', 'cdiff_jax.sample', f'--workdir={run}', '--classes=3,1',
-         '--num_samples=4', '--num_steps=2', '--seed=5', f'--out={png}', '--classify',
+         '--num_samples=4', '--num_steps=2', '--seed=5', f'--out={png}', '--evaluate',
          '--no_progress']
   done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
   assert done.returncode == 0, done.stderr[-2000:]
@@ -78,14 +79,36 @@ def test_command_line_writes_images_labels_and_classifier_frequencies(run, tmp_p
   saved = np.load(str(tmp_path / 'grid.npz'))
   np.testing.assert_array_equal(saved['labels'], [3, 1, 3, 1])
   np.testing.assert_allclose(saved['images'], _by_hand(run, 4, 5, [3, 1], 1.0, 2), atol=1e-5)
+  # The evaluation, recomputed from its definitions with the run's classifier: frequencies
+  # of its labels, TV to uniform over {1, 3}, FID of its features against held-out 1s and 3s.
   exp = train.load_run(run)[0]
   clf = evaluation.classifier_for(exp.config)
-  np.testing.assert_array_equal(saved['predicted'], clf.predict(saved['images']))
-  freqs = evaluation.class_frequencies(saved['predicted'], 10)
+  predicted = clf.predict(saved['images'])
+  np.testing.assert_array_equal(saved['predicted'], predicted)
+  freqs = np.bincount(predicted, minlength=10) / 4
+  target = np.isin(np.arange(10), [1, 3]) / 2
+  test = sources.load_dataset(exp.config.data, 'test')
+  held_out = sources.to_float(test.images[np.isin(test.labels, [1, 3])])
+  fid = evaluation.frechet_distance(clf.features(saved['images']), clf.features(held_out))
+  result = json.load(open(tmp_path / 'grid.json'))
+  np.testing.assert_allclose(result['class_frequencies'], freqs)
+  assert result['uniform_over'] == [1, 3]
+  assert result['tv_to_uniform'] == pytest.approx(0.5 * np.abs(freqs - target).sum())
+  assert result['classifier_fid'] == pytest.approx(fid, rel=1e-4)
+  assert result['num_reference'] == len(held_out)
+  assert result['agreement_with_labels'] == pytest.approx(np.mean(predicted == [3, 1, 3, 1]))
   printed = re.search(r'^  (0:.*)$', done.stdout, re.M).group(1)
   assert printed == ' '.join(f'{c}:{f:.3f}' for c, f in enumerate(freqs))
-  agreement = float(re.search(r'labels asked for: ([\d.]+)', done.stdout).group(1))
-  assert agreement == pytest.approx(np.mean(saved['predicted'] == [3, 1, 3, 1]), abs=1e-3)
+  assert f'TV to uniform over the classes 1,3: {result["tv_to_uniform"]:.3f}' in done.stdout
+
+
+def test_eval_seed_redraws_the_runs_evaluation(run):
+  """The run's eval.json (written by the launcher) again, from samples drawn afresh."""
+  saved = json.load(open(os.path.join(run, 'eval.json')))
+  out = sample.draw(run, num_samples=saved['num_samples'], seed=evaluation.EVAL_SEED)
+  again = evaluation.evaluate_images(out['exp'], out['images'])
+  for key in ('class_frequencies', 'tv_to_uniform', 'classifier_fid', 'num_reference'):
+    np.testing.assert_allclose(again[key], saved[key], rtol=1e-5, err_msg=key)
 
 
 def _unconditional_copy(run, tmp_path):
