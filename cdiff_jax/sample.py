@@ -155,7 +155,10 @@ def main(argv):
              **{field: f[field] for field in SAMPLE_FIELDS})
   exp, images, labels = out['exp'], out['images'], out['labels']
   png = f['out'] or os.path.join(f['workdir'], 'samples', f'drawn_seed{f["seed"]}.png')
-  ncols = len(classes or exp.sample_classes) if labels is not None else None
+  ncols = None
+  if labels is not None:  # a multiple of the number of classes: one class per column
+    k = len(classes or exp.sample_classes)
+    ncols = k * max(1, round(np.sqrt(len(images)) / k))
   writers.save_image_grid(png, images, ncols=ncols)
   arrays = dict(images=images) if labels is None else dict(images=images, labels=labels)
   stem = os.path.splitext(png)[0]

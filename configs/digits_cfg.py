@@ -6,6 +6,12 @@ both the conditional and the unconditional model.
 The model alone (final grid: one column per class, guided with sample.guidance_scale):
   python -m cdiff_jax.main --config=configs/digits_cfg.py --workdir=runs/digits_cfg
 
+More samples of the trained model, e.g. a guidance weight per command, each evaluated with
+the evaluation classifier (300 samples of 4, 5, 7: agreement with the labels 0.983 at w=1,
+1.000 at w=3):
+  python -m cdiff_jax.sample --workdir=runs/digits_cfg --classes=4,5,7 --num_samples=300 \
+      --guidance_scale=3 --evaluate
+
 The guidance and composition demonstration (trains the same model, reusing the run if it
 is finished, then measures everything with the evaluation classifier):
   python -m experiments.digits_guidance --config=configs/digits_cfg.py --workdir=runs/digits_guidance
