@@ -178,12 +178,12 @@ def main(argv):
 
 def _evaluation_lines(result: dict) -> str:
   over = result.get('uniform_over')
+  over = 'the classes ' + ','.join(map(str, over)) if over else 'all classes'
   lines = [f'class frequencies (evaluation classifier, accuracy '
            f'{result["classifier_accuracy"]:.3f} on held-out data):',
            '  ' + ' '.join(f'{c}:{f:.3f}' for c, f in enumerate(result['class_frequencies'])),
-           f'TV to uniform over {"the classes " + ",".join(map(str, over)) if over else "all classes"}: '
-           f'{result["tv_to_uniform"]:.3f}; classifier FID {result["classifier_fid"]:.2f} '
-           f'against {result["num_reference"]} held-out images']
+           f'TV to uniform over {over}: {result["tv_to_uniform"]:.3f}; classifier FID '
+           f'{result["classifier_fid"]:.2f} against {result["num_reference"]} held-out images']
   if 'agreement_with_labels' in result:
     lines.append(f'agreement with the labels asked for: {result["agreement_with_labels"]:.3f}')
   return '\n'.join(lines)
