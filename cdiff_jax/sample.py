@@ -155,10 +155,8 @@ def main(argv):
              **{field: f[field] for field in SAMPLE_FIELDS})
   exp, images, labels = out['exp'], out['images'], out['labels']
   png = f['out'] or os.path.join(f['workdir'], 'samples', f'drawn_seed{f["seed"]}.png')
-  ncols = None
-  if labels is not None:  # a multiple of the number of classes: one class per column
-    k = len(classes or exp.sample_classes)
-    ncols = k * max(1, round(np.sqrt(len(images)) / k))
+  ncols = (grid_columns(len(images), len(classes or exp.sample_classes))
+           if labels is not None else None)
   writers.save_image_grid(png, images, ncols=ncols)
   arrays = dict(images=images) if labels is None else dict(images=images, labels=labels)
   stem = os.path.splitext(png)[0]
@@ -174,6 +172,12 @@ def main(argv):
   np.savez(stem + '.npz', **arrays)
   print(f'wrote {len(images)} samples of {f["workdir"]} to {png} and {stem}.npz'
         + (f' (evaluation: {stem}.json)' if f['evaluate'] else ''))
+
+
+def grid_columns(n: int, k: int) -> int:
+  """Columns of a grid of ``n`` samples whose labels cycle over ``k`` classes: a multiple of
+  ``k`` (each column holds one class), as near square as that allows."""
+  return k * max(1, round(np.sqrt(n) / k))
 
 
 def _evaluation_lines(result: dict) -> str:

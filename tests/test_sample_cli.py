@@ -157,3 +157,15 @@ def test_command_line_error_exit_status(tmp_path):
   assert done.returncode == 2
   assert done.stderr.strip().splitlines() == [
       'error: --classes=4,x: give class indices separated by commas, e.g. --classes=4,5,7.']
+
+
+@pytest.mark.parametrize('n, k', [(300, 3), (64, 10), (1000, 10), (5, 2), (30, 3), (2, 9)])
+def test_grid_columns_hold_one_class_each(n, k):
+  ncols = sample.grid_columns(n, k)
+  assert ncols % k == 0
+  labels = np.arange(n) % k  # what sample_labels gives, as class indices
+  rows = np.resize(np.pad(labels, (0, -n % ncols), constant_values=-1), (-(-n // ncols), ncols))
+  for column in rows.T:
+    assert len(set(column[column >= 0])) <= 1
+  if n >= 4 * k * k:  # room for a near-square grid
+    assert 0.5 <= ncols / np.ceil(n / ncols) <= 2
