@@ -17,8 +17,9 @@ over the classes asked for (default: those trained) and classifier FID against h
 images of those classes. The same seed gives the same images: ``--seed=1234`` (the
 run's ``evaluation.EVAL_SEED``) with ``--num_samples`` at its ``eval.num_samples`` redraws
 the samples of its ``eval.json``, and ``--evaluate`` then gives the same figures.
-The run's data must be readable (as for ``train.load_run``); nothing in the run is changed
-but the files written under ``--out``. Exit status 2 with one ``error:`` line on bad input.
+The run's data must be readable (as for ``train.load_run``); the run is read, not changed:
+the only files written are the grid and the ``.npz`` / ``.json`` beside it (by default in
+``RUN/samples/``). Exit status 2 with one ``error:`` line on bad input.
 """
 
 from __future__ import annotations
