@@ -10,7 +10,10 @@ changes it, and writes a PNG grid and an ``.npz`` (``images`` in [-1, 1], NHWC, 
 
 ``--classes`` picks the labels of a class-conditional model (cycled in the order given;
 default: every class it was trained on), ``--guidance_scale`` / ``--sampler`` /
-``--num_steps`` / ``--eta`` override the run's ``config.sample``, ``--evaluate`` labels the
+``--num_steps`` / ``--eta`` override the run's ``config.sample``; ``--mcmc=ula|mala|uhmc|hmc``
+samples with annealed MCMC instead (``--num_steps`` levels, ``--steps_per_level``,
+``--step_size``, ``--num_leapfrog``, ``--damping``; MALA and HMC need an
+energy-parameterized model and print their acceptance rates). ``--evaluate`` labels the
 samples with the run's evaluation classifier (trained and cached on first use, as for the
 run's evaluation) and prints and saves (``.json``) their class frequencies, TV to uniform
 over the classes asked for (default: those trained) and classifier FID against held-out
@@ -58,10 +61,20 @@ def _define_flags():
   d['evaluate'] = flags.DEFINE_bool('evaluate', False, 'Label the samples with the run\'s '
                                     'evaluation classifier; print and save class '
                                     'frequencies, TV to uniform and classifier FID.')
+  d['mcmc'] = flags.DEFINE_enum('mcmc', None, ['ula', 'mala', 'uhmc', 'hmc'], 'Annealed '
+                                 'MCMC instead of the run\'s sampler: reverse diffusion over '
+                                 'num_steps levels with MCMC steps at each.')
+  d['steps_per_level'] = flags.DEFINE_integer('steps_per_level', 2, 'MCMC steps per level.')
+  d['step_size'] = flags.DEFINE_float('step_size', 0.05, 'MCMC step size at sigma = 1 '
+                                      '(scaled with sigma^2 for ULA/MALA, sigma for HMC).')
+  d['num_leapfrog'] = flags.DEFINE_integer('num_leapfrog', 3, 'Leapfrog steps (U-HMC, HMC).')
+  d['damping'] = flags.DEFINE_float('damping', 0.5, 'Momentum refresh of U-HMC / HMC, in '
+                                    '(0, 1].')
   d['no_progress'] = flags.DEFINE_bool('no_progress', False, 'Hide progress bars.')
 
 
 SAMPLE_FIELDS = ('guidance_scale', 'sampler', 'num_steps', 'eta')
+MCMC_FIELDS = ('kind', 'steps_per_level', 'step_size', 'num_leapfrog', 'damping')
 
 
 def _run_config(workdir: str, **sample_overrides):
@@ -99,12 +112,15 @@ def _run_config(workdir: str, **sample_overrides):
 
 
 def draw(workdir: str, num_samples: int = 64, seed: int = 0, classes=None,
-         progress: bool = False, **sample_overrides) -> dict:
+         progress: bool = False, mcmc: dict | None = None, **sample_overrides) -> dict:
   """``num_samples`` samples of the run in ``workdir`` (EMA parameters unless its config
   says ``sample.use_ema=False``): ``{'images', 'labels', 'exp', 'state'}`` (labels None for
   an unconditional model). ``classes``: labels of a conditional model, cycled in the given
   order (default: its trained classes); ``sample_overrides``: any of ``SAMPLE_FIELDS``
-  (None keeps the run's). Raises ``ConfigError`` on bad input."""
+  (None keeps the run's). ``mcmc``: ``{'kind': 'ula' | 'mala' | 'uhmc' | 'hmc', ...}`` (the
+  other ``MCMC_FIELDS`` as ``mcmc.AnnealedMCMC`` takes them) samples with annealed MCMC
+  over ``sample.num_steps`` levels instead (``info``: its step sizes and, for MALA / HMC,
+  acceptance rates per level). Raises ``ConfigError`` on bad input."""
   from cdiff_jax import config as config_lib
   from cdiff_jax import evaluation, train
   if num_samples < 1:
@@ -114,6 +130,8 @@ def draw(workdir: str, num_samples: int = 64, seed: int = 0, classes=None,
   if classes and not config.model.conditional:
     raise config_lib.ConfigError(f'--classes={",".join(map(str, classes))}: the run in '
                                  f'{workdir} trained an unconditional model; drop --classes.')
+  if mcmc is not None:
+    _check_mcmc(mcmc, config, sample_overrides.get('guidance_scale') is not None)
   try:
     train.setup_jax(config)
     exp, state = train.load_run(workdir, config=config)
@@ -132,11 +150,61 @@ def draw(workdir: str, num_samples: int = 64, seed: int = 0, classes=None,
       raise config_lib.ConfigError(
           f'--classes: the run in {workdir} was not trained on class(es) '
           f'{",".join(map(str, untrained))}; it knows {",".join(map(str, trained))}.')
-  images = evaluation.generate(exp, state, num_samples, seed=seed, progress=progress,
-                               classes=classes)
   labels = exp.sample_labels(num_samples, classes=classes)
+  info = None
+  if mcmc is None:
+    images = evaluation.generate(exp, state, num_samples, seed=seed, progress=progress,
+                                 classes=classes)
+  else:
+    images, info = _mcmc_samples(exp, state, num_samples, seed, classes, mcmc)
   return dict(images=images, labels=None if labels is None else np.asarray(labels),
-              exp=exp, state=state)
+              exp=exp, state=state, info=info)
+
+
+def _check_mcmc(mcmc: dict, config, given_guidance: bool) -> None:
+  from cdiff_jax import config as config_lib
+  from cdiff_jax.sampling import mcmc as mcmc_lib
+  kind = mcmc.get('kind')
+  if unknown := set(mcmc) - set(MCMC_FIELDS):
+    raise TypeError(f'unknown MCMC settings {sorted(unknown)}; use {MCMC_FIELDS}.')
+  if kind not in mcmc_lib.KINDS:
+    raise config_lib.ConfigError(f'--mcmc={kind}: use one of {", ".join(mcmc_lib.KINDS)}.')
+  if kind in ('mala', 'hmc') and config.model.parameterization != 'energy':
+    raise config_lib.ConfigError(
+        f'--mcmc={kind}: its Metropolis test needs energies, and this run\'s model is '
+        f'{config.model.parameterization}-parameterized (train with '
+        "model.parameterization='energy'); use --mcmc=ula or uhmc.")
+  if (w := config.sample.get('guidance_scale', 1.0)) != 1.0:
+    fix = ('drop --guidance_scale' if given_guidance else
+           f'this run samples with sample.guidance_scale={w}: add --guidance_scale=1')
+    raise config_lib.ConfigError(
+        f'--mcmc={kind} samples the model itself, without classifier-free guidance; {fix} '
+        '(guided and composed potentials in Python: guidance.composed_potential).')
+  for field, ok, fix in (('steps_per_level', lambda v: v >= 0, 'give 0 or more'),
+                         ('step_size', lambda v: v > 0, 'give a positive number'),
+                         ('num_leapfrog', lambda v: v >= 1, 'give 1 or more'),
+                         ('damping', lambda v: 0 < v <= 1, 'give a number in (0, 1]')):
+    if field in mcmc and not ok(mcmc[field]):
+      raise config_lib.ConfigError(f'--{field}={mcmc[field]}: {fix}.')
+
+
+def _mcmc_samples(exp, state, num_samples: int, seed: int, classes, mcmc: dict):
+  """Annealed MCMC samples in one batch, keyed as ``evaluation.generate``'s first batch."""
+  import jax
+  from cdiff_jax import parallel
+  from cdiff_jax.sampling import mcmc as mcmc_lib
+  sc = exp.config.sample
+  settings = {k: v for k, v in mcmc.items() if k != 'kind'}
+  sampler = mcmc_lib.AnnealedMCMC(mcmc_lib.potential_from_model(exp.model), exp.model.schedule,
+                                  exp.image_shape, kind=mcmc['kind'], num_steps=sc.num_steps,
+                                  mesh=exp.mesh, cpu_onednn=sc.get('cpu_onednn', True),
+                                  **settings)
+  params = state.ema_params if sc.use_ema else state.params
+  n_pad = -(-num_samples // exp.mesh.devices.size) * exp.mesh.devices.size
+  x, info = sampler(params, jax.random.fold_in(jax.random.key(seed), 0), n_pad,
+                    exp.sample_labels(n_pad, classes=classes))
+  info = {k: np.asarray(v) for k, v in info.items()}
+  return np.asarray(parallel.to_host(x))[:num_samples], info
 
 
 def main(argv):
@@ -152,9 +220,16 @@ def main(argv):
   except ValueError:
     raise config_lib.ConfigError(f'--classes={",".join(f["classes"])}: give class indices '
                                  'separated by commas, e.g. --classes=4,5,7.') from None
+  mcmc = None
+  if f['mcmc']:
+    mcmc = dict(kind=f['mcmc'], **{k: f[k] for k in MCMC_FIELDS if k != 'kind'})
   out = draw(f['workdir'], f['num_samples'], f['seed'], classes, progress=not f['no_progress'],
-             **{field: f[field] for field in SAMPLE_FIELDS})
+             mcmc=mcmc, **{field: f[field] for field in SAMPLE_FIELDS})
   exp, images, labels = out['exp'], out['images'], out['labels']
+  if out['info'] is not None and 'accept_rate' in out['info']:
+    rate = out['info']['accept_rate']
+    print(f'{f["mcmc"].upper()} acceptance rate: mean {rate.mean():.3f} over {len(rate)} '
+          f'levels (first {rate[0]:.3f}, last {rate[-1]:.3f})')
   png = f['out'] or os.path.join(f['workdir'], 'samples', f'drawn_seed{f["seed"]}.png')
   ncols = (grid_columns(len(images), len(classes or exp.sample_classes))
            if labels is not None else None)

@@ -20,7 +20,7 @@ from cdiff_jax import config as config_lib
 from cdiff_jax import evaluation, sample, train
 from cdiff_jax.data import sources
 from cdiff_jax.methods import guidance
-from cdiff_jax.sampling import diffusion
+from cdiff_jax.sampling import diffusion, mcmc
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -102,6 +102,58 @@ def test_command_line_writes_images_labels_and_their_evaluation(run, tmp_path):
   assert f'TV to uniform over the classes 1,3: {result["tv_to_uniform"]:.3f}' in done.stdout
 
 
+@pytest.fixture(scope='module')
+def energy_run(tmp_path_factory):
+  """An unconditional energy-parameterized run (MALA and HMC need its energies)."""
+  c = run_files.tiny_digits_config(log_every=4, checkpoint_every=4)
+  c.model.parameterization = 'energy'
+  workdir = str(tmp_path_factory.mktemp('energy_run'))
+  train.train_and_evaluate(c, workdir, progress=False)
+  return workdir
+
+
+def _mcmc_by_hand(workdir, n, seed, labels, **settings):
+  """``mcmc.AnnealedMCMC`` over the checkpoint's potential, keyed as ``draw`` keys it."""
+  exp, state = train.load_run(workdir)
+  sampler = mcmc.AnnealedMCMC(mcmc.potential_from_model(exp.model), exp.model.schedule,
+                              exp.image_shape, mesh=exp.mesh, **settings)
+  n_pad = -(-n // 2) * 2
+  y = None if labels is None else np.resize(np.asarray(labels, np.int32), n_pad)
+  x, info = sampler(state.ema_params, jax.random.fold_in(jax.random.key(seed), 0), n_pad, y)
+  return np.asarray(x)[:n], info
+
+
+def test_mcmc_is_the_annealed_sampler_of_the_checkpoint(run):
+  settings = dict(steps_per_level=1, step_size=0.05)
+  out = sample.draw(run, num_samples=3, seed=2, classes=[5], num_steps=3,
+                    mcmc=dict(kind='ula', **settings))
+  ref, _ = _mcmc_by_hand(run, 3, 2, [5], kind='ula', num_steps=3, **settings)
+  np.testing.assert_allclose(out['images'], ref, atol=1e-5)
+  np.testing.assert_array_equal(out['labels'], [5, 5, 5])
+  plain = sample.draw(run, num_samples=3, seed=2, classes=[5], num_steps=3)['images']
+  assert np.abs(plain - out['images']).max() > 1e-3  # the MCMC steps moved the samples
+
+
+def test_hmc_on_an_energy_run_reports_its_acceptance(energy_run, tmp_path):
+  settings = dict(steps_per_level=1, num_leapfrog=2)
+  out = sample.draw(energy_run, num_samples=4, seed=1, num_steps=3,
+                    mcmc=dict(kind='hmc', **settings))
+  ref, info = _mcmc_by_hand(energy_run, 4, 1, None, kind='hmc', num_steps=3, **settings)
+  np.testing.assert_allclose(out['images'], ref, atol=1e-5)
+  np.testing.assert_allclose(out['info']['accept_rate'], info['accept_rate'], atol=1e-6)
+  assert out['info']['accept_rate'].shape == (3,)
+  assert np.all((0 <= out['info']['accept_rate']) & (out['info']['accept_rate'] <= 1))
+  cmd = [sys.executable, '-m', 'cdiff_jax.sample', f'--workdir={energy_run}', '--mcmc=hmc',
+         '--steps_per_level=1', '--num_leapfrog=2', '--num_steps=3', '--num_samples=4',
+         '--seed=1', f'--out={tmp_path / "hmc.png"}', '--no_progress']
+  done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+  assert done.returncode == 0, done.stderr[-2000:]
+  np.testing.assert_allclose(np.load(str(tmp_path / 'hmc.npz'))['images'], ref, atol=1e-5)
+  rate = out['info']['accept_rate']
+  assert (f'HMC acceptance rate: mean {rate.mean():.3f} over 3 levels (first {rate[0]:.3f}, '
+          f'last {rate[-1]:.3f})') in done.stdout
+
+
 def test_eval_seed_redraws_the_runs_evaluation(run):
   """The run's eval.json (written by the launcher) again, from samples drawn afresh."""
   saved = json.load(open(os.path.join(run, 'eval.json')))
@@ -131,6 +183,11 @@ def _unconditional_copy(run, tmp_path):
     ('run', dict(num_samples=0), r'^--num_samples=0: give a positive number'),
     ('unconditional', dict(classes=[1]), r'^--classes=1: .* unconditional model; drop'),
     ('unconditional', dict(guidance_scale=3.0), r'^--guidance_scale=3.0: .* unconditional'),
+    ('run', dict(mcmc=dict(kind='mala')), r'^--mcmc=mala: its Metropolis test needs energies'
+                                          r'.* eps-parameterized'),
+    ('run', dict(mcmc=dict(kind='ula'), guidance_scale=2.0), r'^--mcmc=ula .* drop '
+                                                              r'--guidance_scale'),
+    ('run', dict(mcmc=dict(kind='uhmc', damping=0.0)), r'^--damping=0.0: give a number in'),
 ])
 def test_bad_input_is_one_line_naming_the_flag(run, tmp_path, case, kwargs, expected):
   if case == 'missing':
