@@ -27,6 +27,7 @@ the only files written are the grid and the ``.npz`` / ``.json`` beside it (by d
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 
@@ -162,30 +163,25 @@ def draw(workdir: str, num_samples: int = 64, seed: int = 0, classes=None,
 
 
 def _check_mcmc(mcmc: dict, config, given_guidance: bool) -> None:
+  """``mcmc.check_settings`` before the run is loaded, naming the command line's flags."""
   from cdiff_jax import config as config_lib
   from cdiff_jax.sampling import mcmc as mcmc_lib
-  kind = mcmc.get('kind')
   if unknown := set(mcmc) - set(MCMC_FIELDS):
     raise TypeError(f'unknown MCMC settings {sorted(unknown)}; use {MCMC_FIELDS}.')
-  if kind not in mcmc_lib.KINDS:
-    raise config_lib.ConfigError(f'--mcmc={kind}: use one of {", ".join(mcmc_lib.KINDS)}.')
-  if kind in ('mala', 'hmc') and config.model.parameterization != 'energy':
-    raise config_lib.ConfigError(
-        f'--mcmc={kind}: its Metropolis test needs energies, and this run\'s model is '
-        f'{config.model.parameterization}-parameterized (train with '
-        "model.parameterization='energy'); use --mcmc=ula or uhmc.")
+  settings = {name: p.default for name, p in
+              inspect.signature(mcmc_lib.AnnealedMCMC).parameters.items() if name in MCMC_FIELDS}
+  settings.update(mcmc)
+  try:
+    mcmc_lib.check_settings(**settings, has_energy=config.model.parameterization == 'energy')
+  except mcmc_lib.SettingError as e:
+    raise config_lib.ConfigError(f'--{"mcmc" if e.field == "kind" else e.field}={e.value}: '
+                                 f'{e.fix}') from e
   if (w := config.sample.get('guidance_scale', 1.0)) != 1.0:
     fix = ('drop --guidance_scale' if given_guidance else
            f'this run samples with sample.guidance_scale={w}: add --guidance_scale=1')
     raise config_lib.ConfigError(
-        f'--mcmc={kind} samples the model itself, without classifier-free guidance; {fix} '
-        '(guided and composed potentials in Python: guidance.composed_potential).')
-  for field, ok, fix in (('steps_per_level', lambda v: v >= 0, 'give 0 or more'),
-                         ('step_size', lambda v: v > 0, 'give a positive number'),
-                         ('num_leapfrog', lambda v: v >= 1, 'give 1 or more'),
-                         ('damping', lambda v: 0 < v <= 1, 'give a number in (0, 1]')):
-    if field in mcmc and not ok(mcmc[field]):
-      raise config_lib.ConfigError(f'--{field}={mcmc[field]}: {fix}.')
+        f'--mcmc={mcmc["kind"]} samples the model itself, without classifier-free guidance; '
+        f'{fix} (guided and composed potentials in Python: guidance.composed_potential).')
 
 
 def _mcmc_samples(exp, state, num_samples: int, seed: int, classes, mcmc: dict):

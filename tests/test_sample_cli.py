@@ -184,7 +184,7 @@ def _unconditional_copy(run, tmp_path):
     ('unconditional', dict(classes=[1]), r'^--classes=1: .* unconditional model; drop'),
     ('unconditional', dict(guidance_scale=3.0), r'^--guidance_scale=3.0: .* unconditional'),
     ('run', dict(mcmc=dict(kind='mala')), r'^--mcmc=mala: its Metropolis test needs energies'
-                                          r'.* eps-parameterized'),
+                                          r'.* score-only'),
     ('run', dict(mcmc=dict(kind='ula'), guidance_scale=2.0), r'^--mcmc=ula .* drop '
                                                               r'--guidance_scale'),
     ('run', dict(mcmc=dict(kind='uhmc', damping=0.0)), r'^--damping=0.0: give a number in'),

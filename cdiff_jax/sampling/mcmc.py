@@ -229,6 +229,37 @@ def run_chain(kind: str, energy_grad: Callable, x, step, num_steps: int, key,
 
 # ----------------------------------------------------------------------------- annealed
 
+class SettingError(ValueError):
+  """An ``AnnealedMCMC`` setting out of range: the argument (``field``), its ``value`` and
+  the ``fix``, so that a command line or a config check can name its own flag or field."""
+
+  def __init__(self, field: str, value, fix: str):
+    super().__init__(f'mcmc.{field}={value!r}: {fix}')
+    self.field, self.value, self.fix = field, value, fix
+
+
+def check_settings(kind: str, steps_per_level: int, step_size: float, num_leapfrog: int,
+                   damping: float, has_energy: bool, step_schedule: str = 'sigma') -> None:
+  """Raises ``SettingError`` for the first setting of ``AnnealedMCMC`` it cannot run with."""
+  if kind not in KINDS:
+    raise SettingError('kind', kind, f'use one of {", ".join(KINDS)}.')
+  if step_schedule not in STEP_SCHEDULES:
+    raise SettingError('step_schedule', step_schedule,
+                       f'use one of {", ".join(STEP_SCHEDULES)}.')
+  if kind in ('mala', 'hmc') and not has_energy and steps_per_level:
+    raise SettingError('kind', kind, "its Metropolis test needs energies, and the model is "
+                       "score-only: train with model.parameterization='energy', or use "
+                       "'ula' or 'uhmc'.")
+  for field, value, ok, fix in (
+      ('steps_per_level', steps_per_level, steps_per_level >= 0, 'give 0 or more.'),
+      ('step_size', step_size, step_size > 0, 'give a positive number.'),
+      ('num_leapfrog', num_leapfrog, num_leapfrog >= 1, 'give 1 or more.'),
+      ('damping', damping, 0.0 < damping <= 1.0,
+       'give a number in (0, 1] (1: a full momentum refresh).')):
+    if not ok:
+      raise SettingError(field, value, fix)
+
+
 class AnnealedMCMC:
   """Reverse diffusion interleaved with K MCMC steps per noise level, compiled.
 
@@ -247,20 +278,8 @@ class AnnealedMCMC:
                step_size: float = 0.05, step_schedule: str = 'sigma', num_leapfrog: int = 3,
                damping: float = 0.5, denoise: bool = True, mesh=None, cpu_onednn: bool = True,
                loop_friendly_grads: bool | None = None):
-    if kind not in KINDS:
-      raise ValueError(f'mcmc.kind={kind!r} is unknown; use one of {KINDS}.')
-    if step_schedule not in STEP_SCHEDULES:
-      raise ValueError(f'mcmc.step_schedule={step_schedule!r} is unknown; use one of '
-                       f'{STEP_SCHEDULES}.')
-    if kind in ('mala', 'hmc') and not potential.has_energy and steps_per_level:
-      raise ValueError(f"mcmc.kind={kind!r} needs energies for its Metropolis test, but the "
-                       "model is score-only: set model.parameterization='energy' or use "
-                       "mcmc.kind='ula' or 'uhmc'.")
-    if not 0.0 < damping <= 1.0:
-      raise ValueError(f'mcmc.damping={damping} must lie in (0, 1] (1 = full momentum refresh).')
-    if step_size <= 0 or num_leapfrog < 1 or steps_per_level < 0:
-      raise ValueError('mcmc.step_size must be > 0, mcmc.num_leapfrog >= 1 and '
-                       'mcmc.steps_per_level >= 0.')
+    check_settings(kind, steps_per_level, step_size, num_leapfrog, damping,
+                   potential.has_energy, step_schedule)
     self.kind = kind
     self.shape = tuple(shape)
     self.mesh = mesh
@@ -325,7 +344,7 @@ class AnnealedMCMC:
     return x, info
 
 
-__all__ = ['KINDS', 'Potential', 'AnnealedMCMC', 'potential_from_model',
+__all__ = ['KINDS', 'Potential', 'AnnealedMCMC', 'SettingError', 'check_settings', 'potential_from_model',
            'eps_fn_from_potential', 'ula_step', 'mala_step', 'mala_log_accept',
            'mala_log_proposal', 'hmc_step', 'hmc_log_accept', 'leapfrog', 'kinetic_energy',
            'metropolis', 'run_chain']
