@@ -246,12 +246,14 @@ EVAL_SEED = 1234  # the seed of a run's evaluation samples (eval.json)
 
 
 def generate(exp, state, num_samples: int, seed: int = EVAL_SEED, progress: bool = False,
-             batch_size: int = 1000, classes=None) -> np.ndarray:
+             batch_size: int = 1000, classes=None, sampler: Callable | None = None
+             ) -> np.ndarray:
   """``num_samples`` samples of a run's model (EMA by default), in batches. A conditional
   model's labels run on across batches (``exp.sample_labels``: sample i gets the (i mod K)-th
   of the K trained classes, or of ``classes``), so the classes stay balanced when K does
-  not divide ``batch_size``."""
-  sampler = exp.sampler()
+  not divide ``batch_size``. ``sampler``: called as ``exp.sampler()`` is (the default),
+  ``sampler(params, rng, n, labels, progress=...) -> images``."""
+  sampler = sampler or exp.sampler()
   params = state.ema_params if exp.config.sample.use_ema else state.params
   n_dev = exp.mesh.devices.size
   out = []

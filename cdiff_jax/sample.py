@@ -185,9 +185,9 @@ def _check_mcmc(mcmc: dict, config, given_guidance: bool) -> None:
 
 
 def _mcmc_samples(exp, state, num_samples: int, seed: int, classes, mcmc: dict):
-  """Annealed MCMC samples in one batch, keyed as ``evaluation.generate``'s first batch."""
-  import jax
-  from cdiff_jax import parallel
+  """Annealed MCMC samples, batched and keyed as ``evaluation.generate`` batches and keys
+  the run's sampler; ``info`` of the first batch, acceptance rates averaged over all."""
+  from cdiff_jax import evaluation
   from cdiff_jax.sampling import mcmc as mcmc_lib
   sc = exp.config.sample
   settings = {k: v for k, v in mcmc.items() if k != 'kind'}
@@ -195,12 +195,20 @@ def _mcmc_samples(exp, state, num_samples: int, seed: int, classes, mcmc: dict):
                                   exp.image_shape, kind=mcmc['kind'], num_steps=sc.num_steps,
                                   mesh=exp.mesh, cpu_onednn=sc.get('cpu_onednn', True),
                                   **settings)
-  params = state.ema_params if sc.use_ema else state.params
-  n_pad = -(-num_samples // exp.mesh.devices.size) * exp.mesh.devices.size
-  x, info = sampler(params, jax.random.fold_in(jax.random.key(seed), 0), n_pad,
-                    exp.sample_labels(n_pad, classes=classes))
-  info = {k: np.asarray(v) for k, v in info.items()}
-  return np.asarray(parallel.to_host(x))[:num_samples], info
+  batches = []  # (number of samples, info) of each batch
+
+  def run(params, rng, n, labels, progress=False):
+    x, info = sampler(params, rng, n, labels)
+    batches.append((n, {k: np.asarray(v) for k, v in info.items()}))
+    return x
+
+  images = evaluation.generate(exp, state, num_samples, seed=seed, classes=classes,
+                               sampler=run)
+  info = dict(batches[0][1])
+  if 'accept_rate' in info:
+    info['accept_rate'] = (sum(n * b['accept_rate'] for n, b in batches)
+                           / sum(n for n, _ in batches))
+  return images, info
 
 
 def main(argv):

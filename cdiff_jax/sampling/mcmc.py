@@ -344,7 +344,7 @@ class AnnealedMCMC:
     return x, info
 
 
-__all__ = ['KINDS', 'Potential', 'AnnealedMCMC', 'SettingError', 'check_settings', 'potential_from_model',
-           'eps_fn_from_potential', 'ula_step', 'mala_step', 'mala_log_accept',
-           'mala_log_proposal', 'hmc_step', 'hmc_log_accept', 'leapfrog', 'kinetic_energy',
-           'metropolis', 'run_chain']
+__all__ = ['KINDS', 'Potential', 'AnnealedMCMC', 'SettingError', 'check_settings',
+           'potential_from_model', 'eps_fn_from_potential', 'ula_step', 'mala_step',
+           'mala_log_accept', 'mala_log_proposal', 'hmc_step', 'hmc_log_accept', 'leapfrog',
+           'kinetic_energy', 'metropolis', 'run_chain']
