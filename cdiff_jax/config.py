@@ -105,6 +105,16 @@ def base_config() -> ml_collections.ConfigDict:
   return c
 
 
+def no_guidance(model_config) -> str | None:
+  """Why a model of ``model_config`` has no classifier-free guidance: 'unconditional', or
+  'no null class' (trained with ``class_dropout=0``); None when it has."""
+  if not model_config.conditional:
+    return 'unconditional'
+  if model_config.class_dropout == 0:
+    return 'no null class'
+  return None
+
+
 def _fail(field: str, value, fix: str):
   raise ConfigError(f'config.{field}={value!r}: {fix}')
 
@@ -230,10 +240,10 @@ def validate(c: ml_collections.ConfigDict) -> None:
       _fail(f'train.{f}', c.train[f], f'must be a multiple of train.steps_per_call={k}.')
   _choice(c, 'sample.sampler', SAMPLERS)
   w = c.sample.get('guidance_scale', 1.0)
-  if w != 1.0 and not c.model.conditional:
+  if w != 1.0 and (why := no_guidance(c.model)) == 'unconditional':
     _fail('sample.guidance_scale', w, 'classifier-free guidance needs a class-conditional '
           'model; set model.conditional=True (or guidance_scale=1).')
-  if w != 1.0 and c.model.class_dropout == 0:
+  if w != 1.0 and why == 'no null class':
     _fail('sample.guidance_scale', w, 'the null class is never trained with '
           'model.class_dropout=0; set model.class_dropout=0.1 (or guidance_scale=1).')
   _positive(c, 'eval.num_samples')

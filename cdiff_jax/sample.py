@@ -100,8 +100,8 @@ def _run_config(workdir: str, **sample_overrides):
     if value is not None:
       config.sample[field] = value
   w = config.sample.get('guidance_scale', 1.0)
-  if w != 1.0 and not (config.model.conditional and config.model.class_dropout > 0):
-    why = ('trained an unconditional model' if not config.model.conditional else
+  if w != 1.0 and (why := config_lib.no_guidance(config.model)):
+    why = ('trained an unconditional model' if why == 'unconditional' else
            'never trained the null class (model.class_dropout=0)')
     raise config_lib.ConfigError(f'--guidance_scale={w}: the run in {workdir} {why}, so it '
                                  'has no classifier-free guidance; drop --guidance_scale.')
