@@ -65,15 +65,16 @@ def validate(config):
   if bad:
     raise config_lib.ConfigError(f"config.toy.components: {bad} unknown; use 'oracle' and/or "
                                  "'learned'.")
-  for field in ('toy.num_train', 'toy.num_samples', 'toy.quadrature_points',
-                'mcmc.ula_step', 'mcmc.mala_step', 'mcmc.uhmc_step', 'mcmc.hmc_step',
-                'mcmc.num_leapfrog'):
+  for field in ('toy.num_train', 'toy.num_samples', 'toy.quadrature_points'):
     config_lib._positive(config, field)
-  config_lib._positive(config, 'mcmc.steps_per_level', allow_zero=True)
-  config_lib._choice(config, 'mcmc.step_schedule', mcmc.STEP_SCHEDULES)
-  if not 0.0 < config.mcmc.damping <= 1.0:
-    config_lib._fail('mcmc.damping', config.mcmc.damping, 'must lie in (0, 1] (1: a full '
-                     'momentum refresh).')
+  mc = config.mcmc
+  for kind in mcmc.KINDS:  # AnnealedMCMC's own checks; every kind's step size, listed or not
+    try:
+      mcmc.check_settings(kind, mc.steps_per_level, mc[f'{kind}_step'], mc.num_leapfrog,
+                          mc.damping, has_energy=True, step_schedule=mc.step_schedule)
+    except mcmc.SettingError as e:
+      config_lib._fail('mcmc.' + (f'{kind}_step' if e.field == 'step_size' else e.field),
+                       e.value, e.fix)
   bad = [s for s in config.mcmc.samplers if s != 'diffusion' and s not in mcmc.KINDS]
   if bad:
     raise config_lib.ConfigError(f"config.mcmc.samplers: {bad} unknown; use 'diffusion' or "

@@ -109,6 +109,8 @@ def test_a_config_file_that_does_not_load_gets_one_line(tmp_path):
     ('experiments.toy_composition', '--config.toy.num_samples=-5',
      'config.toy.num_samples=-5: must be positive'),
     ('experiments.toy_composition', '--config.mcmc.damping=0', 'config.mcmc.damping=0'),
+    ('experiments.toy_composition', '--config.mcmc.uhmc_step=0',
+     'config.mcmc.uhmc_step=0.0: give a positive number'),
     # Checked before the unconstrained arm trains (its own reference, given explicitly).
     ('experiments.minority', '--config.method.reference_workdir=/nonexistent/ref',
      "config.method.reference_workdir='/nonexistent/ref' holds no checkpoints/"),
