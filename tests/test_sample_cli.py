@@ -154,6 +154,30 @@ def test_hmc_on_an_energy_run_reports_its_acceptance(energy_run, tmp_path):
           f'last {rate[-1]:.3f})') in done.stdout
 
 
+def test_hmc_acceptance_is_averaged_over_batches(energy_run, monkeypatch):
+  """A request larger than a batch (batches of 4 here; 1,000 in use): the images are the
+  batches' samples, each keyed as ``evaluation.generate`` keys its batches, and the rate per
+  level is the batches' rates weighted by their sizes (4, 4, 2)."""
+  import functools
+  monkeypatch.setattr(evaluation, 'generate',
+                      functools.partial(evaluation.generate, batch_size=4))
+  # a step large enough to be rejected at some levels (the tiny model's energy is nearly flat)
+  settings = dict(kind='hmc', steps_per_level=1, num_leapfrog=2, step_size=50.0)
+  out = sample.draw(energy_run, num_samples=10, seed=5, num_steps=3, mcmc=settings)
+  exp, state = train.load_run(energy_run)
+  sampler = mcmc.AnnealedMCMC(mcmc.potential_from_model(exp.model), exp.model.schedule,
+                              exp.image_shape, mesh=exp.mesh, num_steps=3, **settings)
+  images, rates = [], []
+  for i, n in enumerate((4, 4, 2)):
+    x, info = sampler(state.ema_params, jax.random.fold_in(jax.random.key(5), i), n, None)
+    images.append(np.asarray(x))
+    rates.append(np.asarray(info['accept_rate']))
+  np.testing.assert_allclose(out['images'], np.concatenate(images), atol=1e-5)
+  expected = (4 * rates[0] + 4 * rates[1] + 2 * rates[2]) / 10
+  np.testing.assert_allclose(out['info']['accept_rate'], expected, atol=1e-6)
+  assert not np.allclose(expected, np.mean(rates, 0))  # the weights matter here
+
+
 def test_eval_seed_redraws_the_runs_evaluation(run):
   """The run's eval.json (written by the launcher) again, from samples drawn afresh."""
   saved = json.load(open(os.path.join(run, 'eval.json')))
