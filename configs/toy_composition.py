@@ -12,10 +12,11 @@ WORKDIR/toy_table.{md,json} (mean exact log-likelihood of the samples under the 
 density, sliced Wasserstein distance to exact samples, acceptance rates) and the sample
 plots WORKDIR/toy_<benchmark>.png.
 
-Expected (2-core CPU, about 20 minutes): on the product, plain reverse diffusion is
-clearly worse than MALA/HMC in exact log-likelihood (oracle components: about 0.7 vs
-1.4-1.5; exact samples give 1.50), and the learned components follow the same ordering.
-The mixture and the negation are exact diffusions, so all samplers are close there.
+Expected (2-core CPU, about 5 minutes; notebooks/composition_mcmc.ipynb runs the same):
+on the product, plain reverse diffusion is clearly worse than MALA/HMC in exact
+log-likelihood (oracle components: about 0.7 vs 1.4-1.5; exact samples give 1.50), and the
+learned components follow the same ordering. The mixture and the negation are exact
+diffusions, so all samplers are close there.
 """
 
 import ml_collections

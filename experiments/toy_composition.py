@@ -3,6 +3,8 @@ annealed MCMC, judged against exact answers.
 
   python -m experiments.toy_composition --config=configs/toy_composition.py --workdir=runs/toy
 
+From Python (notebooks/composition_mcmc.ipynb does): ``run(config, workdir)``.
+
 Steps (each component model is trained once and cached in WORKDIR/components/):
 
 1. Train one energy-parameterized MLP per component density (ring, vertical bar,
@@ -245,7 +247,7 @@ def plot_benchmark(path, title, panels: dict, target, exact=None):
   levels = peak - np.array([8.0, 4.0, 2.0, 1.0])
   g = np.linspace(-1.5, 1.5, num)
   fig, axes = writers.new_figure(len(rows), len(cols), squeeze=False,
-                                 figsize=(2.1 * len(cols), 2.3 * len(rows)))
+                                 figsize=(2.1 * len(cols), 2.5 * len(rows)))
   for i, r in enumerate(rows):
     for j, c in enumerate(cols):
       ax = axes[i, j]
@@ -285,6 +287,15 @@ def plot_acceptance(path, curves: dict):
 
 def main(argv):
   del argv
+  table = run(_CONFIG.value, _WORKDIR.value, _PROGRESS.value)
+  print(table)
+  print(f'outputs in {os.path.abspath(_WORKDIR.value)}')
+
+
+def run(config, workdir: str, progress: bool = True) -> str:
+  """The whole experiment (what the command runs; the notebook calls it too): trains or
+  loads the components, samples every benchmark x components x sampler, writes the table,
+  the samples and the plots into ``workdir``, and returns the table (markdown)."""
   import jax
   import numpy as np
   from cdiff_jax import config as config_lib
@@ -292,8 +303,7 @@ def main(argv):
   from cdiff_jax.methods import guidance
   from tqdm.auto import tqdm
 
-  config = _CONFIG.value
-  workdir = os.path.abspath(_WORKDIR.value)
+  workdir = os.path.abspath(workdir)
   config_lib.validate(config)  # a ConfigError is one error line (cli.run); nothing written
   validate(config)
   train.check_workdir(workdir)
@@ -304,7 +314,7 @@ def main(argv):
   start_all = time.time()
   params, train_seconds = ({}, {})
   if 'learned' in config.toy.components:
-    params, train_seconds = train_components(config, workdir, _PROGRESS.value)
+    params, train_seconds = train_components(config, workdir, progress)
 
   rows, curves, n = [], {}, config.toy.num_samples
   samples = {}   # 'benchmark/components/sampler' -> the row's samples (toy_samples.npz)
@@ -331,7 +341,7 @@ def main(argv):
 
   jobs = [(b, s, k) for b in config.toy.benchmarks for s in config.toy.components
           for k in config.mcmc.samplers]
-  bar = tqdm(total=len(jobs), desc='composing and sampling', disable=not _PROGRESS.value)
+  bar = tqdm(total=len(jobs), desc='composing and sampling', disable=not progress)
   for bench_name in config.toy.benchmarks:
     bench = benches[bench_name]
     exact = bench.target.sample(np.random.default_rng(11), n)
@@ -359,7 +369,7 @@ def main(argv):
             x, f"LL {m['log_likelihood']:.2f}  SW {m['sliced_w2']:.3f}")
         bar.update(1)
         bar.set_postfix(last=key)
-        if not _PROGRESS.value:
+        if not progress:
           print(f"{key}: LL {m['log_likelihood']:.3f}, "
                 f"sliced W2 {m['sliced_w2']:.4f}, {seconds:.0f} s", flush=True)
     plot_benchmark(os.path.join(workdir, f'toy_{bench_name}.png'), bench.name, panels,
@@ -368,9 +378,7 @@ def main(argv):
     np.savez(os.path.join(workdir, 'toy_samples.npz'), **samples)
   bar.close()
   plot_acceptance(os.path.join(workdir, 'toy_acceptance.png'), curves)
-  table = write_table(workdir, rows, config, time.time() - start_all, train_seconds)
-  print(table)
-  print(f'outputs in {workdir}')
+  return write_table(workdir, rows, config, time.time() - start_all, train_seconds)
 
 
 def write_table(workdir, rows, config, total, train_seconds) -> str:
