@@ -274,12 +274,15 @@ class Experiment:
     from cdiff_jax.methods import guidance  # Local: guidance imports the samplers.
     return guidance.cfg_eps(self.model, params, x, t, cond, w, self.num_classes)
 
-  def sampler(self, **overrides) -> Sampler:
+  def sampler(self, eps_fn=None, **overrides) -> Sampler:
+    """The run's sampler (``config.sample``; ``overrides`` of ``Sampler``'s arguments) over
+    ``eps_fn`` (default: ``self.eps_fn``; e.g. ``guidance.composed_eps_fn(self.model,
+    self.num_classes)`` for AND/NOT compositions of a conditional model's classes)."""
     sc = self.config.sample
     kw = dict(sampler=sc.sampler, num_steps=sc.num_steps, eta=sc.eta,
               clip=sc.clip or None, mesh=self.mesh, cpu_onednn=sc.get('cpu_onednn', True))
     kw.update(overrides)
-    return Sampler(self.eps_fn, self.model.schedule, self.image_shape, **kw)
+    return Sampler(eps_fn or self.eps_fn, self.model.schedule, self.image_shape, **kw)
 
   @functools.cached_property
   def sample_classes(self) -> np.ndarray:

@@ -78,6 +78,22 @@ def test_and_not_of_gaussian_experts_equals_the_product_gaussian(weights):
   assert model.calls == 1
 
 
+def test_composed_potential_of_a_score_only_model():
+  """A score-only (eps) model: zero energies, no Metropolis test, and the gradient is the
+  composed eps over sigma, i.e. the closed-form product Gaussian's score."""
+  model = dataclasses.replace(_gaussian_model(), parameterization='eps')
+  pot = guidance.composed_potential(model, null_label=2)
+  assert not pot.has_energy
+  x = jax.random.normal(jax.random.key(3), (6, 2))
+  t = jnp.linspace(0.05, 0.9, 6)
+  cond = guidance.make_composition((0, 1), (1.0, -0.5), 6, null_label=2)
+  energy, grad = pot.fn(None, x, t, cond)
+  np.testing.assert_array_equal(energy, np.zeros(6))
+  np.testing.assert_allclose(grad * SCHED.sigma(t)[:, None],
+                             _product_gaussian_eps(model, x, t, np.array([1.0, -0.5])),
+                             rtol=1e-5, atol=1e-5)
+
+
 def test_product_of_separate_experts_equals_product_gaussian_score():
   """AND of two separately given Gaussian experts (no unconditional model): the composed
   energy's gradient is the score of the product Gaussian."""

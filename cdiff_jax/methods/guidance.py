@@ -131,13 +131,18 @@ def composed_eps_fn(model, null_label: int) -> Callable:
 
 
 def composed_potential(model, null_label: int) -> Potential:
-  """The energy version of ``composed_eps_fn`` (energy-parameterized conditional model):
-  ``E = E_u + sum_k w_k (E_k - E_u)``; its gradient is the same combination of gradients."""
+  """The energy version of ``composed_eps_fn``: ``E = E_u + sum_k w_k (E_k - E_u)``; its
+  gradient is the same combination of gradients. A score-only model gives zero energies (as
+  ``mcmc.potential_from_model`` does): then only ULA and U-HMC can sample it."""
 
   def fn(params, x, t, cond):
     labels, weights = _with_null(cond, null_label)
     sigma = _bcast(model.schedule.sigma(t), x)
-    energy, eps = jax.vmap(lambda y: model.energy_and_eps(params, x, t, y), in_axes=1)(labels)
+    if model.parameterization == 'energy':
+      energy, eps = jax.vmap(lambda y: model.energy_and_eps(params, x, t, y), in_axes=1)(labels)
+    else:
+      eps = jax.vmap(lambda y: model.eps(params, x, t, y), in_axes=1)(labels)
+      energy = jnp.zeros(eps.shape[:2], jnp.float32)
     grad = eps / sigma[None]
     coef = jnp.concatenate([1.0 - weights.sum(1, keepdims=True), weights], axis=1).T  # (K+1, B)
     coef_x = coef.reshape(coef.shape + (1,) * (x.ndim - 1))
