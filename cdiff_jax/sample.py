@@ -7,17 +7,24 @@ changes it, and writes a PNG grid and an ``.npz`` (``images`` in [-1, 1], NHWC, 
 
   python -m cdiff_jax.sample --workdir=runs/demo/constrained --num_samples=100 --evaluate
   python -m cdiff_jax.sample --workdir=runs/digits_cfg --classes=4,5,7 --guidance_scale=3
+  python -m cdiff_jax.sample --workdir=runs/digits_cfg --compose=any:1,1:-3 --evaluate
 
 ``--classes`` picks the labels of a class-conditional model (cycled in the order given;
 default: every class it was trained on), ``--guidance_scale`` / ``--sampler`` /
-``--num_steps`` / ``--eta`` override the run's ``config.sample``; ``--mcmc=ula|mala|uhmc|hmc``
-samples with annealed MCMC instead (``--num_steps`` levels, ``--steps_per_level``,
-``--step_size``, ``--num_leapfrog``, ``--damping``; MALA and HMC need an
-energy-parameterized model and print their acceptance rates). ``--evaluate`` labels the
-samples with the run's evaluation classifier (trained and cached on first use, as for the
-run's evaluation) and prints and saves (``.json``) their class frequencies, TV to uniform
-over the classes asked for (default: those trained) and classifier FID against held-out
-images of those classes. The same seed gives the same images: ``--seed=1234`` (the
+``--num_steps`` / ``--eta`` override the run's ``config.sample``. ``--compose`` samples an
+AND/NOT composition of such a model's classes instead of one class per sample:
+``CLASS:WEIGHT`` pairs, ``CLASS`` a trained class or ``any`` (the unconditional, null-class
+model), ``eps = eps_u + sum_k w_k (eps_k - eps_u)`` (``guidance.composed_eps_fn``), e.g.
+``any:1,1:-3`` "any digit but 1", ``4:1,7:1`` "4 AND 7", ``4:3`` guidance towards 4 at
+weight 3. ``--mcmc=ula|mala|uhmc|hmc`` samples with annealed MCMC instead (``--num_steps``
+levels, ``--steps_per_level``, ``--step_size``, ``--num_leapfrog``, ``--damping``; MALA and
+HMC need an energy-parameterized model and print their acceptance rates), over the
+composed potential with ``--compose``. ``--evaluate`` labels the samples with the run's
+evaluation classifier (trained and cached on first use, as for the run's evaluation) and
+prints and saves (``.json``) their class frequencies, TV to uniform over the classes asked
+for (default: those trained; with ``--compose``, its positive classes, or all trained
+classes if ``any`` is among them, less the negated ones) and classifier FID against
+held-out images of those classes. The same seed gives the same images: ``--seed=1234`` (the
 run's ``evaluation.EVAL_SEED``) with ``--num_samples`` at its ``eval.num_samples`` redraws
 the samples of its ``eval.json``, and ``--evaluate`` then gives the same figures.
 The run's data must be readable (as for ``train.load_run``); the run is read, not changed:
@@ -62,6 +69,10 @@ def _define_flags():
   d['evaluate'] = flags.DEFINE_bool('evaluate', False, 'Label the samples with the run\'s '
                                     'evaluation classifier; print and save class '
                                     'frequencies, TV to uniform and classifier FID.')
+  d['compose'] = flags.DEFINE_list('compose', [], 'AND/NOT of a class-conditional model\'s '
+                                   'classes, as CLASS:WEIGHT pairs (CLASS a class or "any", '
+                                   'the unconditional model): eps_u + sum_k w_k (eps_k - '
+                                   'eps_u). E.g. any:1,1:-3 (any digit but 1), 4:1,7:1.')
   d['mcmc'] = flags.DEFINE_enum('mcmc', None, ['ula', 'mala', 'uhmc', 'hmc'], 'Annealed '
                                  'MCMC instead of the run\'s sampler: reverse diffusion over '
                                  'num_steps levels with MCMC steps at each.')
@@ -113,7 +124,8 @@ def _run_config(workdir: str, **sample_overrides):
 
 
 def draw(workdir: str, num_samples: int = 64, seed: int = 0, classes=None,
-         progress: bool = False, mcmc: dict | None = None, **sample_overrides) -> dict:
+         progress: bool = False, mcmc: dict | None = None, compose: dict | None = None,
+         **sample_overrides) -> dict:
   """``num_samples`` samples of the run in ``workdir`` (EMA parameters unless its config
   says ``sample.use_ema=False``): ``{'images', 'labels', 'exp', 'state'}`` (labels None for
   an unconditional model). ``classes``: labels of a conditional model, cycled in the given
@@ -121,9 +133,13 @@ def draw(workdir: str, num_samples: int = 64, seed: int = 0, classes=None,
   (None keeps the run's). ``mcmc``: ``{'kind': 'ula' | 'mala' | 'uhmc' | 'hmc', ...}`` (the
   other ``MCMC_FIELDS`` as ``mcmc.AnnealedMCMC`` takes them) samples with annealed MCMC
   over ``sample.num_steps`` levels instead (``info``: its step sizes and, for MALA / HMC,
-  acceptance rates per level). Raises ``ConfigError`` on bad input."""
+  acceptance rates per level). ``compose``: ``{'concepts': [class or guidance.ANY, ...],
+  'weights': [...]}``, an AND/NOT composition of a conditional model's classes sampled
+  instead of ``classes`` (labels None), with the run's sampler or ``mcmc``. Raises
+  ``ConfigError`` on bad input."""
   from cdiff_jax import config as config_lib
   from cdiff_jax import evaluation, train
+  from cdiff_jax.methods import guidance
   if num_samples < 1:
     raise config_lib.ConfigError(f'--num_samples={num_samples}: give a positive number.')
   config = _run_config(workdir, **sample_overrides)
@@ -131,8 +147,11 @@ def draw(workdir: str, num_samples: int = 64, seed: int = 0, classes=None,
   if classes and not config.model.conditional:
     raise config_lib.ConfigError(f'--classes={",".join(map(str, classes))}: the run in '
                                  f'{workdir} trained an unconditional model; drop --classes.')
+  given_guidance = sample_overrides.get('guidance_scale') is not None
+  if compose is not None:
+    _check_compose(compose, config, workdir, classes, given_guidance)
   if mcmc is not None:
-    _check_mcmc(mcmc, config, sample_overrides.get('guidance_scale') is not None)
+    _check_mcmc(mcmc, config, given_guidance, composed=compose is not None)
   try:
     train.setup_jax(config)
     exp, state = train.load_run(workdir, config=config)
@@ -145,24 +164,89 @@ def draw(workdir: str, num_samples: int = 64, seed: int = 0, classes=None,
       if value is not None and msg.startswith(f'config.sample.{field}='):
         raise config_lib.ConfigError(f'--{field}={value}: {msg.split(": ", 1)[-1]}') from e
     raise
-  if classes:
+  cond_fn = None  # n -> the sampler's cond for n samples, in place of their labels
+  for flag, asked in (('classes', classes), ('compose', compose and compose['concepts'])):
     trained = [int(c) for c in exp.sample_classes]
-    if untrained := [c for c in classes if c not in trained]:
+    if untrained := [c for c in asked or () if c != guidance.ANY and c not in trained]:
       raise config_lib.ConfigError(
-          f'--classes: the run in {workdir} was not trained on class(es) '
+          f'--{flag}: the run in {workdir} was not trained on class(es) '
           f'{",".join(map(str, untrained))}; it knows {",".join(map(str, trained))}.')
-  labels = exp.sample_labels(num_samples, classes=classes)
+  if compose is not None:
+    cond_fn = lambda n: guidance.make_composition(compose['concepts'], compose['weights'], n,
+                                                  exp.num_classes)
+    try:  # its own checks: one weight per concept, a positive one
+      cond_fn(1)
+    except config_lib.ConfigError as e:
+      raise config_lib.ConfigError(f'--compose={_compose_text(compose)}: '
+                                   f'{str(e).split(": ", 1)[-1]}') from e
+  labels = None if compose else exp.sample_labels(num_samples, classes=classes)
   info = None
   if mcmc is None:
+    sampler = None
+    if compose is not None:
+      composed = exp.sampler(guidance.composed_eps_fn(exp.model, exp.num_classes))
+      sampler = lambda params, rng, n, labels, progress=False: composed(
+          params, rng, n, cond_fn(n), progress=progress)
     images = evaluation.generate(exp, state, num_samples, seed=seed, progress=progress,
-                                 classes=classes)
+                                 classes=classes, sampler=sampler)
   else:
-    images, info = _mcmc_samples(exp, state, num_samples, seed, classes, mcmc)
+    images, info = _mcmc_samples(exp, state, num_samples, seed, classes, mcmc, cond_fn)
   return dict(images=images, labels=None if labels is None else np.asarray(labels),
               exp=exp, state=state, info=info)
 
 
-def _check_mcmc(mcmc: dict, config, given_guidance: bool) -> None:
+def parse_compose(items) -> dict:
+  """``['any:1', '1:-3']`` (the ``--compose`` flag) -> ``draw``'s ``compose``."""
+  from cdiff_jax import config as config_lib
+  from cdiff_jax.methods import guidance
+  concepts, weights = [], []
+  try:
+    for item in items:
+      c, w = item.split(':')
+      concepts.append(guidance.ANY if c.strip() == 'any' else int(c))
+      weights.append(float(w))
+  except ValueError:
+    raise config_lib.ConfigError(
+        f'--compose={",".join(items)}: give CLASS:WEIGHT pairs separated by commas, CLASS a '
+        'class index or "any" (the unconditional model), e.g. --compose=any:1,1:-3 (any digit '
+        'but 1) or --compose=4:1,7:1 (4 AND 7).') from None
+  return dict(concepts=concepts, weights=weights)
+
+
+def composition_classes(compose: dict, trained) -> list[int]:
+  """The classes a composition asks for, which ``--evaluate`` measures against: its
+  positive classes, or with ``any`` among them the trained classes; less the negated ones."""
+  from cdiff_jax.methods import guidance
+  pos = {c for c, w in zip(compose['concepts'], compose['weights']) if w > 0}
+  neg = {c for c, w in zip(compose['concepts'], compose['weights']) if w < 0}
+  pool = {int(c) for c in trained} if guidance.ANY in pos else pos
+  return sorted(pool - neg)
+
+
+def _compose_text(compose: dict) -> str:
+  from cdiff_jax.methods import guidance
+  return ','.join(f'{"any" if c == guidance.ANY else c}:{w:g}'
+                  for c, w in zip(compose['concepts'], compose['weights']))
+
+
+def _check_compose(compose: dict, config, workdir: str, classes, given_guidance: bool) -> None:
+  """What a composition needs, before the run is loaded: a conditional model with a trained
+  null class, and no other choice of classes or guidance weight."""
+  from cdiff_jax import config as config_lib
+  text = _compose_text(compose)
+  if why := config_lib.no_guidance(config.model):
+    why = ('trained an unconditional model' if why == 'unconditional' else
+           'never trained the null class (model.class_dropout=0), which every composition '
+           'starts from')
+    raise config_lib.ConfigError(f'--compose={text}: the run in {workdir} {why}; drop --compose.')
+  for flag, given in (('classes', classes), ('guidance_scale', given_guidance)):
+    if given:
+      raise config_lib.ConfigError(f'--compose={text} and --{flag}: the composition sets the '
+                                   f'classes and their weights; drop --{flag} (--compose=4:3 '
+                                   'is class 4 at guidance weight 3).')
+
+
+def _check_mcmc(mcmc: dict, config, given_guidance: bool, composed: bool = False) -> None:
   """``mcmc.check_settings`` before the run is loaded, naming the command line's flags."""
   from cdiff_jax import config as config_lib
   from cdiff_jax.sampling import mcmc as mcmc_lib
@@ -176,29 +260,35 @@ def _check_mcmc(mcmc: dict, config, given_guidance: bool) -> None:
   except mcmc_lib.SettingError as e:
     raise config_lib.ConfigError(f'--{"mcmc" if e.field == "kind" else e.field}={e.value}: '
                                  f'{e.fix}') from e
-  if (w := config.sample.get('guidance_scale', 1.0)) != 1.0:
+  if (w := config.sample.get('guidance_scale', 1.0)) != 1.0 and not composed:
     fix = ('drop --guidance_scale' if given_guidance else
            f'this run samples with sample.guidance_scale={w}: add --guidance_scale=1')
     raise config_lib.ConfigError(
         f'--mcmc={mcmc["kind"]} samples the model itself, without classifier-free guidance; '
-        f'{fix} (guided and composed potentials in Python: guidance.composed_potential).')
+        f'{fix}, or give the guidance as a composition (--compose=4:{w:g}: class 4 at '
+        f'weight {w:g}).')
 
 
-def _mcmc_samples(exp, state, num_samples: int, seed: int, classes, mcmc: dict):
+def _mcmc_samples(exp, state, num_samples: int, seed: int, classes, mcmc: dict,
+                  cond_fn=None):
   """Annealed MCMC samples, batched and keyed as ``evaluation.generate`` batches and keys
-  the run's sampler; ``info`` of the first batch, acceptance rates averaged over all."""
+  the run's sampler; ``info`` of the first batch, acceptance rates averaged over all.
+  ``cond_fn``: n -> a composition's cond (``guidance.composed_potential``) for n samples."""
   from cdiff_jax import evaluation
+  from cdiff_jax.methods import guidance
   from cdiff_jax.sampling import mcmc as mcmc_lib
   sc = exp.config.sample
   settings = {k: v for k, v in mcmc.items() if k != 'kind'}
-  sampler = mcmc_lib.AnnealedMCMC(mcmc_lib.potential_from_model(exp.model), exp.model.schedule,
+  potential = (mcmc_lib.potential_from_model(exp.model) if cond_fn is None else
+               guidance.composed_potential(exp.model, exp.num_classes))
+  sampler = mcmc_lib.AnnealedMCMC(potential, exp.model.schedule,
                                   exp.image_shape, kind=mcmc['kind'], num_steps=sc.num_steps,
                                   mesh=exp.mesh, cpu_onednn=sc.get('cpu_onednn', True),
                                   **settings)
   batches = []  # (number of samples, info) of each batch
 
   def run(params, rng, n, labels, progress=False):
-    x, info = sampler(params, rng, n, labels)
+    x, info = sampler(params, rng, n, labels if cond_fn is None else cond_fn(n))
     batches.append((n, {k: np.asarray(v) for k, v in info.items()}))
     return x
 
@@ -227,8 +317,9 @@ def main(argv):
   mcmc = None
   if f['mcmc']:
     mcmc = dict(kind=f['mcmc'], **{k: f[k] for k in MCMC_FIELDS if k != 'kind'})
+  compose = parse_compose(f['compose']) if f['compose'] else None
   out = draw(f['workdir'], f['num_samples'], f['seed'], classes, progress=not f['no_progress'],
-             mcmc=mcmc, **{field: f[field] for field in SAMPLE_FIELDS})
+             mcmc=mcmc, compose=compose, **{field: f[field] for field in SAMPLE_FIELDS})
   exp, images, labels = out['exp'], out['images'], out['labels']
   if out['info'] is not None and 'accept_rate' in out['info']:
     rate = out['info']['accept_rate']
@@ -241,11 +332,13 @@ def main(argv):
   arrays = dict(images=images) if labels is None else dict(images=images, labels=labels)
   stem = os.path.splitext(png)[0]
   if f['evaluate']:
-    result = evaluation.evaluate_images(exp, images, classes or None,
-                                        progress=not f['no_progress'])
+    asked = classes or (compose and composition_classes(compose, exp.sample_classes)) or None
+    result = evaluation.evaluate_images(exp, images, asked, progress=not f['no_progress'])
     arrays['predicted'] = evaluation.classifier_for(exp.config).predict(images)
     if labels is not None:
       result['agreement_with_labels'] = float(np.mean(arrays['predicted'] == labels))
+    if compose is not None:
+      result['compose'] = _compose_text(compose)
     with open(stem + '.json', 'w') as fh:
       json.dump(result, fh, indent=2)
     print(_evaluation_lines(result))

@@ -11,6 +11,9 @@ the evaluation classifier (300 samples of 4, 5, 7: agreement with the labels 0.9
 1.000 at w=3):
   python -m cdiff_jax.sample --workdir=runs/digits_cfg --classes=4,5,7 --num_samples=300 \
       --guidance_scale=3 --evaluate
+and AND/NOT compositions of its classes, e.g. "any digit but 1" (300 samples: no 1s):
+  python -m cdiff_jax.sample --workdir=runs/digits_cfg --compose=any:1,1:-3 --num_samples=300 \
+      --evaluate
 
 The guidance and composition demonstration (trains the same model, reusing the run if it
 is finished, then measures everything with the evaluation classifier):

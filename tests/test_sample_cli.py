@@ -68,6 +68,61 @@ def test_draw_is_the_guided_sampler_of_the_checkpoint(run):
   assert np.abs(other - out['images']).max() > 1e-3
 
 
+NOT3 = dict(concepts=[guidance.ANY, 3], weights=[1.0, -2.0])  # "any digit but 3", weight 2
+
+
+def _composed_by_hand(workdir, n, seed, compose, num_steps):
+  """The first batch of ``evaluation.generate`` with the run's sampler (DDIM) over
+  ``guidance.composed_eps_fn`` and the composition as every sample's cond."""
+  exp, state = train.load_run(workdir)
+  sampler = diffusion.Sampler(guidance.composed_eps_fn(exp.model, exp.num_classes),
+                              exp.model.schedule, exp.image_shape, sampler='ddim',
+                              num_steps=num_steps, eta=0.0, clip=exp.config.sample.clip,
+                              mesh=exp.mesh)
+  n_pad = -(-n // 2) * 2
+  cond = guidance.make_composition(compose['concepts'], compose['weights'], n_pad,
+                                   exp.num_classes)
+  x = sampler(state.ema_params, jax.random.fold_in(jax.random.key(seed), 0), n_pad, cond)
+  return np.asarray(x)[:n]
+
+
+def test_compose_is_the_composed_sampler_of_the_checkpoint(run):
+  out = sample.draw(run, num_samples=5, seed=3, compose=NOT3, num_steps=3)
+  assert out['labels'] is None
+  np.testing.assert_allclose(out['images'], _composed_by_hand(run, 5, 3, NOT3, 3), atol=1e-5)
+  # One positive class at weight w is classifier-free guidance (guidance.cfg_eps) at w.
+  single = sample.draw(run, num_samples=4, seed=3, compose=dict(concepts=[7], weights=[2.0]),
+                       num_steps=3)['images']
+  cfg = sample.draw(run, num_samples=4, seed=3, classes=[7], guidance_scale=2.0,
+                    num_steps=3)['images']
+  np.testing.assert_allclose(single, cfg, atol=1e-5)
+  assert np.abs(single - out['images'][:4]).max() > 1e-3
+
+
+def test_compose_with_mcmc_is_the_annealed_sampler_of_the_composed_potential(run):
+  """ULA over ``guidance.composed_potential`` of the (score-only) conditional run; the
+  run's own guidance weight does not stand in the way of a composition."""
+  settings = dict(kind='ula', steps_per_level=1, step_size=0.05)
+  out = sample.draw(run, num_samples=3, seed=2, num_steps=3, mcmc=settings, compose=NOT3)
+  exp, state = train.load_run(run)
+  sampler = mcmc.AnnealedMCMC(guidance.composed_potential(exp.model, exp.num_classes),
+                              exp.model.schedule, exp.image_shape, mesh=exp.mesh, num_steps=3,
+                              **settings)
+  cond = guidance.make_composition(NOT3['concepts'], NOT3['weights'], 4, exp.num_classes)
+  x, _ = sampler(state.ema_params, jax.random.fold_in(jax.random.key(2), 0), 4, cond)
+  np.testing.assert_allclose(out['images'], np.asarray(x)[:3], atol=1e-5)
+
+
+@pytest.mark.parametrize('compose, expected', [
+    (dict(concepts=[guidance.ANY, 1], weights=[1.0, -3.0]), [0, 2, 3, 4, 5, 6, 7, 8, 9]),
+    (dict(concepts=[4, 7], weights=[1.0, 1.0]), [4, 7]),
+    (dict(concepts=[4, 7, 1], weights=[3.0, 1.0, -1.0]), [4, 7]),
+    (dict(concepts=[guidance.ANY, 2, 5], weights=[1.0, -1.0, -1.0]), [0, 1, 3, 4, 6, 7, 8, 9]),
+])
+def test_composition_classes(compose, expected):
+  assert sample.composition_classes(compose, np.arange(10)) == expected
+
+
 def test_command_line_writes_images_labels_and_their_evaluation(run, tmp_path):
   png = str(tmp_path / 'grid.png')
   cmd = [sys.executable, '-m', 'cdiff_jax.sample', f'--workdir={run}', '--classes=3,1',
@@ -178,6 +233,28 @@ def test_hmc_acceptance_is_averaged_over_batches(energy_run, monkeypatch):
   assert not np.allclose(expected, np.mean(rates, 0))  # the weights matter here
 
 
+def test_command_line_compose_and_its_evaluation(run, tmp_path):
+  """--compose=any:1,3:-2: the composed samples, no labels, and an evaluation against the
+  classes the composition asks for (all but 3)."""
+  png = str(tmp_path / 'not3.png')
+  cmd = [sys.executable, '-m', 'cdiff_jax.sample', f'--workdir={run}', '--compose=any:1,3:-2',
+         '--num_samples=4', '--num_steps=3', '--seed=3', f'--out={png}', '--evaluate',
+         '--no_progress']
+  done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+  assert done.returncode == 0, done.stderr[-2000:]
+  saved = np.load(str(tmp_path / 'not3.npz'))
+  assert 'labels' not in saved
+  np.testing.assert_allclose(saved['images'], _composed_by_hand(run, 4, 3, NOT3, 3), atol=1e-5)
+  result = json.load(open(tmp_path / 'not3.json'))
+  assert result['compose'] == 'any:1,3:-2'
+  assert result['uniform_over'] == [0, 1, 2, 4, 5, 6, 7, 8, 9]
+  assert 'agreement_with_labels' not in result
+  exp = train.load_run(run)[0]
+  again = evaluation.evaluate_images(exp, saved['images'], [0, 1, 2, 4, 5, 6, 7, 8, 9])
+  for key in ('class_frequencies', 'tv_to_uniform', 'classifier_fid', 'num_reference'):
+    np.testing.assert_allclose(result[key], again[key], rtol=1e-5, err_msg=key)
+
+
 def test_eval_seed_redraws_the_runs_evaluation(run):
   """The run's eval.json (written by the launcher) again, from samples drawn afresh."""
   saved = json.load(open(os.path.join(run, 'eval.json')))
@@ -187,12 +264,13 @@ def test_eval_seed_redraws_the_runs_evaluation(run):
     np.testing.assert_allclose(again[key], saved[key], rtol=1e-5, err_msg=key)
 
 
-def _unconditional_copy(run, tmp_path):
-  """A workdir with the run's config.json made unconditional (checked before loading)."""
+def _unconditional_copy(run, tmp_path, **model_fields):
+  """A workdir with the run's config.json made unconditional, or with ``model_fields``
+  (checked before loading)."""
   wd = tmp_path / 'uncond'
   wd.mkdir()
   cfg = json.load(open(os.path.join(run, 'config.json')))
-  cfg['model']['conditional'] = False
+  cfg['model'].update(model_fields or dict(conditional=False))
   json.dump(cfg, open(wd / 'config.json', 'w'))
   return str(wd)
 
@@ -212,6 +290,18 @@ def _unconditional_copy(run, tmp_path):
     ('run', dict(mcmc=dict(kind='ula'), guidance_scale=2.0), r'^--mcmc=ula .* drop '
                                                               r'--guidance_scale'),
     ('run', dict(mcmc=dict(kind='uhmc', damping=0.0)), r'^--damping=0.0: give a number in'),
+    ('unconditional', dict(compose=NOT3), r'^--compose=any:1,3:-2: .* unconditional model; '
+                                          r'drop --compose'),
+    ('no null class', dict(compose=NOT3), r'^--compose=any:1,3:-2: .* never trained the null '
+                                          r'class'),
+    ('run', dict(compose=NOT3, classes=[1]), r'^--compose=any:1,3:-2 and --classes: .* drop '
+                                             r'--classes'),
+    ('run', dict(compose=NOT3, guidance_scale=2.0), r'^--compose=any:1,3:-2 and '
+                                                    r'--guidance_scale: .* drop'),
+    ('run', dict(compose=dict(concepts=[3], weights=[-1.0])), r'^--compose=3:-1: NOT needs at '
+                                                              r'least one positive'),
+    ('run', dict(compose=dict(concepts=[guidance.ANY, 12], weights=[1.0, -1.0])),
+     r'^--compose: .* not trained on class\(es\) 12'),
 ])
 def test_bad_input_is_one_line_naming_the_flag(run, tmp_path, case, kwargs, expected):
   if case == 'missing':
@@ -225,19 +315,26 @@ def test_bad_input_is_one_line_naming_the_flag(run, tmp_path, case, kwargs, expe
     workdir = str(tmp_path)
   elif case == 'unconditional':
     workdir = _unconditional_copy(run, tmp_path)
+  elif case == 'no null class':
+    workdir = _unconditional_copy(run, tmp_path, conditional=True, class_dropout=0.0)
   else:
     workdir = run
   with pytest.raises(config_lib.ConfigError, match=expected):
     sample.draw(workdir, **kwargs)
 
 
-def test_command_line_error_exit_status(tmp_path):
+@pytest.mark.parametrize('flag, message', [
+    ('--classes=4,x', '--classes=4,x: give class indices separated by commas, e.g. '
+                      '--classes=4,5,7.'),
+    ('--compose=any-1', '--compose=any-1: give CLASS:WEIGHT pairs separated by commas, CLASS a '
+                        'class index or "any" (the unconditional model), e.g. '
+                        '--compose=any:1,1:-3 (any digit but 1) or --compose=4:1,7:1 (4 AND 7).'),
+])
+def test_command_line_error_exit_status(tmp_path, flag, message):
   done = subprocess.run([sys.executable, '-m', 'cdiff_jax.sample', f'--workdir={tmp_path}',
-                         '--classes=4,x'], cwd=ROOT, capture_output=True, text=True,
-                        timeout=120)
+                         flag], cwd=ROOT, capture_output=True, text=True, timeout=120)
   assert done.returncode == 2
-  assert done.stderr.strip().splitlines() == [
-      'error: --classes=4,x: give class indices separated by commas, e.g. --classes=4,5,7.']
+  assert done.stderr.strip().splitlines() == [f'error: {message}']
 
 
 @pytest.mark.parametrize('n, k', [(300, 3), (64, 10), (1000, 10), (5, 2), (30, 3), (2, 9)])
