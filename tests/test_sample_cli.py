@@ -39,6 +39,14 @@ def run(tmp_path_factory):
   return workdir
 
 
+def _command_line(*flags) -> subprocess.CompletedProcess:
+  """``python -m cdiff_jax.sample FLAGS --no_progress``, which must succeed."""
+  done = subprocess.run([sys.executable, '-m', 'cdiff_jax.sample', *flags, '--no_progress'],
+                        cwd=ROOT, capture_output=True, text=True, timeout=300)
+  assert done.returncode == 0, done.stderr[-2000:]
+  return done
+
+
 def _by_hand(workdir, n, seed, labels, w, num_steps):
   """The first batch of ``evaluation.generate`` written out: DDIM over the CFG eps of the
   run's EMA parameters, n rounded up to the 2 test devices."""
@@ -125,11 +133,8 @@ def test_composition_classes(compose, expected):
 
 def test_command_line_writes_images_labels_and_their_evaluation(run, tmp_path):
   png = str(tmp_path / 'grid.png')
-  cmd = [sys.executable, '-m', 'cdiff_jax.sample', f'--workdir={run}', '--classes=3,1',
-         '--num_samples=4', '--num_steps=2', '--seed=5', f'--out={png}', '--evaluate',
-         '--no_progress']
-  done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
-  assert done.returncode == 0, done.stderr[-2000:]
+  done = _command_line(f'--workdir={run}', '--classes=3,1', '--num_samples=4', '--num_steps=2',
+                       '--seed=5', f'--out={png}', '--evaluate')
   assert os.path.getsize(png) > 0
   saved = np.load(str(tmp_path / 'grid.npz'))
   np.testing.assert_array_equal(saved['labels'], [3, 1, 3, 1])
@@ -198,11 +203,9 @@ def test_hmc_on_an_energy_run_reports_its_acceptance(energy_run, tmp_path):
   np.testing.assert_allclose(out['info']['accept_rate'], info['accept_rate'], atol=1e-6)
   assert out['info']['accept_rate'].shape == (3,)
   assert np.all((0 <= out['info']['accept_rate']) & (out['info']['accept_rate'] <= 1))
-  cmd = [sys.executable, '-m', 'cdiff_jax.sample', f'--workdir={energy_run}', '--mcmc=hmc',
-         '--steps_per_level=1', '--num_leapfrog=2', '--num_steps=3', '--num_samples=4',
-         '--seed=1', f'--out={tmp_path / "hmc.png"}', '--no_progress']
-  done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
-  assert done.returncode == 0, done.stderr[-2000:]
+  done = _command_line(f'--workdir={energy_run}', '--mcmc=hmc', '--steps_per_level=1',
+                       '--num_leapfrog=2', '--num_steps=3', '--num_samples=4', '--seed=1',
+                       f'--out={tmp_path / "hmc.png"}')
   np.testing.assert_allclose(np.load(str(tmp_path / 'hmc.npz'))['images'], ref, atol=1e-5)
   rate = out['info']['accept_rate']
   assert (f'HMC acceptance rate: mean {rate.mean():.3f} over 3 levels (first {rate[0]:.3f}, '
@@ -237,11 +240,8 @@ def test_command_line_compose_and_its_evaluation(run, tmp_path):
   """--compose=any:1,3:-2: the composed samples, no labels, and an evaluation against the
   classes the composition asks for (all but 3)."""
   png = str(tmp_path / 'not3.png')
-  cmd = [sys.executable, '-m', 'cdiff_jax.sample', f'--workdir={run}', '--compose=any:1,3:-2',
-         '--num_samples=4', '--num_steps=3', '--seed=3', f'--out={png}', '--evaluate',
-         '--no_progress']
-  done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
-  assert done.returncode == 0, done.stderr[-2000:]
+  _command_line(f'--workdir={run}', '--compose=any:1,3:-2', '--num_samples=4', '--num_steps=3',
+                '--seed=3', f'--out={png}', '--evaluate')
   saved = np.load(str(tmp_path / 'not3.npz'))
   assert 'labels' not in saved
   np.testing.assert_allclose(saved['images'], _composed_by_hand(run, 4, 3, NOT3, 3), atol=1e-5)
