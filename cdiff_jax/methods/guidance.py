@@ -132,17 +132,13 @@ def composed_eps_fn(model, null_label: int) -> Callable:
 
 def composed_potential(model, null_label: int) -> Potential:
   """The energy version of ``composed_eps_fn``: ``E = E_u + sum_k w_k (E_k - E_u)``; its
-  gradient is the same combination of gradients. A score-only model gives zero energies (as
-  ``mcmc.potential_from_model`` does): then only ULA and U-HMC can sample it."""
+  gradient is the same combination of gradients. A score-only model gives zero energies
+  (``ScoreModel.potential_terms``): then only ULA and U-HMC can sample it."""
 
   def fn(params, x, t, cond):
     labels, weights = _with_null(cond, null_label)
     sigma = _bcast(model.schedule.sigma(t), x)
-    if model.parameterization == 'energy':
-      energy, eps = jax.vmap(lambda y: model.energy_and_eps(params, x, t, y), in_axes=1)(labels)
-    else:
-      eps = jax.vmap(lambda y: model.eps(params, x, t, y), in_axes=1)(labels)
-      energy = jnp.zeros(eps.shape[:2], jnp.float32)
+    energy, eps = jax.vmap(lambda y: model.potential_terms(params, x, t, y), in_axes=1)(labels)
     grad = eps / sigma[None]
     coef = jnp.concatenate([1.0 - weights.sum(1, keepdims=True), weights], axis=1).T  # (K+1, B)
     coef_x = coef.reshape(coef.shape + (1,) * (x.ndim - 1))
@@ -169,11 +165,7 @@ def model_components(model) -> Callable:
 
   def components(stacked, x, t, cond):
     sigma = _bcast(model.schedule.sigma(t), x)
-    if model.parameterization == 'energy':
-      energy, eps = jax.vmap(lambda p: model.energy_and_eps(p, x, t, cond))(stacked)
-    else:
-      eps = jax.vmap(lambda p: model.eps(p, x, t, cond))(stacked)
-      energy = jnp.zeros(eps.shape[:2], jnp.float32)
+    energy, eps = jax.vmap(lambda p: model.potential_terms(p, x, t, cond))(stacked)
     return energy, eps / sigma[None]
 
   return components

@@ -61,6 +61,14 @@ class ScoreModel:
     sigma = self.schedule.sigma(t).reshape((-1,) + (1,) * (x.ndim - 1))
     return energy, sigma * grad
 
+  def potential_terms(self, params, x, t, y=None):
+    """(energy (batch,), eps) as the samplers' potentials use them: a score-only (eps)
+    model has no energy and gives zeros (no Metropolis test can use them)."""
+    if self.parameterization == 'energy':
+      return self.energy_and_eps(params, x, t, y)
+    eps = self._apply(params, x, t, y, False, None)
+    return jnp.zeros((x.shape[0],), jnp.float32), eps
+
   def eps(self, params, x, t, y=None, train=False, rng=None):
     if self.parameterization == 'eps':
       return self._apply(params, x, t, y, train, rng)

@@ -64,11 +64,7 @@ def potential_from_model(model) -> Potential:
 
   def fn(params, x, t, cond):
     sigma = model.schedule.sigma(t).reshape((-1,) + (1,) * (x.ndim - 1))
-    if model.parameterization == 'energy':
-      energy, eps = model.energy_and_eps(params, x, t, cond)
-    else:
-      eps = model.eps(params, x, t, cond)
-      energy = jnp.zeros((x.shape[0],), jnp.float32)
+    energy, eps = model.potential_terms(params, x, t, cond)
     return energy, eps / sigma
 
   return Potential(fn, has_energy=model.parameterization == 'energy')
