@@ -165,8 +165,8 @@ def draw(workdir: str, num_samples: int = 64, seed: int = 0, classes=None,
         raise config_lib.ConfigError(f'--{field}={value}: {msg.split(": ", 1)[-1]}') from e
     raise
   cond_fn = None  # n -> the sampler's cond for n samples, in place of their labels
+  trained = [int(c) for c in exp.sample_classes]
   for flag, asked in (('classes', classes), ('compose', compose and compose['concepts'])):
-    trained = [int(c) for c in exp.sample_classes]
     if untrained := [c for c in asked or () if c != guidance.ANY and c not in trained]:
       raise config_lib.ConfigError(
           f'--{flag}: the run in {workdir} was not trained on class(es) '
