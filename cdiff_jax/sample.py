@@ -89,6 +89,14 @@ SAMPLE_FIELDS = ('guidance_scale', 'sampler', 'num_steps', 'eta')
 MCMC_FIELDS = ('kind', 'steps_per_level', 'step_size', 'num_leapfrog', 'damping')
 
 
+def _why_no_guidance(config) -> str | None:
+  """``config.no_guidance`` as the end of a sentence 'the run in WORKDIR ...'."""
+  from cdiff_jax import config as config_lib
+  return {'unconditional': 'trained an unconditional model',
+          'no null class': 'never trained the null class (model.class_dropout=0)',
+          None: None}[config_lib.no_guidance(config.model)]
+
+
 def _run_config(workdir: str, **sample_overrides):
   """The run's config with ``config.sample`` overrides, set up to sample in this process."""
   from cdiff_jax import config as config_lib
@@ -111,9 +119,7 @@ def _run_config(workdir: str, **sample_overrides):
     if value is not None:
       config.sample[field] = value
   w = config.sample.get('guidance_scale', 1.0)
-  if w != 1.0 and (why := config_lib.no_guidance(config.model)):
-    why = ('trained an unconditional model' if why == 'unconditional' else
-           'never trained the null class (model.class_dropout=0)')
+  if w != 1.0 and (why := _why_no_guidance(config)):
     raise config_lib.ConfigError(f'--guidance_scale={w}: the run in {workdir} {why}, so it '
                                  'has no classifier-free guidance; drop --guidance_scale.')
   # One process, the devices it sees: the run may have been trained on a cluster.
@@ -164,13 +170,13 @@ def draw(workdir: str, num_samples: int = 64, seed: int = 0, classes=None,
       if value is not None and msg.startswith(f'config.sample.{field}='):
         raise config_lib.ConfigError(f'--{field}={value}: {msg.split(": ", 1)[-1]}') from e
     raise
-  cond_fn = None  # n -> the sampler's cond for n samples, in place of their labels
   trained = [int(c) for c in exp.sample_classes]
   for flag, asked in (('classes', classes), ('compose', compose and compose['concepts'])):
     if untrained := [c for c in asked or () if c != guidance.ANY and c not in trained]:
       raise config_lib.ConfigError(
           f'--{flag}: the run in {workdir} was not trained on class(es) '
           f'{",".join(map(str, untrained))}; it knows {",".join(map(str, trained))}.')
+  cond_fn = None  # n -> the sampler's cond for n samples, in place of their labels
   if compose is not None:
     cond_fn = lambda n: guidance.make_composition(compose['concepts'], compose['weights'], n,
                                                   exp.num_classes)
@@ -234,10 +240,9 @@ def _check_compose(compose: dict, config, workdir: str, classes, given_guidance:
   null class, and no other choice of classes or guidance weight."""
   from cdiff_jax import config as config_lib
   text = _compose_text(compose)
-  if why := config_lib.no_guidance(config.model):
-    why = ('trained an unconditional model' if why == 'unconditional' else
-           'never trained the null class (model.class_dropout=0), which every composition '
-           'starts from')
+  if why := _why_no_guidance(config):
+    if 'null class' in why:
+      why += ', which every composition starts from'
     raise config_lib.ConfigError(f'--compose={text}: the run in {workdir} {why}; drop --compose.')
   for flag, given in (('classes', classes), ('guidance_scale', given_guidance)):
     if given:
