@@ -46,9 +46,6 @@ class GaussianClasses:
   def eps(self, params, x, t, y):
     return self.energy_and_eps(params, x, t, y)[1]
 
-  def _apply(self, params, x, t, y, train, rng):  # eps, as a score-only network gives it
-    return self.eps(params, x, t, y)
-
   potential_terms = ScoreModel.potential_terms  # the library's own rule, on this model
 
 

@@ -66,8 +66,7 @@ class ScoreModel:
     model has no energy and gives zeros (no Metropolis test can use them)."""
     if self.parameterization == 'energy':
       return self.energy_and_eps(params, x, t, y)
-    eps = self._apply(params, x, t, y, False, None)
-    return jnp.zeros((x.shape[0],), jnp.float32), eps
+    return jnp.zeros((x.shape[0],), jnp.float32), self.eps(params, x, t, y)
 
   def eps(self, params, x, t, y=None, train=False, rng=None):
     if self.parameterization == 'eps':
