@@ -457,6 +457,32 @@ def test_host_warnings_for_a_diverged_joint_discriminator_and_vanishing_weights(
       dict(sane, disc_bce=1e6), 10)
 
 
+def test_conditional_tiw_and_a_vector_discriminator_on_images_are_refused():
+  """TIW-DSM's correction is the unconditional ratio's grad log w~_t(x_t): on a
+  class-conditional model it moves each class's score by it, which is not the score of
+  p_data_t(x | y), so the run is refused before any work; IW-DSM (a weight only, which is
+  right for labels that are functions of the image) and the weight-only ablation are not.
+  An MLP discriminator cannot take images: refused with the field, not a shape error."""
+  from configs import digits_tiw
+  c = digits_tiw.get_config()
+  train.validate(c)
+  c.model.conditional = True
+  with pytest.raises(config_lib.ConfigError,
+                     match=r'^config.model.conditional=True: TIW-DSM corrects the score by '
+                           r'the unconditional density ratio.*model.conditional=False'):
+    train.validate(c)
+  for field, value in (('variant', 'iw'), ('score_correction', False)):
+    ok = digits_tiw.get_config()
+    ok.model.conditional = True
+    ok.method[field] = value
+    train.validate(ok)
+  c = digits_tiw.get_config()
+  c.method.disc_net = 'mlp'
+  with pytest.raises(config_lib.ConfigError, match=r"^config.method.disc_net='mlp': is for "
+                                                   r"vector data \(model.name=mlp\)"):
+    train.validate(c)
+
+
 def test_unknown_method_field_is_refused():
   c = _toy_config()
   c.method.disc_lrr = 1.0

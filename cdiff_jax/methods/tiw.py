@@ -454,6 +454,18 @@ def validate(config) -> None:
           f'gives {n_ref} of train.batch_size={b} examples from D_ref; both sets need >= 1.')
   if mc.disc_net not in DISC_NETS:
     _fail('disc_net', mc.disc_net, f'must be one of {DISC_NETS}.')
+  if mc.disc_net == 'mlp' and config.model.name == 'unet':
+    _fail('disc_net', mc.disc_net, "is for vector data (model.name=mlp); for images use "
+          "'conv' or 'auto'.")
+  if mc.variant == 'tiw' and mc.score_correction and config.model.conditional:
+    # The correction grad log w~_t(x_t) is the unconditional ratio's: added to a labelled
+    # example's target, it moves the minimizer to grad log p_obs_t(x|y) + grad log w~_t(x),
+    # which is not the score of p_data_t(x|y) (that would need a discriminator d(x_t, y, t)).
+    raise ConfigError(
+        'config.model.conditional=True: TIW-DSM corrects the score by the unconditional '
+        'density ratio, which is wrong for a class-conditional model; set '
+        'model.conditional=False, or use method.variant=iw (its weight alone is right for '
+        'labels that are a function of the image).')
   if mc.disc_features not in DISC_FEATURES:
     _fail('disc_features', mc.disc_features, f'must be one of {DISC_FEATURES}.')
   if mc.disc_features == 'eval_classifier' and config.model.name != 'unet':
