@@ -250,3 +250,17 @@ def test_annealed_mcmc_targets_the_noise_level_it_stepped_to():
   x, info = sampler(None, jax.random.key(0), 2000)
   assert np.all(np.asarray(info['accept_rate']) > 0.5)
   assert abs(float(np.var(np.asarray(x))) / v[2] - 1.0) < 0.1, (np.var(np.asarray(x)), v)
+
+
+def test_no_acceptance_rate_when_no_mcmc_step_is_proposed():
+  """steps_per_level=0 is plain reverse diffusion: MALA and HMC propose nothing, so they
+  report no acceptance rate (an earlier version reported 1.0 at every level)."""
+  sched = schedules.DDPMSchedule()
+  pot = mcmc.Potential(lambda p, x, t, c: (_quartic(x), _quartic_grad(x)))
+  for kind in ('mala', 'hmc'):
+    _, info = mcmc.AnnealedMCMC(pot, sched, (2,), kind=kind, num_steps=3,
+                                steps_per_level=0)(None, jax.random.key(0), 4)
+    assert 'accept_rate' not in info
+    _, info = mcmc.AnnealedMCMC(pot, sched, (2,), kind=kind, num_steps=3,
+                                steps_per_level=1, step_size=0.01)(None, jax.random.key(0), 4)
+    assert np.asarray(info['accept_rate']).shape == (3,)

@@ -260,7 +260,7 @@ class AnnealedMCMC:
   """Reverse diffusion interleaved with K MCMC steps per noise level, compiled.
 
   ``sampler(params, rng, num_samples, cond=None) -> (samples, info)``; ``info`` holds
-  ``times`` (the levels), ``step_size`` (per level) and, for MALA and HMC,
+  ``times`` (the levels), ``step_size`` (per level) and, for MALA and HMC with K > 0,
   ``accept_rate`` (per level: mean over the batch and the K steps).
 
   ``steps_per_level=0`` is plain ancestral reverse diffusion with the same potential.
@@ -277,6 +277,7 @@ class AnnealedMCMC:
     check_settings(kind, steps_per_level, step_size, num_leapfrog, damping,
                    potential.has_energy, step_schedule)
     self.kind = kind
+    self.steps_per_level = steps_per_level
     self.shape = tuple(shape)
     self.mesh = mesh
     if loop_friendly_grads is None:  # energy gradients inside the scan: see unet.py
@@ -335,7 +336,7 @@ class AnnealedMCMC:
       x, acc = self._run(params, cond, rng, num_samples)
     chex.assert_shape(x, (num_samples,) + self.shape)
     info = dict(times=self.times[1:], step_size=self.step_sizes)
-    if self.kind in ('mala', 'hmc'):
+    if self.kind in ('mala', 'hmc') and self.steps_per_level:  # 0 steps: nothing proposed
       info['accept_rate'] = acc
     return x, info
 
