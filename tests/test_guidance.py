@@ -470,3 +470,26 @@ def test_signed_mixture_is_floored_at_a_fraction_of_its_positive_part():
   grad_log_p = jax.jit(jax.grad(lambda x_: jnp.sum(g.log_prob(x_, a, s))))(x)
   np.testing.assert_allclose(energy, -np.log(1e-3) - g.log_prob(x, a, s), rtol=1e-5, atol=1e-5)
   np.testing.assert_allclose(grad, -grad_log_p, rtol=1e-4, atol=1e-5)
+
+
+def test_score_only_components_admit_no_metropolis_test_and_no_mixture():
+  """Components of score-only (eps) models have zero energies: their product potential says
+  so (MALA and HMC are refused, ULA runs) and a mixture, weighed by energies, is refused;
+  an energy model's components keep their energies. Analytic components have energies."""
+  for parameterization, has_energy in (('eps', False), ('energy', True)):
+    model = ScoreModel(MLPScore(hidden=8, depth=1), SCHED, parameterization)
+    comps = guidance.model_components(model)
+    pot = guidance.combine(comps, 'product', (1.0, 1.0))
+    assert pot.has_energy is has_energy
+    if has_energy:
+      guidance.combine(comps, 'mixture', (0.5, 0.5))
+      mcmc.AnnealedMCMC(pot, SCHED, (2,), kind='mala', num_steps=2, steps_per_level=1)
+    else:
+      with pytest.raises(ConfigError, match="mixture weighs its components by their energies"):
+        guidance.combine(comps, 'mixture', (0.5, 0.5))
+      with pytest.raises(mcmc.SettingError, match='Metropolis test needs energies'):
+        mcmc.AnnealedMCMC(pot, SCHED, (2,), kind='mala', num_steps=2, steps_per_level=1)
+      mcmc.AnnealedMCMC(pot, SCHED, (2,), kind='ula', num_steps=2, steps_per_level=1)
+  comps = guidance.analytic_components([toys.GaussianMixture(((0.0, 0.0),), ((1.0, 1.0),),
+                                                             (1.0,)).log_prob], SCHED)
+  assert guidance.combine(comps, 'product', (1.0,)).has_energy

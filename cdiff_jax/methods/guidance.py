@@ -161,13 +161,15 @@ def stack_params(params_list: Sequence) -> object:
 def model_components(model) -> Callable:
   """``components(stacked_params, x, t, cond) -> (energies (K, B), grads (K, B, ...))`` of K
   separately trained models of one family, in one vmapped call. Score-only models give
-  zero energies (then only products, sampled without a Metropolis test, make sense)."""
+  zero energies (then only products, sampled without a Metropolis test, make sense): the
+  function's ``has_energy`` attribute says which, and ``combine`` reads it."""
 
   def components(stacked, x, t, cond):
     sigma = _bcast(model.schedule.sigma(t), x)
     energy, eps = jax.vmap(lambda p: model.potential_terms(p, x, t, cond))(stacked)
     return energy, eps / sigma[None]
 
+  components.has_energy = model.parameterization == 'energy'
   return components
 
 
@@ -192,7 +194,7 @@ COMBINATIONS = ('product', 'mixture')
 
 
 def combine(components: Callable, kind: str, weights: Sequence[float],
-            log_normalizer: Callable | None = None, has_energy: bool = True,
+            log_normalizer: Callable | None = None, has_energy: bool | None = None,
             floor: float = 1e-3) -> Potential:
   """A composed potential from K components.
 
@@ -205,9 +207,21 @@ def combine(components: Callable, kind: str, weights: Sequence[float],
   finite (density at most ``floor`` of the positive part there).
 
   Gradient: ``sum_k dE/dE_k grad E_k``, from the VJP of the same function that gives E.
+
+  ``has_energy``: whether the components' energies mean anything (None: the components'
+  own ``has_energy`` attribute, as ``model_components`` sets it; True for functions without
+  one, such as ``analytic_components``). Without energies the potential admits no
+  Metropolis test (MALA, HMC are refused), and a mixture, whose weights are energies, is
+  refused here.
   """
   if kind not in COMBINATIONS:
     raise ValueError(f'composition kind {kind!r} is unknown; use one of {COMBINATIONS}.')
+  if has_energy is None:
+    has_energy = getattr(components, 'has_energy', True)
+  if kind == 'mixture' and not has_energy:
+    raise ConfigError('a mixture weighs its components by their energies, and these '
+                      "components are score-only: train them with model.parameterization="
+                      "'energy', or compose a product.")
   w = jnp.asarray(weights, jnp.float32)
   if kind == 'mixture' and not np.any(np.asarray(weights) > 0):
     raise ConfigError(f'mixture weights {tuple(weights)}: need at least one positive weight.')
