@@ -150,6 +150,13 @@ def test_infeasible_threshold_grows_and_resilient_stays_bounded():
   extras, lams_r, _ = _run_dual(resilient, [[0.5, 0.5]] * 200)
   # Fixed point lam = alpha (L - b)_+ = 1.0, approached and never exceeded.
   assert lams_r[-1, 0] == pytest.approx(1.0, abs=1e-3) and lams_r.max() <= 1.0 + 1e-6
+  # The proximal step lam <- (lam + eta gap) / (1 + eta / alpha), at a step size where the
+  # explicit lam + eta (gap - lam / alpha) oscillates between 0 and eta gap (eta >= 2 alpha).
+  for alpha in (0.4, 0.25):
+    _, lams_r, _ = _run_dual(_method(thresholds=(0.0, 0.0), resilient_alpha=alpha, dual_lr=1.0),
+                             [[0.5, 0.5]] * 30)
+    np.testing.assert_allclose(lams_r[0, 0], 0.5 / (1 + 1 / alpha), rtol=1e-6)
+    np.testing.assert_allclose(lams_r[-5:, 0], alpha * 0.5, rtol=1e-4)
 
 
 def test_warning_when_lambda_keeps_growing():
@@ -167,6 +174,11 @@ def test_warning_when_lambda_keeps_growing():
                                         constraint_gap=np.array([0.5, 0.3])), step)
   assert len(warnings) == 1 and warnings[0].startswith('constraints a: lambda 0.2 -> 0.7')
   assert 'b: lambda 0.4 -> 1.4, L - b now 0.3' in warnings[0]
+  # The resilient relaxation's multipliers rise to their bounded fixed point by design.
+  method = _method(thresholds=(0.0, 0.0), resilient_alpha=2.0)
+  for step in range(8):
+    assert method.host_metrics(dict(lam=np.array([0.1 * step, 0.2 * step]),
+                                    constraint_gap=np.array([0.5, 0.3])), step) == []
 
 
 def test_dual_every_n_primal_steps_and_window_estimate():
@@ -386,11 +398,13 @@ def test_dual_lr_follows_the_applied_primal_lr_after_a_skipped_step(tiny_config)
     ('dual_estimate', 'avg', 'dual_estimate'),
     ('threshold_mode', 'reference', 'reference_workdir'),
     ('thresholds', (0.1, 0.2), 'thresholds'),
+    ('model.conditional', True, 'class constraints act on the classes'),
 ])
 def test_bad_method_config_messages(tiny_config, field, value, needle):
   tiny_config.method = constrained.default_method_config()
   tiny_config.method.constraint_classes = (4, 5, 7)
-  tiny_config.method[field] = value
+  section, _, name = field.rpartition('.')
+  (tiny_config[section] if section else tiny_config.method)[name] = value
   with pytest.raises(config_lib.ConfigError, match=needle):
     train.build(tiny_config)
 
@@ -482,6 +496,12 @@ def test_frequency_target_thresholds(monkeypatch, tiny_config, tmp_path):
                              np.array([310.0, 320.0]) - np.log(0.1 / np.array([0.04, 0.001])),
                              rtol=1e-6)
   tiny_config.method.frequency_source = 'training'
+  # The target shifts each constraint's own reference loss: on the objective's L_0(ref) it
+  # would ask rho_c >= exp(-H(pi)) target / pi_c (above 1 here), so that is refused.
+  tiny_config.method.threshold_reference = 'objective'
+  with pytest.raises(config_lib.ConfigError, match="set threshold_reference='constraint'"):
+    train.build(tiny_config)
+  tiny_config.method.threshold_reference = 'constraint'
   # The frequency target needs ELBO losses (a threshold in nats).
   tiny_config.diffusion.loss_weighting = 'eps'
   with pytest.raises(config_lib.ConfigError, match='loss_weighting'):

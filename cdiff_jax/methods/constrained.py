@@ -14,8 +14,11 @@ One training step (one XLA program, see ``cdiff_jax.train_step``):
 * dual, every ``dual_every`` applied (finite) steps: ``lam <- max(0, lam + eta (Lhat - b))``
   with ``Lhat`` the current minibatch loss (the authors' choice), the mean over the window
   of primal steps since the last dual step, or a running average; with the resilient relaxation
-  (``resilient_alpha > 0``) the step is ``lam <- max(0, lam + eta (Lhat - b - lam/alpha))``,
-  whose fixed point ``alpha (L - b)_+`` stays bounded when a threshold is infeasible.
+  (``resilient_alpha > 0``, slack cost ``alpha/2 u^2``) the step is the proximal one,
+  ``lam <- max(0, (lam + eta (Lhat - b)) / (1 + eta/alpha))``: the same fixed point
+  ``alpha (L - b)_+`` as the explicit ``lam + eta (Lhat - b - lam/alpha)``, which stays
+  bounded when a threshold is infeasible, but stable for every step size (the explicit one
+  oscillates between 0 and ``eta (L - b)`` once ``eta >= 2 alpha``).
 
 Dual variables, thresholds and the estimator's accumulators live in ``TrainState.extras``
 and are checkpointed with everything else.
@@ -182,12 +185,16 @@ class Constrained:
                 'ema': ema}[self.dual_estimate]
     lam = extras['lam']
     gap = estimate - extras['thresholds']
-    slack = lam / self.resilient_alpha if self.resilient_alpha > 0 else jnp.zeros_like(lam)
     eta = self.dual_lr * (self.dual_lr_fn(applied) if self.dual_lr_fn is not None else 1.0)
-    ascent = jnp.maximum(0.0, lam + eta * (gap - slack))
+    ascent = lam + eta * gap
+    if self.resilient_alpha > 0:  # proximal step on the slack cost: stable for any eta
+      ascent = ascent / (1.0 + eta / self.resilient_alpha)
+    ascent = jnp.maximum(0.0, ascent)
     window_end = position + 1 == self.dual_every
     is_dual_step = window_end & (applied >= self.dual_start) & self.enabled
     lam = jnp.where(is_dual_step, ascent, lam)
+    # The relaxation's optimal slack for these multipliers, u = lam / alpha.
+    slack = lam / self.resilient_alpha if self.resilient_alpha > 0 else jnp.zeros_like(lam)
     new = dict(extras, lam=lam, loss_ema=loss_ema, ema_count=count,
                window_sum=jnp.where(window_end, jnp.zeros_like(window_sum), window_sum),
                num_dual_steps=extras['num_dual_steps'] + is_dual_step)
@@ -198,11 +205,13 @@ class Constrained:
   # ------------------------------------------------------------------ host side
   def host_metrics(self, summary: dict, step: int, patience: int = 5) -> list[str]:
     """Warnings from the logged figures: a multiplier that keeps growing while its
-    constraint stays violated means the threshold is probably infeasible. A composed
-    objective's own warnings (TIW-DSM's discriminator) come first."""
+    constraint stays violated means the threshold is probably infeasible. Not with the
+    resilient relaxation, whose multipliers rise to their bounded fixed point
+    ``alpha (L - b)_+`` by design (the slack it grants is logged). A composed objective's own
+    warnings (TIW-DSM's discriminator) come first."""
     base = (list(self.base.host_metrics(summary, step)) if hasattr(self.base, 'host_metrics')
             else [])
-    if not self.enabled:
+    if not self.enabled or self.resilient_alpha > 0:
       return base
     self.history.append((step, np.atleast_1d(summary['lam']),
                          np.atleast_1d(summary['constraint_gap'])))
@@ -228,9 +237,11 @@ class Constrained:
     over the constraints' times t >= constraint_t_min), measured on ``reference_batches``
     batches of this run's data; else unchanged.
 
-    'objective' asks every constrained set to be fitted as well as the data overall: with
-    ELBO losses and classes of similar entropy, L_c = L_0 exactly when the model gives the
-    classes equal mass, so it is the threshold of "generate the minorities fairly"."""
+    'objective' asks every constrained set to be fitted as well as the data overall. With
+    ELBO losses, disjoint classes of similar entropy and a reference that reproduces the
+    training frequencies pi, L_c <= L_0(ref) means rho_c >= exp(-H(pi)): 1/K for K balanced
+    classes, more than 1/K for an imbalanced set (so not "fair" there; for a frequency
+    target use threshold_reference='constraint' with target_frequency)."""
     mc = config.method
     if mc.threshold_mode != 'reference' or not mc.enabled:
       return self
@@ -379,6 +390,17 @@ def validate(config) -> None:
                       f"generates the training frequencies, which an objective={mc.objective!r} "
                       "model does not; set frequency_source='generated' (the reference run's "
                       'measured frequencies).')
+  if mc.target_frequency > 0 and mc.threshold_reference != 'constraint':
+    # b_c -= log(target / pi_c) moves class c's own reference loss L_c(ref); applied to L_0(ref)
+    # it asks for rho_c >= exp(-H(pi)) target / pi_c, which can exceed 1 (digits: 0.93 each).
+    raise ConfigError(f'config.method.target_frequency={mc.target_frequency}: the frequency '
+                      "target shifts each constraint's own reference loss; set "
+                      "threshold_reference='constraint' (or target_frequency=0).")
+  if mc.constraint_source == 'classes' and config.model.conditional and mc.enabled:
+    raise ConfigError("config.model.conditional=True: class constraints act on the classes' "
+                      "masses, and a class-conditional model's loss on class c is conditioned "
+                      "on c and holds no mass (its sampler chooses the labels); set "
+                      "model.conditional=False.")
   if mc.target_frequency > 0 and (mc.constraint_source != 'classes' or mc.threshold_mode != 'reference'):
     raise ConfigError(f'config.method.target_frequency={mc.target_frequency}: needs '
                       "constraint_source='classes' and threshold_mode='reference' (with "
