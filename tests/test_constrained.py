@@ -334,7 +334,7 @@ def test_objective_reference_is_measured_over_the_constraint_window(tiny_config,
   monkeypatch.setattr(constrained, 'reference_losses',
                       lambda *a, **k: asked.append(k['window_objective']) or np.ones(3))
   from cdiff_jax import checkpoint
-  monkeypatch.setattr(checkpoint, 'load_params', lambda workdir: None)
+  monkeypatch.setattr(checkpoint, 'load_params', lambda workdir, which='ema_params': None)
   (tmp_path / 'checkpoints').mkdir()
   tiny_config.method.threshold_mode = 'reference'
   tiny_config.method.reference_workdir = str(tmp_path)
@@ -472,7 +472,7 @@ def test_frequency_target_thresholds(monkeypatch, tiny_config, tmp_path):
   (tmp_path / 'checkpoints').mkdir()
   tiny_config.method.target_frequency = 0.1
   from cdiff_jax import checkpoint
-  monkeypatch.setattr(checkpoint, 'load_params', lambda workdir: None)
+  monkeypatch.setattr(checkpoint, 'load_params', lambda workdir, which='ema_params': None)
   monkeypatch.setattr(constrained, 'reference_losses',
                       lambda *a, **k: np.array([300.0, 310.0, 320.0]))
   exp = train.build(tiny_config)
@@ -519,15 +519,23 @@ def test_reference_thresholds_scale_then_offset(monkeypatch, tiny_config, tmp_pa
   tiny_config.method.reference_workdir = str(tmp_path)
   (tmp_path / 'checkpoints').mkdir()
   tiny_config.method.threshold_scale, tiny_config.method.threshold_offset = 0.5, -2.0
-  monkeypatch.setattr(checkpoint, 'load_params', lambda workdir: None)
-  monkeypatch.setattr(constrained, 'reference_losses',
-                      lambda *a, **k: np.array([300.0, 310.0, 320.0]))
+  # The reference's losses by which of its parameters are loaded: by default its training
+  # parameters, which the dual's losses (of this run's training parameters) compare with.
+  monkeypatch.setattr(checkpoint, 'load_params', lambda workdir, which='ema_params': which)
+  by_params = dict(params=np.array([300.0, 310.0, 320.0]), ema_params=np.array([299., 309., 319.]))
+  monkeypatch.setattr(constrained, 'reference_losses', lambda m, params, *a, **k: by_params[params])
   exp = train.build(tiny_config)
   np.testing.assert_allclose(exp.method.thresholds, [0.5 * 310.0 - 2.0, 0.5 * 320.0 - 2.0],
                              rtol=1e-9)
   tiny_config.method.threshold_reference = 'objective'
   exp = train.build(tiny_config)
   np.testing.assert_allclose(exp.method.thresholds, [0.5 * 300.0 - 2.0] * 2, rtol=1e-9)
+  tiny_config.method.reference_params = 'ema_params'
+  exp = train.build(tiny_config)
+  np.testing.assert_allclose(exp.method.thresholds, [0.5 * 299.0 - 2.0] * 2, rtol=1e-9)
+  tiny_config.method.reference_params = 'ema'
+  with pytest.raises(config_lib.ConfigError, match="config.method.reference_params='ema'"):
+    train.build(tiny_config)
 
 
 def test_tiw_objective_with_minority_constraints_in_one_step(tiny_config, tmp_path):
@@ -616,7 +624,7 @@ def test_tiw_objective_takes_thresholds_from_a_reference_run(tiny_config, tmp_pa
   exp_abs = train.build(c_abs)
   state = exp_abs.init_state()
   ref_params = jax.device_get(state.params)
-  monkeypatch.setattr(checkpoint, 'load_params', lambda workdir: ref_params)
+  monkeypatch.setattr(checkpoint, 'load_params', lambda workdir, which='ema_params': ref_params)
   exp = train.build(c)
   b = np.asarray(exp.method.thresholds)
 
