@@ -323,6 +323,9 @@ def main(argv):
   if f['mcmc']:
     mcmc = dict(kind=f['mcmc'], **{k: f[k] for k in MCMC_FIELDS if k != 'kind'})
   compose = parse_compose(f['compose']) if f['compose'] else None
+  if f['out'] is not None and not f['out'].lower().endswith('.png'):
+    raise config_lib.ConfigError(f'--out={f["out"]}: give a path ending in .png (the .npz and '
+                                 f'.json go beside it), e.g. --out={f["out"]}.png.')
   out = draw(f['workdir'], f['num_samples'], f['seed'], classes, progress=not f['no_progress'],
              mcmc=mcmc, compose=compose, **{field: f[field] for field in SAMPLE_FIELDS})
   exp, images, labels = out['exp'], out['images'], out['labels']

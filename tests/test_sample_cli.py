@@ -329,6 +329,9 @@ def test_bad_input_is_one_line_naming_the_flag(run, tmp_path, case, kwargs, expe
     ('--compose=any-1', '--compose=any-1: give CLASS:WEIGHT pairs separated by commas, CLASS a '
                         'class index or "any" (the unconditional model), e.g. '
                         '--compose=any:1,1:-3 (any digit but 1) or --compose=4:1,7:1 (4 AND 7).'),
+    # Checked before anything is drawn (the grid's writer would fail after the sampling).
+    ('--out=drawn/seed0', '--out=drawn/seed0: give a path ending in .png (the .npz and .json go '
+                          'beside it), e.g. --out=drawn/seed0.png.'),
 ])
 def test_command_line_error_exit_status(tmp_path, flag, message):
   done = subprocess.run([sys.executable, '-m', 'cdiff_jax.sample', f'--workdir={tmp_path}',
