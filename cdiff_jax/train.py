@@ -326,7 +326,10 @@ def check_workdir(workdir: str) -> None:
 def build(config, dataset: sources.ArrayDataset | None = None) -> Experiment:
   """Validates the config and builds everything but the state (``init_state``)."""
   validate(config)
-  dataset = dataset if dataset is not None else load_training_data(config.data)
+  if dataset is None:
+    dataset = load_training_data(config.data)
+    if config.eval.enabled:
+      sources.check_held_out(config.data)
   config_lib.check_image_shape(config.model, dataset.image_shape)
   idx = train_indices(config.data, dataset)
   model = build_score_model(config, dataset.num_classes)

@@ -302,6 +302,35 @@ def test_load_dataset_finds_npz_by_path_or_by_name(tmp_path):
   assert len(data.load_dataset(cfg(source='npz', data_dir=str(tmp_path)))) == 3
 
 
+def test_npz_without_a_test_split_is_never_its_own_held_out_set(tmp_path):
+  """An .npz of images/labels only (e.g. what `python -m cdiff_jax.sample` writes) is a
+  training set: asked for its test split it stops, naming the keys it would need, instead
+  of handing the training images back as held-out data (an earlier version did, so the
+  evaluation classifier was scored and the FID measured on the images it trained on).
+  ``check_held_out`` says so before training; IDX without its t10k files likewise."""
+  np.savez(tmp_path / 'mnist.npz', images=np.zeros((3, 4, 4), np.uint8), labels=np.array([0, 1, 2]))
+  cfg = lambda **kw: ml_collections.ConfigDict(dict(dict(name='mnist', source='auto',
+                                                         data_dir='', image_size=0), **kw))
+  c = cfg(data_dir=str(tmp_path / 'mnist.npz'))
+  assert len(data.load_dataset(c, 'train')) == 3
+  for call in (lambda: data.load_dataset(c, 'test'), lambda: sources.check_held_out(c)):
+    with pytest.raises(sources.DatasetNotFound, match=r'holds no test_images / test_labels '
+                                                      r'\(its keys: images, labels\).*'
+                                                      r'eval.enabled=False'):
+      call()
+  np.savez(tmp_path / 'both.npz', train_images=np.zeros((3, 4, 4), np.uint8),
+           train_labels=np.arange(3), test_images=np.zeros((2, 4, 4), np.uint8),
+           test_labels=np.arange(2))
+  sources.check_held_out(cfg(data_dir=str(tmp_path / 'both.npz')))
+  idx = tmp_path / 'idx'
+  idx.mkdir()
+  for stem in ('train-images-idx3-ubyte', 'train-labels-idx1-ubyte'):
+    (idx / stem).write_bytes(b'')
+  with pytest.raises(sources.DatasetNotFound, match='the evaluation needs the IDX test files '
+                                                    't10k-images-idx3-ubyte'):
+    sources.check_held_out(cfg(source='idx', data_dir=str(idx)))
+
+
 def _fake_tfds(monkeypatch, examples):
   """tfds.data_source replaced by lists of examples per (name, split); records its calls."""
   tfds = pytest.importorskip('tensorflow_datasets')
@@ -397,3 +426,23 @@ def test_a_data_dir_under_home_is_found(tmp_path, monkeypatch):
     c.data.update(name='mnist', source=source, data_dir=data_dir)
     config_lib.validate(c)
     assert len(data.load_dataset(c.data)) == n, (source, data_dir)
+
+
+def test_batches_survive_another_thread_evicting_the_epoch_just_cached():
+  """A prefetch thread and the caller may draw from one batcher at once (a notebook's second
+  ``fit`` while the last iterator's thread finishes). The permutation cache once read an
+  epoch back after inserting it, and another thread's insertions could have evicted it by
+  then (KeyError). Here every insertion is evicted at once, the worst interleaving."""
+  import collections
+
+  class EvictedAtOnce(collections.OrderedDict):
+    def __setitem__(self, key, value):
+      super().__setitem__(key, value)
+      super().pop(key)
+
+  ds = data.ArrayDataset(np.zeros((4, 1), np.float32), np.arange(4) % 2, 2)
+  shared = data.GroupedBatcher(ds, [np.arange(4)], [3], seed=0)
+  expected = data.GroupedBatcher(ds, [np.arange(4)], [3], seed=0)
+  shared._perms = EvictedAtOnce()
+  for s in range(6):
+    np.testing.assert_array_equal(shared.indices(s), expected.indices(s))

@@ -45,6 +45,7 @@ class GroupedBatcher:
     self.process_index = process_index
     self.process_count = process_count
     self._perms = collections.OrderedDict()
+    self._perms_lock = threading.Lock()
     if self.global_batch_size % process_count:
       raise ValueError(f'global batch size {self.global_batch_size} is not divisible by the '
                        f'{process_count} processes.')
@@ -54,13 +55,17 @@ class GroupedBatcher:
     return sum(self.batch_sizes)
 
   def _perm(self, g: int, epoch: int) -> np.ndarray:
+    # A cache of recent epochs' permutations, shared with a prefetch thread (``iterate``):
+    # the one computed here is returned, not read back after another thread's eviction.
     key = (g, epoch)
-    if key not in self._perms:
-      rng = np.random.default_rng([self.seed, g, epoch])
-      self._perms[key] = rng.permutation(len(self.groups[g]))
-      while len(self._perms) > 4 * len(self.groups):
-        self._perms.popitem(last=False)
-    return self._perms[key]
+    perm = self._perms.get(key)
+    if perm is None:
+      perm = np.random.default_rng([self.seed, g, epoch]).permutation(len(self.groups[g]))
+      with self._perms_lock:
+        self._perms[key] = perm
+        while len(self._perms) > 4 * len(self.groups):
+          self._perms.popitem(last=False)
+    return perm
 
   def group_positions(self, g: int, step: int) -> np.ndarray:
     """Dataset indices of group g's part of the *global* batch at ``step``."""

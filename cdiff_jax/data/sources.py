@@ -129,25 +129,37 @@ def load_idx(directory: str, split: str = 'train', name: str = 'mnist') -> Array
   return ArrayDataset(images[..., None], labels, 10, f'{name}/{split}')
 
 
-def load_npz(path: str, split: str = 'train', num_classes: int | None = None,
-             name: str = 'npz') -> ArrayDataset:
-  """Arrays from an .npz: ``{split}_images``/``{split}_labels``, or ``images``/``labels``.
-
-  Images may be uint8 (0..255) or float in [-1, 1]; (N, H, W) gets a channel axis.
-  """
+def npz_keys(path: str, name: str = 'npz') -> set:
   if not os.path.exists(path):
     raise DatasetNotFound(f'{name}: {path} does not exist; set --config.data.data_dir to the '
                           'folder holding it (or the .npz path itself).')
   with np.load(path) as f:
-    keys = set(f.files)
-    for img_key, lab_key in ((f'{split}_images', f'{split}_labels'), ('images', 'labels'),
-                             ('x', 'y')):
-      if img_key in keys and lab_key in keys:
-        images, labels = f[img_key], f[lab_key]
-        break
-    else:
-      raise ValueError(f'{path} has keys {sorted(keys)}; expected {split}_images and '
-                       f'{split}_labels (or images and labels).')
+    return set(f.files)
+
+
+def load_npz(path: str, split: str = 'train', num_classes: int | None = None,
+             name: str = 'npz') -> ArrayDataset:
+  """Arrays from an .npz: ``{split}_images``/``{split}_labels``; for the training split also
+  ``images``/``labels`` (or ``x``/``y``), which are never taken as held-out data: an
+  evaluation against the images it trained on would be meaningless.
+
+  Images may be uint8 (0..255) or float in [-1, 1]; (N, H, W) gets a channel axis.
+  """
+  keys = npz_keys(path, name)
+  pairs = [(f'{split}_images', f'{split}_labels')]
+  if split == 'train':
+    pairs += [('images', 'labels'), ('x', 'y')]
+  pair = next((p for p in pairs if p[0] in keys and p[1] in keys), None)
+  if pair is None:
+    if split != 'train':
+      raise DatasetNotFound(
+          f'{name}: {path} holds no {split}_images / {split}_labels (its keys: '
+          f'{", ".join(sorted(keys))}); the evaluation needs held-out images that training '
+          f'never sees: add them to the file, or set eval.enabled=False.')
+    raise ValueError(f'{path} has keys {sorted(keys)}; expected {split}_images and '
+                     f'{split}_labels (or images and labels).')
+  with np.load(path) as f:
+    images, labels = f[pair[0]], f[pair[1]]
   if images.ndim == 3:
     images = images[..., None]
   if images.dtype != np.uint8:
@@ -251,9 +263,8 @@ def load_tfds(name: str, split: str = 'train', data_dir: str | None = None,
 SOURCES = ('auto', 'sklearn', 'tfds', 'idx', 'npz')
 
 
-def load_dataset(data_config, split: str = 'train') -> ArrayDataset:
-  """The dataset described by ``config.data`` (fields name, source, data_dir, image_size)."""
-  dc = data_config
+def _resolve_source(dc) -> tuple[str, str]:
+  """(source, data_dir) of ``config.data``, with ``source='auto'`` resolved."""
   # '~' as validation reads it (config.validate): a shell leaves it in --flag=~/path.
   data_dir = os.path.expanduser(dc.data_dir or '')
   source = dc.source
@@ -266,6 +277,34 @@ def load_dataset(data_config, split: str = 'train') -> ArrayDataset:
       source = 'idx'
     else:
       source = 'tfds'
+  return source, data_dir
+
+
+def _npz_path(dc, data_dir: str) -> str:
+  return data_dir if data_dir.endswith('.npz') else os.path.join(data_dir, f'{dc.name}.npz')
+
+
+def check_held_out(data_config) -> None:
+  """Raises ``DatasetNotFound`` now, before training, where the evaluation's held-out split
+  of local files (IDX, npz) is missing and would stop the run only at its end."""
+  dc = data_config
+  source, data_dir = _resolve_source(dc)
+  if source == 'idx':
+    stems = _IDX_FILES['test']
+    if not all(_find(data_dir, s) for s in stems):
+      raise DatasetNotFound(f'{dc.name}: the evaluation needs the IDX test files {stems[0]}[.gz] '
+                            f'and {stems[1]}[.gz] in data.data_dir={data_dir!r}; add them, or '
+                            'set eval.enabled=False.')
+  elif source == 'npz':
+    path = _npz_path(dc, data_dir)
+    if not {'test_images', 'test_labels'} <= npz_keys(path, dc.name):
+      load_npz(path, 'test', name=dc.name)  # raises, naming the keys and the fix
+
+
+def load_dataset(data_config, split: str = 'train') -> ArrayDataset:
+  """The dataset described by ``config.data`` (fields name, source, data_dir, image_size)."""
+  dc = data_config
+  source, data_dir = _resolve_source(dc)
   if source == 'sklearn':
     if dc.name != 'digits':
       raise ValueError(f"data.source='sklearn' only provides data.name='digits', not {dc.name!r}.")
@@ -273,8 +312,7 @@ def load_dataset(data_config, split: str = 'train') -> ArrayDataset:
   elif source == 'idx':
     ds = load_idx(data_dir, split, dc.name)
   elif source == 'npz':
-    path = data_dir if data_dir.endswith('.npz') else os.path.join(data_dir, f'{dc.name}.npz')
-    ds = load_npz(path, split, name=dc.name)
+    ds = load_npz(_npz_path(dc, data_dir), split, name=dc.name)
   elif source == 'tfds':
     ds = load_tfds(dc.name, split, data_dir, dc.image_size or None,
                    label_attribute=dc.get('label_attribute', 'Male'),
