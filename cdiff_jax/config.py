@@ -12,6 +12,7 @@ import json
 import os
 
 import ml_collections
+import numpy as np
 
 from cdiff_jax import losses, parallel
 
@@ -119,6 +120,25 @@ def _fail(field: str, value, fix: str):
   raise ConfigError(f'config.{field}={value!r}: {fix}')
 
 
+def _check_ddpm_betas(dc) -> None:
+  """The discrete schedule must end in (nearly) pure noise, where sampling starts: the
+  linear betas are per-step values, so fewer steps with the same betas end far from it."""
+  T, b0, b1 = dc.num_steps, dc.beta_start, dc.beta_end
+  if not 0.0 < b0 <= b1 < 1.0:
+    _fail('diffusion.beta_end', b1, f'the betas must satisfy 0 < beta_start ({b0}) <= '
+          'beta_end < 1.')
+  if T < 1:
+    _fail('diffusion.num_steps', T, 'must be positive.')
+  alpha_1 = float(np.exp(0.5 * np.sum(np.log1p(-np.linspace(b0, b1, T)))))
+  if alpha_1 > 0.05:
+    scaled = b1 * 1000 / T
+    hint = (f'set diffusion.beta_start={b0 * 1000 / T:.3g} and beta_end={scaled:.3g} (the '
+            'noise of 1,000 steps)' if scaled < 1 else 'use more diffusion.num_steps')
+    _fail('diffusion.num_steps', T, f'with betas {b0:g}..{b1:g} the forward process ends at '
+          f'alpha(1) = {alpha_1:.3f}, far from the pure noise sampling starts from (1,000 '
+          f'steps: 0.006); {hint}, or use diffusion.schedule=vp.')
+
+
 def _choice(c, field: str, choices):
   value = c
   for part in field.split('.'):
@@ -205,9 +225,19 @@ def validate(c: ml_collections.ConfigDict) -> None:
           f'must be below diffusion.num_steps={c.diffusion.num_steps} (the sampler moves '
           f'between its grid times; {c.diffusion.num_steps - 1} moves plus the final '
           'denoising step is the full DDPM chain).')
+  if c.diffusion.schedule == 'ddpm':
+    _check_ddpm_betas(c.diffusion)
   _choice(c, 'optim.name', ('adam', 'adamw'))
   _choice(c, 'optim.lr_schedule', ('constant', 'cosine'))
   _positive(c, 'optim.lr')
+  for f in ('optim.b1', 'optim.b2'):
+    if not 0.0 <= _get(c, f) < 1.0:
+      _fail(f, _get(c, f), "must lie in [0, 1) (Adam's moment decay; 1 never updates).")
+  _positive(c, 'optim.eps')  # 0: 0/0 = NaN updates for every parameter with a zero gradient
+  _positive(c, 'optim.weight_decay', allow_zero=True)
+  if c.optim.weight_decay and c.optim.name != 'adamw':
+    _fail('optim.weight_decay', c.optim.weight_decay, f"optim.name={c.optim.name!r} has no "
+          "weight decay; use optim.name='adamw' (or weight_decay=0).")
   _positive(c, 'optim.grad_clip', allow_zero=True)
   _positive(c, 'optim.warmup_steps', allow_zero=True)
   if not 0.0 <= c.optim.get('final_lr_fraction', 0.0) <= 1.0:

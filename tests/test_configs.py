@@ -64,6 +64,16 @@ def _with(overrides):
     ({'data.source': 'hdf5'}, "config.data.source='hdf5'"),
     ({'train.steps_per_call': 2, 'train.checkpoint_every': 3}, 'config.train.checkpoint_every=3'),
     ({'parallel.num_processes': 2, 'parallel.process_id': 2}, 'config.parallel.process_id=2'),
+    # Adam settings that give NaN or no updates, and a weight decay adam would ignore.
+    ({'optim.b2': 1.0}, 'config.optim.b2=1.0: must lie in [0, 1)'),
+    ({'optim.eps': 0.0}, 'config.optim.eps=0.0: must be positive'),
+    ({'optim.weight_decay': -0.1}, 'config.optim.weight_decay=-0.1'),
+    ({'optim.name': 'adam', 'optim.weight_decay': 0.5},
+     "config.optim.weight_decay=0.5: optim.name='adam' has no weight decay"),
+    # Fewer DDPM steps with the per-step betas of 1,000 end far from noise (alpha(1) 0.60).
+    ({'diffusion.schedule': 'ddpm', 'diffusion.num_steps': 100, 'sample.num_steps': 50},
+     'config.diffusion.num_steps=100: with betas 0.0001..0.02 the forward process ends at '
+     'alpha(1) = 0.603'),
 ])
 def test_validate_refuses_and_names_the_field(overrides, needle):
   c = _with(overrides)
@@ -78,6 +88,10 @@ def test_validate_accepts_the_boundary_values():
                              'train.ema_decay': 0.0, 'data.image_size': 8,
                              'model.ch_mult': (1, 2, 2, 2), 'model.attn_levels': (3,),
                              'parallel.num_processes': 2, 'parallel.process_id': 1}))
+  # 100 DDPM steps with betas scaled to the noise of 1,000 (the hint of the refusal above).
+  config_lib.validate(_with({'diffusion.schedule': 'ddpm', 'diffusion.num_steps': 100,
+                             'diffusion.beta_start': 1e-3, 'diffusion.beta_end': 0.2,
+                             'sample.num_steps': 50}))
   mc = _with({'model.ch_mult': (1, 2, 2, 2)}).model
   config_lib.check_image_shape(mc, (8, 8, 1))
   mc.ch_mult = (1, 2, 2, 2, 2)
