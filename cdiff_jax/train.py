@@ -37,7 +37,8 @@ from cdiff_jax.state import TrainState, create_train_state, num_params
 
 
 class NonFiniteError(FloatingPointError):
-  """A training step produced a non-finite loss or gradient (train.on_nonfinite='stop')."""
+  """A training step produced a non-finite loss, gradient, parameter update or method state
+  (train.on_nonfinite='stop')."""
 
 
 class Preempted(Exception):
@@ -403,6 +404,10 @@ def _first_nonfinite(metric_list: list[dict], first_step: int, k: int) -> str:
       j = int(np.argmax(bad))
       loss = np.atleast_1d(np.asarray(m['loss']))[j]
       gnorm = np.atleast_1d(np.asarray(m['grad_norm']))[j]
+      if np.isfinite(loss) and np.isfinite(gnorm):
+        return (f'step {first_step + i * k + j}: the parameter update or the method\'s state '
+                f'is not finite although loss ({loss}) and grad_norm ({gnorm}) are; check '
+                'optim.eps, optim.b1, optim.b2 and the method\'s step sizes')
       what = 'loss' if not np.isfinite(loss) else 'grad_norm'
       return f'step {first_step + i * k + j}: {what} is not finite (loss={loss}, grad_norm={gnorm})'
   return 'unknown step'

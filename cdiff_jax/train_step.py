@@ -58,6 +58,12 @@ def schedule_step(opt_state, step):
   return states[0].count if states else step
 
 
+def _all_finite(tree) -> jax.Array:
+  leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)
+            if jnp.issubdtype(x.dtype, jnp.inexact)]
+  return jnp.stack(leaves).all() if leaves else jnp.asarray(True)
+
+
 def _select(pred, on_true, on_false):
   return jax.tree.map(lambda a, b: jnp.where(pred, a, b), on_true, on_false)
 
@@ -86,7 +92,10 @@ def make_step_fn(method: Method, tx: optax.GradientTransformation,
     ema = ema_update(state.ema_params, params, state.step, ema_decay)
     extras, extra_metrics = method.update_extras(state.extras, aux, state.step, rng_extras)
     grad_norm = optax.global_norm(grads)
-    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    # A finite loss and gradient can still give a non-finite update (Adam's 0/0 at eps=0)
+    # or method state (the dual variables, a jointly trained discriminator): all are checked.
+    finite = (jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+              & jnp.isfinite(optax.global_norm(updates)) & _all_finite(extras))
     new = state.replace(step=state.step + 1, params=params, ema_params=ema,
                         opt_state=opt_state, extras=extras)
     # On a non-finite step keep everything but the step counter (so a 'skip' run moves on).

@@ -69,3 +69,32 @@ def test_interval_means_leave_out_skipped_steps():
   # All steps skipped: the plain means (NaN), still one record.
   bad = [dict(loss=np.array(np.nan), nonfinite=np.array(1))]
   assert np.isnan(train._summarize(bad)['loss'])
+
+
+def test_a_non_finite_update_with_finite_loss_and_gradient_is_not_applied(tiny_config):
+  """A finite loss and gradient can still give a NaN update (Adam's 0/0 at eps=0, which
+  validation now refuses, or any optimizer going wrong): the guard checks the update too,
+  so the step is skipped and the parameters stay finite (an earlier version applied it and
+  checkpointed NaN parameters as the last good ones). The message says what was finite."""
+  import jax
+  import jax.numpy as jnp
+  import optax
+  from cdiff_jax import parallel, train_step
+  exp = train.build(tiny_config)
+  state = exp.init_state()
+  # Adam, with every update NaN at its second step (count 1).
+  bad_tx = optax.chain(optax.adam(1e-3),
+                       optax.scale_by_schedule(lambda n: jnp.where(n == 1, jnp.nan, 1.0)))
+  step = jax.jit(train_step.make_step_fn(exp.method, bad_tx, exp.lr_fn, 0.999))
+  state = state.replace(opt_state=bad_tx.init(state.params))
+  batch = lambda s: parallel.put_batch(exp.batcher.batch(s), exp.mesh)
+  state, m0 = step(state, batch(0))
+  before = run_files.leaves((state.params, state.ema_params, state.opt_state))
+  state, m1 = step(state, batch(1))
+  assert int(m0['nonfinite']) == 0 and int(m1['nonfinite']) == 1
+  assert np.isfinite(float(m1['loss'])) and np.isfinite(float(m1['grad_norm']))
+  for a, b in zip(before, run_files.leaves((state.params, state.ema_params, state.opt_state))):
+    np.testing.assert_array_equal(a, b)
+  where = train._first_nonfinite([jax.device_get(m1)], 7, 1)
+  assert where.startswith('step 7: the parameter update or the method\'s state is not finite '
+                          'although loss'), where
