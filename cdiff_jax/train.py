@@ -57,15 +57,20 @@ class _PreemptionWatch:
 
   One process: SIGTERM and SIGINT handlers (installed from the start of the run until the
   last step is saved, when called from the main thread) set a flag that the loop reads at
-  every step boundary. The first Ctrl-C (SIGINT) asks for that save and puts the previous
-  handler back, so a second one stops at once (KeyboardInterrupt). Several processes: JAX's
-  preemption service (started by ``jax.distributed.initialize``) receives the notice and
-  agrees with the other processes on one step at which all of them save.
+  every step boundary. The first Ctrl-C (SIGINT) in the training loop (``training``) asks
+  for that save and puts the previous handler back, so a second one stops at once
+  (KeyboardInterrupt); before the loop (set-up: data, a discriminator's pre-training,
+  reference losses, restoring) Ctrl-C stops at once, there being nothing new to save.
+  After the last step (``finishing``) SIGTERM ends the run as a preemption, so a restart
+  loop reruns it and the rerun redoes only the sampling and evaluation. Several processes:
+  JAX's preemption service (started by ``jax.distributed.initialize``) receives the notice
+  and agrees with the other processes on one step at which all of them save.
   """
 
   def __init__(self):
     self.requested = False
     self.interrupted = False  # by Ctrl-C, not a preemption notice
+    self.training = False     # in the training loop: Ctrl-C saves at the next step boundary
     self._previous = {}
     self._multi = jax.process_count() > 1
 
@@ -82,8 +87,10 @@ class _PreemptionWatch:
 
   def _on_sigint(self, signum, frame):
     del frame
-    self.requested = self.interrupted = True
     self._restore(signum)
+    if not self.training:
+      raise KeyboardInterrupt
+    self.requested = self.interrupted = True
     print('\ninterrupt: saving a checkpoint at the next step boundary; press Ctrl-C again to '
           'stop at once.', file=sys.stderr, flush=True)
 
@@ -105,6 +112,18 @@ class _PreemptionWatch:
     for signum in list(self._previous):
       self._restore(signum)
     return self.requested
+
+  def finishing(self, step: int, directory: str) -> bool:
+    """Past the final checkpoint (``step`` in ``directory``): ``release``, then, until the
+    watch exits, SIGTERM raises ``Preempted`` (exit status 3 through the launcher) and
+    Ctrl-C stops at once."""
+    notice = self.release()
+    if not self._multi and threading.current_thread() is threading.main_thread():
+      def on_sigterm(signum, frame):
+        del signum, frame
+        raise Preempted(step, directory)
+      self._previous[signal.SIGTERM] = signal.signal(signal.SIGTERM, on_sigterm)
+    return notice
 
   def _restore(self, signum):
     previous = self._previous.pop(signum)  # None: a handler not set from Python
@@ -533,6 +552,7 @@ def _train_and_evaluate(config, workdir, dataset, progress, hooks, preemption, l
                                          for name, g, bs in zip(b.group_names, b.groups,
                                                                 b.batch_sizes)))
 
+  preemption.training = True
   k = tc.steps_per_call
   pending: list[dict] = []
   pending_start = start
@@ -583,12 +603,18 @@ def _train_and_evaluate(config, workdir, dataset, progress, hooks, preemption, l
       bar.update(k)
       if done % tc.log_every == 0 or done == tc.steps:
         flush(done)
+      # images_per_sec counts training only: the clock restarts after a checkpoint write
+      # (the steps before it were flushed) and stops while samples are drawn.
       if tc.checkpoint_every and done % tc.checkpoint_every == 0 and done != tc.steps:
         flush(done)
         ckpt.save(done, state, config)
         last_saved = done
+        t_last = time.perf_counter()
       if tc.sample_every and done % tc.sample_every == 0 and done != tc.steps:
+        jax.block_until_ready(state)
+        paused = time.perf_counter()
         save_samples(exp, state, os.path.join(workdir, 'samples', f'step_{done:07d}.png'))
+        t_last += time.perf_counter() - paused
       if done != tc.steps and preemption.should_stop(done):
         flush(done)  # Raises instead of saving if a pending step was not finite.
         if last_saved != done:
@@ -606,9 +632,9 @@ def _train_and_evaluate(config, workdir, dataset, progress, hooks, preemption, l
     batches.close()
     ckpt.close()
     writer.close()
-  # From here on the final checkpoint is complete: a SIGTERM or Ctrl-C may end the process
-  # at once.
-  if preemption.release():
+  # From here on the final checkpoint is complete: a SIGTERM or Ctrl-C ends the run at once
+  # (SIGTERM as a preemption: a rerun redoes only what follows).
+  if preemption.finishing(int(state.step), ckpt.directory):
     raise preemption.stopped(int(state.step), ckpt.directory)
 
   result = {'workdir': workdir, 'final_step': int(state.step)}

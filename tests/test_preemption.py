@@ -128,18 +128,36 @@ def test_ctrl_c_saves_and_resumes_exactly(tmp_path, uninterrupted):
 
 
 def test_a_second_ctrl_c_stops_at_once():
-  """The first Ctrl-C only asks for the save; the second raises KeyboardInterrupt at once
-  (the previous handler is back); leaving the run puts every handler back."""
+  """In the training loop the first Ctrl-C only asks for the save; the second raises
+  KeyboardInterrupt at once (the previous handler is back); leaving the run puts every
+  handler back. Before the loop (set-up) the first Ctrl-C already stops at once: there is
+  nothing new to save (an earlier version finished the set-up, ran a step and saved it).
+  After the last step SIGTERM ends the run as a preemption (``Preempted``: status 3, which
+  a restart loop reruns; it was the signal's own exit status, which such a loop stops on)."""
   if threading.current_thread() is not threading.main_thread():
     pytest.skip('signal handlers need the main thread')
   before = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
   with train._PreemptionWatch() as watch:
+    with pytest.raises(KeyboardInterrupt):
+      os.kill(os.getpid(), signal.SIGINT)
+      time.sleep(1.0)
+    assert not watch.requested
+  assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == before
+  with train._PreemptionWatch() as watch:
+    watch.training = True
     assert signal.getsignal(signal.SIGINT) != before[0]
     os.kill(os.getpid(), signal.SIGINT)
     time.sleep(0.05)  # the handler runs at the main thread's next bytecode
     assert watch.requested and watch.interrupted
     with pytest.raises(KeyboardInterrupt):
       os.kill(os.getpid(), signal.SIGINT)
+      time.sleep(1.0)
+  assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == before
+  with train._PreemptionWatch() as watch:
+    watch.training = True
+    assert not watch.finishing(12, '/ckpt')
+    with pytest.raises(train.Preempted, match='preempted: saved a checkpoint at step 12 in /ckpt'):
+      os.kill(os.getpid(), signal.SIGTERM)
       time.sleep(1.0)
   assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == before
 

@@ -115,6 +115,30 @@ def test_preemption_between_checkpoints_saves_there_and_resumes(reference, tmp_p
   run_files.assert_interval_means(records, reference['per_step'], c.train.batch_size)
 
 
+def test_throughput_leaves_out_checkpoint_writes_and_in_loop_sampling(tmp_path, monkeypatch):
+  """images_per_sec counts training: on a clock where every reading takes 1 s, drawing
+  in-loop samples and writing a checkpoint take 100 s each, and no record's interval holds
+  them (an earlier version logged ~1/50 of the throughput after each)."""
+  c = run_files.tiny_digits_config(log_every=2, checkpoint_every=4)
+  c.train.sample_every = 2
+  clock = run_files.FakeClock()
+  monkeypatch.setattr(train, 'time', clock)
+
+  def slow(original):
+    def call(*args, **kwargs):
+      clock.now += 100.0
+      return original(*args, **kwargs)
+    return call
+
+  monkeypatch.setattr(train, 'save_samples', slow(lambda *args, **kwargs: None))
+  monkeypatch.setattr(checkpoint.Checkpointer, 'save', slow(checkpoint.Checkpointer.save))
+  train.train_and_evaluate(c, str(tmp_path), progress=False)
+  records = writers.read_metrics(str(tmp_path))
+  assert [r['step'] for r in records] == [2, 4, 6, 8]
+  for r in records:  # 2 steps of 16 images in at most 3 readings of the clock
+    assert r['images_per_sec'] >= 32 / 3, r
+
+
 def test_samples_come_from_the_params_the_config_names(tiny_config, tmp_path):
   """sample.use_ema picks ema_params or params for the sample grids; the number asked for
   is rounded up (not down) to the device count."""
