@@ -128,11 +128,12 @@ def reporting_errors(main):
     from cdiff_jax import train
     from cdiff_jax.checkpoint import IncompatibleCheckpoint
     from cdiff_jax.data.sources import DatasetNotFound
+    from cdiff_jax.evaluation import NonFiniteSamples
     from cdiff_jax.parallel import DistributedSetupError
     try:
       return main(argv)
     except (config_lib.ConfigError, DatasetNotFound, IncompatibleCheckpoint,
-            train.NonFiniteError, DistributedSetupError) as e:
+            train.NonFiniteError, NonFiniteSamples, DistributedSetupError) as e:
       print(f'error: {one_line_error(e)}', file=sys.stderr)
       sys.exit(EXIT_ERROR)
     except train.Preempted as e:

@@ -181,9 +181,16 @@ def get_classifier(data_config, steps: int | None = None, seed: int = 0,
   return clf
 
 
+class NonFiniteSamples(FloatingPointError):
+  """Samples to evaluate hold NaN or inf values: the model or its sampler diverged."""
+
+
 def frechet_distance(feats_a: np.ndarray, feats_b: np.ndarray) -> float:
   """||mu_a - mu_b||^2 + Tr(S_a + S_b - 2 (S_a S_b)^(1/2)) of Gaussian fits to features."""
   a, b = np.asarray(feats_a, np.float64), np.asarray(feats_b, np.float64)
+  if min(len(a), len(b)) < 2:
+    raise ValueError(f'the Frechet distance fits a covariance to each set and needs at least '
+                     f'2 feature vectors in each (got {len(a)} and {len(b)}).')
   mu_a, mu_b = a.mean(0), b.mean(0)
   s_a, s_b = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
   # Tr (S_a S_b)^(1/2) = sum of sqrt eigenvalues of the symmetric PSD S_a^(1/2) S_b S_a^(1/2):
@@ -225,6 +232,11 @@ def evaluate_samples(clf: EvalClassifier, samples, reference_images,
   """Class frequencies, TV to uniform and classifier FID of ``samples`` vs held-out data.
   ``classes``: the classes the model was trained on, when not all (the uniform target of
   the TV is over them, recorded as ``uniform_over``)."""
+  finite = np.isfinite(np.asarray(samples)).reshape(len(samples), -1).all(1)
+  if not finite.all():
+    raise NonFiniteSamples(f'{int((~finite).sum())} of the {len(samples)} samples hold NaN or '
+                           'inf values, so they cannot be evaluated: the model or its sampler '
+                           'diverged (check the run\'s loss curve and the sampler settings).')
   logits, feats = clf.logits_and_features(samples)
   _, ref_feats = clf.logits_and_features(reference_images)
   freqs = class_frequencies(logits.argmax(-1), clf.num_classes)

@@ -323,6 +323,10 @@ def main(argv):
   if f['mcmc']:
     mcmc = dict(kind=f['mcmc'], **{k: f[k] for k in MCMC_FIELDS if k != 'kind'})
   compose = parse_compose(f['compose']) if f['compose'] else None
+  if f['evaluate'] and f['num_samples'] < 2:
+    raise config_lib.ConfigError(f'--num_samples={f["num_samples"]} with --evaluate: the '
+                                 'classifier FID needs at least 2 samples (1,000 give figures '
+                                 'comparable with a run\'s eval.json).')
   if f['out'] is not None and not f['out'].lower().endswith('.png'):
     raise config_lib.ConfigError(f'--out={f["out"]}: give a path ending in .png (the .npz and '
                                  f'.json go beside it), e.g. --out={f["out"]}.png.')

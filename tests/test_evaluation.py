@@ -186,3 +186,15 @@ def test_generate_keeps_the_classes_balanced_across_batches():
   out = evaluation.generate(exp, state, num_samples, batch_size=batch)
   assert out.shape == (num_samples, 2, 2, 1)
   np.testing.assert_array_equal(out[:, 0, 0, 0], np.arange(num_samples) % num_classes)
+
+
+def test_samples_that_cannot_be_evaluated_are_refused_by_name():
+  """NaN samples (a diverged model) stop the evaluation with what went wrong, before the
+  classifier sees them (they were all labelled class 0 and the FID then failed to converge);
+  a set of one feature vector has no covariance, which the FID says."""
+  samples = np.zeros((5, 8, 8, 1), np.float32)
+  samples[[1, 3], 2, 2, 0] = np.nan
+  with pytest.raises(evaluation.NonFiniteSamples, match='2 of the 5 samples hold NaN or inf'):
+    evaluation.evaluate_samples(None, samples, samples)
+  with pytest.raises(ValueError, match='needs at least 2 feature vectors in each .got 1 and 3'):
+    evaluation.frechet_distance(np.zeros((1, 4)), np.zeros((3, 4)))

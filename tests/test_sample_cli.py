@@ -332,10 +332,14 @@ def test_bad_input_is_one_line_naming_the_flag(run, tmp_path, case, kwargs, expe
     # Checked before anything is drawn (the grid's writer would fail after the sampling).
     ('--out=drawn/seed0', '--out=drawn/seed0: give a path ending in .png (the .npz and .json go '
                           'beside it), e.g. --out=drawn/seed0.png.'),
+    ('--num_samples=1 --evaluate'.split(), "--num_samples=1 with --evaluate: the classifier FID "
+                                           "needs at least 2 samples (1,000 give figures "
+                                           "comparable with a run's eval.json)."),
 ])
 def test_command_line_error_exit_status(tmp_path, flag, message):
+  flags = flag if isinstance(flag, list) else [flag]
   done = subprocess.run([sys.executable, '-m', 'cdiff_jax.sample', f'--workdir={tmp_path}',
-                         flag], cwd=ROOT, capture_output=True, text=True, timeout=120)
+                         *flags], cwd=ROOT, capture_output=True, text=True, timeout=120)
   assert done.returncode == 2
   assert done.stderr.strip().splitlines() == [f'error: {message}']
 
