@@ -457,12 +457,13 @@ def test_host_warnings_for_a_diverged_joint_discriminator_and_vanishing_weights(
       dict(sane, disc_bce=1e6), 10)
 
 
-def test_conditional_tiw_and_a_vector_discriminator_on_images_are_refused():
+def test_conditional_tiw_an_unmeasured_attribute_and_an_mlp_discriminator_are_refused():
   """TIW-DSM's correction is the unconditional ratio's grad log w~_t(x_t): on a
   class-conditional model it moves each class's score by it, which is not the score of
   p_data_t(x | y), so the run is refused before any work; IW-DSM (a weight only, which is
   right for labels that are functions of the image) and the weight-only ablation are not.
-  An MLP discriminator cannot take images: refused with the field, not a shape error."""
+  An attribute bias other than the label would not be what the evaluation measures. An MLP
+  discriminator cannot take images: refused with the field, not a shape error."""
   from configs import digits_tiw
   c = digits_tiw.get_config()
   train.validate(c)
@@ -476,6 +477,16 @@ def test_conditional_tiw_and_a_vector_discriminator_on_images_are_refused():
     ok.model.conditional = True
     ok.method[field] = value
     train.validate(ok)
+  # An attribute bias on CelebA is measured by the evaluation only if it is the label.
+  c = digits_tiw.get_config()
+  c.method.bias, c.method.attribute = 'attribute', 'Young'
+  c.eval.enabled = True
+  with pytest.raises(config_lib.ConfigError, match=r"^config.method.attribute='Young': the "
+                                                   r"evaluation classifies data.label_attribute "
+                                                   r"\('Male'\)"):
+    train.validate(c)
+  c.data.label_attribute = 'Young'
+  train.validate(c)
   c = digits_tiw.get_config()
   c.method.disc_net = 'mlp'
   with pytest.raises(config_lib.ConfigError, match=r"^config.method.disc_net='mlp': is for "

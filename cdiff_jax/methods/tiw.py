@@ -457,6 +457,12 @@ def validate(config) -> None:
   if mc.disc_net == 'mlp' and config.model.name == 'unet':
     _fail('disc_net', mc.disc_net, "is for vector data (model.name=mlp); for images use "
           "'conv' or 'auto'.")
+  label = config.data.get('label_attribute', 'Male')
+  if mc.bias == 'attribute' and mc.attribute and mc.attribute != label and config.eval.enabled:
+    _fail('attribute', mc.attribute, f"the evaluation classifies data.label_attribute "
+          f"({label!r}), so its class frequencies and TV would not measure the attribute this "
+          f"split biases; set data.label_attribute='{mc.attribute}' and method.attribute='' "
+          "(the label), or eval.enabled=False.")
   if mc.variant == 'tiw' and mc.score_correction and config.model.conditional:
     # The correction grad log w~_t(x_t) is the unconditional ratio's: added to a labelled
     # example's target, it moves the minimizer to grad log p_obs_t(x|y) + grad log w~_t(x),
