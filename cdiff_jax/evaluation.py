@@ -127,11 +127,16 @@ def train_classifier(train: sources.ArrayDataset, test: sources.ArrayDataset, st
   return clf
 
 
-def _cache_key(train: sources.ArrayDataset, steps: int, seed: int) -> str:
+def _cache_key(train: sources.ArrayDataset, steps: int, seed: int,
+               test: sources.ArrayDataset | None = None) -> str:
+  """Every image and label of the data it was trained on and scored against (the accuracy
+  it carries is the test split's), so no other data set can be handed its weights."""
   h = hashlib.sha256()
   h.update(json.dumps([_VERSION, train.name, train.image_shape, len(train), steps, seed,
                        np.bincount(train.labels).tolist()]).encode())
-  h.update(np.ascontiguousarray(train.images[:64]).tobytes())
+  for ds in (train, test) if test is not None else (train,):
+    h.update(np.ascontiguousarray(ds.images).tobytes())
+    h.update(np.ascontiguousarray(ds.labels).tobytes())
   return h.hexdigest()[:16]
 
 
@@ -159,7 +164,7 @@ def get_classifier(data_config, steps: int | None = None, seed: int = 0,
   train = train if train is not None else sources.load_dataset(data_config, 'train')
   test = test if test is not None else sources.load_dataset(data_config, 'test')
   steps = steps or default_steps(train)
-  key = _cache_key(train, steps, seed)
+  key = _cache_key(train, steps, seed, test)
   path = os.path.join(cache_dir(), f'{train.name.replace("/", "_")}_{key}')
   net = dataclasses.replace(_net_for(train.image_shape), num_outputs=train.num_classes)
   if os.path.exists(path + '.json') and os.path.exists(path + '.msgpack'):

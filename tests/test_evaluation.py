@@ -198,3 +198,22 @@ def test_samples_that_cannot_be_evaluated_are_refused_by_name():
     evaluation.evaluate_samples(None, samples, samples)
   with pytest.raises(ValueError, match='needs at least 2 feature vectors in each .got 1 and 3'):
     evaluation.frechet_distance(np.zeros((1, 4)), np.zeros((3, 4)))
+
+
+def test_the_classifier_cache_key_covers_every_image_and_the_test_split():
+  """Two data sets alike in name, size, class counts and their first images, but not in a
+  later image, or scored on another test split, get their own cached classifiers (the key
+  once hashed the first 64 images and ignored the test split, whose accuracy it stores)."""
+  images = np.random.default_rng(0).integers(0, 255, (100, 8, 8, 1), dtype=np.uint8)
+  labels = np.arange(100) % 10
+  train = sources.ArrayDataset(images, labels, 10, 'mine/train')
+  changed = images.copy()
+  changed[80] = 255 - changed[80]
+  test = sources.ArrayDataset(images[:20], labels[:20], 10, 'mine/test')
+  other_test = sources.ArrayDataset(changed[80:], labels[80:], 10, 'mine/test')
+  key = evaluation._cache_key(train, 100, 0, test)
+  assert key == evaluation._cache_key(sources.ArrayDataset(images.copy(), labels, 10,
+                                                           'mine/train'), 100, 0, test)
+  assert key != evaluation._cache_key(sources.ArrayDataset(changed, labels, 10, 'mine/train'),
+                                      100, 0, test)
+  assert key != evaluation._cache_key(train, 100, 0, other_test)
