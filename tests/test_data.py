@@ -326,8 +326,9 @@ def test_npz_without_a_test_split_is_never_its_own_held_out_set(tmp_path):
   idx.mkdir()
   for stem in ('train-images-idx3-ubyte', 'train-labels-idx1-ubyte'):
     (idx / stem).write_bytes(b'')
-  with pytest.raises(sources.DatasetNotFound, match='the evaluation needs the IDX test files '
-                                                    't10k-images-idx3-ubyte'):
+  with pytest.raises(sources.DatasetNotFound, match='IDX files t10k-images-idx3-ubyte.* not '
+                                                    'found .*the evaluation needs held-out '
+                                                    'images .*eval.enabled=False'):
     sources.check_held_out(cfg(source='idx', data_dir=str(idx)))
 
 

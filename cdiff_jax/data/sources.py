@@ -115,26 +115,48 @@ def _find(directory: str, stem: str) -> str | None:
   return None
 
 
-def load_idx(directory: str, split: str = 'train', name: str = 'mnist') -> ArrayDataset:
-  """MNIST-format IDX files (``train-images-idx3-ubyte[.gz]`` etc.) in ``directory``."""
+_HELD_OUT_FIX = ('the evaluation needs held-out images that training never sees: add them, '
+                 'or set eval.enabled=False')
+
+
+def _idx_paths(directory: str, split: str, name: str,
+               fix: str = 'set --config.data.data_dir to the folder that holds them') -> list:
+  """The (images, labels) IDX files of ``split`` in ``directory``, or DatasetNotFound."""
   if split not in _IDX_FILES:
     raise ValueError(f"IDX data has splits 'train' and 'test', not {split!r}.")
   stems = _IDX_FILES[split]
   paths = [_find(directory, s) for s in stems]
   if not directory or None in paths:
-    raise DatasetNotFound(
-        f'{name}: IDX files {stems[0]}[.gz] and {stems[1]}[.gz] not found in '
-        f'data.data_dir={directory!r}; set --config.data.data_dir to the folder that holds them.')
+    raise DatasetNotFound(f'{name}: IDX files {stems[0]}[.gz] and {stems[1]}[.gz] not found in '
+                          f'data.data_dir={directory!r}; {fix}.')
+  return paths
+
+
+def load_idx(directory: str, split: str = 'train', name: str = 'mnist') -> ArrayDataset:
+  """MNIST-format IDX files (``train-images-idx3-ubyte[.gz]`` etc.) in ``directory``."""
+  paths = _idx_paths(directory, split, name)
   images, labels = read_idx(paths[0]), read_idx(paths[1])
   return ArrayDataset(images[..., None], labels, 10, f'{name}/{split}')
 
 
-def npz_keys(path: str, name: str = 'npz') -> set:
+def _npz_keys(path: str, split: str, name: str) -> tuple[str, str]:
+  """The (images, labels) keys of ``split`` in an .npz, or DatasetNotFound / ValueError."""
   if not os.path.exists(path):
     raise DatasetNotFound(f'{name}: {path} does not exist; set --config.data.data_dir to the '
                           'folder holding it (or the .npz path itself).')
   with np.load(path) as f:
-    return set(f.files)
+    keys = set(f.files)
+  pairs = [(f'{split}_images', f'{split}_labels')]
+  if split == 'train':
+    pairs += [('images', 'labels'), ('x', 'y')]
+  pair = next((p for p in pairs if p[0] in keys and p[1] in keys), None)
+  if pair is None and split != 'train':
+    raise DatasetNotFound(f'{name}: {path} holds no {split}_images / {split}_labels (its keys: '
+                          f'{", ".join(sorted(keys))}); {_HELD_OUT_FIX}.')
+  if pair is None:
+    raise ValueError(f'{path} has keys {sorted(keys)}; expected {split}_images and '
+                     f'{split}_labels (or images and labels).')
+  return pair
 
 
 def load_npz(path: str, split: str = 'train', num_classes: int | None = None,
@@ -145,19 +167,7 @@ def load_npz(path: str, split: str = 'train', num_classes: int | None = None,
 
   Images may be uint8 (0..255) or float in [-1, 1]; (N, H, W) gets a channel axis.
   """
-  keys = npz_keys(path, name)
-  pairs = [(f'{split}_images', f'{split}_labels')]
-  if split == 'train':
-    pairs += [('images', 'labels'), ('x', 'y')]
-  pair = next((p for p in pairs if p[0] in keys and p[1] in keys), None)
-  if pair is None:
-    if split != 'train':
-      raise DatasetNotFound(
-          f'{name}: {path} holds no {split}_images / {split}_labels (its keys: '
-          f'{", ".join(sorted(keys))}); the evaluation needs held-out images that training '
-          f'never sees: add them to the file, or set eval.enabled=False.')
-    raise ValueError(f'{path} has keys {sorted(keys)}; expected {split}_images and '
-                     f'{split}_labels (or images and labels).')
+  pair = _npz_keys(path, split, name)
   with np.load(path) as f:
     images, labels = f[pair[0]], f[pair[1]]
   if images.ndim == 3:
@@ -290,15 +300,9 @@ def check_held_out(data_config) -> None:
   dc = data_config
   source, data_dir = _resolve_source(dc)
   if source == 'idx':
-    stems = _IDX_FILES['test']
-    if not all(_find(data_dir, s) for s in stems):
-      raise DatasetNotFound(f'{dc.name}: the evaluation needs the IDX test files {stems[0]}[.gz] '
-                            f'and {stems[1]}[.gz] in data.data_dir={data_dir!r}; add them, or '
-                            'set eval.enabled=False.')
+    _idx_paths(data_dir, 'test', dc.name, _HELD_OUT_FIX)
   elif source == 'npz':
-    path = _npz_path(dc, data_dir)
-    if not {'test_images', 'test_labels'} <= npz_keys(path, dc.name):
-      load_npz(path, 'test', name=dc.name)  # raises, naming the keys and the fix
+    _npz_keys(_npz_path(dc, data_dir), 'test', dc.name)
 
 
 def load_dataset(data_config, split: str = 'train') -> ArrayDataset:
