@@ -638,6 +638,11 @@ def _train_and_evaluate(config, workdir, dataset, progress, hooks, preemption, l
     raise preemption.stopped(int(state.step), ckpt.directory)
 
   result = {'workdir': workdir, 'final_step': int(state.step)}
+  # The method's small end state (the constrained method's multipliers and thresholds):
+  # the metrics records hold means over a logging interval, not the values at the end.
+  result['final_extras'] = {key: np.asarray(value).tolist()
+                            for key, value in jax.device_get(state.extras).items()
+                            if np.ndim(value) <= 1 and np.size(value) <= 64}
   records = writers.read_metrics(workdir)
   if is_main:
     writers.plot_curves(os.path.join(workdir, 'loss.png'), records, ['loss'], 'training loss',

@@ -51,14 +51,22 @@ def run_arm(config, workdir: str, progress: bool, dataset=None) -> dict:
     if summary.get('final_step') == config.train.steps and os.path.exists(eval_path):
       print(f'{workdir}: finished earlier, reusing it.')
       return dict(eval=json.load(open(eval_path)), seconds=summary.get('seconds'),
-                  final_metrics=summary.get('final_metrics', {}))
+                  final_metrics=summary.get('final_metrics', {}),
+                  final_extras=summary.get('final_extras', {}))
   start = time.time()
   result = train.train_and_evaluate(config, workdir, dataset=dataset, progress=progress)
   seconds = time.time() - start
   summary = json.load(open(summary_path))
   summary['seconds'] = seconds
   json.dump(summary, open(summary_path, 'w'), indent=2)
-  return dict(eval=result['eval'], seconds=seconds, final_metrics=result.get('final_metrics', {}))
+  return dict(eval=result['eval'], seconds=seconds, final_metrics=result.get('final_metrics', {}),
+              final_extras=result.get('final_extras', {}))
+
+
+def end_lambda(arm: dict) -> list:
+  """The multipliers at the arm's last step (the logged ones are interval means; an arm
+  finished before the end state was recorded falls back to its last record)."""
+  return arm.get('final_extras', {}).get('lam', arm['final_metrics'].get('lam', []))
 
 
 def _fmt(values, digits=3):
@@ -76,7 +84,7 @@ def comparison_table(config, arms: dict) -> str:
   for name, arm in arms.items():
     ev, fm = arm['eval'], arm['final_metrics']
     freqs = ev['class_frequencies']
-    lam = fm.get('lam', [])
+    lam = end_lambda(arm)
     thr = fm.get('threshold', [])
     seconds = arm.get('seconds')
     time_str = f'{seconds / 60:.1f} min' if seconds else '-'
@@ -159,7 +167,7 @@ def main(argv):
     f.write(table + '\n')
   with open(os.path.join(workdir, 'comparison.json'), 'w') as f:
     json.dump({name: dict(eval=a['eval'], seconds=a['seconds'],
-                          lam=a['final_metrics'].get('lam'),
+                          lam=end_lambda(a) or None,
                           thresholds=a['final_metrics'].get('threshold'))
                for name, a in arms.items()}, f, indent=2)
   write_figures(workdir, config, arms)

@@ -106,10 +106,16 @@ def test_minority_reuses_a_finished_arm_only_for_its_config(tmp_path):
   arm = _minority_arm(4, lam=[0.1, 0.2, 0.3])
   (tmp_path / 'config.json').write_text(config.to_json_best_effort())
   (tmp_path / 'eval.json').write_text(json.dumps(arm['eval']))
+  end = dict(lam=[0.15, 0.25, 0.35])  # the multipliers at the last step, not a record's means
   (tmp_path / 'summary.json').write_text(json.dumps(dict(
-      final_step=config.train.steps, seconds=12.0, final_metrics=arm['final_metrics'])))
+      final_step=config.train.steps, seconds=12.0, final_metrics=arm['final_metrics'],
+      final_extras=end)))
   reused = minority.run_arm(config, str(tmp_path), progress=False)
-  assert reused == dict(eval=arm['eval'], seconds=12.0, final_metrics=arm['final_metrics'])
+  assert reused == dict(eval=arm['eval'], seconds=12.0, final_metrics=arm['final_metrics'],
+                        final_extras=end)
+  assert minority.end_lambda(reused) == [0.15, 0.25, 0.35]
+  row = run_files.markdown_rows(minority.comparison_table(config, {'constrained': reused}))
+  np.testing.assert_allclose(run_files.floats(row['constrained']['lambda (end)']), end['lam'])
   config.optim.lr *= 2
   with pytest.raises(config_lib.ConfigError, match='optim.lr'):
     minority.run_arm(config, str(tmp_path), progress=False)
