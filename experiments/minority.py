@@ -144,6 +144,25 @@ def unconstrained_arm(config):
   return unconstrained
 
 
+def with_reference_key(constrained):
+  """The constrained arm's config with ``method.reference_key``, a hash of the reference
+  parameters its thresholds come from: saved with the arm's config, so a finished arm is
+  not reused once its reference has been retrained or replaced (it is refused by name)."""
+  import copy
+  import hashlib
+  from cdiff_jax import checkpoint
+  mc = constrained.method
+  if mc.threshold_mode != 'reference' or not mc.enabled:
+    return constrained
+  h = hashlib.sha256()
+  checkpoint.hash_pytree(h, checkpoint.load_params(mc.reference_workdir,
+                                                   mc.get('reference_params', 'params')))
+  keyed = copy.deepcopy(constrained)
+  with keyed.unlocked():
+    keyed.method.reference_key = h.hexdigest()[:16]
+  return keyed
+
+
 def main(argv):
   del argv
   import copy
@@ -160,7 +179,8 @@ def main(argv):
   # created by the first arm, not before.
   arms = {'unconstrained': run_arm(unconstrained_arm(config),
                                    os.path.join(workdir, 'unconstrained'), _FLAGS['progress'].value)}
-  arms['constrained'] = run_arm(constrained, os.path.join(workdir, 'constrained'), _FLAGS['progress'].value)
+  arms['constrained'] = run_arm(with_reference_key(constrained),
+                                os.path.join(workdir, 'constrained'), _FLAGS['progress'].value)
 
   table = comparison_table(config, arms)
   with open(os.path.join(workdir, 'comparison.md'), 'w') as f:

@@ -375,3 +375,33 @@ def test_toy_scores_table_and_log_normalizer():
     np.testing.assert_allclose(table, np.stack([expected, expected]), atol=1e-3)
     print('ok')
   ''')
+
+
+def test_a_finished_constrained_arm_is_tied_to_its_reference_parameters(tmp_path):
+  """The constrained arm's config carries a hash of the reference parameters its thresholds
+  come from, so a finished arm is refused, not reused, once the reference has been
+  retrained (an earlier version compared the path alone and reused the old thresholds)."""
+  from configs import digits_minority
+  from cdiff_jax import checkpoint
+  from experiments import minority
+  config = digits_minority.get_config()
+  config.method.reference_workdir = str(tmp_path / 'reference')
+
+  def reference(params, step):  # the newest checkpoint is the one read
+    ckpt = checkpoint.Checkpointer(str(tmp_path / 'reference' / 'checkpoints'))
+    ckpt.save(step, dict(params=params, ema_params=params), config)
+    ckpt.close()
+    return minority.with_reference_key(config)
+
+  first = reference({'w': np.arange(3.0)}, 1)
+  assert first.method.reference_key == reference({'w': np.arange(3.0)}, 2).method.reference_key
+  retrained = reference({'w': np.arange(3.0) + 1}, 3)
+  assert retrained.method.reference_key != first.method.reference_key
+  assert 'reference_key' not in config.method   # the caller's config is left as it was
+  (tmp_path / 'arm').mkdir()
+  (tmp_path / 'arm' / 'config.json').write_text(first.to_json_best_effort())
+  (tmp_path / 'arm' / 'summary.json').write_text(json.dumps(dict(final_step=1500)))
+  with pytest.raises(config_lib.ConfigError, match='method.reference_key'):
+    minority.run_arm(retrained, str(tmp_path / 'arm'), progress=False)
+  config.method.threshold_mode = 'absolute'
+  assert minority.with_reference_key(config) is config
