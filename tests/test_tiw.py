@@ -736,3 +736,16 @@ def test_time_weighted_bce_closed_form_on_unbalanced_sides(weighting):
   c = 0.7
   np.testing.assert_allclose(loss, lam * (np.logaddexp(0, -c) + np.logaddexp(0, c)), rtol=1e-5)
   np.testing.assert_allclose(m['accuracy'], 4 / 16)
+
+
+def test_the_feature_head_has_the_depth_it_is_given():
+  """method.disc_depth shapes the head on frozen features as it does the MLP (it was
+  ignored, the head always had two hidden layers, which is still the default)."""
+  x, t = jnp.zeros((3, 5)), jnp.full((3,), 0.5)
+  for depth in (1, 2, 3):
+    head = nc.build_net('head', 1, hidden=8, depth=depth)
+    params = head.init(jax.random.key(0), x, t)['params']
+    # time embedding + features + its first layer, depth - 1 more, the output layer
+    assert len(params) == 3 + (depth - 1) + 1, sorted(params)
+    mlp = nc.build_net('mlp', 1, hidden=8, depth=depth)
+    assert mlp.depth == depth

@@ -41,18 +41,21 @@ TIME_WEIGHTINGS = ('uniform', 'sigma2')
 
 
 class FeatureHead(nn.Module):
-  """Logits from frozen features and the time: a 2-layer MLP with the time embedding added."""
+  """Logits from frozen features and the time: an MLP of ``depth`` hidden layers, the time
+  embedding added in the first."""
 
   hidden: int = 128
   num_outputs: int = 1
   time_dim: int = 64
+  depth: int = 2
 
   @nn.compact
   def __call__(self, features, t, train: bool = False):
     del train
     emb = nn.silu(nn.Dense(self.hidden)(timestep_embedding(t, self.time_dim)))
     h = nn.silu(nn.Dense(self.hidden)(features) + nn.Dense(self.hidden)(emb))
-    h = nn.silu(nn.Dense(self.hidden)(h))
+    for _ in range(self.depth - 1):
+      h = nn.silu(nn.Dense(self.hidden)(h))
     return nn.Dense(self.num_outputs)(h)
 
 
@@ -63,14 +66,16 @@ def build_net(kind: str, num_outputs: int, *, ch: int = 16, ch_mult: Sequence[in
               num_res_blocks: int = 1, num_groups: int = 8, dropout: float = 0.0,
               hidden: int = 128, depth: int = 2) -> nn.Module:
   """'conv': ConvClassifier for images (B, H, W, C); 'mlp': MLP for vectors (B, D);
-  'head': FeatureHead on frozen features (pass ``feature_fn`` to NoisyClassifier)."""
+  'head': FeatureHead on frozen features (pass ``feature_fn`` to NoisyClassifier).
+  ``ch``, ``ch_mult``, ``num_res_blocks``, ``num_groups`` and ``dropout`` shape the 'conv'
+  network only; ``hidden`` and ``depth`` the other two."""
   if kind == 'conv':
     return ConvClassifier(ch=ch, ch_mult=tuple(ch_mult), num_res_blocks=num_res_blocks,
                           num_groups=num_groups, dropout=dropout, num_outputs=num_outputs)
   if kind == 'mlp':
     return MLPScore(hidden=hidden, depth=depth, num_outputs=num_outputs)
   if kind == 'head':
-    return FeatureHead(hidden=hidden, num_outputs=num_outputs)
+    return FeatureHead(hidden=hidden, num_outputs=num_outputs, depth=depth)
   raise ValueError(f'classifier network {kind!r} is unknown; use one of {NETS}.')
 
 

@@ -87,8 +87,8 @@ def default_config() -> ml_collections.ConfigDict:
       # Discriminator d(x_t, t).
       disc_net='auto',            # auto (conv for images, mlp for vectors) | conv | mlp
       disc_features='none',       # none (from scratch) | eval_classifier (head on frozen features)
-      disc_ch=16, disc_ch_mult=(1, 2), disc_num_res_blocks=1, disc_dropout=0.1,
-      disc_hidden=128, disc_depth=2,
+      disc_ch=16, disc_ch_mult=(1, 2), disc_num_res_blocks=1, disc_dropout=0.1,  # conv
+      disc_hidden=128, disc_depth=2,  # mlp, and the head on frozen features
       disc_pretrain_steps=500,    # first phase: T-BCE steps before score training
       disc_joint=False,           # also update it inside every score step
       disc_lr=3e-4, disc_weight_decay=1e-4, disc_batch_size=128,
