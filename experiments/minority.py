@@ -76,11 +76,13 @@ def _fmt(values, digits=3):
 def comparison_table(config, arms: dict) -> str:
   # The constrained classes: the data's minority classes, or (e.g. a long-tailed TIW-DSM
   # split, where data.minority_classes is empty) the classes the constraints are on.
+  # None (fine-tuning, whose constraint is on a data source): no such column.
   minority = set(config.data.minority_classes) or set(config.method.get('constraint_classes', ()))
-  lines = ['| arm | TV to uniform | classifier FID | minority freq. (' +
-           ', '.join(str(c) for c in sorted(minority)) + ') | class frequencies | lambda (end) | '
-           'thresholds b | run time |',
-           '|---|---|---|---|---|---|---|---|']
+  freq_col = (' minority freq. (' + ', '.join(str(c) for c in sorted(minority)) + ') |'
+              if minority else '')
+  lines = ['| arm | TV to uniform | classifier FID |' + freq_col + ' class frequencies | '
+           'lambda (end) | thresholds b | run time |',
+           '|---|---|---|' + ('---|' if minority else '') + '---|---|---|---|']
   for name, arm in arms.items():
     ev, fm = arm['eval'], arm['final_metrics']
     freqs = ev['class_frequencies']
@@ -90,7 +92,8 @@ def comparison_table(config, arms: dict) -> str:
     time_str = f'{seconds / 60:.1f} min' if seconds else '-'
     lines.append(
         f"| {name} | {ev['tv_to_uniform']:.3f} | {ev['classifier_fid']:.2f} | "
-        f"{_fmt([freqs[c] for c in sorted(minority)])} | {_fmt(freqs, 2)} | "
+        + (f"{_fmt([freqs[c] for c in sorted(minority)])} | " if minority else '')
+        + f"{_fmt(freqs, 2)} | "
         f"{_fmt(lam) if name == 'constrained' else '0 (fixed)'} | "
         f"{_fmt(thr, 4) if name == 'constrained' else '-'} | {time_str} |")
   ev = next(iter(arms.values()))['eval']

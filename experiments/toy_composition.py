@@ -403,9 +403,11 @@ def markdown_table(rows, config, total_seconds, train_seconds) -> str:
                  f"{r['log_likelihood']:.3f} ({r['exact_log_likelihood']:.3f}) | "
                  f"{r['sliced_w2']:.4f} ({r['exact_sliced_w2']:.4f}) | {acc} |")
   mc = config.mcmc
+  by_sigma = mc.step_schedule == 'sigma'  # 'constant': the step sizes as they are
+  sq, lin = (' x sigma_t^2', ' x sigma_t') if by_sigma else ('', '')
   lines += ['', f'{config.toy.num_samples} samples per row; {config.sample.num_steps} noise levels '
             f'x {mc.steps_per_level} MCMC steps (step sizes ULA {mc.ula_step}, MALA '
-            f'{mc.mala_step} x sigma_t^2; U-HMC {mc.uhmc_step}, HMC {mc.hmc_step} x sigma_t; '
+            f'{mc.mala_step}{sq}; U-HMC {mc.uhmc_step}, HMC {mc.hmc_step}{lin}; '
             f'{mc.num_leapfrog} leapfrog steps, damping {mc.damping}). LL: mean exact '
             f'log-density of the samples, each floored at {LL_FLOOR:g}. '
             f'Total run time {total_seconds / 60:.1f} min'

@@ -64,6 +64,14 @@ def test_minority_table_reads_each_arms_own_figures():
   np.testing.assert_allclose(run_files.floats(constrained['thresholds b']),
                              [0.011, 0.022, 0.033])
   assert rows['constrained']['run time'] == '-'
+  # Fine-tuning constrains a data source, not classes: no (empty) minority column.
+  from configs import digits_finetune
+  rows = run_files.markdown_rows(minority.comparison_table(digits_finetune.get_config(), arms))
+  assert not any(h.startswith('minority freq.') for h in rows['constrained'])
+  np.testing.assert_allclose(run_files.floats(rows['constrained']['class frequencies']),
+                             arms['constrained']['eval']['class_frequencies'], atol=5e-3)
+  np.testing.assert_allclose(run_files.floats(rows['constrained']['lambda (end)']),
+                             [0.5, 1.25, 2.0])
 
 
 def test_minority_figures_show_the_training_data_and_each_arm(tmp_path, monkeypatch):
@@ -364,6 +372,11 @@ def test_toy_scores_table_and_log_normalizer():
             if l.startswith('| product')][0]
     assert [s.strip() for s in line.strip('|').split('|')] == [
         'product', 'oracle', 'mala', '-1.250 (-0.500)', '0.0123 (0.0045)', '0.75']
+    # The footnote's step sizes scale with sigma_t only under step_schedule='sigma'.
+    assert f'MALA {c.mcmc.mala_step} x sigma_t^2;' in t.markdown_table([row], c, 60.0, {})
+    c.mcmc.step_schedule = 'constant'
+    note = t.markdown_table([row], c, 60.0, {})
+    assert f'MALA {c.mcmc.mala_step}; U-HMC' in note and 'sigma_t' not in note
 
     schedule = t.score_model(c).schedule
     model = types.SimpleNamespace(
