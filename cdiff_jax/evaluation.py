@@ -175,14 +175,9 @@ def get_classifier(data_config, steps: int | None = None, seed: int = 0,
       params = flax.serialization.from_bytes(template, f.read())
     return EvalClassifier(net, params, train.num_classes, meta['accuracy'], train.image_shape)
   clf = train_classifier(train, test, steps, seed, progress=progress)
-  os.makedirs(cache_dir(), exist_ok=True)
-  tmp = f'{path}.{os.getpid()}.tmp'
-  with open(tmp, 'wb') as f:
-    f.write(flax.serialization.to_bytes(clf.params))
-  os.replace(tmp, path + '.msgpack')
-  with open(tmp, 'w') as f:
-    json.dump({'accuracy': clf.accuracy, 'dataset': train.name, 'steps': steps}, f)
-  os.replace(tmp, path + '.json')
+  writers.write_atomic(path + '.msgpack', flax.serialization.to_bytes(clf.params))
+  writers.write_atomic(path + '.json', json.dumps({'accuracy': clf.accuracy,
+                                                   'dataset': train.name, 'steps': steps}))
   return clf
 
 

@@ -13,6 +13,16 @@ from typing import Mapping
 import numpy as np
 
 
+def write_atomic(path: str, data: bytes | str) -> None:
+  """Writes ``path`` whole or not at all: to a temporary file of this process, then renamed
+  over it (a reader, or a run killed meanwhile, sees the old file or the new one)."""
+  os.makedirs(os.path.dirname(path) or '.', exist_ok=True)
+  tmp = f'{path}.{os.getpid()}.tmp'
+  with open(tmp, 'wb' if isinstance(data, bytes) else 'w') as f:
+    f.write(data)
+  os.replace(tmp, path)
+
+
 def _to_python(v):
   if isinstance(v, (np.ndarray, np.generic)):
     v = v.tolist()
@@ -63,10 +73,7 @@ class MetricWriter:
       lines = [l for l in f if l.strip()]
     keep = [l for l in lines if _step_of(l) <= step]
     if len(keep) != len(lines):
-      tmp = self.path + '.tmp'
-      with open(tmp, 'w') as f:
-        f.writelines(keep)
-      os.replace(tmp, self.path)
+      write_atomic(self.path, ''.join(keep))
 
   def write(self, step: int, metrics: Mapping[str, object]) -> None:
     if not self.active:

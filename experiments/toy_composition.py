@@ -106,7 +106,7 @@ def train_components(config, workdir: str, progress: bool) -> dict:
   import flax.serialization
   import jax
   import numpy as np
-  from cdiff_jax import train
+  from cdiff_jax import train, writers
   from cdiff_jax.data.sources import ArrayDataset
 
   directory = os.path.join(workdir, 'components')
@@ -131,9 +131,12 @@ def train_components(config, workdir: str, progress: bool) -> dict:
     print(f'component {name}: {config.train.steps} steps in {timings[name]:.0f} s, '
           f'final loss {loss:.4f}')
     out[name] = jax.device_get(state.ema_params)
-    with open(path + '.msgpack', 'wb') as f:
-      f.write(flax.serialization.to_bytes(out[name]))
-    json.dump(fingerprint, open(path + '.json', 'w'))
+    # The fingerprint goes first and comes back last: a run killed in between leaves the
+    # new parameters under no fingerprint (trained again), never under the old one.
+    if os.path.exists(path + '.json'):
+      os.remove(path + '.json')
+    writers.write_atomic(path + '.msgpack', flax.serialization.to_bytes(out[name]))
+    writers.write_atomic(path + '.json', json.dumps(fingerprint))
   return out, timings
 
 

@@ -66,3 +66,21 @@ def test_a_rerun_hides_the_killed_runs_later_points_in_tensorboard(tmp_path, sta
   kept = [2] if start == 2 else []
   assert [r['step'] for r in writers.read_metrics(str(tmp_path))] == kept + [4]
   assert run_files.tensorboard_events(tmp_path / 'tensorboard')[1] == [start + 1]
+
+
+def test_write_atomic_replaces_whole_and_leaves_no_temporary(tmp_path, monkeypatch):
+  """The file is the old one or the new one: a write whose rename fails leaves the old file
+  as it was; bytes and text both; the folder is made."""
+  path = tmp_path / 'cache' / 'entry.json'
+  writers.write_atomic(str(path), '{"a": 1}')
+  writers.write_atomic(str(path), b'{"a": 2}')
+  assert path.read_text() == '{"a": 2}'
+  assert sorted(p.name for p in path.parent.iterdir()) == ['entry.json']
+
+  def no_rename(src, dst):
+    raise OSError('disk full')
+
+  monkeypatch.setattr(writers.os, 'replace', no_rename)
+  with pytest.raises(OSError):
+    writers.write_atomic(str(path), '{"a": 3}')
+  assert path.read_text() == '{"a": 2}'

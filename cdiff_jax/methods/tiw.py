@@ -52,7 +52,7 @@ import ml_collections
 import numpy as np
 import optax
 
-from cdiff_jax import checkpoint, losses
+from cdiff_jax import checkpoint, losses, writers
 from cdiff_jax.config import ConfigError
 from cdiff_jax.data import imbalance
 from cdiff_jax.methods import noisy_classifier as nc
@@ -279,11 +279,7 @@ class TIW:
     if self.progress:
       print(f'discriminator: {self.disc_pretrain_steps} steps, {described}')
     if path:
-      os.makedirs(os.path.dirname(path), exist_ok=True)
-      tmp = f'{path}.{os.getpid()}.tmp'
-      with open(tmp, 'wb') as f:
-        f.write(flax.serialization.to_bytes(params))
-      os.replace(tmp, path + '.msgpack')
+      writers.write_atomic(path + '.msgpack', flax.serialization.to_bytes(params))
     return params
 
   def example_log_ratio_fn(self, disc_state) -> Callable:
