@@ -416,6 +416,13 @@ def _summarize(metric_list: list[dict], steps_per_call: int = 1) -> dict:
           for key, values in steps.items()}
 
 
+def small_extras(extras: dict) -> dict:
+  """The method state's arrays of up to 64 numbers, as lists (the constrained method's
+  multipliers, thresholds and counters; not a discriminator's parameters)."""
+  return {key: value.tolist() for key, value in jax.device_get(extras).items()
+          if isinstance(value, (np.ndarray, np.generic)) and value.ndim <= 1 and value.size <= 64}
+
+
 def _first_nonfinite(metric_list: list[dict], first_step: int, k: int) -> str:
   for i, m in enumerate(jax.device_get(metric_list)):
     bad = np.atleast_1d(np.asarray(m['nonfinite']))
@@ -638,11 +645,8 @@ def _train_and_evaluate(config, workdir, dataset, progress, hooks, preemption, l
     raise preemption.stopped(int(state.step), ckpt.directory)
 
   result = {'workdir': workdir, 'final_step': int(state.step)}
-  # The method's small end state (the constrained method's multipliers and thresholds):
-  # the metrics records hold means over a logging interval, not the values at the end.
-  result['final_extras'] = {key: np.asarray(value).tolist()
-                            for key, value in jax.device_get(state.extras).items()
-                            if np.ndim(value) <= 1 and np.size(value) <= 64}
+  # The metrics records hold means over a logging interval, not the values at the end.
+  result['final_extras'] = small_extras(state.extras)
   records = writers.read_metrics(workdir)
   if is_main:
     writers.plot_curves(os.path.join(workdir, 'loss.png'), records, ['loss'], 'training loss',

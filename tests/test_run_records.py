@@ -211,3 +211,12 @@ def test_the_readme_library_examples_run_as_written(reference, monkeypatch):
   for a, b in zip(run_files.leaves((loaded.params, loaded.ema_params)), reference['fit']):
     np.testing.assert_array_equal(a, b)
   assert np.asarray(parallel.to_host(scope['images'])).shape == (20, 8, 8, 1)
+
+
+def test_the_end_state_recorded_is_the_methods_small_arrays():
+  """summary.json's final_extras: the multipliers and counters at the last step, not a
+  jointly trained discriminator's parameters (a nested dict) or large arrays."""
+  import jax.numpy as jnp
+  extras = dict(lam=jnp.array([0.25, 0.5]), num_dual_steps=jnp.int32(7),
+                disc=dict(params=dict(w=jnp.ones((2, 2)))), big=jnp.zeros(65))
+  assert train.small_extras(extras) == dict(lam=[0.25, 0.5], num_dual_steps=7)
