@@ -10,6 +10,7 @@ checkpoint when Ctrl-C came during training, at once otherwise), without a trace
 from __future__ import annotations
 
 import functools
+import os
 import re
 import sys
 
@@ -104,7 +105,25 @@ def parse_flags(argv):
   except Exception as e:  # flags.Error, or the config's AttributeError/TypeError/KeyError.
     _flag_error(e, argv)
   _check_config_files()
+  _expand_user_paths()
   return argv
+
+
+# Folders given as --flag=~/x reach the program with the '~' (the shell expands it only at
+# the start of a word): every command's --workdir and the config's path fields.
+PATH_CONFIG_FIELDS = ('data.data_dir', 'train.init_from', 'method.reference_workdir')
+
+
+def _expand_user_paths() -> None:
+  for name in list(flags.FLAGS):
+    value = flags.FLAGS[name].value
+    if name == 'workdir' and isinstance(value, str):
+      flags.FLAGS[name].value = os.path.expanduser(value)
+    elif hasattr(value, 'keys'):  # a config
+      for field in PATH_CONFIG_FIELDS:
+        section, key = field.split('.')
+        if section in value and key in value[section] and isinstance(value[section][key], str):
+          value[section][key] = os.path.expanduser(value[section][key])
 
 
 def define_config_file(name: str, default: str | None, help_string: str):

@@ -211,19 +211,39 @@ def _define_flags():
   _FLAGS['progress'] = flags.DEFINE_bool('progress', True, 'Show progress bars.')
 
 
+def _numbers(flag: str) -> list[float]:
+  values = _FLAGS[flag].value
+  try:
+    return [float(v) for v in values]
+  except ValueError:
+    raise config_lib.ConfigError(f'--{flag}={",".join(values)}: give numbers separated by '
+                                 'commas, e.g. --alphas=0.5,1.') from None
+
+
+def arm_config(base, variant: str, alpha: float, frac: float):
+  """The config of one arm: ``base`` with the variant, alpha and reference fraction."""
+  config = base.copy_and_resolve_references()
+  config.method.variant, config.method.alpha = variant, alpha
+  config.method.ref_fraction = frac
+  return config
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   base = _FLAGS['config'].value
   workdir, progress = _FLAGS['workdir'].value, _FLAGS['progress'].value
   base.eval.enabled = True
-  alphas = [float(a) for a in _FLAGS['alphas'].value]
+  alphas, fractions = _numbers('alphas'), _numbers('ref_fractions')
   selected = _FLAGS['arms'].value
   labels = [label for label, _, _ in arms(alphas)]
   unknown = [a for a in selected if a not in labels]
   if unknown:
     raise app.UsageError(f'--arms: no arm {unknown}; the arms are {labels} '
                          '(TIW-DSM a=... from --alphas).')
+  for frac in fractions:  # every arm's config checked before anything is written
+    for _, variant, alpha in arms(alphas):
+      train.validate(arm_config(base, variant, alpha, frac))
   train.check_workdir(workdir)
   os.makedirs(workdir, exist_ok=True)
 
@@ -231,13 +251,11 @@ def main(argv):
   t_start = time.perf_counter()
   clf = evaluation.classifier_for(base, progress=progress)
   results = {}
-  for frac in [float(f) for f in _FLAGS['ref_fractions'].value]:
+  for frac in fractions:
     key = f'{frac:g}'
     results[key] = dict(arms={})
     for label, variant, alpha in arms(alphas):
-      config = base.copy_and_resolve_references()
-      config.method.variant, config.method.alpha = variant, alpha
-      config.method.ref_fraction = frac
+      config = arm_config(base, variant, alpha, frac)
       wd = os.path.join(workdir, f'ref{key}', slug(label))
       if selected and label not in selected:
         # Not asked for, but finished earlier with this config (one arm per job): tabulated.

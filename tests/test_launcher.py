@@ -233,3 +233,31 @@ def test_flag_error_blames_the_override_whose_field_it_names(capsys):
   assert e.value.code == cli.EXIT_ERROR
   assert capsys.readouterr().err.strip() == ('error: --config.sample.num_steps=0: '
                                              'num_steps must be positive')
+
+
+def test_tiw_compare_checks_its_lists_and_every_arm_before_writing(tmp_path):
+  """--alphas / --ref_fractions that are not numbers, and an arm's config that fails its
+  checks, stop with one line before the workdir exists (a traceback, and an empty workdir
+  for a bad reference fraction, before)."""
+  for flag, needle in (('--alphas=abc', '--alphas=abc: give numbers separated by commas'),
+                       ('--ref_fractions=-0.5', 'config.method.ref_fraction=-0.5: must lie in')):
+    out = subprocess.run([sys.executable, 'experiments/tiw_compare.py',
+                          f'--workdir={tmp_path / "w"}', '--noprogress', flag], cwd=ROOT,
+                         capture_output=True, text=True, timeout=300)
+    _assert_one_error_line(out, needle)
+    assert not os.path.exists(tmp_path / 'w')
+
+
+def test_a_tilde_in_a_folder_flag_is_the_home_folder(tmp_path):
+  """--workdir=~/x and the config's folders reach the program with the '~' (the shell
+  expands it only at the start of a word): they are read as the home folder's."""
+  env = dict(os.environ, HOME=str(tmp_path))
+  out = subprocess.run([sys.executable, '-m', 'cdiff_jax.sample', '--workdir=~/nothing'],
+                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+  _assert_one_error_line(out, f'--workdir={tmp_path / "nothing"}: no such folder')
+  out = subprocess.run([sys.executable, '-m', 'cdiff_jax.main', '--config=configs/digits_dsm.py',
+                        f'--workdir={tmp_path / "w"}', *TINY,
+                        '--config.train.init_from=~/elsewhere'],
+                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+  _assert_one_error_line(out, f"config.train.init_from='{tmp_path / 'elsewhere'}': holds no "
+                              'checkpoints/')
