@@ -227,6 +227,9 @@ def validate(c: ml_collections.ConfigDict) -> None:
           'denoising step is the full DDPM chain).')
   if c.diffusion.schedule == 'ddpm':
     _check_ddpm_betas(c.diffusion)
+  if not 0.0 <= c.sample.eta <= 1.0:  # DDIM's noise: 0 deterministic, 1 the DDPM posterior's
+    _fail('sample.eta', c.sample.eta, 'must lie in [0, 1] (0: deterministic DDIM, 1: as much '
+          'noise as ancestral sampling).')
   _choice(c, 'optim.name', ('adam', 'adamw'))
   _choice(c, 'optim.lr_schedule', ('constant', 'cosine'))
   _positive(c, 'optim.lr')

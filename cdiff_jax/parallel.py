@@ -268,7 +268,8 @@ def make_mesh(num_devices: int | None = None) -> jax.sharding.Mesh:
   devices = sorted(jax.devices(), key=lambda d: (d.process_index, d.id))
   n = num_devices or len(devices)
   if n > len(devices):
-    raise ValueError(f'train.num_devices={n} but only {len(devices)} devices are visible.')
+    raise ValueError(f'train.num_devices={n}, but {len(devices)} device(s) are visible; set '
+                     f'train.num_devices=0 (all of them) or at most {len(devices)}.')
   if jax.process_count() > 1 and n != len(devices):
     raise ValueError(f'train.num_devices={n}: a multi-process run uses all {len(devices)} '
                      'devices of its processes; set train.num_devices=0.')

@@ -64,6 +64,7 @@ def _with(overrides):
     ({'data.source': 'hdf5'}, "config.data.source='hdf5'"),
     ({'train.steps_per_call': 2, 'train.checkpoint_every': 3}, 'config.train.checkpoint_every=3'),
     ({'parallel.num_processes': 2, 'parallel.process_id': 2}, 'config.parallel.process_id=2'),
+    ({'sample.eta': -1.0}, 'config.sample.eta=-1.0: must lie in [0, 1]'),
     # Adam settings that give NaN or no updates, and a weight decay adam would ignore.
     ({'optim.b2': 1.0}, 'config.optim.b2=1.0: must lie in [0, 1)'),
     ({'optim.eps': 0.0}, 'config.optim.eps=0.0: must be positive'),
@@ -97,3 +98,12 @@ def test_validate_accepts_the_boundary_values():
   mc.ch_mult = (1, 2, 2, 2, 2)
   with pytest.raises(config_lib.ConfigError, match='use at most 4 levels'):
     config_lib.check_image_shape(mc, (8, 8, 1))
+
+
+def test_more_devices_than_visible_names_the_fix():
+  from cdiff_jax import parallel
+  import jax
+  n = len(jax.devices())
+  with pytest.raises(ValueError, match=rf'train.num_devices={n + 1}, but {n} device\(s\) are '
+                                       rf'visible; set train.num_devices=0 \(all of them\)'):
+    parallel.make_mesh(n + 1)

@@ -283,6 +283,7 @@ def _unconditional_copy(run, tmp_path, **model_fields):
                                    r'0,1,2,3,4,5,6,7,8,9\.'),
     ('run', dict(sampler='leapfrog'), r"^--sampler=leapfrog: must be one of \("),
     ('run', dict(num_samples=0), r'^--num_samples=0: give a positive number'),
+    ('run', dict(eta=2.0), r'^--eta=2.0: must lie in \[0, 1\]'),
     ('unconditional', dict(classes=[1]), r'^--classes=1: .* unconditional model; drop'),
     ('unconditional', dict(guidance_scale=3.0), r'^--guidance_scale=3.0: .* unconditional'),
     ('run', dict(mcmc=dict(kind='mala')), r'^--mcmc=mala: its Metropolis test needs energies'
