@@ -363,6 +363,15 @@ def test_tfds_celeba_crop_label_attribute_and_split(monkeypatch):
   assert ds.images.shape == (2, 70, 70, 3)
   np.testing.assert_allclose(ds.images, expected, atol=1.0)
   assert list(ds.labels) == [0, 1] and list(ds.attributes['Male']) == [1, 0]
+  # An attribute it does not have (a comma list on the command line gives one name with a
+  # comma) is named with the ones it has, not a KeyError in the loader's loop.
+  for field, value in (('attributes', ('Male,Young',)), ('label_attribute', 'Smiling')):
+    bad = ml_collections.ConfigDict(c.to_dict())
+    bad[field] = value
+    with pytest.raises(ValueError, match=rf'data.{field}: celeb_a has no attribute '
+                                         rf'{value[0] if field == "attributes" else value} '
+                                         r'.*it has Male, Young\.'):
+      data.load_dataset(bad, 'test')
 
 
 def test_keep_drop_and_minority_selection_of_the_training_set():

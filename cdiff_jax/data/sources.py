@@ -249,6 +249,13 @@ def load_tfds(name: str, split: str = 'train', data_dir: str | None = None,
         f'--config.data.data_dir=DIR, or use local files (data.source=idx or npz).') from e
   held.replay()
   n = len(source)
+  if name == 'celeb_a' and n:
+    known = sorted(source[0]['attributes'])
+    for field, asked in (('label_attribute', [label_attribute]), ('attributes', attributes)):
+      if unknown := [a for a in asked if a not in known]:
+        raise ValueError(f'data.{field}: celeb_a has no attribute {", ".join(unknown)} (a '
+                         f'tuple of names, e.g. --config.data.attributes="(\'Male\', '
+                         f'\'Young\')"); it has {", ".join(known)}.')
   images, labels, attrs = None, np.zeros(n, np.int32), {a: np.zeros(n, np.int32) for a in attributes}
   for i in range(n):
     ex = source[i]
