@@ -216,8 +216,9 @@ def _numbers(flag: str) -> list[float]:
   try:
     return [float(v) for v in values]
   except ValueError:
+    example = {'alphas': '0.5,1', 'ref_fractions': '0.05,0.1'}[flag]
     raise config_lib.ConfigError(f'--{flag}={",".join(values)}: give numbers separated by '
-                                 'commas, e.g. --alphas=0.5,1.') from None
+                                 f'commas, e.g. --{flag}={example}.') from None
 
 
 def arm_config(base, variant: str, alpha: float, frac: float):
