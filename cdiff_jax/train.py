@@ -57,9 +57,9 @@ class _PreemptionWatch:
 
   One process: SIGTERM and SIGINT handlers (installed from the start of the run until the
   last step is saved, when called from the main thread) set a flag that the loop reads at
-  every step boundary. The first Ctrl-C (SIGINT) in the training loop (``training``) asks
-  for that save and puts the previous handler back, so a second one stops at once
-  (KeyboardInterrupt); before the loop (set-up: data, a discriminator's pre-training,
+  every step boundary. Once the run writes (``training``: from config.json on) the first
+  Ctrl-C (SIGINT) asks for that save and puts the previous handler back, so a second one
+  stops at once (KeyboardInterrupt); before (set-up: data, a discriminator's pre-training,
   reference losses, restoring) Ctrl-C stops at once, there being nothing new to save.
   After the last step (``finishing``) SIGTERM ends the run as a preemption, so a restart
   loop reruns it and the rerun redoes only the sampling and evaluation. Several processes:
@@ -537,6 +537,9 @@ def _train_and_evaluate(config, workdir, dataset, progress, hooks, preemption, l
   except BaseException:
     ckpt.close()
     raise
+  # From the first write on (config.json, the records), Ctrl-C saves at the next step
+  # boundary; before it, nothing new exists and Ctrl-C stops at once.
+  preemption.training = True
   if restored is not None and is_main:
     print(f'Resumed from step {restored_step} ({ckpt_dir}).')
   start = int(state.step)
@@ -559,7 +562,6 @@ def _train_and_evaluate(config, workdir, dataset, progress, hooks, preemption, l
                                          for name, g, bs in zip(b.group_names, b.groups,
                                                                 b.batch_sizes)))
 
-  preemption.training = True
   k = tc.steps_per_call
   pending: list[dict] = []
   pending_start = start
