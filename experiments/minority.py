@@ -154,12 +154,12 @@ def with_reference_key(constrained):
   import copy
   import hashlib
   from cdiff_jax import checkpoint
+  from cdiff_jax.methods.constrained import reference_params
   mc = constrained.method
   if mc.threshold_mode != 'reference' or not mc.enabled:
     return constrained
   h = hashlib.sha256()
-  checkpoint.hash_pytree(h, checkpoint.load_params(mc.reference_workdir,
-                                                   mc.get('reference_params', 'params')))
+  checkpoint.hash_pytree(h, checkpoint.load_params(mc.reference_workdir, reference_params(mc)))
   keyed = copy.deepcopy(constrained)
   with keyed.unlocked():
     keyed.method.reference_key = h.hexdigest()[:16]

@@ -251,7 +251,7 @@ class Constrained:
     # The dual compares b with losses of the training parameters, so by default b comes from
     # the reference's training parameters too: its EMA average has lower losses (0.11-0.17
     # nats on the digits minorities), which would tighten every threshold by that much.
-    params = checkpoint.load_params(mc.reference_workdir, mc.get('reference_params', 'params'))
+    params = checkpoint.load_params(mc.reference_workdir, reference_params(mc))
     ref = reference_losses(self, params, batcher, mesh,
                            mc.reference_batches, config.seed,
                            window_objective=mc.threshold_reference == 'objective')
@@ -273,6 +273,12 @@ class Constrained:
           f'{", ".join(f"{n}={v:.5f}" for n, v in zip(self.constraint_names, ref[1:]))}; '
           f'thresholds b = {", ".join(f"{v:.5f}" for v in b)}')
     return dataclasses.replace(self, thresholds=b, reference=tuple(float(v) for v in ref))
+
+
+def reference_params(mc) -> str:
+  """Which parameters of the reference run give the thresholds ('params' for a config
+  saved before the field existed)."""
+  return mc.get('reference_params', 'params')
 
 
 def reference_frequencies(mc, constraint_classes, batcher) -> np.ndarray:
@@ -410,7 +416,7 @@ def validate(config) -> None:
                       "constraint_source='classes' and threshold_mode='reference' (with "
                       f'constraint_source={mc.constraint_source!r}, threshold_mode='
                       f'{mc.threshold_mode!r} set target_frequency=0).')
-  if mc.get('reference_params', 'params') not in ('params', 'ema_params'):
+  if reference_params(mc) not in ('params', 'ema_params'):
     raise ConfigError(f"config.method.reference_params={mc.reference_params!r}: must be "
                       "'params' (the reference's training parameters, which the dual's losses "
                       "are comparable with) or 'ema_params'.")
