@@ -111,6 +111,21 @@ def nearest_distance(samples: np.ndarray, data: np.ndarray) -> float:
   return float(np.sqrt(np.clip(d2.min(1), 0, None) / s.shape[1]).mean())
 
 
+def dropped_class_table(dropped, pre: dict, arms: dict) -> str:
+  """Each arm's (and the pre-trained model's) share of samples in the classes left out of
+  pre-training, together, with the arms' mean distance to the new data."""
+  what = f'{dropped[0]}s' if len(dropped) == 1 else 'classes ' + ', '.join(map(str, dropped))
+  share = lambda ev: sum(ev['class_frequencies'][c] for c in dropped)
+  lines = ['', f'| arm | fraction of {what} | mean distance to nearest new-data image |',
+           '|---|---|---|']
+  for name, arm in arms.items():
+    ev = arm['eval']
+    lines.append(f"| {name} | {share(ev):.3f} | "
+                 f"{ev.get('nearest_new_data_distance', float('nan')):.4f} |")
+  lines.append(f"| pretrained (no {what}) | {share(pre['eval']):.3f} | - |")
+  return '\n'.join(lines)
+
+
 def main(argv):
   del argv
   from cdiff_jax import evaluation, parallel, train, writers
@@ -171,14 +186,8 @@ def main(argv):
     samples = np.load(os.path.join(arm_dir, 'eval_samples.npy'))
     arms[name]['eval']['nearest_new_data_distance'] = nearest_distance(samples, new_images)
 
-  table = comparison_table(config, arms)
-  extra = ['', '| arm | fraction of 9s | mean distance to nearest new-data image |', '|---|---|---|']
-  for name, arm in arms.items():
-    ev = arm['eval']
-    nine = ev['class_frequencies'][fc.pretrain_drop_classes[0]]
-    extra.append(f"| {name} | {nine:.3f} | {ev.get('nearest_new_data_distance', float('nan')):.4f} |")
-  extra.append(f"| pretrained (no 9s) | {pre['eval']['class_frequencies'][fc.pretrain_drop_classes[0]]:.3f} | - |")
-  table = table + '\n' + '\n'.join(extra)
+  table = comparison_table(config, arms) + '\n' + dropped_class_table(fc.pretrain_drop_classes,
+                                                                    pre, arms)
   with open(os.path.join(workdir, 'comparison.md'), 'w') as f:
     f.write(table + '\n')
   with open(os.path.join(workdir, 'comparison.json'), 'w') as f:

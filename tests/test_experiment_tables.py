@@ -305,6 +305,21 @@ def test_finetune_helpers():
     idx = [int(np.argmin(((flat - x.ravel()) ** 2).sum(1))) for x in new_images]
     assert len(set(idx)) == n
     np.testing.assert_array_equal(ds.labels[:n], full.labels[idx])
+
+    # The dropped classes' share is their summed frequency, named after the classes dropped.
+    freqs = lambda *pairs: dict(class_frequencies=dict(pairs))
+    pre = dict(eval=freqs((7, 0.01), (9, 0.02)))
+    arms = dict(unconstrained=dict(eval=dict(freqs((7, 0.05), (9, 0.06)),
+                                             nearest_new_data_distance=0.25)),
+                constrained=dict(eval=dict(freqs((7, 0.1), (9, 0.125)),
+                                           nearest_new_data_distance=0.3)))
+    table = f.dropped_class_table((7, 9), pre, arms)
+    assert '| unconstrained | 0.110 | 0.2500 |' in table, table
+    assert '| constrained | 0.225 | 0.3000 |' in table, table
+    assert '| pretrained (no classes 7, 9) | 0.030 | - |' in table, table
+    assert 'fraction of classes 7, 9 |' in table, table
+    one = f.dropped_class_table((7,), pre, arms)
+    assert 'fraction of 7s |' in one and '| constrained | 0.100 |' in one, one
     print('ok')
   ''')
 
