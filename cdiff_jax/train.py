@@ -185,6 +185,35 @@ class _WorkdirLock:
       self._file = None
 
 
+class _RunClock:
+  """A run's wall time over all its invocations: ``WORKDIR/run_time.json`` holds the seconds
+  of the invocations before this one, so a resumed run reports the time of the whole run,
+  not of its last part. Counted from the call, once the run has written anything (a refused
+  invocation adds nothing); recorded when the invocation ends, however it ends short of
+  SIGKILL, whose part is lost."""
+
+  def __init__(self, workdir: str):
+    self.path = os.path.join(workdir, 'run_time.json')
+    self.t0, self.before, self.invocations, self.active = time.perf_counter(), 0.0, 0, False
+
+  def start(self) -> None:
+    """At the run's first write (process 0 only)."""
+    if os.path.exists(self.path):
+      with open(self.path) as f:
+        saved = json.load(f)
+      self.before, self.invocations = float(saved['seconds']), int(saved['invocations'])
+    self.active = True
+
+  def record(self) -> float:
+    """Writes the total so far and returns it; once per invocation."""
+    total = self.before + time.perf_counter() - self.t0
+    if self.active:
+      self.active = False
+      writers.write_atomic(self.path, json.dumps(
+          dict(seconds=total, invocations=self.invocations + 1), indent=2))
+    return total
+
+
 def setup_jax(config) -> None:
   """Process-wide JAX setup, before any device is touched: XLA:CPU options
   (``config.train.xla_cpu_flags``), multi-process initialization (``config.parallel``) and
@@ -501,18 +530,22 @@ def train_and_evaluate(config, workdir: str, dataset: sources.ArrayDataset | Non
   Multi-process: every process calls this; only process 0 writes files other than
   checkpoints.
   """
+  clock = _RunClock(workdir)
   validate(config)  # Before setup: a wrong parallel.* must not start a cluster.
   check_workdir(workdir)
   setup_jax(config)
   lock = _WorkdirLock(workdir)
   try:
     with _PreemptionWatch() as preemption:
-      return _train_and_evaluate(config, workdir, dataset, progress, hooks, preemption, lock)
+      return _train_and_evaluate(config, workdir, dataset, progress, hooks, preemption, lock,
+                                 clock)
   finally:
+    clock.record()  # An interrupted or failed invocation's time counts too.
     lock.release()
 
 
-def _train_and_evaluate(config, workdir, dataset, progress, hooks, preemption, lock) -> dict:
+def _train_and_evaluate(config, workdir, dataset, progress, hooks, preemption, lock,
+                        clock) -> dict:
   exp = build(config, dataset)
   tc = config.train
   workdir = os.path.abspath(workdir)
@@ -544,6 +577,7 @@ def _train_and_evaluate(config, workdir, dataset, progress, hooks, preemption, l
     print(f'Resumed from step {restored_step} ({ckpt_dir}).')
   start = int(state.step)
   if is_main:
+    clock.start()
     os.makedirs(os.path.join(workdir, 'samples'), exist_ok=True)
     with open(os.path.join(workdir, 'config.json'), 'w') as f:
       f.write(config.to_json_best_effort(indent=2, sort_keys=True))
@@ -670,6 +704,9 @@ def _train_and_evaluate(config, workdir, dataset, progress, hooks, preemption, l
     result[name] = hook(exp, state, workdir, samples)
   if records:
     result['final_metrics'] = {k: v for k, v in records[-1].items() if k != 'step'}
+  # Wall time of the whole run, every invocation (set-up, compiles, training, sampling,
+  # evaluation and hooks); process 0's count.
+  result['seconds'] = clock.record()
   if is_main:
     with open(os.path.join(workdir, 'summary.json'), 'w') as f:
       json.dump(result, f, indent=2, default=str)

@@ -64,10 +64,9 @@ def train_model(config, workdir: str, progress: bool):
     if json.load(open(summary)).get('final_step') == config.train.steps:
       exp, state = train.load_run(model_dir, config=config)
       print(f'model: reusing the finished run in {model_dir}')
-      return exp, state, None
-  start = time.time()
+      return exp, state, json.load(open(summary)).get('seconds')  # None: an older run
   result = train.train_and_evaluate(config, model_dir, progress=progress)
-  return result['experiment'], result['state'], time.time() - start
+  return result['experiment'], result['state'], result['seconds']  # every invocation's part
 
 
 def sample_in_batches(sampler, params, num: int, cond_fn, seed: int, batch: int = 500,
@@ -105,8 +104,8 @@ def main(argv):
   for sub in ('grids', 'samples'):
     os.makedirs(os.path.join(workdir, sub), exist_ok=True)
   train.setup_jax(config)
-  t_start = time.time()
   exp, state, train_seconds = train_model(config, workdir, progress)
+  t_start = time.time()
   g = config.guidance
   model, sched, k = exp.model, exp.model.schedule, exp.num_classes
   params = state.ema_params if config.sample.use_ema else state.params
@@ -179,7 +178,8 @@ def main(argv):
        if name == 'unconditional' or name.startswith('NOT')},
       target=None, title=f'class frequencies (evaluation classifier): unconditional vs '
                          f'"any digit but {g.not_class}"')
-  total = time.time() - t_start
+  # The model's training over all its invocations, then this invocation's guidance work.
+  total = None if train_seconds is None else train_seconds + time.time() - t_start
   meta = dict(evaluation_classifier_accuracy=clf.accuracy,
               guidance_classifier=clf_metrics, sampler=sc.sampler, num_steps=sc.num_steps,
               train_seconds=train_seconds, classifier_train_seconds=classifier_train_seconds,

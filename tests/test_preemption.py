@@ -100,11 +100,17 @@ def test_sigterm_saves_and_resumes_exactly(tmp_path, uninterrupted):
   assert saved and 0 < saved[-1] < STEPS, saved
   assert f'preempted: saved a checkpoint at step {saved[-1]}' in err
   assert 'rerun the same command to resume' in err
+  first = json.load(open(tmp_path / 'run_time.json'))
+  assert first['invocations'] == 1 and first['seconds'] > 0, first
 
   resumed = _run(tmp_path)
   assert resumed.returncode == 0, resumed.stderr[-2000:]
   assert f'Resumed from step {saved[-1]}' in resumed.stdout
   _assert_same_as(uninterrupted, tmp_path)
+  # The run's time is both invocations', not the last one's.
+  total = json.load(open(tmp_path / 'run_time.json'))
+  assert total['invocations'] == 2 and total['seconds'] > first['seconds'], (first, total)
+  assert json.load(open(tmp_path / 'summary.json'))['seconds'] == total['seconds']
 
 
 def test_ctrl_c_saves_and_resumes_exactly(tmp_path, uninterrupted):
