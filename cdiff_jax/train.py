@@ -189,8 +189,8 @@ class _RunClock:
   """A run's wall time over all its invocations: ``WORKDIR/run_time.json`` holds the seconds
   of the invocations before this one, so a resumed run reports the time of the whole run,
   not of its last part. Counted from the call, once the run has written anything (a refused
-  invocation adds nothing); recorded when the invocation ends, however it ends short of
-  SIGKILL, whose part is lost."""
+  invocation adds nothing); recorded at every checkpoint and when the invocation ends,
+  however it ends (after a SIGKILL, up to the last checkpoint)."""
 
   def __init__(self, workdir: str):
     self.path = os.path.join(workdir, 'run_time.json')
@@ -204,11 +204,11 @@ class _RunClock:
       self.before, self.invocations = float(saved['seconds']), int(saved['invocations'])
     self.active = True
 
-  def record(self) -> float:
-    """Writes the total so far and returns it; once per invocation."""
+  def record(self, final: bool = True) -> float:
+    """Writes the total so far and returns it; nothing more after the final record."""
     total = self.before + time.perf_counter() - self.t0
     if self.active:
-      self.active = False
+      self.active = not final
       writers.write_atomic(self.path, json.dumps(
           dict(seconds=total, invocations=self.invocations + 1), indent=2))
     return total
@@ -652,6 +652,7 @@ def _train_and_evaluate(config, workdir, dataset, progress, hooks, preemption, l
         flush(done)
         ckpt.save(done, state, config)
         last_saved = done
+        clock.record(final=False)
         t_last = time.perf_counter()
       if tc.sample_every and done % tc.sample_every == 0 and done != tc.steps:
         jax.block_until_ready(state)

@@ -176,10 +176,17 @@ def test_sigkill_resumes_from_last_complete_checkpoint(tmp_path, uninterrupted):
   proc.communicate(timeout=60)
   killed_at = _committed_steps(tmp_path)
   assert killed_at and killed_at[-1] < STEPS, killed_at
+  # The run time is recorded at each checkpoint (the kill may land between the two).
+  clock = tmp_path / 'run_time.json'
+  before = json.load(open(clock)) if clock.exists() else dict(seconds=0.0, invocations=0)
+  assert before['invocations'] in (0, 1), before
 
   resumed = _run(tmp_path)
   assert resumed.returncode == 0, resumed.stderr[-2000:]
   _assert_same_as(uninterrupted, tmp_path)
+  total = json.load(open(clock))
+  assert total['invocations'] == before['invocations'] + 1, (before, total)
+  assert total['seconds'] > before['seconds'], (before, total)
   # Steps the killed run logged after its last checkpoint are not duplicated.
   assert _metric_steps(tmp_path) == list(range(2, STEPS + 1, 2))
 
