@@ -335,9 +335,13 @@ def _put_global(x, sharding):
 
 
 def put_replicated(tree, mesh):
+  """``tree`` replicated over ``mesh``, in buffers of its own: a train state built from
+  arrays held elsewhere (a frozen feature extractor's parameters) is donated to the step,
+  and an aliased buffer would be deleted under its other holder (jax places an array
+  already on a one-device mesh without a copy)."""
   sharding = replicated(mesh)
   if jax.process_count() == 1:
-    return jax.device_put(tree, sharding)
+    return jax.device_put(tree, sharding, may_alias=False)
   # Across processes device_put only takes host values (a process cannot place its
   # local device buffers on another host's devices).
   return jax.tree.map(lambda x: _put_global(x, sharding), tree)
