@@ -56,15 +56,16 @@ def train_model(config, workdir: str, progress: bool):
   """The trained conditional model (the run in WORKDIR/model, resumed or reused)."""
   from cdiff_jax import train
   model_dir = os.path.join(workdir, 'model')
-  summary = os.path.join(model_dir, 'summary.json')
-  if os.path.exists(summary):  # finished earlier
+  summary_path = os.path.join(model_dir, 'summary.json')
+  if os.path.exists(summary_path):  # finished earlier
     from cdiff_jax import config as config_lib
     # Not the answer for another config; one with other steps is refused, not extended.
     config_lib.check_finished_run(model_dir, config)
-    if json.load(open(summary)).get('final_step') == config.train.steps:
+    summary = json.load(open(summary_path))
+    if summary.get('final_step') == config.train.steps:
       exp, state = train.load_run(model_dir, config=config)
       print(f'model: reusing the finished run in {model_dir}')
-      return exp, state, json.load(open(summary)).get('seconds')  # None: an older run
+      return exp, state, summary.get('seconds')  # None: a run older than the record
   result = train.train_and_evaluate(config, model_dir, progress=progress)
   return result['experiment'], result['state'], result['seconds']  # every invocation's part
 
