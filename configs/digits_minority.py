@@ -16,9 +16,9 @@ the constrained arm then takes its thresholds from that run's workdir:
       --config.method.reference_workdir=runs/ref
 
 Expected (2-core CPU, ~5 minutes for both arms): the constrained model generates the
-minority digits 4-17x more often than the unconstrained one (measured: 0.104/0.157/0.167
-vs 0.022/0.029/0.010 for the target 0.1), the total variation distance of the generated
-class frequencies to uniform drops from 0.24 to 0.13 and the classifier FID from 5.7 to
+minority digits 4-15x more often than the unconstrained one (measured: 0.109/0.154/0.162
+vs 0.025/0.030/0.011 for the target 0.1), the total variation distance of the generated
+class frequencies to uniform drops from 0.23 to 0.13 and the classifier FID from 5.7 to
 2.1; see the README's results table. The thresholds come from the reference run's training
 parameters (method.reference_params='params'); from its EMA parameters, as before, they
 are 0.11-0.17 nats tighter and the same run gives 0.125/0.174/0.184, TV 0.18, FID 2.9.
