@@ -80,8 +80,8 @@ def run_arm(config, workdir: str, progress: bool) -> dict:
   record = dict(eval=result['eval'], seconds=result['seconds'],  # every invocation's part
                 final_metrics={k: v for k, v in result.get('final_metrics', {}).items()
                                if np.ndim(v) == 0})
-  with open(done, 'w') as f:
-    json.dump(record, f, indent=2, default=float)
+  # The arm's "finished" mark: whole or absent, as the project's other caches.
+  writers.write_atomic(done, json.dumps(record, indent=2, default=float))
   return record
 
 
