@@ -3,6 +3,7 @@
 import gzip
 import os
 import struct
+import tempfile
 
 import ml_collections
 import numpy as np
@@ -57,6 +58,15 @@ def test_npz(tmp_path):
   np.savez(bad, images=np.full((2, 3, 3, 1), 5.0), labels=np.array([0, 1]))
   with pytest.raises(ValueError, match=r'\[-1, 1\]'):
     data.load_npz(str(bad))
+
+
+@pytest.fixture(autouse=True)
+def _temp_files_in_tmp_path(tmp_path, monkeypatch):
+  """TFDS's mock data leaves an empty ``mkdtemp`` folder behind for every dataset it
+  describes (``DatasetInfo.initialize_from_bucket``); they go to the test's own folder, not
+  the system's."""
+  (tmp_path / 'tmp').mkdir()
+  monkeypatch.setattr(tempfile, 'tempdir', str(tmp_path / 'tmp'))
 
 
 def test_tfds_mnist_and_celeba_with_mock_data():
