@@ -40,15 +40,18 @@ test-all: $(VENV)/.installed
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 # Speed benchmarks (README, Speed; the full log: benchmarks/README.md). PyTorch for the
-# side-by-side runs in its own venv; set TORCH_PYTHON to a Python with a CPU build of torch
-# (pip's default torch is a CUDA build).
+# side-by-side runs in its own venv, made with TORCH_PYTHON. PyPI's default Linux build of
+# torch bundles CUDA (a few GB; it runs on a CPU too); for the CPU-only build set
+# TORCH_INDEX=https://download.pytorch.org/whl/cpu.
 TORCH_VENV := .venv-torch
 TORCH_PYTHON ?= $(firstword $(shell command -v python3.11 python3.12 2>/dev/null))
 TORCH_SPEC ?= torch==2.13.0
+TORCH_INDEX ?=
 
 $(TORCH_VENV)/bin/python:
 	$(TORCH_PYTHON) -m venv $(TORCH_VENV)
-	$(TORCH_VENV)/bin/pip install -q numpy '$(TORCH_SPEC)'
+	$(TORCH_VENV)/bin/pip install -q numpy
+	$(TORCH_VENV)/bin/pip install -q $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX)) '$(TORCH_SPEC)'
 
 bench: $(VENV)/.installed $(TORCH_VENV)/bin/python
 	$(PY) benchmarks/train_step.py --torch-python $(TORCH_VENV)/bin/python

@@ -1,4 +1,4 @@
-"""Class-conditional UNet on the embedded 8x8 digits with classifier-free guidance.
+r"""Class-conditional UNet on the embedded 8x8 digits with classifier-free guidance.
 
 Training with label dropout (10% of labels replaced by the null class), so one network is
 both the conditional and the unconditional model.
