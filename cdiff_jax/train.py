@@ -540,8 +540,12 @@ def train_and_evaluate(config, workdir: str, dataset: sources.ArrayDataset | Non
       return _train_and_evaluate(config, workdir, dataset, progress, hooks, preemption, lock,
                                  clock)
   finally:
-    clock.record()  # An interrupted or failed invocation's time counts too.
-    lock.release()
+    try:
+      clock.record()  # An interrupted or failed invocation's time counts too.
+    except OSError as e:  # (a full disk): the run's own error, if any, is the one to see
+      print(f'WARNING: could not record the run time in {clock.path}: {e}', file=sys.stderr)
+    finally:
+      lock.release()
 
 
 def _train_and_evaluate(config, workdir, dataset, progress, hooks, preemption, lock,

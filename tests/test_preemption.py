@@ -226,3 +226,32 @@ def test_a_workdir_in_use_is_refused_and_a_dead_holder_does_not_block(tmp_path, 
   again = train._WorkdirLock(workdir)                # and it let go at the end
   again.acquire()
   again.release()
+
+
+def test_a_failed_run_keeps_its_error_and_frees_the_workdir_when_the_clock_cannot_write(
+    tmp_path, tiny_config, monkeypatch, capsys):
+  """The run-time record at the end of a failed invocation must not hide the failure nor
+  keep the workdir locked (a notebook's retry in the same process would be refused)."""
+  tiny_config.eval.enabled = False
+  tiny_config.train.steps = 4
+  workdir = str(tmp_path / 'run')
+  real_write = train.writers.write_atomic
+
+  def write(path, *args, **kwargs):
+    if path.endswith('run_time.json') and failing[0]:
+      raise OSError(28, 'No space left on device')
+    return real_write(path, *args, **kwargs)
+
+  failing = [False]
+  monkeypatch.setattr(train.writers, 'write_atomic', write)
+
+  def hook(*_):
+    failing[0] = True
+    raise RuntimeError('the hook failed')
+
+  with pytest.raises(RuntimeError, match='the hook failed'):
+    train.train_and_evaluate(tiny_config, workdir, progress=False, hooks=dict(bad=hook))
+  assert 'could not record the run time' in capsys.readouterr().err
+  again = train._WorkdirLock(workdir)  # free: acquire would raise ConfigError otherwise
+  again.acquire()
+  again.release()
