@@ -16,6 +16,10 @@ import sys
 
 from absl import app, flags
 
+# The flags this module defines for a program (define_config_file, define_progress_flags)
+# belong to that program: its --help lists them.
+flags.disclaim_key_flags()
+
 EXIT_ERROR = 2
 EXIT_PREEMPTED = 3
 EXIT_INTERRUPTED = 130  # Ctrl-C, as a shell reports it; not 3, so a restart loop stops
@@ -137,6 +141,24 @@ def define_config_file(name: str, default: str | None, help_string: str):
     return config_flags.DEFINE_config_file(name, default, help_string)
   except Exception as e:  # the config's AttributeError/TypeError/KeyError/ValueError
     _flag_error(e, sys.argv)
+
+
+class _ProgressFlag:
+  """``--progress`` / ``--noprogress`` and ``--no_progress``, the same on every command (the
+  training launcher and the sampler had only ``--no_progress``, the experiments only
+  ``--noprogress``). ``.value``: show progress bars."""
+
+  def __init__(self):
+    self._show = flags.DEFINE_bool('progress', True, 'Show progress bars (--noprogress: hide).')
+    self._hide = flags.DEFINE_bool('no_progress', False, 'Hide progress bars (as --noprogress).')
+
+  @property
+  def value(self) -> bool:
+    return self._show.value and not self._hide.value
+
+
+def define_progress_flags() -> _ProgressFlag:
+  return _ProgressFlag()
 
 
 def reporting_errors(main):

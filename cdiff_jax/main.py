@@ -19,7 +19,7 @@ from cdiff_jax import cli
 
 _CONFIG = cli.define_config_file('config', None, 'Path to a config file under configs/.')
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Directory for checkpoints, metrics and samples.')
-_NO_PROGRESS = flags.DEFINE_bool('no_progress', False, 'Hide progress bars.')
+_PROGRESS = cli.define_progress_flags()
 
 EXIT_ERROR, EXIT_PREEMPTED = cli.EXIT_ERROR, cli.EXIT_PREEMPTED
 
@@ -32,7 +32,7 @@ def main(argv):
     absl_logging.set_verbosity(absl_logging.WARNING)
   from cdiff_jax import train
   result = train.train_and_evaluate(_CONFIG.value, _WORKDIR.value,
-                                    progress=not _NO_PROGRESS.value)
+                                    progress=_PROGRESS.value)
   print(f"done: step {result['final_step']}, outputs in {result['workdir']}")
 
 

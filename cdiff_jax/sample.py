@@ -82,7 +82,7 @@ def _define_flags():
   d['num_leapfrog'] = flags.DEFINE_integer('num_leapfrog', 3, 'Leapfrog steps (U-HMC, HMC).')
   d['damping'] = flags.DEFINE_float('damping', 0.5, 'Momentum refresh of U-HMC / HMC, in '
                                     '(0, 1].')
-  d['no_progress'] = flags.DEFINE_bool('no_progress', False, 'Hide progress bars.')
+  d['progress'] = cli.define_progress_flags()
 
 
 SAMPLE_FIELDS = ('guidance_scale', 'sampler', 'num_steps', 'eta')
@@ -330,7 +330,7 @@ def main(argv):
   if f['out'] is not None and not f['out'].lower().endswith('.png'):
     raise config_lib.ConfigError(f'--out={f["out"]}: give a path ending in .png (the .npz and '
                                  f'.json go beside it), e.g. --out={f["out"]}.png.')
-  out = draw(f['workdir'], f['num_samples'], f['seed'], classes, progress=not f['no_progress'],
+  out = draw(f['workdir'], f['num_samples'], f['seed'], classes, progress=f['progress'],
              mcmc=mcmc, compose=compose, **{field: f[field] for field in SAMPLE_FIELDS})
   exp, images, labels = out['exp'], out['images'], out['labels']
   if out['info'] is not None and 'accept_rate' in out['info']:
@@ -345,7 +345,7 @@ def main(argv):
   stem = os.path.splitext(png)[0]
   if f['evaluate']:
     asked = classes or (compose and composition_classes(compose, exp.sample_classes)) or None
-    result = evaluation.evaluate_images(exp, images, asked, progress=not f['no_progress'])
+    result = evaluation.evaluate_images(exp, images, asked, progress=f['progress'])
     arrays['predicted'] = evaluation.classifier_for(exp.config).predict(images)
     if labels is not None:
       result['agreement_with_labels'] = float(np.mean(arrays['predicted'] == labels))

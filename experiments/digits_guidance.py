@@ -34,7 +34,7 @@ from cdiff_jax import cli
 _CONFIG = cli.define_config_file('config', 'configs/digits_cfg.py',
                                  'Config of the class-conditional model.')
 _WORKDIR = flags.DEFINE_string('workdir', 'runs/digits_guidance', 'Output directory.')
-_PROGRESS = flags.DEFINE_bool('progress', True, 'Show progress bars.')
+_PROGRESS = cli.define_progress_flags()
 
 
 def validate(config, num_classes: int):

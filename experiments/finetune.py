@@ -35,7 +35,7 @@ if not __package__:  # run as a file (python experiments/finetune.py): experimen
 
 _CONFIG = cli.define_config_file('config', 'configs/digits_finetune.py', 'Fine-tuning config.')
 _WORKDIR = flags.DEFINE_string('workdir', 'runs/finetune', 'Output directory.')
-_PROGRESS = flags.DEFINE_bool('progress', True, 'Show progress bars.')
+_PROGRESS = cli.define_progress_flags()
 
 
 def validate(config, train_size: int, num_classes: int):

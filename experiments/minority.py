@@ -33,7 +33,7 @@ def _define_flags():
   _FLAGS['config'] = cli.define_config_file('config', 'configs/digits_minority.py',
                                             'Config of the constrained arm.')
   _FLAGS['workdir'] = flags.DEFINE_string('workdir', 'runs/demo', 'Output directory of both arms.')
-  _FLAGS['progress'] = flags.DEFINE_bool('progress', True, 'Show progress bars.')
+  _FLAGS['progress'] = cli.define_progress_flags()
 
 
 def run_arm(config, workdir: str, progress: bool, dataset=None) -> dict:

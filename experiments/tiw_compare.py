@@ -207,7 +207,7 @@ def _define_flags():
                                               'Reference-set sizes, e.g. 0.05,0.1.')
   _FLAGS['alphas'] = flags.DEFINE_list('alphas', ['0.5', '2'], 'Extra TIW-DSM temperatures.')
   _FLAGS['arms'] = flags.DEFINE_list('arms', [], 'Arm labels to run (default: all).')
-  _FLAGS['progress'] = flags.DEFINE_bool('progress', True, 'Show progress bars.')
+  _FLAGS['progress'] = cli.define_progress_flags()
 
 
 def _numbers(flag: str) -> list[float]:

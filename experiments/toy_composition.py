@@ -39,7 +39,7 @@ from cdiff_jax import cli
 _CONFIG = cli.define_config_file('config', 'configs/toy_composition.py',
                                  'Config of the toy composition experiment.')
 _WORKDIR = flags.DEFINE_string('workdir', 'runs/toy', 'Output directory.')
-_PROGRESS = flags.DEFINE_bool('progress', True, 'Show progress bars.')
+_PROGRESS = cli.define_progress_flags()
 
 LL_FLOOR = -20.0
 # Which component density each trained model learns; benchmarks refer to these names.

@@ -44,6 +44,29 @@ def test_launcher_writes_everything(tmp_path):
   assert '%|' not in out.stderr, out.stderr[-2000:]   # --no_progress: no progress bars
 
 
+@pytest.mark.parametrize('module', ['cdiff_jax.main', 'cdiff_jax.sample', 'experiments.minority',
+                                    'experiments.finetune', 'experiments.tiw_compare',
+                                    'experiments.digits_guidance', 'experiments.toy_composition'])
+def test_every_command_takes_both_progress_spellings_and_lists_its_flags(module):
+  """--noprogress and --no_progress on every command (the launcher and the sampler knew only
+  the second, the experiments only the first), and --help lists the flags that the shared
+  helpers define for the command (--config and the progress flags were missing)."""
+  out = subprocess.run([sys.executable, '-m', module, '--helpshort'], cwd=ROOT,
+                       capture_output=True, text=True, timeout=120)
+  listed = out.stdout + out.stderr  # (absl's --helpshort exits with status 1)
+  for flag in ('--[no]progress', '--[no]no_progress') + (
+      ('--config:',) if module != 'cdiff_jax.sample' else ()):
+    assert flag in listed, (flag, listed[-1500:])
+  code = ('import sys; from absl import flags; from cdiff_jax import cli; '
+          'p = cli.define_progress_flags(); flags.FLAGS(["x"] + sys.argv[1:]); print(p.value)')
+  if module == 'cdiff_jax.main':  # the helper's meaning, once
+    for args, shown in (([], 'True'), (['--noprogress'], 'False'), (['--no_progress'], 'False'),
+                        (['--progress'], 'True')):
+      out = subprocess.run([sys.executable, '-c', code, *args], cwd=ROOT, capture_output=True,
+                           text=True, timeout=120)
+      assert out.stdout.strip() == shown, (args, out.stderr[-1000:])
+
+
 def test_stray_argument_is_refused_before_any_work(tmp_path):
   """A positional argument (say a mistyped flag without its dashes) stops the launcher
   with a usage message instead of training with the argument ignored."""
