@@ -17,18 +17,19 @@ One arm alone: `python -m cdiff_jax.main --config=configs/digits_tiw_minority.py
 --workdir=DIR --config.method.reference_workdir=TIW_ALONE_DIR` (or
 `--config.method.enabled=False` for TIW-DSM alone).
 
-Measured (idle 2-core AMD EPYC, 1,500 steps, 6.5 min for both arms; thresholds from the
-reference's training parameters; README): TIW-DSM alone: TV to uniform 0.054, classifier
-FID 1.11, classes 7 / 8 / 9 at 0.080 / 0.108 / 0.086. With the constraints (lambda 0.028 /
-0.052 / 0.171 at the end): 7 / 8 / 9 at 0.107 / 0.125 / 0.149, so the tail rose 1.2-1.7x,
-but 9 overshot and TV (0.082) and FID (1.26) got worse: with ELBO weighting TIW-DSM alone
-is already close to uniform, and one offset for all classes pushes the classes that are
-already there too. A threshold per class from the reference's generated frequency,
+Measured (2-core AMD EPYC, jax 0.12.1, 1,500 steps, 4.4 min for both arms; thresholds from
+the reference's training parameters; README): TIW-DSM alone: TV to uniform 0.062,
+classifier FID 1.10, classes 7 / 8 / 9 at 0.078 / 0.111 / 0.081. With the constraints
+(lambda 0.035 / 0.050 / 0.219 at the end): 7 / 8 / 9 at 0.103 / 0.116 / 0.162, so the tail
+rose 1.05-2x, but 9 overshot and TV (0.084) and FID (1.39) got worse: with ELBO weighting
+TIW-DSM alone is already close to uniform, and one offset for all classes pushes the classes
+that are already there too. A threshold per class from the reference's generated frequency,
 b_c = L_c(ref) - log(0.1 / q_c) with q_c measured (`--config.method.threshold_offset=0
 --config.method.target_frequency=0.1 --config.method.frequency_source=generated`;
-b = L_c(ref) - 0.22 / +0.08 / -0.15 nats): lambda 0.001 / 0.000 / 0.094 (8, already at
-0.108, is left alone), 7 / 8 / 9 at 0.102 / 0.101 / 0.130, TV 0.042, FID 0.97 (2.5 min):
-better than TIW-DSM alone in both figures. (With thresholds from the reference's EMA
+b = L_c(ref) - 0.25 / +0.10 / -0.21 nats): lambda 0.008 / 0.000 / 0.146 (8, already at
+0.111, is left alone), 7 / 8 / 9 at 0.103 / 0.094 / 0.137, TV 0.055, FID 1.06 (2.2 min):
+better than TIW-DSM alone in both figures. (jax 0.12.0.1 gave 0.054 / 1.11, 0.082 / 1.26
+and 0.042 / 0.97 for the three, in the same order.) (With thresholds from the reference's EMA
 parameters, the default before, an Intel Xeon run gave TV 0.112 / FID 1.72 and 0.075 /
 1.34 for the two constrained arms, against 0.063 / 1.11 for TIW-DSM alone.)
 An earlier setting (eps-loss weighting, absolute thresholds 0.075, dual step 1.0 from step
