@@ -12,10 +12,11 @@ Command (one arm; pick the variant and alpha on the command line):
 All arms (DSM(ref), DSM(obs), IW-DSM, TIW-DSM and an alpha sweep) and the results table:
   python experiments/tiw_compare.py --workdir=runs/tiw_compare
 
-Expected (2-core CPU, 13-16 minutes per arm beside another run): samples/final.png shows
-digits; eval.json gives the classifier FID and the class frequencies of 1000 samples.
-TIW-DSM's class frequencies are closer to uniform than DSM(obs)'s (total variation to
-uniform 0.070 vs 0.124, classifier FID 0.75 vs 1.38 in our run); see the README section
+Expected (2-core CPU, 3-8 minutes per arm): samples/final.png shows digits; eval.json gives
+the classifier FID and the class frequencies of 1000 samples. TIW-DSM's class frequencies
+are closer to uniform than DSM(obs)'s (total variation to uniform 0.069 vs 0.130, classifier
+FID 0.76 vs 1.52 in our run with jax 0.12.1; 0.070 vs 0.124 and 0.75 vs 1.38 with 0.12.0.1);
+see the README section
 "TIW-DSM" for the measured table. notebooks/tiw_digits.ipynb runs the two arms and plots
 the discriminator's weights.
 """
