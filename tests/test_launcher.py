@@ -57,14 +57,16 @@ def test_every_command_takes_both_progress_spellings_and_lists_its_flags(module)
   for flag in ('--[no]progress', '--[no]no_progress') + (
       ('--config:',) if module != 'cdiff_jax.sample' else ()):
     assert flag in listed, (flag, listed[-1500:])
+
+
+@pytest.mark.parametrize('args, shown', [([], 'True'), (['--noprogress'], 'False'),
+                                         (['--no_progress'], 'False'), (['--progress'], 'True')])
+def test_the_progress_flags_mean_what_they_say(args, shown):
   code = ('import sys; from absl import flags; from cdiff_jax import cli; '
           'p = cli.define_progress_flags(); flags.FLAGS(["x"] + sys.argv[1:]); print(p.value)')
-  if module == 'cdiff_jax.main':  # the helper's meaning, once
-    for args, shown in (([], 'True'), (['--noprogress'], 'False'), (['--no_progress'], 'False'),
-                        (['--progress'], 'True')):
-      out = subprocess.run([sys.executable, '-c', code, *args], cwd=ROOT, capture_output=True,
-                           text=True, timeout=120)
-      assert out.stdout.strip() == shown, (args, out.stderr[-1000:])
+  out = subprocess.run([sys.executable, '-c', code, *args], cwd=ROOT, capture_output=True,
+                       text=True, timeout=120)
+  assert out.stdout.strip() == shown, out.stderr[-1000:]
 
 
 def test_stray_argument_is_refused_before_any_work(tmp_path):
