@@ -34,6 +34,7 @@ the only files written are the grid and the ``.npz`` / ``.json`` beside it (by d
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import json
 import os
@@ -279,13 +280,20 @@ def _mcmc_samples(exp, state, num_samples: int, seed: int, classes, mcmc: dict,
   """Annealed MCMC samples, batched and keyed as ``evaluation.generate`` batches and keys
   the run's sampler; ``info`` of the first batch, acceptance rates averaged over all.
   ``cond_fn``: n -> a composition's cond (``guidance.composed_potential``) for n samples."""
+  import jax.numpy as jnp
   from cdiff_jax import evaluation
   from cdiff_jax.methods import guidance
   from cdiff_jax.sampling import mcmc as mcmc_lib
   sc = exp.config.sample
   settings = {k: v for k, v in mcmc.items() if k != 'kind'}
-  potential = (mcmc_lib.potential_from_model(exp.model) if cond_fn is None else
-               guidance.composed_potential(exp.model, exp.num_classes))
+  model = exp.model
+  if mcmc['kind'] in ('mala', 'hmc') and model.net.dtype != jnp.float32:
+    # The Metropolis test compares energies of hundreds to thousands of nats to within a
+    # fraction of a nat; a bfloat16 network rounds them by nats at low noise. The
+    # parameters are float32 already, so only the computation changes.
+    model = dataclasses.replace(model, net=model.net.clone(dtype=jnp.float32))
+  potential = (mcmc_lib.potential_from_model(model) if cond_fn is None else
+               guidance.composed_potential(model, exp.num_classes))
   sampler = mcmc_lib.AnnealedMCMC(potential, exp.model.schedule,
                                   exp.image_shape, kind=mcmc['kind'], num_steps=sc.num_steps,
                                   mesh=exp.mesh, cpu_onednn=sc.get('cpu_onednn', True),

@@ -4,6 +4,7 @@ classifier-free guided eps at the weight asked for, and the labels asked for; th
 line writes those images and labels, and its evaluation is that of the run's evaluation
 classifier recomputed from the definitions; bad input stops with one line naming the flag."""
 
+import dataclasses
 import json
 import os
 import re
@@ -12,6 +13,7 @@ import subprocess
 import sys
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -210,6 +212,40 @@ def test_hmc_on_an_energy_run_reports_its_acceptance(energy_run, tmp_path):
   rate = out['info']['accept_rate']
   assert (f'HMC acceptance rate: mean {rate.mean():.3f} over 3 levels (first {rate[0]:.3f}, '
           f'last {rate[-1]:.3f})') in done.stdout
+
+
+@pytest.fixture(scope='module')
+def bf16_energy_run(tmp_path_factory):
+  """The energy run's config trained with ``model.dtype='bfloat16'``."""
+  c = run_files.tiny_digits_config(log_every=4, checkpoint_every=4)
+  c.model.parameterization, c.model.dtype = 'energy', 'bfloat16'
+  workdir = str(tmp_path_factory.mktemp('bf16_energy_run'))
+  train.train_and_evaluate(c, workdir, progress=False)
+  return workdir
+
+
+@pytest.mark.parametrize('kind', ['mala', 'hmc'])
+def test_metropolis_kinds_run_a_bfloat16_run_in_float32(bf16_energy_run, kind):
+  """The Metropolis test compares energies of many nats to within a fraction of one, so MALA
+  and HMC evaluate a bfloat16 run's network in float32 (its parameters are float32): the
+  annealed sampler of the checkpoint's float32 potential, acceptance included. ULA keeps
+  the run's bfloat16 (its samples are not the float32 ones)."""
+  settings = dict(steps_per_level=2, num_leapfrog=2, step_size=5.0)
+  out = {k: sample.draw(bf16_energy_run, num_samples=4, seed=3, num_steps=3,
+                        mcmc=dict(kind=k, **settings)) for k in (kind, 'ula')}
+  exp, state = train.load_run(bf16_energy_run)
+  model = dataclasses.replace(exp.model, net=exp.model.net.clone(dtype=jnp.float32))
+  for k in (kind, 'ula'):
+    sampler = mcmc.AnnealedMCMC(mcmc.potential_from_model(model), model.schedule,
+                                exp.image_shape, mesh=exp.mesh, kind=k, num_steps=3,
+                                **settings)
+    x, info = sampler(state.ema_params, jax.random.fold_in(jax.random.key(3), 0), 4, None)
+    if k == kind:
+      np.testing.assert_allclose(out[k]['images'], x, atol=1e-5)
+      np.testing.assert_allclose(out[k]['info']['accept_rate'], info['accept_rate'],
+                                 atol=1e-6)
+    else:
+      assert np.abs(out[k]['images'] - np.asarray(x)).max() > 1e-3
 
 
 def test_hmc_acceptance_is_averaged_over_batches(energy_run, monkeypatch):

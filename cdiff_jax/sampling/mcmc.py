@@ -60,7 +60,12 @@ class Potential:
 
 
 def potential_from_model(model) -> Potential:
-  """The potential of a ``ScoreModel``: its energy if it has one, else only its score."""
+  """The potential of a ``ScoreModel``: its energy if it has one, else only its score.
+
+  For MALA and HMC give a float32 network (``net.clone(dtype=jnp.float32)``; the
+  parameters are float32 anyway): their Metropolis test compares energies of hundreds of
+  nats to within a fraction of one, which bfloat16 rounds by nats at low noise.
+  """
 
   def fn(params, x, t, cond):
     sigma = model.schedule.sigma(t).reshape((-1,) + (1,) * (x.ndim - 1))
