@@ -190,6 +190,15 @@ def test_tiw_table_tail_mass_copying_ratio_and_ordering(tmp_path):
   assert 'Tail = classes 2-3' in text and 'biased set: 0.20' in text
   # FID: TIW-DSM 25 < DSM(obs) 30 holds; DSM(obs) 30 < IW-DSM 20 does not.
   assert 'TIW-DSM < DSM(obs): yes; DSM(obs) < IW-DSM: no.' in text
+  # method.class_order=(3, 0, 2, 1): the head is class 3, the tail classes 1 and 2
+  results['0.1']['data'] = dict(results['0.1']['data'], bias=[0.25, 0.05, 0.15, 0.55])
+  rows = run_files.markdown_rows(tiw_compare.write_table(str(tmp_path), results, 'header'))
+  for label, row in arms.items():
+    expected = row['class_frequencies'][1] + row['class_frequencies'][2]
+    assert abs(float(rows[label]['tail mass']) - expected) < 5e-4
+  assert 'Tail = classes 1-2' in (tmp_path / 'results.md').read_text()
+  results['0.1']['data']['bias'] = [0.15, 0.25, 0.05, 0.55]   # order (3, 1, 0, 2)
+  assert 'Tail = classes 0,2 ' in tiw_compare.write_table(str(tmp_path), results, 'header')
 
 
 def test_tiw_alpha_sweep_starts_at_dsm_obs(tmp_path, monkeypatch):
