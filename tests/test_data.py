@@ -47,6 +47,22 @@ def test_idx_round_trip(tmp_path):
   assert len(data.load_dataset(cfg)) == 7
   with pytest.raises(data.DatasetNotFound, match='data.data_dir'):
     data.load_idx(str(tmp_path), 'test')
+  assert ds.num_classes == 10
+
+
+def test_labels_outside_the_classes_are_refused_and_idx_counts_its_classes(tmp_path):
+  """An IDX set with more than 10 classes (EMNIST letters: 1..26) gets them all, so no label
+  indexes past the class embedding or the classifier's logits; an array dataset whose labels
+  exceed its num_classes is refused with the fix."""
+  images = np.zeros((3, 4, 4), np.uint8)
+  _write_idx(tmp_path / 'train-images-idx3-ubyte.gz', images)
+  _write_idx(tmp_path / 'train-labels-idx1-ubyte.gz', np.array([1, 26, 5]))
+  ds = data.load_idx(str(tmp_path), 'train')
+  assert ds.num_classes == 27 and list(ds.labels) == [1, 26, 5]
+  for labels in ([0, 10, 3], [-1, 0, 3]):
+    with pytest.raises(ValueError, match=r'mine: labels run -?\d+\.\.\d+, outside the classes '
+                                         r'0\.\.9; label the classes 0\.\.C-1'):
+      data.ArrayDataset(images[..., None], np.array(labels), 10, 'mine')
 
 
 def test_npz(tmp_path):

@@ -38,6 +38,10 @@ class ArrayDataset:
     if len(self.images) != len(self.labels):
       raise ValueError(f'{self.name}: {len(self.images)} images but {len(self.labels)} labels.')
     self.labels = np.asarray(self.labels, np.int32)
+    if len(self.labels) and not 0 <= self.labels.min() <= self.labels.max() < self.num_classes:
+      raise ValueError(f'{self.name}: labels run {self.labels.min()}..{self.labels.max()}, '
+                       f'outside the classes 0..{self.num_classes - 1}; label the classes '
+                       f'0..C-1, or give num_classes.')
 
   def __len__(self):
     return len(self.labels)
@@ -136,7 +140,9 @@ def load_idx(directory: str, split: str = 'train', name: str = 'mnist') -> Array
   """MNIST-format IDX files (``train-images-idx3-ubyte[.gz]`` etc.) in ``directory``."""
   paths = _idx_paths(directory, split, name)
   images, labels = read_idx(paths[0]), read_idx(paths[1])
-  return ArrayDataset(images[..., None], labels, 10, f'{name}/{split}')
+  # 10 for MNIST and its look-alikes; more for sets with more classes (EMNIST)
+  num_classes = max(10, int(labels.max()) + 1)
+  return ArrayDataset(images[..., None], labels, num_classes, f'{name}/{split}')
 
 
 def _npz_keys(path: str, split: str, name: str) -> tuple[str, str]:
