@@ -116,12 +116,14 @@ def _labelled(grid, name: str):
 def write_figures(workdir: str, config, arms: dict):
   import numpy as np
   from PIL import Image
-  from cdiff_jax import writers
-  num_classes = len(next(iter(arms.values()))['eval']['class_frequencies'])
-  series = {'training data': next(iter(arms.values()))['eval']['training_class_frequencies']}
+  from cdiff_jax import evaluation, writers
+  first = next(iter(arms.values()))['eval']
+  series = {'training data': first['training_class_frequencies']}
   series.update({name: arm['eval']['class_frequencies'] for name, arm in arms.items()})
+  # the TV's target: uniform over the trained classes (data.keep_classes / drop_classes)
+  target = evaluation.uniform_over(first.get('uniform_over'), len(first['class_frequencies']))
   writers.plot_class_frequencies(os.path.join(workdir, 'comparison_frequencies.png'), series,
-                                 target=np.full(num_classes, 1 / num_classes),
+                                 target=target,
                                  title='generated class frequencies (classifier-labelled)')
   grids = [_labelled(np.asarray(Image.open(os.path.join(workdir, name, 'samples',
                                                       'eval_samples.png'))), name)

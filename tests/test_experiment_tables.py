@@ -105,6 +105,11 @@ def test_minority_figures_show_the_training_data_and_each_arm(tmp_path, monkeypa
   np.testing.assert_array_equal(side[top:top + 10, :12], grids['unconstrained'])
   np.testing.assert_array_equal(side[top:, 20:29], grids['constrained'])
   assert (side[:top, :12] < 128).any() and (side[:top, 20:29] < 128).any()  # names written
+  # trained on some classes only (data.keep_classes): the TV's target, 0 for the others
+  for arm in arms.values():
+    arm['eval']['uniform_over'] = [1, 4, 6, 8]
+  minority.write_figures(str(tmp_path), digits_minority.get_config(), arms)
+  np.testing.assert_allclose(plotted['target'], [0, .25, 0, 0, .25, 0, .25, 0, .25, 0])
 
 
 def test_minority_reuses_a_finished_arm_only_for_its_config(tmp_path):
