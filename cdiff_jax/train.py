@@ -65,9 +65,11 @@ class _PreemptionWatch:
   loop reruns it and the rerun redoes only the sampling and evaluation. Several processes:
   JAX's preemption service (started by ``jax.distributed.initialize``) receives the notice
   and agrees with the other processes on one step at which all of them save.
+  ``steps_per_call``: the steps of one call, between two ``should_stop``.
   """
 
-  def __init__(self):
+  def __init__(self, steps_per_call: int = 1):
+    self.steps_per_call = steps_per_call
     self.requested = False
     self.interrupted = False  # by Ctrl-C, not a preemption notice
     self.training = False     # in the training loop: Ctrl-C saves at the next step boundary
@@ -98,7 +100,9 @@ class _PreemptionWatch:
     if self._multi:
       from jax.experimental import multihost_utils
       try:
-        return multihost_utils.reached_preemption_sync_point(step)
+        # The service's sync point is one past the largest number any process reported,
+        # and is met only by that number: count calls, not steps, which go up by k.
+        return multihost_utils.reached_preemption_sync_point(step // self.steps_per_call)
       except RuntimeError:  # preemption service not running (disabled by a flag)
         return False
     return self.requested
@@ -536,7 +540,7 @@ def train_and_evaluate(config, workdir: str, dataset: sources.ArrayDataset | Non
   setup_jax(config)
   lock = _WorkdirLock(workdir)
   try:
-    with _PreemptionWatch() as preemption:
+    with _PreemptionWatch(config.train.steps_per_call) as preemption:
       return _train_and_evaluate(config, workdir, dataset, progress, hooks, preemption, lock,
                                  clock)
   finally:

@@ -115,3 +115,61 @@ def test_put_batch_shards_the_example_axis_after_leading_axes():
       i = list(mesh.devices.flat).index(shard.device)
       want = host[(slice(None),) * leading_axes + (slice(i * per, (i + 1) * per),)]
       np.testing.assert_array_equal(np.asarray(shard.data), want)
+
+
+PREEMPTED = """
+import os, signal, sys, time
+sys.path.insert(0, {tests!r})
+import run_files
+from cdiff_jax import parallel, train
+pid = int(sys.argv[1])
+c = run_files.tiny_digits_config(log_every=4, checkpoint_every=0, steps_per_call=4)
+c.train.steps = 80
+c.parallel.distributed, c.parallel.coordinator_address = True, 'localhost:{port}'
+c.parallel.num_processes, c.parallel.process_id = 2, pid
+c.parallel.cpu_collectives, c.parallel.initialization_timeout = 'gloo', 120
+put_batch, calls = parallel.put_batch, []
+
+
+def notice_at_the_fifth_call(*args, **kwargs):
+  calls.append(1)
+  if pid == 0 and len(calls) == 5:
+    os.kill(os.getpid(), signal.SIGTERM)   # the notice reaches process 0 only
+  time.sleep(0.2)   # time for the processes to agree on a step
+  return put_batch(*args, **kwargs)
+
+
+parallel.put_batch = notice_at_the_fifth_call
+try:
+  train.train_and_evaluate(c, {workdir!r}, progress=False)
+  print('ran to the end')
+except train.Preempted as e:
+  print(f'preempted at step {{e.step}}')
+"""
+
+
+def test_a_preemption_notice_stops_both_processes_at_one_step_with_scanned_steps(tmp_path):
+  """4 steps per call: process 0 alone gets SIGTERM at its fifth call; JAX's preemption
+  service makes both processes save the same step and stop (its sync point counts calls)."""
+  workdir = tmp_path / 'run'
+  script = tmp_path / 'preempted.py'
+  script.write_text(PREEMPTED.format(tests=os.path.join(ROOT, 'tests'), port=_free_port(),
+                                     workdir=str(workdir)))
+  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=1')
+  procs = [subprocess.Popen([sys.executable, str(script), str(pid)], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+           for pid in range(2)]
+  try:
+    outs = [p.communicate(timeout=600) for p in procs]
+  finally:
+    for p in procs:
+      if p.poll() is None:
+        p.kill()
+  ends = []
+  for p, (out, err) in zip(procs, outs):
+    assert p.returncode == 0, err[-3000:]
+    ends.append(out.strip().splitlines()[-1])
+  assert ends[0] == ends[1] and ends[0].startswith('preempted at step '), ends
+  step = int(ends[0].split()[-1])
+  assert 16 < step < 80 and step % 4 == 0   # after the notice, before the end
+  assert os.listdir(workdir / 'checkpoints') == [str(step)]
