@@ -120,6 +120,24 @@ def _fail(field: str, value, fix: str):
   raise ConfigError(f'config.{field}={value!r}: {fix}')
 
 
+def _check_continuous_schedule(dc) -> None:
+  """vp / cosine: times in [t_min, 1] with 0 < t_min < 1; vp's beta(t) positive, ending
+  in (nearly) pure noise as the ddpm check asks."""
+  if not 0.0 < dc.t_min < 1.0:
+    _fail('diffusion.t_min', dc.t_min, 'must lie in (0, 1): the smallest training and '
+          'sampling time (1e-3 by default; below 0 the noise variance is negative).')
+  if dc.schedule != 'vp':
+    return
+  if not 0.0 <= dc.beta_min <= dc.beta_max or dc.beta_max <= 0.0:
+    _fail('diffusion.beta_max', dc.beta_max, f'the VP betas must satisfy 0 <= beta_min '
+          f'({dc.beta_min}) <= beta_max, beta_max > 0 (default 0.1 and 20).')
+  alpha_1 = float(np.exp(-0.25 * (dc.beta_max + dc.beta_min)))
+  if alpha_1 > 0.05:
+    _fail('diffusion.beta_max', dc.beta_max, f'with beta_min={dc.beta_min:g} the forward '
+          f'process ends at alpha(1) = {alpha_1:.3f}, far from the pure noise sampling starts '
+          f'from (default 0.1 and 20: 0.007); set beta_max >= {12 - dc.beta_min:.3g}.')
+
+
 def _check_ddpm_betas(dc) -> None:
   """The discrete schedule must end in (nearly) pure noise, where sampling starts: the
   linear betas are per-step values, so fewer steps with the same betas end far from it."""
@@ -227,6 +245,8 @@ def validate(c: ml_collections.ConfigDict) -> None:
           'denoising step is the full DDPM chain).')
   if c.diffusion.schedule == 'ddpm':
     _check_ddpm_betas(c.diffusion)
+  else:
+    _check_continuous_schedule(c.diffusion)
   if not 0.0 <= c.sample.eta <= 1.0:  # DDIM's noise: 0 deterministic, 1 the DDPM posterior's
     _fail('sample.eta', c.sample.eta, 'must lie in [0, 1] (0: deterministic DDIM, 1: as much '
           'noise as ancestral sampling).')
@@ -280,6 +300,7 @@ def validate(c: ml_collections.ConfigDict) -> None:
     _fail('sample.guidance_scale', w, 'the null class is never trained with '
           'model.class_dropout=0; set model.class_dropout=0.1 (or guidance_scale=1).')
   _positive(c, 'eval.num_samples')
+  _positive(c, 'eval.classifier_steps', allow_zero=True)  # 0: the dataset's default
   if c.eval.enabled and c.data.name == 'toy':
     _fail('eval.enabled', True, 'the evaluation classifier needs an image dataset.')
 
@@ -288,6 +309,9 @@ def check_image_shape(model_config, image_shape) -> None:
   """The data's image shape against the model (once the data is loaded, since
   ``data.image_size=0`` takes the size from the data)."""
   mc = model_config
+  if mc.name == 'mlp' and len(image_shape) != 1:
+    _fail('model.name', mc.name, f'the MLP takes vectors (D,); the data has examples of '
+          f'shape {tuple(image_shape)}; use model.name=\'unet\'.')
   if mc.name != 'unet':
     return
   if len(image_shape) != 3:

@@ -563,16 +563,20 @@ def _train_and_evaluate(config, workdir, dataset, progress, hooks, preemption, l
   ckpt_dir = os.path.join(workdir, 'checkpoints')
   ckpt = checkpoint_lib.Checkpointer(ckpt_dir, tc.keep_checkpoints)
   try:  # Refuses an incompatible checkpoint before anything is written.
+    latest = ckpt.latest_step()
+    if latest is not None and latest % tc.steps_per_call:
+      raise config_lib.ConfigError(f'config.train.steps_per_call={tc.steps_per_call}: the '
+                                   f'checkpoint is at step {latest}; use a divisor of it.')
+    if latest is not None and latest > tc.steps:  # records of train.steps, a state past it
+      raise config_lib.ConfigError(f'config.train.steps={tc.steps}: the checkpoint in '
+                                   f'{ckpt_dir} is at step {latest}, past it; set '
+                                   f'train.steps >= {latest} or use a new --workdir.')
     restored, restored_step = ckpt.restore_latest(state, config)
   except BaseException:
     ckpt.close()
     raise
   if restored is not None:
     state = restored
-    if restored_step % tc.steps_per_call:
-      ckpt.close()
-      raise config_lib.ConfigError(f'config.train.steps_per_call={tc.steps_per_call}: the '
-                                   f'checkpoint is at step {restored_step}; use a divisor of it.')
   try:  # The checks have passed: the first write.
     lock.acquire()
   except BaseException:

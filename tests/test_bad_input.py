@@ -83,6 +83,20 @@ CASES = {
         "config.train.xla_cpu_flags='--xla_cpu_no_such_option=1': XLA (jaxlib "),
     'checkpoint of another model': ('digits_dsm', ['--config.model.ch=24'],
                                     'model.ch: checkpoint 16 vs now 24'),
+    'checkpoint past train.steps': ('digits_dsm', ['--config.train.steps=2'],
+                                    'config.train.steps=2: the checkpoint in '),
+    'negative smallest time': ('digits_dsm', ['--config.diffusion.schedule=vp',
+                                              '--config.diffusion.t_min=-0.5'],
+                               'config.diffusion.t_min=-0.5: must lie in (0, 1)'),
+    'VP betas that end far from noise': (
+        'digits_dsm', ['--config.diffusion.schedule=vp', '--config.diffusion.beta_max=2.0'],
+        'config.diffusion.beta_max=2.0: with beta_min=0.1 the forward process ends at alpha(1) '
+        '= 0.592'),
+    'MLP on images': ('digits_dsm', ['--config.model.name=mlp'],
+                      "config.model.name='mlp': the MLP takes vectors (D,); the data has "
+                      "examples of shape (8, 8, 1); use model.name='unet'."),
+    'negative classifier steps': ('digits_dsm', ['--config.eval.classifier_steps=-5'],
+                                  'config.eval.classifier_steps=-5: must be >= 0'),
 }
 
 
