@@ -301,8 +301,7 @@ def evaluate_run(exp, state, workdir: str, progress: bool = False) -> dict:
   train_freqs = class_frequencies(exp.dataset.labels[exp.objective_indices()], exp.num_classes)
   result['training_class_frequencies'] = train_freqs.tolist()
   if jax.process_index() == 0:
-    with open(os.path.join(workdir, 'eval.json'), 'w') as f:
-      json.dump(result, f, indent=2)
+    writers.write_atomic(os.path.join(workdir, 'eval.json'), json.dumps(result, indent=2))
     writers.plot_class_frequencies(
         os.path.join(workdir, 'class_frequencies.png'),
         {'training data': train_freqs, 'model samples': result['class_frequencies']},

@@ -591,8 +591,8 @@ def _train_and_evaluate(config, workdir, dataset, progress, hooks, preemption, l
   if is_main:
     clock.start()
     os.makedirs(os.path.join(workdir, 'samples'), exist_ok=True)
-    with open(os.path.join(workdir, 'config.json'), 'w') as f:
-      f.write(config.to_json_best_effort(indent=2, sort_keys=True))
+    writers.write_atomic(os.path.join(workdir, 'config.json'),
+                         config.to_json_best_effort(indent=2, sort_keys=True))
   writer = writers.MetricWriter(workdir, active=is_main, resume_step=start)
   writer.drop_after(start)  # Steps logged after the checkpoint by a killed run.
   if is_main and start == 0:
@@ -721,8 +721,9 @@ def _train_and_evaluate(config, workdir, dataset, progress, hooks, preemption, l
   # evaluation and hooks); process 0's count.
   result['seconds'] = clock.record()
   if is_main:
-    with open(os.path.join(workdir, 'summary.json'), 'w') as f:
-      json.dump(result, f, indent=2, default=str)
+    # Whole or not at all: SIGTERM here raises Preempted wherever it lands (``finishing``).
+    writers.write_atomic(os.path.join(workdir, 'summary.json'),
+                         json.dumps(result, indent=2, default=str))
   result['state'] = state
   result['experiment'] = exp
   return result

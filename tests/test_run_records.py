@@ -115,6 +115,36 @@ def test_preemption_between_checkpoints_saves_there_and_resumes(reference, tmp_p
   run_files.assert_interval_means(records, reference['per_step'], c.train.batch_size)
 
 
+def test_a_notice_while_the_summary_is_written_leaves_the_old_one_whole(reference, tmp_path,
+                                                                          monkeypatch):
+  """After the last step SIGTERM raises ``Preempted`` wherever it lands; landing inside
+  the write of summary.json (here: after the encoder's first piece) must leave the file
+  of the previous invocation, which the experiments read back, whole."""
+  import shutil
+  workdir = tmp_path / 'run'
+  shutil.copytree(reference['workdir'], workdir)
+  before = (workdir / 'summary.json').read_text()
+
+  encode = json.JSONEncoder.iterencode
+
+  def encode_then_stop(self, o, _one_shot=False):
+    if not (isinstance(o, dict) and 'final_step' in o):   # not the summary
+      yield from encode(self, o, _one_shot)
+      return
+    yield '{'
+    raise train.Preempted(8, str(workdir))
+
+  def notice_arrives(exp, state, wd, samples):   # a hook runs just before the summary
+    monkeypatch.setattr(json.JSONEncoder, 'iterencode', encode_then_stop)
+
+  with pytest.raises(train.Preempted):
+    train.train_and_evaluate(_config(), str(workdir), progress=False,
+                             hooks={'notice': notice_arrives})
+  monkeypatch.undo()
+  assert (workdir / 'summary.json').read_text() == before
+  assert not [f for f in os.listdir(workdir) if f.endswith('.tmp')]
+
+
 def test_throughput_leaves_out_checkpoint_writes_and_in_loop_sampling(tmp_path, monkeypatch):
   """images_per_sec counts training: on a clock where every reading takes 1 s, drawing
   in-loop samples and writing a checkpoint take 100 s each, and no record's interval holds
