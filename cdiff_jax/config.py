@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Sequence
 
 import ml_collections
 import numpy as np
@@ -392,17 +393,24 @@ def computing_fields(c: ml_collections.ConfigDict) -> dict:
   return _computing_fields(json.loads(c.to_json_best_effort()))
 
 
-def saved_config_mismatch(path: str, c: ml_collections.ConfigDict) -> list[str]:
-  """Fields where a run's saved ``config.json`` differs from ``c``, bookkeeping fields aside."""
+def saved_config_mismatch(path: str, c: ml_collections.ConfigDict,
+                          unused: Sequence[str] = ()) -> list[str]:
+  """Fields where a run's saved ``config.json`` differs from ``c``, bookkeeping fields and
+  the fields or sections named in ``unused`` aside."""
   with open(path) as f:
     saved = _computing_fields(json.load(f))
-  return _mismatch(saved, computing_fields(c), 'saved')
+  skip = lambda k: any(k == u or k.startswith(u + '.') for u in unused)
+  return [d for d in _mismatch(saved, computing_fields(c), 'saved')
+          if not skip(d.split(':')[0])]
 
 
-def check_finished_run(workdir: str, c: ml_collections.ConfigDict) -> None:
-  """Refuses to reuse the finished run in ``workdir`` as the answer for another config."""
+def check_finished_run(workdir: str, c: ml_collections.ConfigDict,
+                       unused: Sequence[str] = ()) -> None:
+  """Refuses to reuse the finished run in ``workdir`` as the answer for another config.
+  ``unused``: fields or sections (``'guidance'``) of ``c`` that the run never reads, so
+  that other values of them still find it (an experiment's later stages read them)."""
   path = os.path.join(workdir, 'config.json')
-  diffs = saved_config_mismatch(path, c) if os.path.exists(path) else []
+  diffs = saved_config_mismatch(path, c, unused) if os.path.exists(path) else []
   if diffs:
     raise ConfigError(f'{workdir} holds a run finished with another config ({"; ".join(diffs[:4])}'
                       f'{" ..." if len(diffs) > 4 else ""}); use a new --workdir or delete that '

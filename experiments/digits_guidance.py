@@ -60,7 +60,8 @@ def train_model(config, workdir: str, progress: bool):
   if os.path.exists(summary_path):  # finished earlier
     from cdiff_jax import config as config_lib
     # Not the answer for another config; one with other steps is refused, not extended.
-    config_lib.check_finished_run(model_dir, config)
+    # The guidance section is read only by the evaluations after training.
+    config_lib.check_finished_run(model_dir, config, unused=('guidance',))
     summary = json.load(open(summary_path))
     if summary.get('final_step') == config.train.steps:
       exp, state = train.load_run(model_dir, config=config)

@@ -77,6 +77,15 @@ def pretrain_config(config):
   return c
 
 
+def pretrain(config, workdir: str, progress: bool):
+  """Step 1: (its config, its workdir WORKDIR/pretrained, its figures), trained or reused.
+  Its finetune fields are copied into the config's own; the others (q_pre, the new data)
+  are read only by the later steps, so other values of them reuse the finished run."""
+  from experiments.minority import run_arm
+  pre_cfg, pre_dir = pretrain_config(config), os.path.join(workdir, 'pretrained')
+  return pre_cfg, pre_dir, run_arm(pre_cfg, pre_dir, progress, unused=('finetune',))
+
+
 def samples_key(params, pre_cfg, fc) -> str:
   """Identifies the q_pre samples: the pre-trained parameters (by value), the sampler and
   the evaluation classifier that labels them, their number and seed."""
@@ -139,9 +148,7 @@ def main(argv):
   validate(config, len(train_set), train_set.num_classes)
   train.setup_jax(config)  # XLA options before the samples of step 2 start the backend
 
-  pre_dir = os.path.join(workdir, 'pretrained')
-  pre_cfg = pretrain_config(config)
-  pre = run_arm(pre_cfg, pre_dir, progress)
+  pre_cfg, pre_dir, pre = pretrain(config, workdir, progress)
 
   gen_path = os.path.join(workdir, 'pretrained_samples.npz')
   from cdiff_jax import checkpoint as ckpt_lib

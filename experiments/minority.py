@@ -36,16 +36,22 @@ def _define_flags():
   _FLAGS['progress'] = cli.define_progress_flags()
 
 
-def run_arm(config, workdir: str, progress: bool, dataset=None) -> dict:
-  """Trains and evaluates one arm (or reuses it when finished); returns its figures."""
+def run_arm(config, workdir: str, progress: bool, dataset=None, unused=()) -> dict:
+  """Trains and evaluates one arm (or reuses it when finished); returns its figures.
+  ``unused``: fields or sections of ``config`` the arm never reads (other values of them
+  reuse a finished arm); an arm with the constrained method disabled never reads its
+  ``DUAL_FIELDS`` either."""
   from cdiff_jax import train
+  from cdiff_jax.methods import constrained
   summary_path = os.path.join(workdir, 'summary.json')
   eval_path = os.path.join(workdir, 'eval.json')
   if os.path.exists(summary_path):
     # A finished arm answers only its own config: one finished with other steps is refused,
     # not extended (its schedule ran to its own end).
     from cdiff_jax import config as config_lib
-    config_lib.check_finished_run(workdir, config)
+    if config.method.name == 'constrained' and not config.method.enabled:
+      unused = tuple(unused) + tuple(f'method.{f}' for f in constrained.DUAL_FIELDS)
+    config_lib.check_finished_run(workdir, config, unused)
     summary = json.load(open(summary_path))
     if summary.get('final_step') == config.train.steps and os.path.exists(eval_path):
       print(f'{workdir}: finished earlier, reusing it.')

@@ -72,12 +72,46 @@ def test_guidance_experiment_refuses_a_model_finished_with_another_config(tmp_pa
     os.makedirs(model_dir)
     json.dump({'final_step': c.train.steps}, open(os.path.join(model_dir, 'summary.json'), 'w'))
     open(os.path.join(model_dir, 'config.json'), 'w').write(c.to_json_best_effort())
+    # the guidance weights are read only after training: another sweep reuses the model
+    import cdiff_jax.train
+    cdiff_jax.train.load_run = lambda workdir, config=None: ('exp', workdir)
+    c.guidance.cfg_scales = (1.0, 5.0)
+    assert g.train_model(c, sys.argv[1], False)[:2] == ('exp', model_dir)
     c.optim.lr *= 2
     try:
       g.train_model(c, sys.argv[1], False)
       raise AssertionError('reused a model trained with another learning rate')
     except ConfigError as e:
       assert 'optim.lr' in str(e), e
+    print('ok')
+  ''', str(tmp_path))
+
+
+def test_finetune_pretraining_is_reused_whatever_the_later_steps_ask(tmp_path):
+  """q_pre's size and the new data's size and seed are read after pre-training: other values
+  reuse the finished pre-trained run; a field it copies (pretrain_steps) does not."""
+  _run('''
+    import json, os, sys
+    import experiments.finetune as f
+    from configs import digits_finetune
+    from cdiff_jax.config import ConfigError
+    c = digits_finetune.get_config()
+    pre_dir = os.path.join(sys.argv[1], 'pretrained')
+    os.makedirs(pre_dir)
+    open(os.path.join(pre_dir, 'config.json'), 'w').write(f.pretrain_config(c).to_json_best_effort())
+    json.dump({'tv_to_uniform': 0.1}, open(os.path.join(pre_dir, 'eval.json'), 'w'))
+    json.dump({'final_step': c.finetune.pretrain_steps, 'seconds': 3.0},
+              open(os.path.join(pre_dir, 'summary.json'), 'w'))
+    c.finetune.num_generated, c.finetune.new_data_size = 200, 50
+    c.finetune.new_data_seed += 1
+    _, wd, pre = f.pretrain(c, sys.argv[1], False)
+    assert wd == pre_dir and pre['eval'] == {'tv_to_uniform': 0.1}, pre
+    c.finetune.pretrain_steps += 100
+    try:
+      f.pretrain(c, sys.argv[1], False)
+      raise AssertionError('reused a model pre-trained for other steps')
+    except ConfigError as e:
+      assert 'train.steps' in str(e), e
     print('ok')
   ''', str(tmp_path))
 

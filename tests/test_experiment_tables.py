@@ -141,6 +141,34 @@ def test_minority_reuses_a_finished_arm_only_for_its_config(tmp_path):
     minority.run_arm(longer, str(tmp_path), progress=False)
 
 
+def _finished(workdir, config, arm):
+  """What a finished arm of ``config`` leaves in ``workdir``."""
+  os.makedirs(workdir, exist_ok=True)
+  (workdir / 'config.json').write_text(config.to_json_best_effort())
+  (workdir / 'eval.json').write_text(json.dumps(arm['eval']))
+  (workdir / 'summary.json').write_text(json.dumps(dict(final_step=config.train.steps,
+                                                        seconds=3.0, final_metrics={})))
+
+
+def test_a_finished_unconstrained_arm_answers_any_dual_setting(tmp_path):
+  """lambda fixed at 0 trains the same model whatever the dual fields hold: a sweep of them
+  reuses the unconstrained arm; the constrained arm, and any training field, still count."""
+  from configs import digits_minority
+  from experiments import minority
+  arm = _minority_arm(5)
+  _finished(tmp_path, minority.unconstrained_arm(digits_minority.get_config()), arm)
+  other = digits_minority.get_config()
+  other.method.dual_lr, other.method.dual_start = 0.05, 150
+  other.method.target_frequency, other.method.reference_params = 0.2, 'ema_params'
+  reused = minority.run_arm(minority.unconstrained_arm(other), str(tmp_path), progress=False)
+  assert reused['eval'] == arm['eval']
+  with pytest.raises(config_lib.ConfigError, match='method.dual_lr: saved 0.005 vs now 0.05'):
+    minority.run_arm(other, str(tmp_path), progress=False)   # enabled: it reads them
+  other.optim.lr *= 2
+  with pytest.raises(config_lib.ConfigError, match='optim.lr'):
+    minority.run_arm(minority.unconstrained_arm(other), str(tmp_path), progress=False)
+
+
 def test_unconstrained_arm_drops_the_reference_it_never_reads():
   from configs import digits_minority
   from experiments import minority

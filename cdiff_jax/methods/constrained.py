@@ -532,6 +532,16 @@ def tiw_objective(config, model, num_classes: int, common: dict):
   return tiw.build(_tiw_config(config), model, num_classes, common)
 
 
+# The fields that act only through the multipliers and their thresholds: with
+# enabled=False (lambda fixed at 0) a run trains the same model whatever they hold (only the
+# constraint gaps it logs change), so a finished unconstrained arm answers any of them.
+DUAL_FIELDS = ('threshold_mode', 'thresholds', 'reference_workdir', 'threshold_reference',
+               'threshold_scale', 'threshold_offset', 'target_frequency', 'frequency_source',
+               'reference_batches', 'reference_params', 'dual_lr', 'dual_lr_schedule',
+               'dual_every', 'dual_start', 'dual_estimate', 'dual_ema', 'init_lambda',
+               'resilient_alpha', 'normalize')
+
+
 def default_method_config():
   """The ``config.method`` fields of constrained training, with their defaults."""
   import ml_collections
