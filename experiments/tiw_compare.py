@@ -33,6 +33,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import sys
 import time
 
 import jax
@@ -43,6 +44,9 @@ from cdiff_jax import cli, evaluation, train, writers
 from cdiff_jax import config as config_lib
 from cdiff_jax.data import sources
 from cdiff_jax.methods import tiw
+
+if not __package__:  # run as a file: configs that import configs.* need the root
+  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 _FLAGS = {}
 

@@ -164,6 +164,19 @@ def test_finetune_also_runs_as_a_file(tmp_path):
   _assert_one_error_line(out, 'config.finetune.new_data_size')
 
 
+def test_tiw_compare_as_a_file_loads_a_config_that_imports_the_configs(tmp_path):
+  """A config built on a shipped one (from configs import digits_tiw) loads under
+  python experiments/tiw_compare.py: the run gets to its own --arms check."""
+  cfg = tmp_path / 'my_tiw.py'
+  cfg.write_text('from configs import digits_tiw\n\n\ndef get_config():\n'
+                 '  return digits_tiw.get_config()\n')
+  out = subprocess.run([sys.executable, 'experiments/tiw_compare.py', f'--config={cfg}',
+                        f'--workdir={tmp_path / "w"}', '--arms=nope'], cwd=ROOT,
+                       capture_output=True, text=True, timeout=300)
+  assert "--arms: no arm ['nope']" in out.stderr, out.stderr[-2000:]
+  assert 'ModuleNotFoundError' not in out.stderr
+
+
 def test_experiment_scripts_import_each_other_without_flag_clash():
   """experiments.finetune (like the notebook) imports experiments.minority's helpers after
   defining its own --config/--workdir flags: the import must not define flags again."""
