@@ -330,6 +330,14 @@ def main(argv):
   mcmc = None
   if f['mcmc']:
     mcmc = dict(kind=f['mcmc'], **{k: f[k] for k in MCMC_FIELDS if k != 'kind'})
+  given = lambda names: [n for n in names if flags.FLAGS[n].present]
+  if not f['mcmc'] and (unread := given(MCMC_FIELDS[1:])):
+    raise config_lib.ConfigError(f'--{unread[0]}: an MCMC setting, read only with --mcmc; add '
+                                 '--mcmc=ula|mala|uhmc|hmc, or drop it.')
+  if f['mcmc'] and (unread := given(('sampler', 'eta'))):
+    raise config_lib.ConfigError(f'--{unread[0]} with --mcmc={f["mcmc"]}: annealed MCMC '
+                                 'replaces the run\'s sampler (its levels: --num_steps); drop '
+                                 f'--{unread[0]}.')
   compose = parse_compose(f['compose']) if f['compose'] else None
   if f['evaluate'] and f['num_samples'] < 2:
     raise config_lib.ConfigError(f'--num_samples={f["num_samples"]} with --evaluate: the '
@@ -359,9 +367,10 @@ def main(argv):
       result['agreement_with_labels'] = float(np.mean(arrays['predicted'] == labels))
     if compose is not None:
       result['compose'] = _compose_text(compose)
-    with open(stem + '.json', 'w') as fh:
-      json.dump(result, fh, indent=2)
+    writers.write_atomic(stem + '.json', json.dumps(result, indent=2))
     print(_evaluation_lines(result))
+  elif os.path.exists(stem + '.json'):  # an earlier --evaluate's, of other samples
+    os.remove(stem + '.json')
   np.savez(stem + '.npz', **arrays)
   print(f'wrote {len(images)} samples of {f["workdir"]} to {png} and {stem}.npz'
         + (f' (evaluation: {stem}.json)' if f['evaluate'] else ''))

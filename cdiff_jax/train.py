@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import math
 import os
 import signal
 import sys
@@ -376,8 +377,12 @@ def check_workdir(workdir: str) -> None:
                                  'folder you can write to.')
 
 
-def build(config, dataset: sources.ArrayDataset | None = None) -> Experiment:
-  """Validates the config and builds everything but the state (``init_state``)."""
+def build(config, dataset: sources.ArrayDataset | None = None,
+          fit_devices: bool = False) -> Experiment:
+  """Validates the config and builds everything but the state (``init_state``).
+  ``fit_devices`` (to sample or evaluate a trained run, not to train it): with
+  ``train.num_devices=0`` the mesh takes as many of the devices as divide every part of the
+  run's batch, instead of refusing a device count the run was not trained on."""
   validate(config)
   if dataset is None:
     dataset = load_training_data(config.data)
@@ -390,7 +395,11 @@ def build(config, dataset: sources.ArrayDataset | None = None) -> Experiment:
   method = methods_lib.build(config, model, dataset.num_classes, lr_fn)
   groups = method.data_groups(dataset, idx)
   try:  # Device count, batch sizes and data groups that do not fit: one line, no traceback.
-    mesh = parallel.make_mesh(config.train.num_devices or None)
+    num_devices = config.train.num_devices or None
+    if fit_devices and num_devices is None:
+      parts = math.gcd(*[b for _, _, b in groups])
+      num_devices = max(d for d in range(1, jax.device_count() + 1) if parts % d == 0)
+    mesh = parallel.make_mesh(num_devices)
     for name, _, b in groups:
       parallel.check_batch_size(b, mesh, f"the {name!r} part of the batch (config.train."
                                 f"batch_size or the method's *_batch fields), size")
@@ -493,10 +502,11 @@ def load_run(workdir: str, dataset: sources.ArrayDataset | None = None, config=N
       exp, state = train.load_run('runs/demo/constrained')
       images = exp.sampler()(state.ema_params, jax.random.key(0), 16, exp.sample_labels(16))
 
-  The run's data must be readable, as for training (or pass ``dataset``).
+  The run's data must be readable, as for training (or pass ``dataset``). The mesh takes
+  the devices here that divide the run's batch (``build``'s ``fit_devices``).
   """
   config = load_config(workdir) if config is None else config
-  exp = build(config, dataset)
+  exp = build(config, dataset, fit_devices=True)
   ckpt = checkpoint_lib.Checkpointer(os.path.join(workdir, 'checkpoints'))
   try:
     state, _ = ckpt.restore_latest(exp.init_state(), config)

@@ -96,6 +96,21 @@ def _composed_by_hand(workdir, n, seed, compose, num_steps):
   return np.asarray(x)[:n]
 
 
+def test_a_machine_whose_device_count_does_not_divide_the_runs_batch_samples_it(run, tmp_path):
+  """A run trained with batch 16 on 2 devices, sampled where 3 are visible: the mesh takes
+  the 2 that divide its batch (before, the batch check refused, naming a field the sampler
+  cannot set), and the samples are those drawn on 2 devices."""
+  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=3')
+  png = tmp_path / 'three.png'
+  done = subprocess.run([sys.executable, '-m', 'cdiff_jax.sample', f'--workdir={run}',
+                         '--classes=2', '--num_samples=3', '--num_steps=2', '--seed=4',
+                         f'--out={png}', '--no_progress'], cwd=ROOT, env=env,
+                        capture_output=True, text=True, timeout=300)
+  assert done.returncode == 0, done.stderr[-2000:]
+  np.testing.assert_allclose(np.load(str(tmp_path / 'three.npz'))['images'],
+                             _by_hand(run, 3, 4, [2], 1.0, 2), atol=1e-5)
+
+
 def test_compose_is_the_composed_sampler_of_the_checkpoint(run):
   out = sample.draw(run, num_samples=5, seed=3, compose=NOT3, num_steps=3)
   assert out['labels'] is None
@@ -162,6 +177,11 @@ def test_command_line_writes_images_labels_and_their_evaluation(run, tmp_path):
   printed = re.search(r'^  (0:.*)$', done.stdout, re.M).group(1)
   assert printed == ' '.join(f'{c}:{f:.3f}' for c, f in enumerate(freqs))
   assert f'TV to uniform over the classes 1,3: {result["tv_to_uniform"]:.3f}' in done.stdout
+  # Other samples to the same grid without --evaluate: no evaluation of the old ones beside them
+  _command_line(f'--workdir={run}', '--classes=0', '--num_samples=2', '--num_steps=2',
+                f'--out={png}')
+  np.testing.assert_array_equal(np.load(str(tmp_path / 'grid.npz'))['labels'], [0, 0])
+  assert not (tmp_path / 'grid.json').exists()
 
 
 @pytest.fixture(scope='module')
@@ -372,6 +392,11 @@ def test_bad_input_is_one_line_naming_the_flag(run, tmp_path, case, kwargs, expe
     ('--num_samples=1 --evaluate'.split(), "--num_samples=1 with --evaluate: the classifier FID "
                                            "needs at least 2 samples (1,000 give figures "
                                            "comparable with a run's eval.json)."),
+    # Settings the command would not read (a forgotten --mcmc drew plain samples silently).
+    ('--step_size=0.1', '--step_size: an MCMC setting, read only with --mcmc; add '
+                        '--mcmc=ula|mala|uhmc|hmc, or drop it.'),
+    ('--mcmc=ula --eta=0.5'.split(), "--eta with --mcmc=ula: annealed MCMC replaces the run's "
+                                     "sampler (its levels: --num_steps); drop --eta."),
 ])
 def test_command_line_error_exit_status(tmp_path, flag, message):
   flags = flag if isinstance(flag, list) else [flag]
