@@ -327,11 +327,11 @@ def main(argv):
   except ValueError:
     raise config_lib.ConfigError(f'--classes={",".join(f["classes"])}: give class indices '
                                  'separated by commas, e.g. --classes=4,5,7.') from None
-  mcmc = None
+  mcmc, steps = None, [k for k in MCMC_FIELDS if k != 'kind']
   if f['mcmc']:
-    mcmc = dict(kind=f['mcmc'], **{k: f[k] for k in MCMC_FIELDS if k != 'kind'})
+    mcmc = dict(kind=f['mcmc'], **{k: f[k] for k in steps})
   given = lambda names: [n for n in names if flags.FLAGS[n].present]
-  if not f['mcmc'] and (unread := given(MCMC_FIELDS[1:])):
+  if not f['mcmc'] and (unread := given(steps)):
     raise config_lib.ConfigError(f'--{unread[0]}: an MCMC setting, read only with --mcmc; add '
                                  '--mcmc=ula|mala|uhmc|hmc, or drop it.')
   if f['mcmc'] and (unread := given(('sampler', 'eta'))):
