@@ -645,3 +645,41 @@ def test_tiw_objective_takes_thresholds_from_a_reference_run(tiny_config, tmp_pa
   c.method.threshold_reference = 'objective'
   with pytest.raises(config_lib.ConfigError, match='threshold_reference'):
     train.build(c)
+
+
+def test_dual_fields_change_nothing_a_disabled_run_trains():
+  """``constrained.DUAL_FIELDS``, which a finished unconstrained arm's reuse ignores: with
+  ``enabled=False`` (lambda fixed at 0) every one of them at another value trains the same
+  parameters, bit for bit."""
+  from cdiff_jax.config import base_config
+
+  def config(**method):
+    c = base_config()
+    c.data.minority_classes, c.data.minority_fraction = (4, 5, 7), 0.1
+    c.model.ch, c.model.num_res_blocks, c.model.attn_levels = 16, 1, ()
+    c.method = constrained.default_method_config()
+    c.method.enabled, c.method.constraint_classes = False, (4, 5, 7)
+    c.method.objective_batch, c.method.constraint_batch = 8, 4
+    c.train.steps, c.train.compilation_cache, c.optim.warmup_steps = 3, False, 1
+    c.diffusion.loss_weighting = 'elbo'   # what a frequency target asks for
+    c.method.update(method)
+    return c
+
+  other = dict(threshold_mode='reference', thresholds=(3.0,), reference_workdir='elsewhere',
+               threshold_reference='constraint', threshold_scale=2.0, threshold_offset=1.0,
+               target_frequency=0.2, frequency_source='generated', reference_batches=3,
+               reference_params='ema_params', dual_lr=0.5, dual_lr_schedule='primal',
+               dual_every=2, dual_start=1, dual_estimate='minibatch', dual_ema=0.5,
+               init_lambda=2.0, resilient_alpha=1.0, normalize=False)
+  # (a frequency target needs threshold_reference='constraint': 'objective' in a second run)
+  variants = [other, dict(other, threshold_reference='objective', target_frequency=0.0)]
+  defaults = constrained.default_method_config()
+  assert {k for v in variants for k in v if v[k] != defaults[k]} == set(constrained.DUAL_FIELDS)
+  trained = []
+  for c in [config()] + [config(**v) for v in variants]:
+    exp = train.build(c)
+    state, _ = train.fit(exp, exp.init_state())
+    trained.append(jax.tree.leaves(jax.device_get((state.params, state.ema_params))))
+  for other_run in trained[1:]:
+    for a, b in zip(trained[0], other_run):
+      np.testing.assert_array_equal(a, b)
