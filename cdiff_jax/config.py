@@ -91,7 +91,8 @@ def base_config() -> ml_collections.ConfigDict:
 
   c.sample = ml_collections.ConfigDict(dict(
       sampler='ddim',         # ancestral | ddim | euler_maruyama | heun
-      num_steps=100, eta=0.0, clip=1.0, num_samples=64, use_ema=True,
+      num_steps=100, eta=0.0, num_samples=64, use_ema=True,
+      clip=1.0,               # the denoised prediction kept in [-clip, clip] (images); 0: off
       guidance_scale=1.0,     # classifier-free guidance weight w (1: plain conditional)
       cpu_onednn=True,        # on CPU: the sampler compiled with oneDNN kernels (parallel.py)
   ))
@@ -263,6 +264,7 @@ def validate(c: ml_collections.ConfigDict) -> None:
     _fail('optim.weight_decay', c.optim.weight_decay, f"optim.name={c.optim.name!r} has no "
           "weight decay; use optim.name='adamw' (or weight_decay=0).")
   _positive(c, 'optim.grad_clip', allow_zero=True)
+  _positive(c, 'sample.clip', allow_zero=True)  # 0: no clipping
   _positive(c, 'optim.warmup_steps', allow_zero=True)
   if not 0.0 <= c.optim.get('final_lr_fraction', 0.0) <= 1.0:
     _fail('optim.final_lr_fraction', c.optim.final_lr_fraction,
@@ -304,6 +306,16 @@ def validate(c: ml_collections.ConfigDict) -> None:
   _positive(c, 'eval.classifier_steps', allow_zero=True)  # 0: the dataset's default
   if c.eval.enabled and c.data.name == 'toy':
     _fail('eval.enabled', True, 'the evaluation classifier needs an image dataset.')
+
+
+def check_sample_clip(sample_config, data_reach: float) -> None:
+  """``sample.clip`` against the largest absolute value of the training data (1 for
+  images): clipping the sampler's denoised prediction inside it would cut the data."""
+  clip = sample_config.clip
+  if clip and data_reach > clip * (1 + 1e-3):
+    _fail('sample.clip', clip, f'the training data reach +-{data_reach:.3g}, so clipping the '
+          f'sampler\'s denoised prediction to +-{clip:g} would cut them; set sample.clip=0 '
+          f'(no clipping) or >= {data_reach:.3g}.')
 
 
 def check_image_shape(model_config, image_shape) -> None:

@@ -333,10 +333,18 @@ class Experiment:
     ``eps_fn`` (default: ``self.eps_fn``; e.g. ``guidance.composed_eps_fn(self.model,
     self.num_classes)`` for AND/NOT compositions of a conditional model's classes)."""
     sc = self.config.sample
+    if 'clip' not in overrides:
+      config_lib.check_sample_clip(sc, self.data_reach)
     kw = dict(sampler=sc.sampler, num_steps=sc.num_steps, eta=sc.eta,
               clip=sc.clip or None, mesh=self.mesh, cpu_onednn=sc.get('cpu_onednn', True))
     kw.update(overrides)
     return Sampler(eps_fn or self.eps_fn, self.model.schedule, self.image_shape, **kw)
+
+  @functools.cached_property
+  def data_reach(self) -> float:
+    """The largest absolute value of the training data (1 for images stored as uint8)."""
+    images = self.dataset.images
+    return 1.0 if images.dtype == np.uint8 else float(np.abs(images).max(initial=0.0))
 
   @functools.cached_property
   def sample_classes(self) -> np.ndarray:
@@ -565,6 +573,7 @@ def train_and_evaluate(config, workdir: str, dataset: sources.ArrayDataset | Non
 def _train_and_evaluate(config, workdir, dataset, progress, hooks, preemption, lock,
                         clock) -> dict:
   exp = build(config, dataset)
+  config_lib.check_sample_clip(config.sample, exp.data_reach)  # before training, not at its end
   tc = config.train
   workdir = os.path.abspath(workdir)
   is_main = parallel.is_main_process()

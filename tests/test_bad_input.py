@@ -97,6 +97,8 @@ CASES = {
                       "examples of shape (8, 8, 1); use model.name='unet'."),
     'negative classifier steps': ('digits_dsm', ['--config.eval.classifier_steps=-5'],
                                   'config.eval.classifier_steps=-5: must be >= 0'),
+    'negative sample clip': ('digits_dsm', ['--config.sample.clip=-1'],
+                             'config.sample.clip=-1.0: must be >= 0'),
 }
 
 

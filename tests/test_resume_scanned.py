@@ -214,6 +214,7 @@ def _toy_config(k, steps, checkpoint_every, log_every):
   c.train.steps, c.train.steps_per_call = steps, k
   c.train.checkpoint_every, c.train.log_every = checkpoint_every, log_every
   c.train.compilation_cache = False
+  c.sample.clip = 0.0   # points out to +-7, not images in [-1, 1]
   return c
 
 

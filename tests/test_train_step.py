@@ -1,6 +1,7 @@
 """The jitted step: compiles once, data-parallel equals single device, scan equals a loop,
 and a non-finite step leaves the state untouched."""
 
+import os
 import re
 
 import jax
@@ -293,3 +294,30 @@ def test_logged_lr_is_the_one_applied_after_a_skipped_step():
   st, m = step_fn(st, jnp.asarray([0.0]))   # gradient w - 0 = 1, so w moves by the lr applied
   applied = 1.0 - float(st.params['w'][0])
   np.testing.assert_allclose([float(m['lr']), applied], [lr_fn(0), lr_fn(0)], rtol=1e-6)
+
+
+def test_sample_clip_that_would_cut_the_data_is_refused_before_training(tiny_config, tmp_path):
+  """Points out to +-4 with the image default sample.clip=1: the run's sampler would clip
+  every denoised prediction to [-1, 1]. train_and_evaluate stops before writing anything,
+  exp.sampler() names the fix; an explicit clip override, or clip 0 in the config, samples."""
+  from cdiff_jax import config as config_lib
+  from cdiff_jax.data.sources import ArrayDataset
+  tiny_config.data.name = 'toy'
+  tiny_config.model.name, tiny_config.model.hidden, tiny_config.model.depth = 'mlp', 16, 1
+  x = np.linspace(-4.0, 4.0, 64, dtype=np.float32)[:, None].repeat(2, 1)
+  data = ArrayDataset(x, np.zeros(64, np.int32), 1, 'toy')
+  fix = (r"config.sample.clip=1.0: the training data reach \+-4, so clipping the sampler's "
+         r"denoised prediction to \+-1 would cut them; set sample.clip=0 \(no clipping\) or "
+         r">= 4.")
+  with pytest.raises(config_lib.ConfigError, match=fix):
+    train.train_and_evaluate(tiny_config, str(tmp_path / 'run'), dataset=data, progress=False)
+  assert not (tmp_path / 'run').exists() or not os.listdir(tmp_path / 'run')
+  exp = train.build(tiny_config, data)
+  with pytest.raises(config_lib.ConfigError, match=fix):
+    exp.sampler()
+  exp.sampler(clip=None)   # an explicit override is the caller's own choice
+  tiny_config.sample.clip = 0.0
+  train.build(tiny_config, data).sampler()
+  # digits (uint8 images) reach 1, the default clip
+  import run_files
+  assert train.build(run_files.tiny_digits_config(4, 0)).data_reach == 1.0
