@@ -74,6 +74,13 @@ def test_npz(tmp_path):
   np.savez(bad, images=np.full((2, 3, 3, 1), 5.0), labels=np.array([0, 1]))
   with pytest.raises(ValueError, match=r'\[-1, 1\]'):
     data.load_npz(str(bad))
+  # images stored as floats in [0, 1] (the usual mistake): the fix named; [-1, 1] loads
+  np.savez(bad, images=np.linspace(0, 1, 18).reshape(2, 3, 3, 1), labels=np.array([0, 1]))
+  with pytest.raises(ValueError, match=r'float images lie in \[0, 1\], not \[-1, 1\]: store '
+                                       r'2 \* x - 1'):
+    data.load_npz(str(bad))
+  np.savez(bad, images=np.linspace(-1, 1, 18).reshape(2, 3, 3, 1), labels=np.array([0, 1]))
+  assert data.load_npz(str(bad)).images.min() == -1.0
 
 
 @pytest.fixture(autouse=True)

@@ -183,6 +183,10 @@ def load_npz(path: str, split: str = 'train', num_classes: int | None = None,
     if images.min() < -1.001 or images.max() > 1.001:
       raise ValueError(f'{path}: float images must lie in [-1, 1] (got [{images.min()}, '
                        f'{images.max()}]); store uint8 or rescale.')
+    if images.ndim == 4 and images.min() >= 0.0 and images.max() > 0.0:
+      # [0, 1] floats would train on half the range and sample gray images
+      raise ValueError(f'{path}: float images lie in [{images.min():g}, {images.max():g}], '
+                       'not [-1, 1]: store 2 * x - 1 (or uint8 0..255).')
   n_cls = num_classes or int(labels.max()) + 1
   return ArrayDataset(images, labels, n_cls, f'{name}/{split}')
 
