@@ -391,11 +391,13 @@ BOOKKEEPING_FIELDS = ('data.data_dir', 'train.log_every', 'train.checkpoint_ever
                       'sample.cpu_onednn', 'parallel')
 
 
-def _computing_fields(tree: dict) -> dict:
-  """Flat {field: value} of a config's JSON tree, bookkeeping fields aside."""
+def _computing_fields(tree: dict, also_skip: Sequence[str] = ()) -> dict:
+  """Flat {field: value} of a config's JSON tree, bookkeeping fields (and the fields or
+  sections in ``also_skip``) aside."""
   flat = {}
   _flatten('', tree, flat)
-  skip = lambda k: any(k == b or k.startswith(b + '.') for b in BOOKKEEPING_FIELDS)
+  skipped = BOOKKEEPING_FIELDS + tuple(also_skip)
+  skip = lambda k: any(k == b or k.startswith(b + '.') for b in skipped)
   return {k: v for k, v in flat.items() if not skip(k)}
 
 
@@ -410,10 +412,8 @@ def saved_config_mismatch(path: str, c: ml_collections.ConfigDict,
   """Fields where a run's saved ``config.json`` differs from ``c``, bookkeeping fields and
   the fields or sections named in ``unused`` aside."""
   with open(path) as f:
-    saved = _computing_fields(json.load(f))
-  skip = lambda k: any(k == u or k.startswith(u + '.') for u in unused)
-  return [d for d in _mismatch(saved, computing_fields(c), 'saved')
-          if not skip(d.split(':')[0])]
+    saved = _computing_fields(json.load(f), unused)
+  return _mismatch(saved, computing_fields(c), 'saved')
 
 
 def check_finished_run(workdir: str, c: ml_collections.ConfigDict,
