@@ -112,17 +112,24 @@ def test_minority_figures_show_the_training_data_and_each_arm(tmp_path, monkeypa
   np.testing.assert_allclose(plotted['target'], [0, .25, 0, 0, .25, 0, .25, 0, .25, 0])
 
 
+def _finished(workdir, config, arm, **summary):
+  """What a finished arm of ``config`` leaves in ``workdir`` (``summary``: more of
+  summary.json's fields)."""
+  os.makedirs(workdir, exist_ok=True)
+  (workdir / 'config.json').write_text(config.to_json_best_effort())
+  (workdir / 'eval.json').write_text(json.dumps(arm['eval']))
+  (workdir / 'summary.json').write_text(json.dumps(dict(
+      dict(final_step=config.train.steps, seconds=3.0, final_metrics={}), **summary)))
+
+
 def test_minority_reuses_a_finished_arm_only_for_its_config(tmp_path):
   from configs import digits_minority
   from experiments import minority
   config = digits_minority.get_config()
   arm = _minority_arm(4, lam=[0.1, 0.2, 0.3])
-  (tmp_path / 'config.json').write_text(config.to_json_best_effort())
-  (tmp_path / 'eval.json').write_text(json.dumps(arm['eval']))
   end = dict(lam=[0.15, 0.25, 0.35])  # the multipliers at the last step, not a record's means
-  (tmp_path / 'summary.json').write_text(json.dumps(dict(
-      final_step=config.train.steps, seconds=12.0, final_metrics=arm['final_metrics'],
-      final_extras=end)))
+  _finished(tmp_path, config, arm, seconds=12.0, final_metrics=arm['final_metrics'],
+            final_extras=end)
   reused = minority.run_arm(config, str(tmp_path), progress=False)
   assert reused == dict(eval=arm['eval'], seconds=12.0, final_metrics=arm['final_metrics'],
                         final_extras=end)
@@ -139,15 +146,6 @@ def test_minority_reuses_a_finished_arm_only_for_its_config(tmp_path):
   (tmp_path / 'eval.json').unlink()
   with pytest.raises(config_lib.ConfigError, match='train.steps: saved 1500 vs now 2000'):
     minority.run_arm(longer, str(tmp_path), progress=False)
-
-
-def _finished(workdir, config, arm):
-  """What a finished arm of ``config`` leaves in ``workdir``."""
-  os.makedirs(workdir, exist_ok=True)
-  (workdir / 'config.json').write_text(config.to_json_best_effort())
-  (workdir / 'eval.json').write_text(json.dumps(arm['eval']))
-  (workdir / 'summary.json').write_text(json.dumps(dict(final_step=config.train.steps,
-                                                        seconds=3.0, final_metrics={})))
 
 
 def test_a_finished_unconstrained_arm_answers_any_dual_setting(tmp_path):
