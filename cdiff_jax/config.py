@@ -122,6 +122,11 @@ def _fail(field: str, value, fix: str):
   raise ConfigError(f'config.{field}={value!r}: {fix}')
 
 
+# Sampling starts from pure noise: a forward process may end at alpha(1) of at most this
+# (ddpm's 1,000 default steps: 0.006; vp's default betas: 0.007).
+MAX_ALPHA_1 = 0.05
+
+
 def _check_continuous_schedule(dc) -> None:
   """vp / cosine: times in [t_min, 1] with 0 < t_min < 1; vp's beta(t) positive, ending
   in (nearly) pure noise as the ddpm check asks."""
@@ -134,10 +139,11 @@ def _check_continuous_schedule(dc) -> None:
     _fail('diffusion.beta_max', dc.beta_max, f'the VP betas must satisfy 0 <= beta_min '
           f'({dc.beta_min}) <= beta_max, beta_max > 0 (default 0.1 and 20).')
   alpha_1 = float(np.exp(-0.25 * (dc.beta_max + dc.beta_min)))
-  if alpha_1 > 0.05:
+  if alpha_1 > MAX_ALPHA_1:
     _fail('diffusion.beta_max', dc.beta_max, f'with beta_min={dc.beta_min:g} the forward '
           f'process ends at alpha(1) = {alpha_1:.3f}, far from the pure noise sampling starts '
-          f'from (default 0.1 and 20: 0.007); set beta_max >= {12 - dc.beta_min:.3g}.')
+          f'from (default 0.1 and 20: 0.007); set beta_max >= '
+          f'{-4 * np.log(MAX_ALPHA_1) - dc.beta_min:.3g}.')
 
 
 def _check_ddpm_betas(dc) -> None:
@@ -150,7 +156,7 @@ def _check_ddpm_betas(dc) -> None:
   if T < 1:
     _fail('diffusion.num_steps', T, 'must be positive.')
   alpha_1 = float(np.exp(0.5 * np.sum(np.log1p(-np.linspace(b0, b1, T)))))
-  if alpha_1 > 0.05:
+  if alpha_1 > MAX_ALPHA_1:
     scaled = b1 * 1000 / T
     hint = (f'set diffusion.beta_start={b0 * 1000 / T:.3g} and beta_end={scaled:.3g} (the '
             'noise of 1,000 steps)' if scaled < 1 else 'use more diffusion.num_steps')
