@@ -24,8 +24,9 @@ INSTALL_REQUIRES = [
 EXTRAS = {
     'test': ['pytest>=9.2.0', 'pytest-xdist>=3.8.0', 'nbclient>=0.11.0', 'nbformat>=5.10',
              'ipykernel>=6.29'],
-    # The PyTorch reference of the benchmarks (CPU build). On Python 3.12 PyPI only has
-    # CUDA builds of this version; `make bench` puts it in a separate Python 3.11 venv.
+    # The PyTorch reference of the benchmarks. On Python 3.12 PyPI only has CUDA builds of
+    # this version; `make bench` puts it in a separate venv (Python 3.11 when there is one,
+    # else 3.12), with TORCH_INDEX for the CPU-only build.
     'bench': ['torch==2.13.0'],
 }
 

@@ -15,8 +15,9 @@ and AND/NOT compositions of its classes, e.g. "any digit but 1" (300 samples: no
   python -m cdiff_jax.sample --workdir=runs/digits_cfg --compose=any:1,1:-3 --num_samples=300 \
       --evaluate
 
-The guidance and composition demonstration (trains the same model, reusing the run if it
-is finished, then measures everything with the evaluation classifier):
+The guidance and composition demonstration (trains the same model in WORKDIR/model,
+reusing it if that run is finished, then measures everything with the evaluation
+classifier):
   python -m experiments.digits_guidance --config=configs/digits_cfg.py --workdir=runs/digits_guidance
 
 Expected (2-core CPU, about 10 minutes for the demonstration): conditional samples are

@@ -203,7 +203,10 @@ def run_chain(kind: str, energy_grad: Callable, x, step, num_steps: int, key,
   """``num_steps`` moves of one kernel at a fixed target.
 
   Returns (x, p, mean acceptance per step (num_steps,)). The building block of the
-  annealed sampler, and what the invariance tests run.
+  annealed sampler, and what the invariance tests run. ``p=None`` starts U-HMC / HMC at
+  zero momentum, which the first refresh replaces only in part when ``damping < 1``; to
+  start at the stationary momentum, pass ``p = jax.random.normal(key, x.shape)`` (as
+  ``AnnealedMCMC`` does).
   """
   if kind not in KINDS:
     raise ValueError(f'mcmc kind {kind!r} is unknown; use one of {KINDS}.')
