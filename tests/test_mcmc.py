@@ -64,6 +64,33 @@ def test_mala_and_hmc_leave_a_gaussian_mixture_invariant(kind, step):
   assert np.mean(np.linalg.norm(x - np.asarray(x0), axis=1)) > 0.1
 
 
+def test_uhmc_has_the_leapfrog_shadow_variance_while_hmc_has_none():
+  """Unadjusted HMC on N(0, s^2 I) with leapfrog step h samples exp(-H~) exactly, with the
+  leapfrog's conserved energy H~ = |p|^2 / 2 + (1 - h^2 / (4 s^2)) |x|^2 / (2 s^2) (the
+  momentum refresh keeps p ~ N(0, I)): the position variance is s^2 / (1 - h^2 / (4 s^2)),
+  4/3 s^2 at h = s. HMC's Metropolis test removes the bias. Chains start from exact samples
+  with stationary momentum; a U-HMC move that returned its start would stay at s^2. (Two
+  leapfrog steps: three of h = s turn the oscillator by exactly pi, x -> -x, every move.)"""
+  s2, h, n = 0.25, 0.5, 4000
+  gauss = toys.GaussianMixture(((0.0, 0.0),), ((0.5, 0.5),), (1.0,))
+  energy_grad = _energy_grad_of(gauss.log_prob)
+  x0 = jnp.asarray(gauss.sample(np.random.default_rng(0), n))
+  p0 = jax.random.normal(jax.random.key(5), x0.shape)
+  shadow = s2 / (1.0 - h ** 2 / (4 * s2))
+  se = math.sqrt(2.0 / (2 * n))  # relative standard error of a variance from 2n values
+  for kind, want in (('uhmc', shadow), ('hmc', s2)):
+    run = jax.jit(lambda x, p, key, kind=kind: mcmc.run_chain(
+        kind, energy_grad, x, h, 200, key, num_leapfrog=2, damping=0.5, p=p))
+    x, _, acc = run(x0, p0, jax.random.key(1))
+    var = float(np.asarray(x, np.float64).var())
+    assert abs(var / want - 1.0) < 4.5 * se, (kind, var, want)
+    assert np.mean(np.linalg.norm(np.asarray(x) - np.asarray(x0), axis=1)) > 0.1
+    if kind == 'uhmc':
+      assert float(acc.min()) == 1.0
+    else:
+      assert 0.3 < float(acc.mean()) < 0.999
+
+
 def test_ula_bias_shows_at_large_step_while_mala_has_none():
   """On N(0, s^2 I), ULA with step eta has the stationary variance s^2 / (1 - eta / (2 s^2))
   (4/3 s^2 at eta = s^2 / 2); MALA corrects it to s^2."""

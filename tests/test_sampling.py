@@ -95,6 +95,28 @@ def test_ancestral_step_draws_from_the_ddpm_posterior(t, s):
   assert x_s.var() == pytest.approx(var, rel=0.05)  # sampling noise 0.7%
 
 
+@pytest.mark.parametrize('eta', [0.0, 0.5])
+def test_ddim_step_with_eta_has_the_ddim_mean_and_variance(eta):
+  """Song et al. (2021), eq. 12, for point-mass data (eps = (x_t - alpha_t x_0) / sigma_t):
+  x_s = alpha_s x_0 + sqrt(sigma_s^2 - c^2) eps + c z with c^2 = eta^2 times the DDPM
+  posterior variance. At eta = 0.5 the variance is a quarter of the ancestral step's (an eta
+  not squared would give half)."""
+  from cdiff_jax.sampling import diffusion
+  schedule = schedules.DDPMSchedule()
+  m, x_t, n, t, s = 0.7, 0.3, 40_000, 0.6, 0.3
+  step = diffusion.make_step(_point_mass_eps(schedule, m), schedule, 'ddim', eta=eta)
+  x_s = np.asarray(step(None, None, jnp.full((n, 1), x_t), t, s, jax.random.key(3)), np.float64)
+  a_t, s_t, a_s, s_s = (float(f(u)) for u in (t, s) for f in (schedule.alpha, schedule.sigma))
+  post_var = (s_t ** 2 - (a_t / a_s) ** 2 * s_s ** 2) * s_s ** 2 / s_t ** 2
+  c2 = eta ** 2 * post_var
+  mean = a_s * m + np.sqrt(s_s ** 2 - c2) * (x_t - a_t * m) / s_t
+  assert abs(x_s.mean() - mean) < 5 * np.sqrt(c2 / n) + 1e-5
+  if eta:
+    assert x_s.var() == pytest.approx(c2, rel=0.05)  # sampling noise 0.7%
+  else:
+    assert x_s.var() < 1e-10
+
+
 def _gaussian_flow(schedule, x, t, s):
   """Exact probability-flow ODE map from t to s of x_0 ~ N(MU, COV): x_s - alpha_s MU =
   Cov_s^{1/2} Cov_t^{-1/2} (x_t - alpha_t MU), Cov_u = alpha_u^2 COV + sigma_u^2 I."""
