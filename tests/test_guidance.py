@@ -277,9 +277,11 @@ class BayesClassifier:
     return jnp.stack(logits)  # equal class priors
 
 
-def test_classifier_guidance_with_the_bayes_classifier_gives_the_class_model():
-  """eps_u - sigma grad log p(y | x_t) = eps(x_t | y) when p(y | x_t) is exact: checks the
-  sign and the sigma_t scaling of classifier guidance (w = 1)."""
+@pytest.mark.parametrize('w', [1.0, 0.5, 3.0])
+def test_classifier_guidance_with_the_bayes_classifier_gives_the_class_model(w):
+  """-sigma grad log p(y | x_t) = eps(x_t | y) - eps_u when p(y | x_t) is exact, so guidance
+  at scale w gives eps_u + w (eps(x_t | y) - eps_u): at w = 1 the class model. Checks the
+  sign, the sigma_t scaling and the scale of classifier guidance."""
   model = _gaussian_model()
 
   def mixture_eps(params, x, t, cond):  # unconditional = equal mixture of classes 0 and 1
@@ -289,12 +291,15 @@ def test_classifier_guidance_with_the_bayes_classifier_gives_the_class_model():
     r = jax.nn.softmax(jnp.stack([-e0, -e1]), axis=0)[..., None]
     return r[0] * eps0 + r[1] * eps1
 
-  guided = guidance.classifier_guided_eps_fn(mixture_eps, BayesClassifier(model), SCHED, 1.0)
+  guided = guidance.classifier_guided_eps_fn(mixture_eps, BayesClassifier(model), SCHED, w)
   x = jax.random.normal(jax.random.key(5), (6, 2))
   t = jnp.linspace(0.05, 0.8, 6)
   y = jnp.array([0, 1, 0, 1, 0, 1])
   got = guided(dict(model=None, classifier=None), x, t, y)
-  np.testing.assert_allclose(got, model.eps(None, x, t, y), rtol=1e-4, atol=1e-5)
+  eps_u = mixture_eps(None, x, t, None)
+  want = eps_u + w * (model.eps(None, x, t, y) - eps_u)
+  assert float(jnp.abs(model.eps(None, x, t, y) - eps_u).max()) > 0.5  # the term is there
+  np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
 
 
 def test_guidance_classifier_trains_on_noised_data():
