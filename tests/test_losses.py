@@ -95,7 +95,9 @@ def test_stratified_times_cover_every_group():
   t = np.asarray(s.sample_t(jax.random.key(3), (512,), stratified=True))
   for chunk in (t[:64], t[64:128], t[300:428]):
     hist = np.histogram(chunk, bins=4, range=(s.t_min, 1.0))[0]
-    assert hist.min() >= 0.2 * len(chunk), hist  # even coverage within any contiguous run
+    # Even coverage within any contiguous run: within 4 of each other (the golden-ratio
+    # sequence); independent uniform times pass this for all three runs 0.1% of the time.
+    assert hist.max() - hist.min() <= 4, hist
 
 
 def test_time_window_estimates_the_window_integral():
@@ -163,7 +165,7 @@ def test_stratified_window_and_elbo_times_cover_every_group(weighting):
     u = (hi - np.asarray(s.log_snr(t))) / (hi - lo)
   for chunk in (u[:64], u[64:128], u[300:428]):
     hist = np.histogram(chunk, bins=4, range=(0.0, 1.0))[0]
-    assert hist.min() >= 0.2 * len(chunk), hist
+    assert hist.max() - hist.min() <= 4, hist  # as in test_stratified_times_cover_every_group
 
 
 def test_dsm_loss_applies_the_time_weight():
