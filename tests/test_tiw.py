@@ -738,6 +738,36 @@ def test_time_weighted_bce_closed_form_on_unbalanced_sides(weighting):
   np.testing.assert_allclose(m['accuracy'], 4 / 16)
 
 
+class TimeScaledLogits(nn.Module):
+  """Three logits c * t for every input: the cross-entropy depends on the t it is given."""
+
+  @nn.compact
+  def __call__(self, x, t, train=False):
+    c = self.param('c', lambda *_: jnp.array([0.5, -1.0, 2.0]), ())
+    return t[:, None] * c[None, :] + 0.0 * x[:, :1]
+
+
+@pytest.mark.parametrize('weighting', ['uniform', 'sigma2'])
+def test_noised_cross_entropy_closed_form_with_a_mask(weighting):
+  """Guidance's classifier loss for logits c t at one t: lambda(t) (logsumexp(c t) - c_y t),
+  averaged over the masked-in examples only; accuracy likewise (argmax is class 2). A
+  classifier handed t = 0 would give log 3 for every label."""
+  t0 = 0.3
+  clf = nc.NoisyClassifier(TimeScaledLogits(), 3)
+  params = clf.init(jax.random.key(0), (2,))
+  x0 = jax.random.normal(jax.random.key(1), (8, 2))
+  labels = jnp.array([0, 1, 2, 2, 0, 1, 2, 0])
+  mask = jnp.array([1, 1, 1, 0, 1, 0, 1, 0], bool)
+  loss, m = nc.noised_ce_loss(clf, params, x0, labels, jax.random.key(2),
+                              FixedTime(t_fixed=t0), weighting, mask=mask)
+  z = t0 * np.array([0.5, -1.0, 2.0])
+  ce = np.logaddexp.reduce(z) - z[np.asarray(labels)]
+  keep = np.asarray(mask)
+  lam = 1.0 if weighting == 'uniform' else 1 - np.exp(-(0.5 * t0 ** 2 * 19.9 + 0.1 * t0))
+  np.testing.assert_allclose(loss, lam * ce[keep].mean(), rtol=1e-5)
+  np.testing.assert_allclose(m['accuracy'], np.mean(np.asarray(labels)[keep] == 2), rtol=1e-6)
+
+
 def test_the_feature_head_has_the_depth_it_is_given():
   """method.disc_depth shapes the head on frozen features as it does the MLP (it was
   ignored, the head always had two hidden layers, which is still the default)."""
