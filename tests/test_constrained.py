@@ -620,23 +620,32 @@ def test_tiw_objective_takes_thresholds_from_a_reference_run(tiny_config, tmp_pa
   c.method.reference_batches = 40
   (tmp_path / 'checkpoints').mkdir()
   c.method.reference_workdir = str(tmp_path)
-  # The reference model: a fresh initialization, the same one the run starts from.
+  # The reference model: the run's initialization, perturbed (a fresh UNet's output layer
+  # is zero, so every initialization would have the same losses).
   c_abs = c.copy_and_resolve_references()
   c_abs.method.threshold_mode = 'absolute'
   exp_abs = train.build(c_abs)
   state = exp_abs.init_state()
-  ref_params = jax.device_get(state.params)
+  leaves, treedef = jax.tree.flatten(jax.device_get(state.params))
+  rng = np.random.default_rng(0)
+  ref_params = jax.tree.unflatten(treedef, [
+      a + 0.3 * rng.standard_normal(a.shape).astype(a.dtype) for a in leaves])
   monkeypatch.setattr(checkpoint, 'load_params', lambda workdir, which='ema_params': ref_params)
   exp = train.build(c)
   b = np.asarray(exp.method.thresholds)
 
   group_losses = jax.jit(lambda p, batch, rng: exp_abs.method.group_losses(p, batch, rng,
                                                                            state.extras)[0])
-  L = np.mean([np.asarray(group_losses(state.params,
-                                       parallel.put_batch(exp_abs.batcher.batch(500 + i),
-                                                          exp_abs.mesh),
-                                       jax.random.key(100 + i)))[1:] for i in range(40)], 0)
-  np.testing.assert_allclose(b + 0.3, L, rtol=0.15)
+
+  def mean_constraint_losses(params):
+    return np.mean([np.asarray(group_losses(
+        params, parallel.put_batch(exp_abs.batcher.batch(500 + i), exp_abs.mesh),
+        jax.random.key(100 + i)))[1:] for i in range(40)], 0)
+
+  L = mean_constraint_losses(ref_params)
+  np.testing.assert_allclose(b + 0.3, L, rtol=0.05)  # Monte Carlo: 2,316 vs 2,314, 2,280 vs 2,307
+  # The check can tell the reference's parameters from the run's own.
+  assert np.all(np.abs(mean_constraint_losses(state.params) / L - 1) > 0.5), L  # 245, 244
   assert b.shape == (2,) and np.all(np.isfinite(b))
   # Validation: the objective's own loss cannot be the reference with TIW-DSM, nor can a
   # frequency target assume the TIW-DSM reference reproduces its training frequencies.
