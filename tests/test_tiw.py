@@ -684,6 +684,28 @@ def test_weight_metrics_are_group_means_and_effective_sample_size():
   ess = w.sum() ** 2 / (len(w) * np.sum(w ** 2))
   assert ess < 0.9  # the weights are uneven, so the metric is not trivially 1
   np.testing.assert_allclose(m['weight_ess'], ess, rtol=1e-5)
+  np.testing.assert_allclose(m['weight_max'], w.max(), rtol=1e-5)
+
+
+def test_correction_metric_is_the_closed_form_correction_size():
+  """With the logit l = 8 (mean of 16 pixels - 0.1) and log w~ = log d - log(pi d +
+  (1 - pi)(1 - d)), d log w~ / dl = (1 - pi)(1 - d) / (pi d + (1 - pi)(1 - d)) (by hand), so
+  the eps-target moves by sigma_t (8 / 16) that in every pixel (alpha = 1): correction_rms is
+  the rms of those over the batch (rms(target) would be about 1, the noise's size)."""
+  method = _image_method()
+  batch = _image_batch()
+  params, extras = _init(method, batch)
+  rng = jax.random.key(4)
+  terms, m = jax.jit(lambda p: (method.per_example_terms(p, extras, batch, rng),
+                                method.loss(p, extras, batch, rng)[1]['metrics']))(params)
+  x_t = np.asarray(terms['x_t'], np.float64).reshape(16, -1)
+  d = 1 / (1 + np.exp(-8.0 * (x_t.mean(-1) - 0.1)))
+  pi = method.pi
+  dlogw = (1 - pi) * (1 - d) / (pi * d + (1 - pi) * (1 - d))
+  sigma = np.asarray(method.dsm.model.schedule.sigma(terms['t']), np.float64)
+  assert np.ptp(dlogw) > 0.1  # the closed form's d-dependence matters
+  np.testing.assert_allclose(m['correction_rms'], np.sqrt(np.mean((sigma * 0.5 * dlogw) ** 2)),
+                             rtol=1e-4)
 
 
 def test_joint_discriminator_step_takes_the_reference_group_as_positive():
