@@ -80,6 +80,25 @@ def test_and_not_of_gaussian_experts_equals_the_product_gaussian(weights):
   assert model.calls == 1
 
 
+def test_compositions_differ_per_row():
+  """Two compositions stacked along the batch (concepts in either order, one with a NOT):
+  each row gets its own product Gaussian, in eps and in the potential's gradient."""
+  model = _gaussian_model()
+  x = jax.random.normal(jax.random.key(4), (6, 2))
+  t = jnp.linspace(0.05, 0.9, 6)
+  cond = guidance.stack_compositions([
+      guidance.make_composition((0, 1), (2.0, 0.5), 3, null_label=2),
+      guidance.make_composition((1, 0), (1.0, -0.5), 3, null_label=2)])
+  # Per row, the weights of classes (0, 1).
+  want = np.concatenate([_product_gaussian_eps(model, x, t, np.array([2.0, 0.5]))[:3],
+                         _product_gaussian_eps(model, x, t, np.array([-0.5, 1.0]))[3:]])
+  got = jax.jit(guidance.composed_eps_fn(model, null_label=2))(None, x, t, cond)
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+  _, grad = jax.jit(guidance.composed_potential(model, null_label=2).fn)(None, x, t, cond)
+  np.testing.assert_allclose(grad, want / np.asarray(SCHED.sigma(t))[:, None], rtol=1e-4,
+                             atol=1e-5)
+
+
 def test_composed_potential_of_a_score_only_model():
   """A score-only (eps) model: zero energies, no Metropolis test, and the gradient is the
   composed eps over sigma, i.e. the closed-form product Gaussian's score."""
