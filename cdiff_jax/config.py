@@ -8,6 +8,7 @@ names the field and the fix (``ConfigError``).
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 from collections.abc import Sequence
@@ -312,6 +313,26 @@ def validate(c: ml_collections.ConfigDict) -> None:
   _positive(c, 'eval.classifier_steps', allow_zero=True)  # 0: the dataset's default
   if c.eval.enabled and c.data.name == 'toy':
     _fail('eval.enabled', True, 'the evaluation classifier needs an image dataset.')
+  if c.eval.enabled and c.eval.get('feature_fn'):
+    load_feature_fn(c.eval.feature_fn)  # before training, not after it
+
+
+def load_feature_fn(spec: str):
+  """``eval.feature_fn`` = 'package.module:function' -> the function (a user's own feature
+  extractor for a real FID: images in [-1, 1] -> (N, D) features). Raises ConfigError
+  naming the fix for a malformed spec, a module that does not import, or a missing name."""
+  module, _, name = spec.partition(':')
+  if not module or not name:
+    _fail('eval.feature_fn', spec, "give 'package.module:function' (or '' for none).")
+  try:
+    mod = importlib.import_module(module)
+  except ImportError as e:
+    _fail('eval.feature_fn', spec, f'module {module!r} does not import ({e}); put its folder '
+          'on PYTHONPATH or install its package.')
+  fn = getattr(mod, name, None)
+  if not callable(fn):
+    _fail('eval.feature_fn', spec, f'{module} has no function {name!r}.')
+  return fn
 
 
 def check_sample_clip(sample_config, data_reach: float) -> None:

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import importlib
 import json
 import os
 from typing import Any, Callable
@@ -30,7 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from cdiff_jax import parallel, writers
+from cdiff_jax import config as config_lib, parallel, writers
 from cdiff_jax.data import sources
 from cdiff_jax.models import ConvClassifier
 
@@ -210,14 +209,6 @@ def tv_distance(p, q) -> float:
   return float(0.5 * np.abs(np.asarray(p) - np.asarray(q)).sum())
 
 
-def load_feature_fn(spec: str) -> Callable:
-  """'package.module:function' -> the function (a user-supplied Inception extractor)."""
-  module, _, name = spec.partition(':')
-  if not name:
-    raise ValueError(f"eval.feature_fn={spec!r} must look like 'package.module:function'.")
-  return getattr(importlib.import_module(module), name)
-
-
 def uniform_over(classes, num_classes: int) -> np.ndarray:
   """The uniform distribution over ``classes`` (None: all ``num_classes``)."""
   if classes is None:
@@ -286,7 +277,7 @@ def evaluate_images(exp, samples, classes=None, progress: bool = False) -> dict:
   ec = exp.config.eval
   clf = classifier_for(exp.config, progress=progress)
   test = sources.load_dataset(exp.config.data, 'test')
-  feature_fn = load_feature_fn(ec.feature_fn) if ec.feature_fn else None
+  feature_fn = config_lib.load_feature_fn(ec.feature_fn) if ec.feature_fn else None
   classes = np.unique(exp.sample_classes if classes is None or not len(classes) else classes)
   classes = classes if len(classes) < exp.num_classes else None
   reference = test.images if classes is None else test.images[np.isin(test.labels, classes)]

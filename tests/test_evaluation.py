@@ -90,6 +90,35 @@ def test_evaluate_samples_against_a_known_classifier():
   assert sub['uniform_over'] == [0, 2] and sub['class_frequencies'] == out['class_frequencies']
 
 
+def test_a_users_feature_extractor_gives_the_fid(tmp_path, monkeypatch):
+  """eval.feature_fn='module:function' names the user's own extractor (an Inception net, say):
+  validation resolves it before any training, and evaluate_samples adds 'fid', the Frechet
+  distance of its features, beside the classifier FID."""
+  (tmp_path / 'my_feats.py').write_text(
+      'import numpy as np\n'
+      'def features(x):\n'
+      '  x = np.asarray(x).reshape(len(x), -1)\n'
+      '  return np.stack([x[:, 0] ** 2, x[:, 1] + x[:, 2]], 1)\n')
+  monkeypatch.syspath_prepend(str(tmp_path))
+  c = config_lib.base_config()
+  c.eval.enabled, c.eval.feature_fn = True, 'my_feats:features'
+  config_lib.validate(c)
+  fn = config_lib.load_feature_fn(c.eval.feature_fn)
+  rng = np.random.default_rng(1)
+  w = rng.standard_normal((4, 3)).astype(np.float32)
+  clf = evaluation.EvalClassifier(_LinearNet(), {'w': w}, 3, 0.9, (2, 2, 1))
+  samples = rng.standard_normal((40, 2, 2, 1)).astype(np.float32)
+  reference = rng.standard_normal((30, 2, 2, 1)).astype(np.float32) * 0.7
+  out = evaluation.evaluate_samples(clf, samples, reference, feature_fn=fn)
+  flat_s, flat_r = samples.reshape(40, -1), reference.reshape(30, -1)
+  want = evaluation.frechet_distance(
+      np.stack([flat_s[:, 0] ** 2, flat_s[:, 1] + flat_s[:, 2]], 1),
+      np.stack([flat_r[:, 0] ** 2, flat_r[:, 1] + flat_r[:, 2]], 1))
+  assert out['fid'] == pytest.approx(want, rel=1e-6)
+  assert abs(out['fid'] - out['classifier_fid']) > 0.01
+  assert 'fid' not in evaluation.evaluate_samples(clf, samples, reference)
+
+
 @pytest.fixture(scope='module')
 def digits_classifier(tmp_path_factory):
   import os
