@@ -54,16 +54,50 @@ def test_unet_uses_time_and_class():
   np.testing.assert_allclose(f(0.5, None), f(0.5, jnp.array([3, 3])), rtol=1e-6)
 
 
-def test_mlp_and_classifier_shapes():
-  mlp = MLPScore(hidden=32, depth=2)
-  x = jnp.ones((5, 2))
-  p = mlp.init(jax.random.key(0), x, jnp.ones(5))['params']
-  assert mlp.apply({'params': p}, x, jnp.ones(5)).shape == (5, 2)
+def test_mlp_score_against_numpy():
+  """MLPScore, conditional, against a numpy forward pass of its documented wiring: the time
+  (and class) embedding added before every hidden layer's SiLU; the null label by default."""
+  from cdiff_jax.models.unet import timestep_embedding
+  mlp = MLPScore(hidden=16, depth=2, num_classes=3, time_dim=8)
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.standard_normal((5, 2)), jnp.float32)
+  t = jnp.asarray(rng.uniform(0, 1, 5), jnp.float32)
+  y = jnp.asarray([0, 1, 2, 0, 1])
+  p = mlp.init(jax.random.key(0), x, t, y)['params']
+  # Non-zero biases, so a bias left out shows.
+  p = jax.tree.map(lambda a: a + 0.1 * jnp.asarray(rng.standard_normal(a.shape), a.dtype), p)
+  silu = lambda v: v / (1 + np.exp(-v))
+  dense = lambda name, v: v @ np.asarray(p[name]['kernel'], np.float64) + np.asarray(p[name]['bias'])
+
+  def forward(labels):
+    emb = silu(dense('Dense_0', np.asarray(timestep_embedding(t, 8), np.float64)))
+    emb = emb + np.asarray(p['Embed_0']['embedding'], np.float64)[labels]
+    h = dense('Dense_1', np.asarray(x, np.float64))
+    for k in range(2):
+      h = dense(f'Dense_{3 + 2 * k}', silu(h + dense(f'Dense_{2 + 2 * k}', emb)))
+    return dense('Dense_6', silu(h))
+
+  np.testing.assert_allclose(mlp.apply({'params': p}, x, t, y), forward(np.asarray(y)),
+                             rtol=1e-4, atol=1e-5)
+  np.testing.assert_allclose(mlp.apply({'params': p}, x, t), forward(np.full(5, 3)),
+                             rtol=1e-4, atol=1e-5)
+
+
+def test_classifier_features_are_what_its_head_reads():
+  """ConvClassifier's features (the classifier FID's) are the pooled activations its last
+  layer maps to the logits: the head reads exactly them (after the final GroupNorm + SiLU)."""
   clf = ConvClassifier(ch=8, ch_mult=(1, 2), num_groups=4, num_outputs=7)
-  xi = jnp.ones((3, 8, 8, 1))
-  pc = clf.init(jax.random.key(0), xi, jnp.zeros(3))['params']
-  logits, feats = clf.apply({'params': pc}, xi, jnp.zeros(3), return_features=True)
+  xi = jax.random.normal(jax.random.key(1), (3, 8, 8, 1))
+  t = jnp.array([0.1, 0.5, 0.9])
+  pc = clf.init(jax.random.key(0), xi, t)['params']
+  logits, feats = clf.apply({'params': pc}, xi, t, return_features=True)
   assert logits.shape == (3, 7) and feats.shape == (3, 16)
+  head = pc[sorted((k for k in pc if k.startswith('Dense_')), key=lambda k: int(k[6:]))[-1]]
+  np.testing.assert_allclose(logits, feats @ head['kernel'] + head['bias'], rtol=1e-5,
+                             atol=1e-6)
+  np.testing.assert_allclose(clf.apply({'params': pc}, xi, t), logits, rtol=1e-6)
+  # Pooled SiLU outputs: never below SiLU's minimum, -0.2785.
+  assert float(feats.min()) >= -0.2785 and float(jnp.abs(feats).max()) < 3
 
 
 def test_energy_parameterization_is_a_gradient():
