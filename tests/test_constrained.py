@@ -581,6 +581,14 @@ def test_tiw_objective_with_minority_constraints_in_one_step(tiny_config, tmp_pa
   assert np.std(w[g < 2]) > 1e-3   # the discriminator's weights are not all equal
   np.testing.assert_allclose(L[0], np.mean((w * loss)[g < 2]), rtol=1e-5)
   np.testing.assert_allclose(L[1:], [dsm[g == 2].mean(), dsm[g == 3].mean()], rtol=1e-5)
+  # The step's logged figures are those: L_0, L_c, and the mean weight of each side.
+  _, aux = exp.method.loss(state.params, state.extras, batch, rng)
+  m = aux['metrics']
+  np.testing.assert_allclose(m['objective_loss'], L[0], rtol=1e-5)
+  np.testing.assert_allclose(m['constraint_loss'], L[1:], rtol=1e-5)
+  np.testing.assert_allclose([m['weight_bias'], m['weight_ref']],
+                             [w[g == 0].mean(), w[g == 1].mean()], rtol=1e-5)
+  assert abs(w[g == 0].mean() - w[g == 1].mean()) > 1e-3  # the sides are told apart
 
   workdir = str(tmp_path / 'run')
   exp.config.train.steps = 4
