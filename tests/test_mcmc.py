@@ -13,6 +13,9 @@ from cdiff_jax.methods import guidance
 from cdiff_jax.sampling import Sampler, mcmc
 
 
+GAUSS_S05 = toys.GaussianMixture(((0.0, 0.0),), ((0.5, 0.5),), (1.0,))  # N(0, 0.25 I)
+
+
 def _energy_grad_of(log_prob):
   """x -> (E, grad E) of a per-example log-density, by autodiff."""
 
@@ -72,9 +75,8 @@ def test_uhmc_has_the_leapfrog_shadow_variance_while_hmc_has_none():
   with stationary momentum; a U-HMC move that returned its start would stay at s^2. (Two
   leapfrog steps: three of h = s turn the oscillator by exactly pi, x -> -x, every move.)"""
   s2, h, n = 0.25, 0.5, 4000
-  gauss = toys.GaussianMixture(((0.0, 0.0),), ((0.5, 0.5),), (1.0,))
-  energy_grad = _energy_grad_of(gauss.log_prob)
-  x0 = jnp.asarray(gauss.sample(np.random.default_rng(0), n))
+  energy_grad = _energy_grad_of(GAUSS_S05.log_prob)
+  x0 = jnp.asarray(GAUSS_S05.sample(np.random.default_rng(0), n))
   p0 = jax.random.normal(jax.random.key(5), x0.shape)
   shadow = s2 / (1.0 - h ** 2 / (4 * s2))
   se = math.sqrt(2.0 / (2 * n))  # relative standard error of a variance from 2n values
@@ -95,9 +97,8 @@ def test_ula_bias_shows_at_large_step_while_mala_has_none():
   """On N(0, s^2 I), ULA with step eta has the stationary variance s^2 / (1 - eta / (2 s^2))
   (4/3 s^2 at eta = s^2 / 2); MALA corrects it to s^2."""
   s2 = 0.25
-  gauss = toys.GaussianMixture(((0.0, 0.0),), ((0.5, 0.5),), (1.0,))
-  energy_grad = _energy_grad_of(gauss.log_prob)
-  x0 = jnp.asarray(gauss.sample(np.random.default_rng(0), 4000))
+  energy_grad = _energy_grad_of(GAUSS_S05.log_prob)
+  x0 = jnp.asarray(GAUSS_S05.sample(np.random.default_rng(0), 4000))
   eta = 0.5 * s2
   var = {}
   for kind in ('ula', 'mala'):

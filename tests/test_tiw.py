@@ -742,6 +742,12 @@ class ConstantLogit(nn.Module):
     return jnp.full((x.shape[0], 1), c)
 
 
+def _time_weight_by_hand(weighting, t):
+  """lambda(t): 1, or the VP schedule's sigma_t^2 = 1 - alpha_t^2 with
+  log alpha_t^2 = -(t^2 (beta_max - beta_min) / 2 + t beta_min), beta 0.1 -> 20."""
+  return 1.0 if weighting == 'uniform' else 1 - np.exp(-(0.5 * t ** 2 * 19.9 + 0.1 * t))
+
+
 @pytest.mark.parametrize('weighting', ['uniform', 'sigma2'])
 def test_time_weighted_bce_closed_form_on_unbalanced_sides(weighting):
   """T-BCE of a constant logit c at one t: lambda(t) (softplus(-c) + softplus(c)), each side
@@ -753,8 +759,7 @@ def test_time_weighted_bce_closed_form_on_unbalanced_sides(weighting):
   is_ref = np.r_[np.ones(4), np.zeros(12)].astype(bool)
   loss, m = nc.noised_bce_loss(clf, params, x0, jnp.asarray(is_ref), jnp.asarray(~is_ref),
                                jax.random.key(2), FixedTime(t_fixed=t0), weighting)
-  # VP: sigma_t^2 = 1 - alpha_t^2, log alpha_t^2 = -(t^2 (beta_max - beta_min) / 2 + t beta_min).
-  lam = 1.0 if weighting == 'uniform' else 1 - np.exp(-(0.5 * t0 ** 2 * 19.9 + 0.1 * t0))
+  lam = _time_weight_by_hand(weighting, t0)
   c = 0.7
   np.testing.assert_allclose(loss, lam * (np.logaddexp(0, -c) + np.logaddexp(0, c)), rtol=1e-5)
   np.testing.assert_allclose(m['accuracy'], 4 / 16)
@@ -785,7 +790,7 @@ def test_noised_cross_entropy_closed_form_with_a_mask(weighting):
   z = t0 * np.array([0.5, -1.0, 2.0])
   ce = np.logaddexp.reduce(z) - z[np.asarray(labels)]
   keep = np.asarray(mask)
-  lam = 1.0 if weighting == 'uniform' else 1 - np.exp(-(0.5 * t0 ** 2 * 19.9 + 0.1 * t0))
+  lam = _time_weight_by_hand(weighting, t0)
   np.testing.assert_allclose(loss, lam * ce[keep].mean(), rtol=1e-5)
   np.testing.assert_allclose(m['accuracy'], np.mean(np.asarray(labels)[keep] == 2), rtol=1e-6)
 
