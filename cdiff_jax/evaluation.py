@@ -292,7 +292,10 @@ def evaluate_run(exp, state, workdir: str, progress: bool = False) -> dict:
   train_freqs = class_frequencies(exp.dataset.labels[exp.objective_indices()], exp.num_classes)
   result['training_class_frequencies'] = train_freqs.tolist()
   if jax.process_index() == 0:
-    writers.write_atomic(os.path.join(workdir, 'eval.json'), json.dumps(result, indent=2))
+    # eval.json last: the experiments take it as the mark of a finished arm and then read
+    # the samples back (a run stopped in between evaluates again).
+    writers.save_arrays_atomic(os.path.join(workdir, 'eval_samples.npy'),
+                               samples.astype(np.float16))
     writers.plot_class_frequencies(
         os.path.join(workdir, 'class_frequencies.png'),
         {'training data': train_freqs, 'model samples': result['class_frequencies']},
@@ -300,5 +303,5 @@ def evaluate_run(exp, state, workdir: str, progress: bool = False) -> dict:
         title=f'{exp.config.method.name}: classifier FID {result["classifier_fid"]:.2f}, '
               f'TV to uniform {result["tv_to_uniform"]:.3f}')
     writers.save_image_grid(os.path.join(workdir, 'samples', 'eval_samples.png'), samples[:100])
-    np.save(os.path.join(workdir, 'eval_samples.npy'), samples.astype(np.float16))
+    writers.write_atomic(os.path.join(workdir, 'eval.json'), json.dumps(result, indent=2))
   return result

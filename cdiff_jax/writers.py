@@ -5,6 +5,7 @@ Only process 0 writes (``MetricWriter(..., active=jax.process_index() == 0)``).
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import os
@@ -21,6 +22,17 @@ def write_atomic(path: str, data: bytes | str) -> None:
   with open(tmp, 'wb' if isinstance(data, bytes) else 'w') as f:
     f.write(data)
   os.replace(tmp, path)
+
+
+def save_arrays_atomic(path: str, array=None, **arrays) -> None:
+  """``np.save(path, array)`` (a .npy) or ``np.savez(path, **arrays)`` (a .npz), whole or not
+  at all (``write_atomic``): files that a rerun reads back must never be half written."""
+  buf = io.BytesIO()
+  if array is not None:
+    np.save(buf, array)
+  else:
+    np.savez(buf, **arrays)
+  write_atomic(path, buf.getvalue())
 
 
 def _to_python(v):

@@ -172,7 +172,7 @@ def main(argv):
                                     progress=progress)
     clf = evaluation.classifier_for(config)
     cached = generated, clf.predict(generated)
-    np.savez(gen_path, images=cached[0], labels=cached[1], key=key)
+    writers.save_arrays_atomic(gen_path, images=cached[0], labels=cached[1], key=key)
   generated, generated_labels = cached
   dataset, new_images = build_finetune_dataset(config, train_set, generated, generated_labels)
 

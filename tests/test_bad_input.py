@@ -48,14 +48,16 @@ CASES = {
                                          'model.ch_mult'),
     'negative seed': ('digits_dsm', ['--config.seed=-1'], 'config.seed=-1: must be >= 0'),
     'feature extractor that does not import': (
-        'digits_dsm', ['--config.eval.feature_fn=my_inception:features', '--config.eval.enabled=True'],
+        'digits_dsm', ['--config.eval.feature_fn=my_inception:features',
+                       '--config.eval.enabled=True'],
         "config.eval.feature_fn='my_inception:features': module 'my_inception' does not "
         'import'),
     'feature extractor without its function': (
         'digits_dsm', ['--config.eval.feature_fn=run_files', '--config.eval.enabled=True'],
         "config.eval.feature_fn='run_files': give 'package.module:function'"),
     'feature extractor module without that function': (
-        'digits_dsm', ['--config.eval.feature_fn=json:featurez', '--config.eval.enabled=True'],
+        'digits_dsm', ['--config.eval.feature_fn=json:featurez',
+                       '--config.eval.enabled=True'],
         "config.eval.feature_fn='json:featurez': json has no function 'featurez'."),
     'no final samples': ('digits_dsm', ['--config.sample.num_samples=0'],
                          'config.sample.num_samples=0: must be positive'),

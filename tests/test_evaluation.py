@@ -119,6 +119,36 @@ def test_a_users_feature_extractor_gives_the_fid(tmp_path, monkeypatch):
   assert 'fid' not in evaluation.evaluate_samples(clf, samples, reference)
 
 
+def test_a_stop_while_the_samples_are_written_leaves_the_run_unevaluated(tiny_config, tmp_path,
+                                                                       monkeypatch):
+  """eval.json marks an evaluated arm, and the experiments then read its eval_samples.npy
+  back: a stop (SIGTERM, Ctrl-C) landing inside the samples' write must leave neither file,
+  so the rerun evaluates again instead of failing on half an array."""
+  from cdiff_jax import train
+  c = tiny_config
+  c.eval.enabled, c.eval.num_samples, c.eval.classifier_steps = True, 6, 30
+  exp = train.build(c)
+  state = exp.init_state()
+  real_save = np.save
+
+  def save_then_stop(file, arr, *args, **kwargs):
+    if np.asarray(arr).dtype == np.float16:   # the samples
+      real_save(file, np.asarray(arr)[:1])
+      raise KeyboardInterrupt
+    return real_save(file, arr, *args, **kwargs)
+
+  monkeypatch.setattr(np, 'save', save_then_stop)
+  with pytest.raises(KeyboardInterrupt):
+    evaluation.evaluate_run(exp, state, str(tmp_path))
+  assert not (tmp_path / 'eval.json').exists()
+  assert not (tmp_path / 'eval_samples.npy').exists()
+  monkeypatch.setattr(np, 'save', real_save)
+  result = evaluation.evaluate_run(exp, state, str(tmp_path))
+  assert (tmp_path / 'eval.json').exists()
+  assert np.load(tmp_path / 'eval_samples.npy').shape == (6, 8, 8, 1)
+  assert result['num_samples'] == 6
+
+
 @pytest.fixture(scope='module')
 def digits_classifier(tmp_path_factory):
   import os

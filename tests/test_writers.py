@@ -68,6 +68,26 @@ def test_a_rerun_hides_the_killed_runs_later_points_in_tensorboard(tmp_path, sta
   assert run_files.tensorboard_events(tmp_path / 'tensorboard')[1] == [start + 1]
 
 
+def test_arrays_are_saved_whole_as_npy_or_npz(tmp_path, monkeypatch):
+  """save_arrays_atomic: a .npy of one array or a .npz of several, read back as numpy's own
+  save would write them; a failed rename leaves the old file as it was."""
+  a = np.arange(6, dtype=np.float16).reshape(2, 3)
+  writers.save_arrays_atomic(str(tmp_path / 'x.npy'), a)
+  np.testing.assert_array_equal(np.load(tmp_path / 'x.npy'), a)
+  writers.save_arrays_atomic(str(tmp_path / 'x.npz'), images=a, key='abc')
+  with np.load(tmp_path / 'x.npz') as f:
+    np.testing.assert_array_equal(f['images'], a)
+    assert str(f['key']) == 'abc'
+
+  def no_rename(src, dst):
+    raise OSError('disk full')
+
+  monkeypatch.setattr(writers.os, 'replace', no_rename)
+  with pytest.raises(OSError):
+    writers.save_arrays_atomic(str(tmp_path / 'x.npy'), a + 1)
+  np.testing.assert_array_equal(np.load(tmp_path / 'x.npy'), a)
+
+
 def test_write_atomic_replaces_whole_and_leaves_no_temporary(tmp_path, monkeypatch):
   """The file is the old one or the new one: a write whose rename fails leaves the old file
   as it was; bytes and text both; the folder is made."""
