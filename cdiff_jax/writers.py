@@ -189,6 +189,42 @@ def plot_curves(path: str, records: list[dict], keys: list[str], title: str = ''
   return path
 
 
+def plot_compared_curves(path: str, runs: Mapping[str, list[dict]], key: str,
+                         entry_names=None, thresholds=None, title: str = '') -> str | None:
+  """One panel per entry of the list-valued metric ``key`` (a constraint's loss, say), each
+  run's records as a line, and ``thresholds[i]`` as a dashed line across panel i; None
+  (nothing written) when no run logged ``key``."""
+  curves = {}
+  for name, records in runs.items():
+    pts = [(r['step'], r[key]) for r in records if key in r and not isinstance(r[key], str)]
+    if pts:
+      curves[name] = (np.array([p[0] for p in pts]),
+                      np.array([np.atleast_1d(p[1]) for p in pts], np.float64))
+  if not curves:
+    return None
+  num = max(v.shape[1] for _, v in curves.values())
+  fig, axes = new_figure(1, num, figsize=(max(4.2 * num, 6.0), 3.5), squeeze=False)
+  for i, ax in enumerate(axes[0]):
+    for name, (steps, values) in curves.items():
+      if i < values.shape[1]:
+        ax.plot(steps, values[:, i], label=name)
+    if thresholds is not None and i < len(thresholds):
+      ax.axhline(float(thresholds[i]), color='k', linestyle='--', linewidth=1,
+                 label=f'b = {float(thresholds[i]):.4g}')
+    shown = np.concatenate([v[:, i] for _, v in curves.values() if i < v.shape[1]])
+    if np.all(shown > 0) and shown.max() > 10 * shown.min():  # early losses dwarf the rest
+      ax.set_yscale('log')
+    ax.set_title(str(entry_names[i]) if entry_names and i < len(entry_names) else f'{key}[{i}]',
+                 fontsize=9)
+    ax.set_xlabel('step')
+    ax.legend(fontsize=7)
+  fig.suptitle(title, fontsize=10)
+  fig.tight_layout()
+  os.makedirs(os.path.dirname(path) or '.', exist_ok=True)
+  fig.savefig(path, dpi=110)
+  return path
+
+
 def plot_class_frequencies(path: str, series: Mapping[str, object], target=None,
                            title: str = '', class_names=None) -> str:
   """Grouped bar chart of class frequencies (one bar per series), the target as a dashed

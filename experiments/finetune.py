@@ -138,7 +138,8 @@ def dropped_class_table(dropped, pre: dict, arms: dict) -> str:
 def main(argv):
   del argv
   from cdiff_jax import evaluation, parallel, train, writers
-  from experiments.minority import comparison_table, run_arm, unconstrained_arm
+  from experiments.minority import (comparison_table, run_arm, unconstrained_arm,
+                                    write_constraint_figure)
   from cdiff_jax.data import sources
   config = _CONFIG.value
   fc = config.finetune
@@ -203,6 +204,7 @@ def main(argv):
   series.update({n: a['eval']['class_frequencies'] for n, a in arms.items()})
   writers.plot_class_frequencies(os.path.join(workdir, 'comparison_frequencies.png'), series,
                                  title='fine-tuning: generated class frequencies')
+  write_constraint_figure(workdir, config, arms)
   print('\n' + table)
 
 

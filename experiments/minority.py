@@ -138,6 +138,20 @@ def write_figures(workdir: str, config, arms: dict):
   pad = [np.pad(g, ((0, h - g.shape[0]), (0, 8)) + (((0, 0),) if g.ndim == 3 else ()),
                 constant_values=255) for g in grids]
   Image.fromarray(np.concatenate(pad, axis=1)).save(os.path.join(workdir, 'comparison_samples.png'))
+  write_constraint_figure(workdir, config, arms)
+
+
+def write_constraint_figure(workdir: str, config, arms: dict) -> str | None:
+  """comparison_constraints.png: each constraint's loss over training in every arm (from its
+  metrics.jsonl), against the constrained arm's threshold b_i: what the constraint held."""
+  from cdiff_jax import writers
+  from cdiff_jax.methods import constrained
+  runs = {name: writers.read_metrics(os.path.join(workdir, name)) for name in arms}
+  b = arms.get('constrained', {}).get('final_metrics', {}).get('threshold')
+  return writers.plot_compared_curves(
+      os.path.join(workdir, 'comparison_constraints.png'), runs, 'constraint_loss',
+      constrained.constraint_names(config), thresholds=b,
+      title='constraint losses over training (dashed: b)')
 
 
 def unconstrained_arm(config):
@@ -200,7 +214,8 @@ def main(argv):
   write_figures(workdir, config, arms)
   print('\n' + table + '\n')
   print(f'Figures: {workdir}/comparison_frequencies.png, {workdir}/comparison_samples.png, '
-        f'{workdir}/constrained/lambda.png; per-arm outputs in {workdir}/<arm>/.')
+        f'{workdir}/comparison_constraints.png, {workdir}/constrained/lambda.png; per-arm '
+        f'outputs in {workdir}/<arm>/.')
 
 
 if __name__ == '__main__':

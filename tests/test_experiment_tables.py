@@ -112,6 +112,33 @@ def test_minority_figures_show_the_training_data_and_each_arm(tmp_path, monkeypa
   np.testing.assert_allclose(plotted['target'], [0, .25, 0, 0, .25, 0, .25, 0, .25, 0])
 
 
+def test_constraint_figure_shows_every_arms_constraint_losses_against_b(tmp_path, monkeypatch):
+  """comparison_constraints.png: each arm's logged constraint losses, one panel per
+  constraint named as in the logs, with the constrained arm's thresholds."""
+  from configs import digits_minority
+  from experiments import minority
+  arms = {'unconstrained': _minority_arm(2, lam=[0.0] * 3),
+          'constrained': _minority_arm(3, lam=[0.5] * 3)}
+  records = {}
+  for k, name in enumerate(arms):
+    records[name] = [dict(step=s, constraint_loss=[s * 0.1 + k, 2.0, 3.0]) for s in (4, 8)]
+    os.makedirs(tmp_path / name)
+    (tmp_path / name / 'metrics.jsonl').write_text(
+        ''.join(json.dumps(r) + '\n' for r in records[name]))
+  drawn = {}
+
+  def plot(path, runs, key, entry_names=None, thresholds=None, title=''):
+    drawn.update(path=path, runs=runs, key=key, names=entry_names, b=thresholds)
+    return path
+
+  monkeypatch.setattr(writers, 'plot_compared_curves', plot)
+  minority.write_constraint_figure(str(tmp_path), digits_minority.get_config(), arms)
+  assert drawn['path'] == str(tmp_path / 'comparison_constraints.png')
+  assert drawn['runs'] == records and drawn['key'] == 'constraint_loss'
+  assert drawn['names'] == ('class_4', 'class_5', 'class_7')
+  assert drawn['b'] == [0.011, 0.022, 0.033]
+
+
 def _finished(workdir, config, arm, **summary):
   """What a finished arm of ``config`` leaves in ``workdir`` (``summary``: more of
   summary.json's fields)."""

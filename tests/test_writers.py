@@ -68,6 +68,39 @@ def test_a_rerun_hides_the_killed_runs_later_points_in_tensorboard(tmp_path, sta
   assert run_files.tensorboard_events(tmp_path / 'tensorboard')[1] == [start + 1]
 
 
+def test_compared_curves_draw_each_run_per_entry_and_the_thresholds(tmp_path, monkeypatch):
+  """One panel per entry: each run's values of that entry over its steps, b_i dashed across
+  panel i, the entry's name as its title; a log scale only where values span 10x; nothing
+  written when no run logged the key."""
+  figures = []
+  real = writers.new_figure
+
+  def keep(*args, **kwargs):
+    figures.append(real(*args, **kwargs))
+    return figures[-1]
+
+  monkeypatch.setattr(writers, 'new_figure', keep)
+  runs = {'a': [dict(step=10, loss=[100.0, 2.0]), dict(step=20, loss=[3.0, 1.0])],
+          'b': [dict(step=10, loss=[50.0, 4.0]), dict(step=30, loss=[2.5, 0.5]),
+                dict(step=40, other=1.0)]}
+  path = str(tmp_path / 'c.png')
+  assert writers.plot_compared_curves(path, runs, 'loss', ['x', 'y'], thresholds=[2.0, 0.7]) == path
+  assert (tmp_path / 'c.png').exists()
+  _, axes = figures[-1]
+  for i, ax in enumerate(axes[0]):
+    assert ax.get_title() == 'xy'[i]
+    lines = {ln.get_label(): ln for ln in ax.get_lines()}
+    np.testing.assert_array_equal(lines['a'].get_xdata(), [10, 20])
+    np.testing.assert_array_equal(lines['a'].get_ydata(), [[100.0, 3.0], [2.0, 1.0]][i])
+    np.testing.assert_array_equal(lines['b'].get_xdata(), [10, 30])
+    np.testing.assert_array_equal(lines['b'].get_ydata(), [[50.0, 2.5], [4.0, 0.5]][i])
+    b = lines[f'b = {[2.0, 0.7][i]:.4g}']
+    np.testing.assert_array_equal(b.get_ydata(), [[2.0, 2.0], [0.7, 0.7]][i])
+    assert ax.get_yscale() == ['log', 'linear'][i]
+  assert writers.plot_compared_curves(str(tmp_path / 'd.png'), runs, 'missing') is None
+  assert not (tmp_path / 'd.png').exists()
+
+
 def test_arrays_are_saved_whole_as_npy_or_npz(tmp_path, monkeypatch):
   """save_arrays_atomic: a .npy of one array or a .npz of several, read back as numpy's own
   save would write them; a failed rename leaves the old file as it was."""

@@ -488,15 +488,21 @@ def num_constraints(config) -> int:
   return len(mc.constraint_classes) if mc.constraint_source == 'classes' else len(mc.constraint_names)
 
 
+def constraint_names(config) -> tuple[str, ...]:
+  """The constraints' names, as the batch groups, logs and figures give them: class_C for
+  ``constraint_source='classes'``, else ``method.constraint_names``."""
+  mc = config.method
+  if mc.constraint_source == 'classes':
+    return tuple(f'class_{c}' for c in mc.constraint_classes)
+  return tuple(mc.constraint_names)
+
+
 def build(config, base, lr_fn: Callable | None = None) -> Constrained:
   """``base``: the method whose per-example loss the Lagrangian uses (DSM, or TIW-DSM when
   ``config.method.objective='tiw'``; see ``tiw_objective``)."""
   mc = config.method
   m = num_constraints(config)
-  if mc.constraint_source == 'classes':
-    names = tuple(f'class_{c}' for c in mc.constraint_classes)
-  else:
-    names = tuple(mc.constraint_names)
+  names = constraint_names(config)
   dual_lr_fn = None
   if mc.dual_lr_schedule == 'primal' and lr_fn is not None:
     peak = float(config.optim.lr)
