@@ -155,6 +155,16 @@ def new_figure(nrows: int = 1, ncols: int = 1, figsize=None, **subplots_kw):
   return fig, fig.subplots(nrows, ncols, **subplots_kw)
 
 
+def _series(records: list[dict], key: str):
+  """(steps, values) of a logged metric, or (None, None) if no record has it. A metric may
+  have changed shape across a resumed run's versions: the points of the last shape."""
+  pts = [(r['step'], r[key]) for r in records if key in r and not isinstance(r[key], str)]
+  pts = [p for p in pts if np.shape(p[1]) == np.shape(pts[-1][1])] if pts else pts
+  if not pts:
+    return None, None
+  return np.array([p[0] for p in pts]), np.array([p[1] for p in pts], dtype=np.float64)
+
+
 def plot_curves(path: str, records: list[dict], keys: list[str], title: str = '',
                 logy: bool = False, entry_names=None) -> str | None:
   """Line plot of metrics over steps (list-valued metrics get one line per entry, labelled
@@ -162,13 +172,9 @@ def plot_curves(path: str, records: list[dict], keys: list[str], title: str = ''
   fig, ax = new_figure(figsize=(6, 3.5))
   plotted = False
   for key in keys:
-    pts = [(r['step'], r[key]) for r in records if key in r and not isinstance(r[key], str)]
-    # A metric may have changed shape across a resumed run's versions; plot the last shape.
-    pts = [p for p in pts if np.shape(p[1]) == np.shape(pts[-1][1])] if pts else pts
-    if not pts:
+    steps, values = _series(records, key)
+    if steps is None:
       continue
-    steps = np.array([p[0] for p in pts])
-    values = np.array([p[1] for p in pts], dtype=np.float64)
     if values.ndim == 1:
       ax.plot(steps, values, label=key)
     else:
@@ -196,10 +202,9 @@ def plot_compared_curves(path: str, runs: Mapping[str, list[dict]], key: str,
   (nothing written) when no run logged ``key``."""
   curves = {}
   for name, records in runs.items():
-    pts = [(r['step'], r[key]) for r in records if key in r and not isinstance(r[key], str)]
-    if pts:
-      curves[name] = (np.array([p[0] for p in pts]),
-                      np.array([np.atleast_1d(p[1]) for p in pts], np.float64))
+    steps, values = _series(records, key)
+    if steps is not None:
+      curves[name] = steps, values.reshape(len(steps), -1)
   if not curves:
     return None
   num = max(v.shape[1] for _, v in curves.values())
