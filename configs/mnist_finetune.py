@@ -9,13 +9,14 @@ fine-tuning is the baseline.
 
 Expected: the paper reports FID 45.9 (plain fine-tuning) vs 25.2 (constrained); here the
 classifier FID and the class frequencies (9s appear in both fine-tuned models) are reported.
-GPU-sized: hours on a 2-core CPU. Measured at a CPU budget with a small new set (README,
-42 min: 1,500 pre-training steps of 64 at pretrain_lr 1e-3, 1,000 q_pre samples,
-new_data_size=100, 1,500 fine-tuning steps of 32 + 32, dual_start 100): plain fine-tuning
+GPU-sized: hours on a 2-core CPU. Measured at a CPU budget with a small new set (README's
+command, 42 min, jax 0.12.1: 1,500 pre-training steps of 64 at pretrain_lr 1e-3, 1,000 q_pre
+samples, new_data_size=100, 1,500 fine-tuning steps of 32 + 32, dual_start 100; 1,000
+samples of 50-step DDIM, a 600-step evaluation classifier): plain fine-tuning
 overfits its 100 images (loss on q_pre 0.0345 -> 0.0535, TV 0.132, classifier FID 1.10),
-the constrained arm holds it at b = 0.0345 (lambda 0.19; TV 0.080, FID 0.85). With 1,000
-new images and 600 steps (19 passes) plain fine-tuning had not drifted and the constraint
-never bound.
+the constrained arm holds it at b = 0.0345 (lambda 0.19; TV 0.080, FID 0.85). An earlier
+run with 1,000 new images and 600 steps (19 passes; jax 0.12.0.1, b from the EMA
+parameters, 0.0352) had plain fine-tuning not drifted yet, and the constraint never bound.
 """
 
 from configs import digits_finetune, mnist_minority

@@ -16,7 +16,8 @@ Commands:
 Expected: an accelerator run (20k steps, batch 128) per arm; the paper's ordering on
 CIFAR-10-LT is TIW-DSM better (lower FID, more uniform classes) than DSM(obs), which can
 beat IW-DSM. On a 2-core CPU a step takes ~1 s, so the full recipe is hours per arm. At a CPU
-budget (5% reference, 1,500 steps of batch 64, lr 1e-3; command in the README) TIW-DSM beat
+budget (5% reference, 1,500 steps of batch 64, lr 1e-3; command in the README; jax
+0.12.0.1) TIW-DSM beat
 DSM(obs): classifier FID 1.91 -> 1.52, TV to uniform 0.146 -> 0.108, tail mass 0.39 -> 0.47,
 and DSM(obs) beat IW-DSM (FID 2.14); DSM(ref) was best there (FID 1.30, no copying yet at
 1,500 steps), which the paper's longer runs reverse. With 10% reference (same budget)

@@ -14,7 +14,7 @@ plots WORKDIR/toy_<benchmark>.png.
 
 Expected (2-core CPU, about 5 minutes; notebooks/composition_mcmc.ipynb runs the same):
 on the product, plain reverse diffusion is clearly worse than MALA/HMC in exact
-log-likelihood (oracle components: about 0.7 vs 1.4-1.5; exact samples give 1.50), and the
+log-likelihood (oracle components: about 0.66 vs 1.36-1.44; exact samples give 1.50), and the
 learned components follow the same ordering. The mixture and the negation are exact
 diffusions, so all samplers are close there.
 """
