@@ -72,7 +72,9 @@ def prepare_config(name: str, steps_per_call: int = 1):
 
 
 def measure(name: str, steps_per_call: int = 1) -> dict:
+  import jax
   from cdiff_jax import train
+  jax.config.update('jax_enable_compilation_cache', False)  # even if the environment names one
   config, dataset = prepare_config(name, steps_per_call)
   start = time.perf_counter()
   exp = train.build(config, dataset)

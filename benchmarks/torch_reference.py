@@ -383,7 +383,10 @@ class Reference:
 
 def matmul_flops_per_sec(n: int = 2048, repeats: int = 5, device: str = 'cpu') -> float:
   a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
-  sync = torch.cuda.synchronize if torch.device(device).type == 'cuda' else (lambda: None)
+  cuda = torch.device(device).type == 'cuda'
+  if cuda:  # TF32, as XLA's float32 dot on GPUs and the Reference's model (its __init__)
+    torch.backends.cuda.matmul.allow_tf32 = True
+  sync = torch.cuda.synchronize if cuda else (lambda: None)
   a @ b
   sync()
   times = []
