@@ -145,7 +145,7 @@ def save_image_grid(path: str, images: np.ndarray, ncols: int | None = None,
 
 
 def new_figure(nrows: int = 1, ncols: int = 1, figsize=None, **subplots_kw):
-  """``(figure, axes)`` drawn off-screen without pyplot (save with ``fig.savefig``).
+  """``(figure, axes)`` drawn off-screen without pyplot (save with ``save_figure``).
 
   The project's figures never touch matplotlib's global backend, so writing them inside a
   notebook or an interactive session leaves the user's inline/GUI plotting as it was.
@@ -153,6 +153,14 @@ def new_figure(nrows: int = 1, ncols: int = 1, figsize=None, **subplots_kw):
   from matplotlib.figure import Figure
   fig = Figure(figsize=figsize)
   return fig, fig.subplots(nrows, ncols, **subplots_kw)
+
+
+def save_figure(fig, path: str) -> str:
+  """Lays out and writes a ``new_figure`` figure as a PNG (the folder made); returns path."""
+  fig.tight_layout()
+  os.makedirs(os.path.dirname(path) or '.', exist_ok=True)
+  fig.savefig(path, dpi=110)
+  return path
 
 
 def _series(records: list[dict], key: str):
@@ -189,10 +197,7 @@ def plot_curves(path: str, records: list[dict], keys: list[str], title: str = ''
   ax.set_xlabel('step')
   ax.set_title(title)
   ax.legend(fontsize=7)
-  fig.tight_layout()
-  os.makedirs(os.path.dirname(path) or '.', exist_ok=True)
-  fig.savefig(path, dpi=110)
-  return path
+  return save_figure(fig, path)
 
 
 def plot_compared_curves(path: str, runs: Mapping[str, list[dict]], key: str,
@@ -224,10 +229,7 @@ def plot_compared_curves(path: str, runs: Mapping[str, list[dict]], key: str,
     ax.set_xlabel('step')
     ax.legend(fontsize=7)
   fig.suptitle(title, fontsize=10)
-  fig.tight_layout()
-  os.makedirs(os.path.dirname(path) or '.', exist_ok=True)
-  fig.savefig(path, dpi=110)
-  return path
+  return save_figure(fig, path)
 
 
 def plot_class_frequencies(path: str, series: Mapping[str, object], target=None,
@@ -251,7 +253,4 @@ def plot_class_frequencies(path: str, series: Mapping[str, object], target=None,
   ax.set_ylabel('frequency')
   ax.set_title(title, fontsize=9)
   ax.legend(fontsize=7)
-  fig.tight_layout()
-  os.makedirs(os.path.dirname(path) or '.', exist_ok=True)
-  fig.savefig(path, dpi=110)
-  return path
+  return save_figure(fig, path)

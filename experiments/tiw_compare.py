@@ -151,8 +151,7 @@ def write_plots(workdir: str, results: dict, alphas) -> None:
     ax.set_ylabel(f'frequency in {n:,} samples' if n else 'frequency')
     ax.set_title(f'reference = {float(frac):g} x |biased set|', fontsize=9)
     ax.legend(fontsize=6.5, ncol=2)
-  fig.tight_layout()
-  fig.savefig(os.path.join(workdir, 'class_frequencies.png'), dpi=110)
+  writers.save_figure(fig, os.path.join(workdir, 'class_frequencies.png'))
 
   fig, axes = writers.new_figure(1, 2, figsize=(9, 3.4))
   for frac in fracs:
@@ -169,8 +168,7 @@ def write_plots(workdir: str, results: dict, alphas) -> None:
     ax.set_xlabel('alpha (0 = DSM(obs))')
     ax.set_title(title, fontsize=9)
     ax.legend(fontsize=7)
-  fig.tight_layout()
-  fig.savefig(os.path.join(workdir, 'alpha_sweep.png'), dpi=110)
+  writers.save_figure(fig, os.path.join(workdir, 'alpha_sweep.png'))
 
 
 def write_table(workdir: str, results: dict, header: str) -> str:

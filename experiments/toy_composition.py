@@ -266,8 +266,7 @@ def plot_benchmark(path, title, panels: dict, target, exact=None):
       ax.set_yticks([])
       ax.set_aspect('equal')
   fig.suptitle(title, fontsize=9)
-  fig.tight_layout()
-  fig.savefig(path, dpi=110)
+  writers.save_figure(fig, path)
 
 
 def plot_acceptance(path, curves: dict):
@@ -282,8 +281,7 @@ def plot_acceptance(path, curves: dict):
   ax.set_ylabel('acceptance rate')
   ax.invert_xaxis()
   ax.legend(fontsize=6, ncol=2)
-  fig.tight_layout()
-  fig.savefig(path, dpi=110)
+  writers.save_figure(fig, path)
 
 
 # ----------------------------------------------------------------------------- main
