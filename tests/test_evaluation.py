@@ -59,13 +59,18 @@ class _LinearNet:
     return flat @ variables['params']['w'], flat
 
 
+def _linear_classifier(rng):
+  """An EvalClassifier of 2x2 images into 3 classes over ``_LinearNet``; and its ``w``."""
+  w = rng.standard_normal((4, 3)).astype(np.float32)
+  return evaluation.EvalClassifier(_LinearNet(), {'w': w}, 3, 0.9, (2, 2, 1)), w
+
+
 def test_evaluate_samples_against_a_known_classifier():
   """evaluate_samples with a linear stand-in classifier, in padded chunks of 5: frequencies
   of the argmax, TV to uniform, FID of the features and the mean top softmax probability,
   all recomputed here from the known logits and features."""
   rng = np.random.default_rng(0)
-  w = rng.standard_normal((4, 3)).astype(np.float32)
-  clf = evaluation.EvalClassifier(_LinearNet(), {'w': w}, 3, 0.9, (2, 2, 1))
+  clf, w = _linear_classifier(rng)
   samples = rng.standard_normal((13, 2, 2, 1)).astype(np.float32)
   reference = rng.standard_normal((11, 2, 2, 1)).astype(np.float32) + 0.5
   logits, feats = clf.logits_and_features(samples, batch_size=5)
@@ -105,8 +110,7 @@ def test_a_users_feature_extractor_gives_the_fid(tmp_path, monkeypatch):
   config_lib.validate(c)
   fn = config_lib.load_feature_fn(c.eval.feature_fn)
   rng = np.random.default_rng(1)
-  w = rng.standard_normal((4, 3)).astype(np.float32)
-  clf = evaluation.EvalClassifier(_LinearNet(), {'w': w}, 3, 0.9, (2, 2, 1))
+  clf, _ = _linear_classifier(rng)
   samples = rng.standard_normal((40, 2, 2, 1)).astype(np.float32)
   reference = rng.standard_normal((30, 2, 2, 1)).astype(np.float32) * 0.7
   out = evaluation.evaluate_samples(clf, samples, reference, feature_fn=fn)
