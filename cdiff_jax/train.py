@@ -501,6 +501,17 @@ def load_config(workdir: str) -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict(as_tuples(json.load(f)))
 
 
+# A run trained on a dataset built in memory (``train_and_evaluate(dataset=...,
+# save_dataset=True)``, e.g. the fine-tuning experiment's new images + q_pre samples) keeps
+# it here, so that ``load_run`` can build the run again.
+TRAINING_DATA = 'training_data.npz'
+
+
+def save_training_data(workdir: str, dataset: sources.ArrayDataset) -> None:
+  """Writes ``dataset`` (whole or not at all) as the run's ``TRAINING_DATA``."""
+  writers.save_arrays_atomic(os.path.join(workdir, TRAINING_DATA), **dataset.arrays())
+
+
 def load_run(workdir: str, dataset: sources.ArrayDataset | None = None, config=None
              ) -> tuple[Experiment, TrainState]:
   """A run back from its workdir: the ``Experiment`` its ``config.json`` builds (or
@@ -510,10 +521,15 @@ def load_run(workdir: str, dataset: sources.ArrayDataset | None = None, config=N
       exp, state = train.load_run('runs/demo/constrained')
       images = exp.sampler()(state.ema_params, jax.random.key(0), 16, exp.sample_labels(16))
 
-  The run's data must be readable, as for training (or pass ``dataset``). The mesh takes
-  the devices here that divide the run's batch (``build``'s ``fit_devices``).
+  The run's data must be readable, as for training, unless the run saved the dataset it was
+  trained on (``TRAINING_DATA``; or pass ``dataset``). The mesh takes the devices here that
+  divide the run's batch (``build``'s ``fit_devices``).
   """
   config = load_config(workdir) if config is None else config
+  saved = os.path.join(workdir, TRAINING_DATA)
+  if dataset is None and os.path.exists(saved):
+    with np.load(saved) as f:
+      dataset = sources.ArrayDataset.from_arrays(f)
   exp = build(config, dataset, fit_devices=True)
   ckpt = checkpoint_lib.Checkpointer(os.path.join(workdir, 'checkpoints'))
   try:
@@ -541,9 +557,14 @@ def save_samples(exp: Experiment, state: TrainState, path: str, num: int | None 
 
 
 def train_and_evaluate(config, workdir: str, dataset: sources.ArrayDataset | None = None,
-                       progress: bool = True, hooks: dict | None = None) -> dict:
+                       progress: bool = True, hooks: dict | None = None,
+                       save_dataset: bool = False) -> dict:
   """Trains (resuming from ``workdir`` if it holds a checkpoint), samples, and returns a
   summary dict; everything a run produces is written under ``workdir``.
+
+  ``dataset``: train on it instead of ``config.data``'s training set; with
+  ``save_dataset`` it is also written to the workdir (``TRAINING_DATA``), so that
+  ``load_run`` and ``python -m cdiff_jax.sample`` can build the run again without it.
 
   Faults: SIGTERM or Ctrl-C saves a checkpoint at the next step boundary and raises
   ``Preempted``; a non-finite step raises ``NonFiniteError``
@@ -560,7 +581,7 @@ def train_and_evaluate(config, workdir: str, dataset: sources.ArrayDataset | Non
   try:
     with _PreemptionWatch(config.train.steps_per_call) as preemption:
       return _train_and_evaluate(config, workdir, dataset, progress, hooks, preemption, lock,
-                                 clock)
+                                 clock, save_dataset and dataset is not None)
   finally:
     try:
       clock.record()  # An interrupted or failed invocation's time counts too.
@@ -571,7 +592,7 @@ def train_and_evaluate(config, workdir: str, dataset: sources.ArrayDataset | Non
 
 
 def _train_and_evaluate(config, workdir, dataset, progress, hooks, preemption, lock,
-                        clock) -> dict:
+                        clock, save_dataset) -> dict:
   exp = build(config, dataset)
   config_lib.check_sample_clip(config.sample, exp.data_reach)  # before training, not at its end
   tc = config.train
@@ -612,6 +633,8 @@ def _train_and_evaluate(config, workdir, dataset, progress, hooks, preemption, l
     os.makedirs(os.path.join(workdir, 'samples'), exist_ok=True)
     writers.write_atomic(os.path.join(workdir, 'config.json'),
                          config.to_json_best_effort(indent=2, sort_keys=True))
+    if save_dataset:
+      save_training_data(workdir, dataset)
   writer = writers.MetricWriter(workdir, active=is_main, resume_step=start)
   writer.drop_after(start)  # Steps logged after the checkpoint by a killed run.
   if is_main and start == 0:

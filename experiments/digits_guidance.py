@@ -11,11 +11,15 @@
    * "any digit but N" (``N = guidance.not_class``): the composition
      ``eps_u - w (eps_N - eps_u)`` (ANY as the positive concept, N with weight ``-w``),
      all conditions in one batched call;
+   * the exact "any digit but N" for comparison: the conditional model (w = 1) with its
+     labels spread evenly over the other classes;
    * classifier guidance of the unconditional model, ``eps_u - w sigma_t grad log p(y|x_t, t)``,
      with a noise-aware classifier trained here on noised digits.
 3. Labels every sample with the evaluation classifier (trained once on the real balanced
    training set and cached) and writes WORKDIR/guidance.{md,json} (class frequencies, hit
-   rate of the requested class, classifier FID), WORKDIR/frequencies.png and one sample
+   rate of the requested class, TV to uniform and classifier FID, both over the setting's
+   target classes: every class, or for "any digit but N" the others, whose held-out images
+   are then the FID's reference), WORKDIR/frequencies.png and one sample
    grid per setting under WORKDIR/grids/ (conditional grids: one column per class), and
    every setting's samples as WORKDIR/samples/<setting>.npy (conditional settings: sample
    i requested class i mod k).
@@ -37,19 +41,25 @@ _WORKDIR = flags.DEFINE_string('workdir', 'runs/digits_guidance', 'Output direct
 _PROGRESS = cli.define_progress_flags()
 
 
-def validate(config, num_classes: int):
+def validate(config, trained) -> None:
+  """``trained``: the classes the model trains on (all the data's, unless
+  ``data.keep_classes`` / ``drop_classes`` remove some)."""
   from cdiff_jax.config import ConfigError
   g = config.guidance
   if not config.model.conditional or config.model.class_dropout <= 0:
     raise ConfigError('config.model.conditional/class_dropout: guidance needs a conditional model '
                       'trained with label dropout; set model.conditional=True and '
                       'model.class_dropout=0.1.')
-  if not 0 <= g.not_class < num_classes:
-    raise ConfigError(f'config.guidance.not_class={g.not_class}: must be a class in '
-                      f'0..{num_classes - 1}.')
-  if g.num_samples < num_classes:
+  trained = [int(c) for c in trained]
+  if g.not_class not in trained:
+    raise ConfigError(f'config.guidance.not_class={g.not_class}: must be a class the model '
+                      f'trains on ({",".join(map(str, trained))}).')
+  if len(trained) < 2:
+    raise ConfigError(f'config.data: the model trains on class {trained[0]} only; "any digit '
+                      f'but {g.not_class}" needs another (data.keep_classes / drop_classes).')
+  if g.num_samples < len(trained):
     raise ConfigError(f'config.guidance.num_samples={g.num_samples}: need at least one sample '
-                      f'per class ({num_classes}).')
+                      f'per class ({len(trained)}).')
 
 
 def train_model(config, workdir: str, progress: bool):
@@ -101,7 +111,8 @@ def main(argv):
   progress = _PROGRESS.value
   # Checked before training, so a bad guidance field costs no training run; a ConfigError
   # is one error line (cli.run).
-  validate(config, sources.load_dataset(config.data, 'train').num_classes)
+  full = train.load_training_data(config.data)
+  validate(config, np.unique(full.labels[train.train_indices(config.data, full)]))
   train.check_workdir(workdir)
   for sub in ('grids', 'samples'):
     os.makedirs(os.path.join(workdir, sub), exist_ok=True)
@@ -116,28 +127,41 @@ def main(argv):
                     clip=sc.clip or None, mesh=exp.mesh)
   make = lambda eps_fn: Sampler(eps_fn, sched, exp.image_shape, **sampler_kw)
   n = g.num_samples
-  per_class = lambda start, m: jnp.arange(start, start + m, dtype=jnp.int32) % k
+  trained = [int(c) for c in exp.sample_classes]
+  per_class = lambda start, m: exp.sample_labels(m, offset=start)   # the trained classes in turn
+  requested_all = np.asarray(per_class(0, n))
+  every = None if len(trained) == k else trained   # the target of the settings of every class
 
   print('evaluation classifier (trained once, cached)...')
   clf = evaluation.classifier_for(config, progress=progress)
-  test_images = sources.to_float(sources.load_dataset(config.data, 'test').images)
+  test = sources.load_dataset(config.data, 'test')
+  test_images, test_labels = sources.to_float(test.images), test.labels
 
-  settings = {}   # name -> (samples, requested labels or None, description)
+  # name -> (samples, requested labels or None, description, target classes or None: all)
+  settings = {}
+  others = [c for c in trained if c != g.not_class]   # the target of "any digit but N"
   t0 = time.time()
   settings['unconditional'] = (sample_in_batches(
       make(guidance.cfg_eps_fn(model, 1.0, k)), params, n, lambda s, m: None, 1,
-      progress=progress), None, 'null class')
+      progress=progress), None, 'null class', every)
   for w in g.cfg_scales:
     x = sample_in_batches(make(guidance.cfg_eps_fn(model, w, k)), params, n, per_class, 2,
                           progress=progress)
-    settings[f'CFG w={w:g}'] = (x, np.arange(n) % k, f'eps_u + {w:g} (eps_c - eps_u)')
+    settings[f'CFG w={w:g}'] = (x, requested_all, f'eps_u + {w:g} (eps_c - eps_u)', every)
   for w in g.not_scales:
     sampler = make(guidance.composed_eps_fn(model, k))
     cond = lambda s, m, w=w: guidance.make_composition((guidance.ANY, g.not_class), (1.0, -w),
                                                        m, k, field='guidance')
     x = sample_in_batches(sampler, params, n, cond, 3, progress=progress)
     settings[f'NOT {g.not_class} w={w:g}'] = (
-        x, None, f'eps_u - {w:g} (eps_{g.not_class} - eps_u)')
+        x, None, f'eps_u - {w:g} (eps_{g.not_class} - eps_u)', others)
+  # What NOT approximates, drawn exactly: the conditional model, labels over the other classes.
+  complement = np.asarray(others)[np.arange(n) % len(others)]
+  x = sample_in_batches(make(guidance.cfg_eps_fn(model, 1.0, k)), params, n,
+                        lambda s, m: jnp.asarray(complement[s:s + m], jnp.int32), 5,
+                        progress=progress)
+  settings[complement_setting(g.not_class)] = (x, complement, 'eps_c, c != '
+                                               f'{g.not_class} in turn', others)
   sampling_seconds = time.time() - t0
 
   t0 = time.time()
@@ -153,31 +177,36 @@ def main(argv):
     x = sample_in_batches(make(eps_fn), dict(model=params, classifier=clf_params), n,
                           per_class, 4, progress=progress)
     settings[f'classifier guidance w={w:g}'] = (
-        x, np.arange(n) % k, f'eps_u - {w:g} sigma_t grad log p(y|x_t)')
+        x, requested_all, f'eps_u - {w:g} sigma_t grad log p(y|x_t)', every)
   sampling_seconds += time.time() - t0
 
   rows = {}
-  for name, (x, requested, formula) in settings.items():
-    ev = evaluation.evaluate_samples(clf, x, test_images)
+  for name, (x, requested, formula, classes) in settings.items():
+    # Against the setting's target: uniform over its classes, and their held-out images.
+    reference = test_images if classes is None else test_images[np.isin(test_labels, classes)]
+    ev = evaluation.evaluate_samples(clf, x, reference, classes=classes)
     pred = clf.predict(x)
     row = dict(formula=formula, class_frequencies=ev['class_frequencies'],
-               classifier_fid=ev['classifier_fid'], num_samples=ev['num_samples'])
+               tv_to_uniform=ev['tv_to_uniform'], classifier_fid=ev['classifier_fid'],
+               num_samples=ev['num_samples'], target_classes=ev.get('uniform_over'))
     if requested is not None:
       row['hit_rate'] = float(np.mean(pred == requested))
-      row['per_class_hit_rate'] = [float(np.mean(pred[requested == c] == c)) for c in range(k)]
+      row['per_class_hit_rate'] = [float(np.mean(pred[requested == c] == c))
+                                   if np.any(requested == c) else None for c in range(k)]
     rows[name] = row
-    # Conditional settings cycle the labels 0..k-1, so each grid column is one class.
+    # Conditional settings cycle their target classes, so each grid column is one class.
     file_name = name.replace(' ', '_')
-    writers.save_image_grid(os.path.join(workdir, 'grids', file_name + '.png'),
-                            x[:100], ncols=k if requested is not None else None)
-    # Every sample (sample i of a conditional setting requested class i mod k), so the
-    # figures can be recomputed or the samples relabelled with another classifier.
+    ncols = None if requested is None else k if classes is None else len(classes)
+    writers.save_image_grid(os.path.join(workdir, 'grids', file_name + '.png'), x[:100],
+                            ncols=ncols)
+    # Every sample (sample i of a conditional setting requested the (i mod m)-th of its m
+    # target classes), so the figures can be recomputed or relabelled with another classifier.
     np.save(os.path.join(workdir, 'samples', file_name + '.npy'), x)
 
   writers.plot_class_frequencies(
       os.path.join(workdir, 'frequencies.png'),
       {name: r['class_frequencies'] for name, r in rows.items()
-       if name == 'unconditional' or name.startswith('NOT')},
+       if name in ('unconditional', complement_setting(g.not_class)) or name.startswith('NOT')},
       target=None, title=f'class frequencies (evaluation classifier): unconditional vs '
                          f'"any digit but {g.not_class}"')
   # The model's training over all its invocations, then this invocation's guidance work.
@@ -196,17 +225,26 @@ def main(argv):
   print(f'outputs in {workdir}')
 
 
+def complement_setting(not_class: int) -> str:
+  """The name of the setting that draws "any digit but ``not_class``" exactly."""
+  return f'CFG w=1 on the classes but {not_class}'
+
+
 def markdown(rows: dict, meta: dict, not_class: int) -> str:
   lines = ['| setting | hit rate of requested class | frequency of ' + str(not_class) +
-           ' | class frequencies 0..9 | classifier FID |', '|---|---|---|---|---|']
+           ' | TV to uniform | class frequencies 0..9 | classifier FID |',
+           '|---|---|---|---|---|---|']
   for name, r in rows.items():
     hit = f"{r['hit_rate']:.3f}" if 'hit_rate' in r else '-'
     freqs = ' '.join(f'{v:.2f}' for v in r['class_frequencies'])
-    lines.append(f"| {name} | {hit} | {r['class_frequencies'][not_class]:.3f} | {freqs} | "
-                 f"{r['classifier_fid']:.2f} |")
+    lines.append(f"| {name} | {hit} | {r['class_frequencies'][not_class]:.3f} | "
+                 f"{r['tv_to_uniform']:.3f} | {freqs} | {r['classifier_fid']:.2f} |")
   gc = meta['guidance_classifier']
   minutes = lambda s: '-' if s is None else f'{s / 60:.1f} min'
-  lines += ['', f"{rows[next(iter(rows))]['num_samples']} samples per setting, "
+  lines += ['', f'TV to uniform and classifier FID are over each setting\'s target classes: '
+            f'all, or for NOT {not_class} and the classes but {not_class} the other classes '
+            f'(uniform over them, and their held-out images as the FID\'s reference).',
+            '', f"{rows[next(iter(rows))]['num_samples']} samples per setting, "
             f"{meta['sampler']} sampler with {meta['num_steps']} steps. Evaluation classifier "
             f"test accuracy {meta['evaluation_classifier_accuracy']:.4f}; the guidance "
             f"classifier's accuracy on noised training digits (all t) "

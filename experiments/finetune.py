@@ -122,16 +122,19 @@ def nearest_distance(samples: np.ndarray, data: np.ndarray) -> float:
 
 def dropped_class_table(dropped, pre: dict, arms: dict) -> str:
   """Each arm's (and the pre-trained model's) share of samples in the classes left out of
-  pre-training, together, with the arms' mean distance to the new data."""
+  pre-training, together, with the arms' mean distance to the new data and their loss on
+  q_pre over the last logging interval (the constraint's loss, logged by both arms)."""
   what = f'{dropped[0]}s' if len(dropped) == 1 else 'classes ' + ', '.join(map(str, dropped))
   share = lambda ev: sum(ev['class_frequencies'][c] for c in dropped)
-  lines = ['', f'| arm | fraction of {what} | mean distance to nearest new-data image |',
-           '|---|---|---|']
+  lines = ['', f'| arm | fraction of {what} | mean distance to nearest new-data image | '
+               'loss on q_pre (last log interval) |', '|---|---|---|---|']
   for name, arm in arms.items():
     ev = arm['eval']
+    q_pre = arm.get('final_metrics', {}).get('constraint_loss')
     lines.append(f"| {name} | {share(ev):.3f} | "
-                 f"{ev.get('nearest_new_data_distance', float('nan')):.4f} |")
-  lines.append(f"| pretrained (no {what}) | {share(pre['eval']):.3f} | - |")
+                 f"{ev.get('nearest_new_data_distance', float('nan')):.4f} | "
+                 f"{'-' if q_pre is None else f'{q_pre[0]:.4f}'} |")
+  lines.append(f"| pretrained (no {what}) | {share(pre['eval']):.3f} | - | - |")
   return '\n'.join(lines)
 
 
@@ -190,7 +193,8 @@ def main(argv):
       c.method.threshold_reference = 'constraint'
       c.method.reference_workdir = pre_dir
     arm_dir = os.path.join(workdir, name)
-    arms[name] = run_arm(c, arm_dir, progress, dataset=dataset)
+    # The arm's data is built here, not by its config: saved with it for `cdiff_jax.sample`.
+    arms[name] = run_arm(c, arm_dir, progress, dataset=dataset, save_dataset=True)
     samples = np.load(os.path.join(arm_dir, 'eval_samples.npy'))
     arms[name]['eval']['nearest_new_data_distance'] = nearest_distance(samples, new_images)
 

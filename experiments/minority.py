@@ -36,12 +36,14 @@ def _define_flags():
   _FLAGS['progress'] = cli.define_progress_flags()
 
 
-def run_arm(config, workdir: str, progress: bool, dataset=None, unused=()) -> dict:
+def run_arm(config, workdir: str, progress: bool, dataset=None, unused=(),
+            save_dataset: bool = False) -> dict:
   """Trains and evaluates one arm (or reuses it when finished); returns its figures.
   ``unused``: fields or sections of ``config`` the arm never reads (other values of them
   reuse a finished arm); an arm with the constrained method disabled never reads its
-  ``DUAL_FIELDS`` either."""
-  from cdiff_jax import train
+  ``DUAL_FIELDS`` either. ``dataset`` / ``save_dataset``: ``train.train_and_evaluate``'s
+  (a finished arm that lacks its saved dataset gets it, as if it had been trained now)."""
+  from cdiff_jax import parallel, train
   from cdiff_jax.methods import constrained
   summary_path = os.path.join(workdir, 'summary.json')
   eval_path = os.path.join(workdir, 'eval.json')
@@ -55,10 +57,14 @@ def run_arm(config, workdir: str, progress: bool, dataset=None, unused=()) -> di
     summary = json.load(open(summary_path))
     if summary.get('final_step') == config.train.steps and os.path.exists(eval_path):
       print(f'{workdir}: finished earlier, reusing it.')
+      if (save_dataset and dataset is not None and parallel.is_main_process()
+          and not os.path.exists(os.path.join(workdir, train.TRAINING_DATA))):
+        train.save_training_data(workdir, dataset)
       return dict(eval=json.load(open(eval_path)), seconds=summary.get('seconds'),
                   final_metrics=summary.get('final_metrics', {}),
                   final_extras=summary.get('final_extras', {}))
-  result = train.train_and_evaluate(config, workdir, dataset=dataset, progress=progress)
+  result = train.train_and_evaluate(config, workdir, dataset=dataset, progress=progress,
+                                    save_dataset=save_dataset)
   # The run's time over all its invocations (an interrupted arm resumed counts both parts).
   return dict(eval=result['eval'], seconds=result['seconds'],
               final_metrics=result.get('final_metrics', {}),

@@ -259,7 +259,11 @@ def _check_finetune_table_recomputed_from_the_saved_samples(finetune_run):
     if name == 'pretrained':
       assert ev == _json(wd / name / 'eval.json')
       assert row['mean distance to nearest new-data image'] == '-'
+      assert row['loss on q_pre (last log interval)'] == '-'
       continue
+    last = [json.loads(line) for line in open(wd / name / 'metrics.jsonl')][-1]
+    assert last['step'] == config.train.steps
+    assert abs(float(row['loss on q_pre (last log interval)']) - last['constraint_loss'][0]) <= 5e-5
     brute = np.mean([min(np.sqrt(np.mean((s - d) ** 2)) for d in new_images) for s in samples])
     assert abs(ev['nearest_new_data_distance'] - brute) < 1e-6
     assert abs(float(row['mean distance to nearest new-data image']) - brute) <= 5e-5
@@ -271,17 +275,50 @@ def _check_finetune_table_recomputed_from_the_saved_samples(finetune_run):
     assert abs(float(rows[name]['classifier FID']) - ev['classifier_fid']) <= 5e-3
 
 
+def _check_finetune_arms_are_sampled_again_from_their_workdirs(finetune_run):
+  """An arm trains on data the script builds (the new images + the q_pre samples, tagged by
+  source), not on its config's data: it keeps them in its workdir, so that
+  ``cdiff_jax.sample`` builds the arm again from the workdir alone, and its evaluation seed
+  redraws the arm's evaluation samples."""
+  from cdiff_jax import sample, train
+  wd = finetune_run
+  new_images, new_labels, _ = _new_data(config := _config('digits_finetune', FINETUNE))
+  with np.load(wd / 'pretrained_samples.npz') as f:
+    q_images, q_labels = f['images'], f['labels']
+  for name in ('unconstrained', 'constrained'):
+    with np.load(wd / name / train.TRAINING_DATA) as f:
+      data = sources.ArrayDataset.from_arrays(f)
+    np.testing.assert_array_equal(data.images, np.concatenate([new_images, q_images]))
+    np.testing.assert_array_equal(data.labels, np.concatenate([new_labels, q_labels]))
+    np.testing.assert_array_equal(data.attributes['source'], [0] * 12 + [1] * 20)
+    assert data.num_classes == 10
+    drawn = sample.draw(str(wd / name), num_samples=config.eval.num_samples,
+                        seed=evaluation.EVAL_SEED)['images']
+    np.testing.assert_allclose(drawn, np.load(wd / name / 'eval_samples.npy'), atol=2e-3,
+                               err_msg=name)
+
+
 def _check_finetune_rerun_reuses_every_stage(finetune_run):
   """A second call retrains and resamples nothing: the three runs and the q_pre samples
-  stay as they were, and the same table is written."""
+  stay as they were, and the same table is written. An arm finished without its saved
+  training data (by an older version) gets it then, and nothing else changes."""
+  from cdiff_jax import train
   wd = finetune_run
+  saved = wd / 'constrained' / train.TRAINING_DATA
+  with np.load(saved) as f:
+    data = dict(f)
+  saved.unlink()
   before = {n: run_files.snapshot(wd / n) for n in ('pretrained', 'unconstrained', 'constrained')}
   npz = run_files.snapshot(wd)['pretrained_samples.npz']
   table = (wd / 'comparison.md').read_text()
   out = _launch('finetune', wd, 'digits_finetune', FINETUNE)
   assert out.count('finished earlier, reusing it') == 3, out[-2000:]
-  for name, snap in before.items():
-    assert run_files.snapshot(wd / name) == snap, name
+  after = run_files.snapshot(wd / 'constrained')
+  assert after.pop(train.TRAINING_DATA) and after == before['constrained']
+  with np.load(saved) as f:
+    assert data.keys() == dict(f).keys() and all(np.array_equal(data[k], f[k]) for k in data)
+  for name in ('pretrained', 'unconstrained'):
+    assert run_files.snapshot(wd / name) == before[name], name
   assert run_files.snapshot(wd)['pretrained_samples.npz'] == npz
   assert (wd / 'comparison.md').read_text() == table
 
@@ -292,47 +329,60 @@ def test_finetune_main(tmp_path):
   _check_finetune_pretrained_model_never_saw_the_dropped_class(tmp_path)
   _check_finetune_arms_start_from_the_pretrained_model(tmp_path)
   _check_finetune_table_recomputed_from_the_saved_samples(tmp_path)
+  _check_finetune_arms_are_sampled_again_from_their_workdirs(tmp_path)
   _check_finetune_rerun_reuses_every_stage(tmp_path)
 
 
 # ----------------------------------------------------------------------------- guidance
 
-GUIDANCE = dict(IMAGE_TINY, **{'optim.lr': 0.02,
+# Trained without the 9s, so every setting is measured against the classes the model knows.
+GUIDANCE = dict(IMAGE_TINY, **{'optim.lr': 0.02, 'data.drop_classes': (9,),
     'guidance.num_samples': 20, 'guidance.cfg_scales': (2.0,), 'guidance.not_scales': (1.0,),
     'guidance.classifier_scales': (1.0,), 'guidance.classifier_steps': 5})
-GUIDANCE_SETTINGS = ['unconditional', 'CFG w=2', 'NOT 1 w=1', 'classifier guidance w=1']
+GUIDANCE_SETTINGS = ['unconditional', 'CFG w=2', 'NOT 1 w=1', 'CFG w=1 on the classes but 1',
+                     'classifier guidance w=1']
+TRAINED = list(range(9))
+NOT_ONE = [0, 2, 3, 4, 5, 6, 7, 8]   # the target classes of "any digit but 1"
 
 
 def _check_guidance_figures_recomputed_from_the_saved_samples(guidance_run, tmp_path):
-  """Each setting's class frequencies, classifier FID, hit rate and per-class hit rates,
-  recomputed from its saved samples with the evaluation classifier; the conditional
-  settings requested the labels 0..k-1 in turn (sample i: class i mod k), the others have
-  no hit rate; every grid is the first 100 samples (conditional: one column per class)."""
+  """Each setting's class frequencies, TV to uniform, classifier FID, hit rate and per-class
+  hit rates, recomputed from its saved samples with the evaluation classifier. Each is
+  measured against its target classes: those the model was trained on (0-8), or for "any
+  digit but 1" the others of them: TV to uniform over them, FID against their held-out
+  images. The conditional settings requested their target classes in turn (sample i: the
+  (i mod m)-th of m), the others have no hit rate; every grid is the first 100 samples
+  (conditional: one column per class)."""
   from PIL import Image
   from cdiff_jax import writers
   wd, clf = guidance_run, _classifier()
   out = _json(wd / 'guidance.json')
   assert list(out['settings']) == GUIDANCE_SETTINGS
   assert out['evaluation_classifier_accuracy'] == clf.accuracy
-  test = sources.to_float(sources.load_dataset(_config('digits_cfg', GUIDANCE).data,
-                                               'test').images)
+  test = sources.load_dataset(_config('digits_cfg', GUIDANCE).data, 'test')
   for name, row in out['settings'].items():
     x = np.load(wd / 'samples' / (name.replace(' ', '_') + '.npy'))
     assert x.shape == (20, 8, 8, 1), name
     pred = clf.predict(x)
     assert row['num_samples'] == 20
-    np.testing.assert_allclose(row['class_frequencies'], np.bincount(pred, minlength=10) / 20)
-    fid = evaluation.frechet_distance(clf.features(x), clf.features(test))
+    freqs = np.bincount(pred, minlength=10) / 20
+    np.testing.assert_allclose(row['class_frequencies'], freqs)
+    target = NOT_ONE if 'but 1' in name or name.startswith('NOT') else TRAINED
+    assert row['target_classes'] == target, name
+    assert row['tv_to_uniform'] == pytest.approx(
+        0.5 * np.abs(freqs - np.isin(np.arange(10), target) / len(target)).sum()), name
+    reference = sources.to_float(test.images[np.isin(test.labels, target)])
+    fid = evaluation.frechet_distance(clf.features(x), clf.features(reference))
     assert abs(row['classifier_fid'] - fid) <= 1e-6 * max(1.0, fid), name
     conditional = name.startswith(('CFG', 'classifier'))
     assert ('hit_rate' in row) == conditional, name
     if conditional:
-      requested = np.arange(20) % 10
+      requested = np.asarray(target)[np.arange(20) % len(target)]
       assert row['hit_rate'] == pytest.approx(np.mean(pred == requested))
-      np.testing.assert_allclose(row['per_class_hit_rate'],
-                                 [np.mean(pred[requested == c] == c) for c in range(10)])
+      assert row['per_class_hit_rate'] == pytest.approx(
+          [np.mean(pred[requested == c] == c) if c in target else None for c in range(10)])
     writers.save_image_grid(str(tmp_path / 'grid.png'), x[:100],
-                            ncols=10 if conditional else None)
+                            ncols=len(target) if conditional else None)
     grid = Image.open(wd / 'grids' / (name.replace(' ', '_') + '.png'))
     np.testing.assert_array_equal(np.asarray(grid), np.asarray(Image.open(tmp_path / 'grid.png')),
                                   err_msg=name)
@@ -349,6 +399,7 @@ def _check_guidance_table_agrees_with_the_json(guidance_run):
     hit = row['hit rate of requested class']
     assert hit == '-' if 'hit_rate' not in r else abs(float(hit) - r['hit_rate']) <= 5e-4
     assert abs(float(row['frequency of 1']) - r['class_frequencies'][1]) <= 5e-4
+    assert abs(float(row['TV to uniform']) - r['tv_to_uniform']) <= 5e-4
     np.testing.assert_allclose(run_files.floats(row['class frequencies 0..9']),
                                r['class_frequencies'], atol=5e-3)
     assert abs(float(row['classifier FID']) - r['classifier_fid']) <= 5e-3
@@ -356,8 +407,10 @@ def _check_guidance_table_agrees_with_the_json(guidance_run):
 
 def _check_guidance_samples_are_drawn_as_documented(guidance_run):
   """The unconditional setting is the model with the null class as its label (seed 1),
-  the CFG setting eps_u + w (eps_c - eps_u) with labels i mod k (seed 2): both sampled
-  again here from the trained model's EMA parameters give the saved samples."""
+  the CFG setting eps_u + w (eps_c - eps_u) with the trained classes' labels in turn
+  (seed 2), the exact "any digit but 1" the conditional model with the other classes'
+  labels in turn (seed 5): each sampled again here from the trained model's EMA parameters
+  gives the saved samples."""
   import jax
   import jax.numpy as jnp
   from cdiff_jax import checkpoint, parallel, train
@@ -384,8 +437,12 @@ def _check_guidance_samples_are_drawn_as_documented(guidance_run):
 
   np.testing.assert_allclose(sample(null, 1, None),
                              np.load(wd / 'samples' / 'unconditional.npy'), atol=1e-4)
-  np.testing.assert_allclose(sample(cfg, 2, jnp.arange(20, dtype=jnp.int32) % 10),
+  np.testing.assert_allclose(sample(cfg, 2, jnp.arange(20, dtype=jnp.int32) % 9),
                              np.load(wd / 'samples' / 'CFG_w=2.npy'), atol=1e-4)
+  conditional = lambda p, x, t, labels: model.eps(p, x, t, labels)
+  np.testing.assert_allclose(
+      sample(conditional, 5, jnp.asarray(NOT_ONE, jnp.int32)[jnp.arange(20) % 8]),
+      np.load(wd / 'samples' / 'CFG_w=1_on_the_classes_but_1.npy'), atol=1e-4)
 
 
 def _check_guidance_rerun_reuses_the_model(guidance_run):

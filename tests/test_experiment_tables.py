@@ -206,6 +206,22 @@ def test_unconstrained_arm_drops_the_reference_it_never_reads():
   assert arm.to_dict() == config.to_dict()   # nothing else changed
 
 
+def test_guidance_classes_must_be_trained_ones():
+  """"Any digit but N" asks for a class N the model trains on, and another class beside it;
+  each refusal names the trained classes or the data fields."""
+  from configs import digits_cfg
+  from experiments import digits_guidance
+  config = digits_cfg.get_config()
+  digits_guidance.validate(config, [0, 1, 2])
+  with pytest.raises(config_lib.ConfigError, match=r'not_class=1: .* \(0,2,3\)'):
+    digits_guidance.validate(config, [0, 2, 3])
+  with pytest.raises(config_lib.ConfigError, match='keep_classes'):
+    digits_guidance.validate(config, [1])
+  config.guidance.num_samples = 2
+  with pytest.raises(config_lib.ConfigError, match=r'num_samples=2: .*\(3\)'):
+    digits_guidance.validate(config, [0, 1, 2])
+
+
 def test_guidance_model_finished_with_other_steps_is_refused(tmp_path):
   from configs import digits_cfg
   from experiments import digits_guidance
@@ -407,9 +423,9 @@ def test_guidance_sampling_in_batches_and_table():
     np.testing.assert_array_equal(x[:, 0], np.arange(23) % 10)
 
     rows = {'unconditional': dict(class_frequencies=list(np.linspace(0.01, 0.19, 10)),
-                                  classifier_fid=12.34, num_samples=100),
+                                  classifier_fid=12.34, num_samples=100, tv_to_uniform=0.2345),
             'CFG w=3': dict(class_frequencies=[0.1] * 10, classifier_fid=5.67, num_samples=100,
-                            hit_rate=0.875)}
+                            hit_rate=0.875, tv_to_uniform=0.0125)}
     meta = dict(guidance_classifier=dict(accuracy=0.8), sampler='ddim', num_steps=10,
                 evaluation_classifier_accuracy=0.99, total_seconds=600.0, train_seconds=None,
                 classifier_train_seconds=60.0, sampling_seconds=120.0)
@@ -422,6 +438,7 @@ def test_guidance_sampling_in_batches_and_table():
       hit = f"{r['hit_rate']:.3f}" if 'hit_rate' in r else '-'
       assert t['hit rate of requested class'] == hit
       assert float(t['frequency of 3']) == round(r['class_frequencies'][3], 3)
+      assert float(t['TV to uniform']) == round(r['tv_to_uniform'], 3)
       assert float(t['classifier FID']) == round(r['classifier_fid'], 2)
     print('ok')
   ''')

@@ -59,6 +59,22 @@ class ArrayDataset:
     return ArrayDataset(self.images[indices], self.labels[indices], self.num_classes,
                         name or self.name, {k: v[indices] for k, v in self.attributes.items()})
 
+  def arrays(self) -> dict:
+    """The dataset as named arrays (``np.savez``'s keyword arguments); ``from_arrays``
+    gives it back, images in their own dtype, attributes and all."""
+    return dict(images=self.images, labels=self.labels, num_classes=self.num_classes,
+                name=self.name, **{_ATTRIBUTE + k: v for k, v in self.attributes.items()})
+
+  @classmethod
+  def from_arrays(cls, arrays) -> 'ArrayDataset':
+    """The dataset of ``arrays()``, e.g. ``ArrayDataset.from_arrays(np.load(path))``."""
+    return cls(arrays['images'], arrays['labels'], int(arrays['num_classes']),
+               str(arrays['name']), {k[len(_ATTRIBUTE):]: arrays[k] for k in arrays.keys()
+                                     if k.startswith(_ATTRIBUTE)})
+
+
+_ATTRIBUTE = 'attribute:'   # the key prefix of a per-example attribute in ``arrays()``
+
 
 def to_float(images: np.ndarray) -> np.ndarray:
   if images.dtype == np.uint8:
