@@ -93,7 +93,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.sample = ml_collections.ConfigDict(dict(
       sampler='ddim',         # ancestral | ddim | euler_maruyama | heun
       num_steps=100, eta=0.0, num_samples=64, use_ema=True,
-      clip=1.0,               # the denoised prediction kept in [-clip, clip] (images); 0: off
+      clip=1.0,               # the denoised prediction kept in [-clip, clip] (images), by
+                              # every sampler (annealed MCMC: its diffusion steps); 0: off
       guidance_scale=1.0,     # classifier-free guidance weight w (1: plain conditional)
       cpu_onednn=True,        # on CPU: the sampler compiled with oneDNN kernels (parallel.py)
   ))

@@ -297,7 +297,7 @@ def _mcmc_samples(exp, state, num_samples: int, seed: int, classes, mcmc: dict,
   sampler = mcmc_lib.AnnealedMCMC(potential, exp.model.schedule,
                                   exp.image_shape, kind=mcmc['kind'], num_steps=sc.num_steps,
                                   mesh=exp.mesh, cpu_onednn=sc.get('cpu_onednn', True),
-                                  **settings)
+                                  clip=sc.clip or None, **settings)
   batches = []  # (number of samples, info) of each batch
 
   def run(params, rng, n, labels, progress=False):

@@ -292,3 +292,28 @@ def test_no_acceptance_rate_when_no_mcmc_step_is_proposed():
     _, info = mcmc.AnnealedMCMC(pot, sched, (2,), kind=kind, num_steps=3,
                                 steps_per_level=1, step_size=0.01)(None, jax.random.key(0), 4)
     assert np.asarray(info['accept_rate']).shape == (3,)
+
+
+def test_clip_keeps_the_reverse_diffusion_prediction_in_range_not_the_mcmc_steps():
+  """Point-mass data at x0 = 2: the exact potential ||x - alpha 2||^2 / 2 sigma^2 predicts
+  x0 = 2 from any x. ``clip=1`` (``sample.clip``) keeps that prediction at 1 in the
+  reverse-diffusion steps and the final denoising, so every sample is exactly 1 (2 without
+  clip); the Langevin steps between sample the unclipped potential, so without the final
+  denoising the samples lie around alpha 2, not alpha 1, at the last level."""
+  sched = schedules.DDPMSchedule()
+  c = 2.0
+
+  def fn(params, x, t, cond):
+    a, s = sched.alpha(t)[:, None], sched.sigma(t)[:, None]
+    return jnp.sum((x - a * c) ** 2, -1) / (2 * s[:, 0] ** 2), (x - a * c) / s ** 2
+
+  pot = mcmc.Potential(fn)
+  kw = dict(kind='ula', num_steps=10, steps_per_level=2, step_size=0.05)
+  for clip, want in ((1.0, 1.0), (None, c)):
+    x, _ = mcmc.AnnealedMCMC(pot, sched, (3,), clip=clip, **kw)(None, jax.random.key(0), 500)
+    np.testing.assert_allclose(np.asarray(x), want, rtol=1e-5, err_msg=str(clip))
+  # Many Langevin steps at the last level: the chain forgets the clipped diffusion steps.
+  t_last = sched.time_grid(2)[-1]
+  x, _ = mcmc.AnnealedMCMC(pot, sched, (3,), kind='ula', num_steps=2, steps_per_level=300,
+                           step_size=0.02, clip=1.0, denoise=False)(None, jax.random.key(1), 2000)
+  assert abs(float(np.mean(np.asarray(x))) - float(sched.alpha(t_last)) * c) < 0.05

@@ -132,7 +132,7 @@ def test_compose_with_mcmc_is_the_annealed_sampler_of_the_composed_potential(run
   exp, state = train.load_run(run)
   sampler = mcmc.AnnealedMCMC(guidance.composed_potential(exp.model, exp.num_classes),
                               exp.model.schedule, exp.image_shape, mesh=exp.mesh, num_steps=3,
-                              **settings)
+                              clip=exp.config.sample.clip or None, **settings)
   cond = guidance.make_composition(NOT3['concepts'], NOT3['weights'], 4, exp.num_classes)
   x, _ = sampler(state.ema_params, jax.random.fold_in(jax.random.key(2), 0), 4, cond)
   np.testing.assert_allclose(out['images'], np.asarray(x)[:3], atol=1e-5)
@@ -195,10 +195,12 @@ def energy_run(tmp_path_factory):
 
 
 def _mcmc_by_hand(workdir, n, seed, labels, **settings):
-  """``mcmc.AnnealedMCMC`` over the checkpoint's potential, keyed as ``draw`` keys it."""
+  """``mcmc.AnnealedMCMC`` over the checkpoint's potential, keyed as ``draw`` keys it, with
+  the run's ``sample.clip``."""
   exp, state = train.load_run(workdir)
   sampler = mcmc.AnnealedMCMC(mcmc.potential_from_model(exp.model), exp.model.schedule,
-                              exp.image_shape, mesh=exp.mesh, **settings)
+                              exp.image_shape, mesh=exp.mesh, clip=exp.config.sample.clip or None,
+                              **settings)
   n_pad = -(-n // 2) * 2
   y = None if labels is None else np.resize(np.asarray(labels, np.int32), n_pad)
   x, info = sampler(state.ema_params, jax.random.fold_in(jax.random.key(seed), 0), n_pad, y)
@@ -258,7 +260,7 @@ def test_metropolis_kinds_run_a_bfloat16_run_in_float32(bf16_energy_run, kind):
   for k in (kind, 'ula'):
     sampler = mcmc.AnnealedMCMC(mcmc.potential_from_model(model), model.schedule,
                                 exp.image_shape, mesh=exp.mesh, kind=k, num_steps=3,
-                                **settings)
+                                clip=exp.config.sample.clip or None, **settings)
     x, info = sampler(state.ema_params, jax.random.fold_in(jax.random.key(3), 0), 4, None)
     if k == kind:
       np.testing.assert_allclose(out[k]['images'], x, atol=1e-5)
@@ -275,12 +277,14 @@ def test_hmc_acceptance_is_averaged_over_batches(energy_run, monkeypatch):
   import functools
   monkeypatch.setattr(evaluation, 'generate',
                       functools.partial(evaluation.generate, batch_size=4))
-  # a step large enough to be rejected at some levels (the tiny model's energy is nearly flat)
-  settings = dict(kind='hmc', steps_per_level=1, num_leapfrog=2, step_size=50.0)
+  # a step large enough to be rejected at some levels, not all (the tiny model's energy is
+  # nearly flat; rates 0.25 / 0.5 / 0 in the three batches at the first level)
+  settings = dict(kind='hmc', steps_per_level=1, num_leapfrog=2, step_size=3.0)
   out = sample.draw(energy_run, num_samples=10, seed=5, num_steps=3, mcmc=settings)
   exp, state = train.load_run(energy_run)
   sampler = mcmc.AnnealedMCMC(mcmc.potential_from_model(exp.model), exp.model.schedule,
-                              exp.image_shape, mesh=exp.mesh, num_steps=3, **settings)
+                              exp.image_shape, mesh=exp.mesh, num_steps=3,
+                              clip=exp.config.sample.clip or None, **settings)
   images, rates = [], []
   for i, n in enumerate((4, 4, 2)):
     x, info = sampler(state.ema_params, jax.random.fold_in(jax.random.key(5), i), n, None)

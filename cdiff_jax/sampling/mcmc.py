@@ -272,6 +272,9 @@ class AnnealedMCMC:
   ``accept_rate`` (per level: mean over the batch and the K steps).
 
   ``steps_per_level=0`` is plain ancestral reverse diffusion with the same potential.
+  ``clip``: as for ``Sampler`` (``sample.clip``), the reverse-diffusion steps between the
+  levels and the final denoising keep their prediction of x_0 in [-clip, clip]; the MCMC
+  steps sample the potential as it is. None (default): no clipping (low-dimensional data).
   ``cpu_onednn``: as for ``Sampler`` (oneDNN kernels on CPU). ``loop_friendly_grads``: trace
   the network's 3x3 convolutions with ``unet.loop_friendly_conv``, whose gradients XLA:CPU
   runs fast inside the sampler's loop (same values); None (default): on CPU only.
@@ -281,7 +284,7 @@ class AnnealedMCMC:
                kind: str = 'mala', num_steps: int = 100, steps_per_level: int = 10,
                step_size: float = 0.05, step_schedule: str = 'sigma', num_leapfrog: int = 3,
                damping: float = 0.5, denoise: bool = True, mesh=None, cpu_onednn: bool = True,
-               loop_friendly_grads: bool | None = None):
+               loop_friendly_grads: bool | None = None, clip: float | None = None):
     check_settings(kind, steps_per_level, step_size, num_leapfrog, damping,
                    potential.has_energy, step_schedule)
     self.kind = kind
@@ -300,7 +303,8 @@ class AnnealedMCMC:
     else:
       sizes = jnp.full_like(sigmas, step_size)
     self.step_sizes = sizes
-    step = diffusion.make_step(eps_fn_from_potential(potential, schedule), schedule, 'ancestral')
+    step = diffusion.make_step(eps_fn_from_potential(potential, schedule), schedule, 'ancestral',
+                               clip=clip)
     out_sharding = parallel.batch_sharding(mesh) if mesh is not None else None
 
     def run(params, cond, rng, n):
@@ -326,7 +330,7 @@ class AnnealedMCMC:
       (x, _), acc = jax.lax.scan(level, (x, p), jnp.arange(len(times) - 1))
       if denoise:
         x = diffusion.denoise(eps_fn_from_potential(potential, schedule), schedule, params,
-                              cond, x, times[-1])
+                              cond, x, times[-1], clip)
       return x, acc
 
     self._run = parallel.inference_jit(run, cpu_onednn, static_argnums=3)
