@@ -209,8 +209,10 @@ def _check_number_tuples(c) -> None:
             '(quoted for the shell).')
 
 
-def validate(c: ml_collections.ConfigDict) -> None:
-  """Checks the fields the core uses; methods check their own (``methods.validate``)."""
+def validate(c: ml_collections.ConfigDict, check_other_runs: bool = True) -> None:
+  """Checks the fields the core uses; methods check their own (``methods.validate``).
+  ``check_other_runs=False``: not that the runs a training run starts from
+  (``train.init_from``) hold checkpoints, for a run loaded from its own checkpoint."""
   from cdiff_jax.sampling import SAMPLERS  # Local: keeps config import light.
   from cdiff_jax.models import PARAMETERIZATIONS
 
@@ -288,7 +290,8 @@ def validate(c: ml_collections.ConfigDict) -> None:
   if not 0.0 <= c.train.ema_decay < 1.0:
     _fail('train.ema_decay', c.train.ema_decay, 'must lie in [0, 1).')
   _choice(c, 'train.on_nonfinite', ('stop', 'skip'))
-  if c.train.init_from and not os.path.isdir(os.path.join(c.train.init_from, 'checkpoints')):
+  if (check_other_runs and c.train.init_from
+      and not os.path.isdir(os.path.join(c.train.init_from, 'checkpoints'))):
     _fail('train.init_from', c.train.init_from, 'holds no checkpoints/; train that run first.')
   bad = parallel.non_cpu_flags(c.train.get('xla_cpu_flags', ''))
   if bad:

@@ -283,6 +283,7 @@ class Experiment:
   mesh: Any
   batcher: pipeline.GroupedBatcher
   step: train_step_lib.CompiledStep
+  from_checkpoint: bool = False   # built to restore a run (``build``): init_from not read
 
   @property
   def num_classes(self) -> int:
@@ -307,7 +308,8 @@ class Experiment:
     y = jnp.zeros((n,), jnp.int32) if self.config.model.conditional else None
     # One program (compiled for compile speed, cacheable) instead of one per layer op.
     params = parallel.run_once(self.model.init, rng_init, x, jnp.full((n,), 0.5), y)
-    if self.config.train.init_from:  # fine-tuning: start from another run's EMA parameters
+    if self.config.train.init_from and not self.from_checkpoint:
+      # fine-tuning: start from another run's EMA parameters
       loaded = checkpoint_lib.load_params(self.config.train.init_from)
       if jax.tree.structure(loaded) != jax.tree.structure(params) or any(
           a.shape != b.shape for a, b in zip(jax.tree.leaves(loaded), jax.tree.leaves(params))):
@@ -363,11 +365,13 @@ class Experiment:
     return classes[(offset + jnp.arange(n, dtype=jnp.int32)) % len(classes)]
 
 
-def validate(config) -> None:
+def validate(config, check_other_runs: bool = True) -> None:
   """Every check of a training config, before any work: the core's fields
-  (``config.validate``), then its method's (``methods.validate``). Raises ``ConfigError``."""
-  config_lib.validate(config)
-  methods_lib.validate(config)
+  (``config.validate``), then its method's (``methods.validate``). Raises ``ConfigError``.
+  ``check_other_runs=False``: not that the runs it would start from or take thresholds from
+  (``train.init_from``, ``method.reference_workdir``) hold checkpoints."""
+  config_lib.validate(config, check_other_runs)
+  methods_lib.validate(config, check_other_runs)
 
 
 def check_workdir(workdir: str) -> None:
@@ -386,12 +390,16 @@ def check_workdir(workdir: str) -> None:
 
 
 def build(config, dataset: sources.ArrayDataset | None = None,
-          fit_devices: bool = False) -> Experiment:
+          fit_devices: bool = False, from_checkpoint: bool = False) -> Experiment:
   """Validates the config and builds everything but the state (``init_state``).
   ``fit_devices`` (to sample or evaluate a trained run, not to train it): with
   ``train.num_devices=0`` the mesh takes as many of the devices as divide every part of the
-  run's batch, instead of refusing a device count the run was not trained on."""
-  validate(config)
+  run's batch, instead of refusing a device count the run was not trained on.
+  ``from_checkpoint``: the state will come from the run's checkpoint, which holds what the
+  method's ``prepare`` would measure (the constrained method's thresholds, in
+  ``state.extras``) and the trained parameters, so neither ``prepare`` nor
+  ``train.init_from`` is read: a run loads without its reference or pre-trained run."""
+  validate(config, check_other_runs=not from_checkpoint)
   if dataset is None:
     dataset = load_training_data(config.data)
     if config.eval.enabled:
@@ -419,12 +427,13 @@ def build(config, dataset: sources.ArrayDataset | None = None,
     raise
   except ValueError as e:
     raise config_lib.ConfigError(str(e)) from e
-  if hasattr(method, 'prepare'):  # e.g. thresholds measured on a reference model
+  if hasattr(method, 'prepare') and not from_checkpoint:  # e.g. thresholds from a reference
     method = method.prepare(config, model, batcher, mesh)
   step = train_step_lib.make_train_step(method, tx, lr_fn, config.train.ema_decay, mesh,
                                         config.train.steps_per_call,
                                         config.train.get('debug_nan_step', -1))
-  return Experiment(config, dataset, idx, model, method, tx, lr_fn, mesh, batcher, step)
+  return Experiment(config, dataset, idx, model, method, tx, lr_fn, mesh, batcher, step,
+                    from_checkpoint)
 
 
 def fit(exp: Experiment, state: TrainState, until: int | None = None,
@@ -522,7 +531,8 @@ def load_run(workdir: str, dataset: sources.ArrayDataset | None = None, config=N
       images = exp.sampler()(state.ema_params, jax.random.key(0), 16, exp.sample_labels(16))
 
   The run's data must be readable, as for training, unless the run saved the dataset it was
-  trained on (``TRAINING_DATA``; or pass ``dataset``). The mesh takes the devices here that
+  trained on (``TRAINING_DATA``; or pass ``dataset``); a constrained run's reference run
+  need not be (its thresholds are in the checkpoint). The mesh takes the devices here that
   divide the run's batch (``build``'s ``fit_devices``).
   """
   config = load_config(workdir) if config is None else config
@@ -530,7 +540,7 @@ def load_run(workdir: str, dataset: sources.ArrayDataset | None = None, config=N
   if dataset is None and os.path.exists(saved):
     with np.load(saved) as f:
       dataset = sources.ArrayDataset.from_arrays(f)
-  exp = build(config, dataset, fit_devices=True)
+  exp = build(config, dataset, fit_devices=True, from_checkpoint=True)
   ckpt = checkpoint_lib.Checkpointer(os.path.join(workdir, 'checkpoints'))
   try:
     state, _ = ckpt.restore_latest(exp.init_state(), config)

@@ -279,7 +279,8 @@ def _check_finetune_arms_are_sampled_again_from_their_workdirs(finetune_run):
   """An arm trains on data the script builds (the new images + the q_pre samples, tagged by
   source), not on its config's data: it keeps them in its workdir, so that
   ``cdiff_jax.sample`` builds the arm again from the workdir alone, and its evaluation seed
-  redraws the arm's evaluation samples."""
+  redraws the arm's evaluation samples. The pre-trained run the arms started from (and the
+  constrained arm took its threshold from) is not needed for that: it is moved away here."""
   from cdiff_jax import sample, train
   wd = finetune_run
   new_images, new_labels, _ = _new_data(config := _config('digits_finetune', FINETUNE))
@@ -292,8 +293,12 @@ def _check_finetune_arms_are_sampled_again_from_their_workdirs(finetune_run):
     np.testing.assert_array_equal(data.labels, np.concatenate([new_labels, q_labels]))
     np.testing.assert_array_equal(data.attributes['source'], [0] * 12 + [1] * 20)
     assert data.num_classes == 10
-    drawn = sample.draw(str(wd / name), num_samples=config.eval.num_samples,
-                        seed=evaluation.EVAL_SEED)['images']
+    (wd / 'pretrained').rename(wd / 'moved')
+    try:
+      drawn = sample.draw(str(wd / name), num_samples=config.eval.num_samples,
+                          seed=evaluation.EVAL_SEED)['images']
+    finally:
+      (wd / 'moved').rename(wd / 'pretrained')
     np.testing.assert_allclose(drawn, np.load(wd / name / 'eval_samples.npy'), atol=2e-3,
                                err_msg=name)
 

@@ -348,7 +348,7 @@ def _per_constraint(values: Sequence[float], m: int, field: str) -> tuple[float,
   return values
 
 
-def validate(config) -> None:
+def validate(config, check_other_runs: bool = True) -> None:
   mc = config.method
   if mc.constraint_source not in CONSTRAINT_SOURCES:
     raise ConfigError(f'config.method.constraint_source={mc.constraint_source!r}: must be one '
@@ -382,7 +382,7 @@ def validate(config) -> None:
   if mc.threshold_mode == 'reference' and not mc.reference_workdir and mc.enabled:
     raise ConfigError("config.method.reference_workdir='': threshold_mode='reference' needs "
                       'the workdir of a trained reference run (e.g. the unconstrained model).')
-  if (mc.threshold_mode == 'reference' and mc.enabled and
+  if (check_other_runs and mc.threshold_mode == 'reference' and mc.enabled and
       not os.path.isdir(os.path.join(mc.reference_workdir, 'checkpoints'))):
     raise ConfigError(f'config.method.reference_workdir={mc.reference_workdir!r} holds no '
                       'checkpoints/; train the reference run first.')
