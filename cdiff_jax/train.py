@@ -532,8 +532,9 @@ def load_run(workdir: str, dataset: sources.ArrayDataset | None = None, config=N
 
   The run's data must be readable, as for training, unless the run saved the dataset it was
   trained on (``TRAINING_DATA``; or pass ``dataset``); a constrained run's reference run
-  need not be (its thresholds are in the checkpoint). The mesh takes the devices here that
-  divide the run's batch (``build``'s ``fit_devices``).
+  and the run it was fine-tuned from need not be (the checkpoint holds the thresholds and
+  the parameters). The mesh takes the devices here that divide the run's batch (``build``'s
+  ``fit_devices``).
   """
   config = load_config(workdir) if config is None else config
   saved = os.path.join(workdir, TRAINING_DATA)
