@@ -367,11 +367,13 @@ def main(argv):
       result['agreement_with_labels'] = float(np.mean(arrays['predicted'] == labels))
     if compose is not None:
       result['compose'] = _compose_text(compose)
+  if os.path.exists(stem + '.json'):  # an earlier --evaluate's, of other samples
+    os.remove(stem + '.json')
+  # The samples before their evaluation, each whole: a .json always describes the .npz.
+  writers.save_arrays_atomic(stem + '.npz', **arrays)
+  if f['evaluate']:
     writers.write_atomic(stem + '.json', json.dumps(result, indent=2))
     print(_evaluation_lines(result))
-  elif os.path.exists(stem + '.json'):  # an earlier --evaluate's, of other samples
-    os.remove(stem + '.json')
-  np.savez(stem + '.npz', **arrays)
   print(f'wrote {len(images)} samples of {f["workdir"]} to {png} and {stem}.npz'
         + (f' (evaluation: {stem}.json)' if f['evaluate'] else ''))
 

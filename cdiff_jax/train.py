@@ -641,6 +641,10 @@ def _train_and_evaluate(config, workdir, dataset, progress, hooks, preemption, l
   start = int(state.step)
   if is_main:
     clock.start()
+    # A finished run run again (say to evaluate it anew) is unfinished until it ends again:
+    # its old summary must not vouch for the config written now or for half-written outputs.
+    if os.path.exists(summary_path := os.path.join(workdir, 'summary.json')):
+      os.remove(summary_path)
     os.makedirs(os.path.join(workdir, 'samples'), exist_ok=True)
     writers.write_atomic(os.path.join(workdir, 'config.json'),
                          config.to_json_best_effort(indent=2, sort_keys=True))

@@ -139,8 +139,9 @@ def save_image_grid(path: str, images: np.ndarray, ncols: int | None = None,
     upscale = max(1, 256 // max(grid.shape[:2]) + 1) if max(grid.shape[:2]) < 256 else 1
   if upscale > 1:
     grid = grid.repeat(upscale, 0).repeat(upscale, 1)
-  os.makedirs(os.path.dirname(path) or '.', exist_ok=True)
-  Image.fromarray(grid[..., 0] if grid.shape[-1] == 1 else grid).save(path)
+  buf = io.BytesIO()  # whole or not at all: a stopped write leaves no truncated PNG
+  Image.fromarray(grid[..., 0] if grid.shape[-1] == 1 else grid).save(buf, format='png')
+  write_atomic(path, buf.getvalue())
   return path
 
 
@@ -156,10 +157,12 @@ def new_figure(nrows: int = 1, ncols: int = 1, figsize=None, **subplots_kw):
 
 
 def save_figure(fig, path: str) -> str:
-  """Lays out and writes a ``new_figure`` figure as a PNG (the folder made); returns path."""
+  """Lays out and writes a ``new_figure`` figure as a PNG (the folder made; whole or not at
+  all); returns path."""
   fig.tight_layout()
-  os.makedirs(os.path.dirname(path) or '.', exist_ok=True)
-  fig.savefig(path, dpi=110)
+  buf = io.BytesIO()
+  fig.savefig(buf, format='png', dpi=110)
+  write_atomic(path, buf.getvalue())
   return path
 
 

@@ -61,6 +61,8 @@ def validate(config, train_size: int, num_classes: int):
                      f'must lie in 1..{train_size} (the training set\'s size).')
   train.validate(config)
   config_lib.validate(pretrain_config(config))
+  from experiments.minority import check_evaluated
+  check_evaluated(config)
 
 
 def pretrain_config(config):
@@ -110,6 +112,15 @@ def build_finetune_dataset(config, full, generated: np.ndarray, generated_labels
   source = np.concatenate([np.zeros(len(new), np.int32), np.ones(len(generated), np.int32)])
   return sources.ArrayDataset(images, labels, full.num_classes, f'{full.name}+pretrained',
                               {'source': source}), sources.to_float(new.images)
+
+
+def dataset_key(dataset) -> str:
+  """A hash of a dataset's images, labels and attributes."""
+  import hashlib
+  h = hashlib.sha256()
+  for a in (dataset.images, dataset.labels, *dataset.attributes.values()):
+    h.update(np.ascontiguousarray(a).tobytes())
+  return h.hexdigest()[:16]
 
 
 def nearest_distance(samples: np.ndarray, data: np.ndarray) -> float:
@@ -179,15 +190,19 @@ def main(argv):
     writers.save_arrays_atomic(gen_path, images=cached[0], labels=cached[1], key=key)
   generated, generated_labels = cached
   dataset, new_images = build_finetune_dataset(config, train_set, generated, generated_labels)
+  data_key = dataset_key(dataset)
 
   arms = {}
   for name in ('unconstrained', 'constrained'):
     c = unconstrained_arm(config) if name == 'unconstrained' else copy.deepcopy(config)
     c.train.init_from = pre_dir
     # Saved with the arm's config: a finished arm is not reused once q_pre has changed
-    # (a retrained pre-trained model), it is refused by name.
+    # (a retrained pre-trained model), it is refused by name; and the hash of the data the
+    # arm trains on goes into config.data, which its checkpoints are keyed by, so that an
+    # interrupted arm is not resumed on other data (a new q_pre or new_data_seed).
     with c.unlocked():
       c.finetune.q_pre_samples = key[:16]
+      c.data.finetune_data_key = data_key
     if name == 'constrained':
       c.method.threshold_mode = 'reference'
       c.method.threshold_reference = 'constraint'

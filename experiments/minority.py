@@ -36,6 +36,14 @@ def _define_flags():
   _FLAGS['progress'] = cli.define_progress_flags()
 
 
+def check_evaluated(config) -> None:
+  """The experiments compare their arms by the arms' evaluations (eval.json)."""
+  if not config.eval.enabled:
+    from cdiff_jax.config import ConfigError
+    raise ConfigError('config.eval.enabled=False: this experiment compares its arms by their '
+                      'evaluation (class frequencies, classifier FID); set eval.enabled=True.')
+
+
 def run_arm(config, workdir: str, progress: bool, dataset=None, unused=(),
             save_dataset: bool = False) -> dict:
   """Trains and evaluates one arm (or reuses it when finished); returns its figures.
@@ -45,6 +53,7 @@ def run_arm(config, workdir: str, progress: bool, dataset=None, unused=(),
   (a finished arm that lacks its saved dataset gets it, as if it had been trained now)."""
   from cdiff_jax import parallel, train
   from cdiff_jax.methods import constrained
+  check_evaluated(config)
   summary_path = os.path.join(workdir, 'summary.json')
   eval_path = os.path.join(workdir, 'eval.json')
   if os.path.exists(summary_path):
@@ -196,6 +205,7 @@ def main(argv):
   from cdiff_jax import train
   config = _FLAGS['config'].value
   workdir = os.path.abspath(_FLAGS['workdir'].value)
+  check_evaluated(config)
 
   constrained = copy.deepcopy(config)
   if constrained.method.threshold_mode == 'reference' and not constrained.method.reference_workdir:

@@ -69,7 +69,8 @@ def finished_arm(config, workdir: str) -> dict | None:
   cadence and the data path do not count) is refused rather than reported as this one.
   """
   done = os.path.join(workdir, 'arm.json')
-  if not os.path.exists(done):
+  # summary.json too: a run of the arm's workdir started since (by hand) removed it.
+  if not (os.path.exists(done) and os.path.exists(os.path.join(workdir, 'summary.json'))):
     return None
   config_lib.check_finished_run(workdir, config)
   with open(done) as f:

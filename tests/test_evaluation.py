@@ -280,3 +280,33 @@ def test_the_classifier_cache_key_covers_every_image_and_the_test_split():
   assert key != evaluation._cache_key(sources.ArrayDataset(changed, labels, 10, 'mine/train'),
                                       100, 0, test)
   assert key != evaluation._cache_key(train, 100, 0, other_test)
+
+
+def test_a_finished_run_run_again_is_unfinished_until_it_ends(tiny_config, tmp_path,
+                                                            monkeypatch):
+  """Running a finished run again (to evaluate it with other settings, say) rewrites its
+  config.json at once; its old summary.json, the experiments' mark of a finished arm, goes
+  with it, so a stop before the new evaluation ends cannot leave the old eval.json vouched
+  for under the new config. The run is finished again when that evaluation ends."""
+  import json
+  import copy
+  from cdiff_jax import train
+  c = tiny_config
+  c.eval.enabled, c.eval.num_samples, c.eval.classifier_steps = True, 4, 30
+  train.train_and_evaluate(c, str(tmp_path), progress=False)
+  assert (tmp_path / 'summary.json').exists()
+  again = copy.deepcopy(c)
+  again.eval.num_samples = 6
+
+  def stop(*args, **kwargs):
+    raise KeyboardInterrupt
+
+  real = evaluation.evaluate_run
+  monkeypatch.setattr(evaluation, 'evaluate_run', stop)
+  with pytest.raises(KeyboardInterrupt):
+    train.train_and_evaluate(again, str(tmp_path), progress=False)
+  assert json.load(open(tmp_path / 'config.json'))['eval']['num_samples'] == 6
+  assert not (tmp_path / 'summary.json').exists()
+  monkeypatch.setattr(evaluation, 'evaluate_run', real)
+  train.train_and_evaluate(again, str(tmp_path), progress=False)
+  assert json.load(open(tmp_path / 'summary.json'))['eval']['num_samples'] == 6

@@ -328,6 +328,25 @@ def _check_finetune_rerun_reuses_every_stage(finetune_run):
   assert (wd / 'comparison.md').read_text() == table
 
 
+def _check_finetune_interrupted_arm_is_not_resumed_on_other_data(finetune_run):
+  """An arm's checkpoints are keyed by a hash of the data the script built for it
+  (config.data.finetune_data_key): arms stopped before their end, rerun with another new
+  data set (finetune.new_data_seed), are refused by name instead of resumed on a mix of two
+  data sets."""
+  wd = finetune_run
+  for name in ('unconstrained', 'constrained'):
+    for done in ('summary.json', 'eval.json'):
+      (wd / name / done).unlink()
+  args = [f'--config.{k}={v!r}' for k, v in dict(FINETUNE, **{
+      'finetune.new_data_seed': 4}).items()]
+  out = subprocess.run([sys.executable, '-m', 'experiments.finetune',
+                        '--config=configs/digits_finetune.py', f'--workdir={wd}', '--noprogress',
+                        *args], cwd=ROOT, capture_output=True, text=True, timeout=600)
+  assert out.returncode == 2, out.stderr[-2000:]
+  errors = [line for line in out.stderr.splitlines() if line.startswith('error:')]
+  assert len(errors) == 1 and 'data.finetune_data_key' in errors[0], out.stderr[-2000:]
+
+
 def test_finetune_main(tmp_path):
   """experiments/finetune.py end to end on two devices, then again (see the checks)."""
   _launch('finetune', tmp_path, 'digits_finetune', FINETUNE)
@@ -336,6 +355,7 @@ def test_finetune_main(tmp_path):
   _check_finetune_table_recomputed_from_the_saved_samples(tmp_path)
   _check_finetune_arms_are_sampled_again_from_their_workdirs(tmp_path)
   _check_finetune_rerun_reuses_every_stage(tmp_path)
+  _check_finetune_interrupted_arm_is_not_resumed_on_other_data(tmp_path)
 
 
 # ----------------------------------------------------------------------------- guidance

@@ -517,3 +517,20 @@ def test_a_finished_constrained_arm_is_tied_to_its_reference_parameters(tmp_path
     minority.run_arm(retrained, str(tmp_path / 'arm'), progress=False)
   config.method.threshold_mode = 'absolute'
   assert minority.with_reference_key(config) is config
+
+
+def test_experiments_refuse_an_unevaluated_arm_before_any_work(tmp_path):
+  """The minority and fine-tuning experiments compare arms by their evaluations: with
+  eval.enabled=False they stop with the fix named, before anything is trained or written
+  (run_arm used to fail on a missing 'eval' after training the arm)."""
+  from configs import digits_finetune, digits_minority
+  from experiments import finetune, minority
+  config = digits_minority.get_config()
+  config.eval.enabled = False
+  with pytest.raises(config_lib.ConfigError, match='eval.enabled=False: .*set eval.enabled=True'):
+    minority.run_arm(minority.unconstrained_arm(config), str(tmp_path / 'arm'), False)
+  assert not (tmp_path / 'arm').exists()
+  config = digits_finetune.get_config()
+  config.eval.enabled = False
+  with pytest.raises(config_lib.ConfigError, match='eval.enabled=False'):
+    finetune.validate(config, 1000, 10)

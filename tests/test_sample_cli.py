@@ -315,6 +315,32 @@ def test_command_line_compose_and_its_evaluation(run, tmp_path):
     np.testing.assert_allclose(result[key], again[key], rtol=1e-5, err_msg=key)
 
 
+def test_a_stop_while_the_samples_are_written_leaves_no_evaluation_of_other_samples(
+    run, tmp_path):
+  """A .json beside the .npz describes the samples in it: a stop (SIGTERM, Ctrl-C) inside
+  the .npz's write of a second draw to the same path leaves the first draw's .npz whole and
+  no .json (not one of the second draw's samples beside the first draw's .npz)."""
+  png = str(tmp_path / 'drawn.png')
+  flags = [f'--workdir={run}', '--num_samples=4', '--num_steps=3', f'--out={png}', '--evaluate']
+  _command_line(*flags, '--seed=3')
+  first = dict(np.load(str(tmp_path / 'drawn.npz')))
+  stop_in_savez = ('import runpy, sys, numpy as np\n'
+                   'def savez(file, *a, **k):\n'
+                   '  (open(file, "wb") if isinstance(file, str) else file).write(b"PK half")\n'
+                   '  raise KeyboardInterrupt\n'
+                   'np.savez = savez\n'
+                   'sys.argv = ["cdiff_jax.sample"] + sys.argv[1:]\n'
+                   'runpy.run_module("cdiff_jax.sample", run_name="__main__")\n')
+  done = subprocess.run([sys.executable, '-c', stop_in_savez, *flags, '--seed=4',
+                         '--no_progress'], cwd=ROOT, capture_output=True, text=True, timeout=300)
+  assert done.returncode == 130 and 'interrupted' in done.stderr, done.stderr[-2000:]
+  assert not (tmp_path / 'drawn.json').exists()
+  saved = np.load(str(tmp_path / 'drawn.npz'))
+  assert saved.keys() == first.keys()
+  for key, value in first.items():
+    np.testing.assert_array_equal(saved[key], value, err_msg=key)
+
+
 def test_eval_seed_redraws_the_runs_evaluation(run):
   """The run's eval.json (written by the launcher) again, from samples drawn afresh."""
   saved = json.load(open(os.path.join(run, 'eval.json')))

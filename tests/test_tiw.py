@@ -665,6 +665,11 @@ def test_discriminator_cache_key_covers_variant_schedule_and_recipe():
   other = ScoreModel(MLPFlat(), schedules.VPSchedule(beta_max=10.0))
   assert dataclasses.replace(method, dsm=DSM(other))._cache_path(10) != key
   assert dataclasses.replace(method, disc_signature='{"disc_lr": 1.0}')._cache_path(10) != key
+  # the same name, size and split, other pixels (a data set remade under its old name)
+  remade = _image_method()
+  remade._data.update(method._data, dataset=ArrayDataset(np.ones((4, 4, 4, 1), np.float32),
+                                                         np.zeros(4, np.int64), 2, 'tiny'))
+  assert remade._cache_path(10) != key
 
 
 def test_weight_metrics_are_group_means_and_effective_sample_size():

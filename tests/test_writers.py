@@ -137,3 +137,38 @@ def test_write_atomic_replaces_whole_and_leaves_no_temporary(tmp_path, monkeypat
   with pytest.raises(OSError):
     writers.write_atomic(str(path), '{"a": 3}')
   assert path.read_text() == '{"a": 2}'
+
+
+@pytest.mark.parametrize('what', ['grid', 'figure'])
+def test_a_stop_inside_a_png_write_leaves_the_old_file(tmp_path, monkeypatch, what):
+  """Sample grids and figures are read back (the experiments' figures open the arms' grids):
+  a stop (SIGTERM, Ctrl-C) landing inside the PNG encoder leaves the previous file whole,
+  not a truncated one."""
+  from matplotlib.figure import Figure
+  from PIL import Image
+  path = str(tmp_path / 'out.png')
+
+  def write():
+    if what == 'grid':
+      writers.save_image_grid(path, np.zeros((4, 8, 8, 1), np.float32))
+    else:
+      fig, ax = writers.new_figure()
+      ax.plot([0, 1], [1, 0])
+      writers.save_figure(fig, path)
+
+  write()
+  old = open(path, 'rb').read()
+  assert old.startswith(b'\x89PNG')
+
+  def half_then_stop(self, fp, *args, **kwargs):
+    if isinstance(fp, str):
+      fp = open(fp, 'wb')
+    fp.write(b'\x89PNG half')
+    fp.flush()
+    raise KeyboardInterrupt
+
+  monkeypatch.setattr(Image.Image if what == 'grid' else Figure, 'save' if what == 'grid'
+                      else 'savefig', half_then_stop)
+  with pytest.raises(KeyboardInterrupt):
+    write()
+  assert open(path, 'rb').read() == old

@@ -243,6 +243,10 @@ class TIW:
                          repr(self.disc.net), repr(self.dsm.model.schedule)]).encode())
     h.update(np.asarray(self._data['bias'], np.int64).tobytes())
     h.update(np.asarray(self._data['ref'], np.int64).tobytes())
+    # The images it trains on, not only their number: a data set remade under the same name
+    # (an .npz rewritten, another data_dir) must not find the old discriminator.
+    used = np.concatenate([self._data['bias'], self._data['ref']])
+    h.update(np.ascontiguousarray(ds.images[np.sort(used)]).tobytes())
     checkpoint.hash_pytree(h, frozen)
     root = os.environ.get('CDIFF_JAX_CACHE', os.path.expanduser('~/.cache/cdiff_jax'))
     return os.path.join(root, 'discriminators', f'{ds.name.replace("/", "_")}_{h.hexdigest()[:16]}')
