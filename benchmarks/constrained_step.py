@@ -111,7 +111,7 @@ def main():
     for name, (run, images, compile_s) in arms.items():
       med = np.median(times[name])
       rows.append((f'{size}x{size}', name, 1.0 / med, med / base, compile_s))
-  print(f'\n| image | step | images/s | cost vs dsm | first compile (s) |')
+  print('\n| image | step | images/s | cost vs dsm | first compile (s) |')
   print('|---|---|---|---|---|')
   for size, name, ips, ratio, comp in rows:
     print(f'| {size} | {name} | {ips:.0f} | {ratio:.3f}x | {comp:.1f} |')

@@ -70,7 +70,6 @@ def median_seconds(fn, calls: int, repeats: int) -> float:
 
 def jax_times(spec: dict, options, calls: int, repeats: int, loop_friendly: bool = False) -> dict:
   import jax
-  import jax.numpy as jnp
   from jax import lax
   from cdiff_jax.models import unet
   kx, kw, kg = jax.random.split(jax.random.key(0), 3)

@@ -36,7 +36,6 @@ def main(argv=None):
   import flax.linen as nn
   import jax
   import jax.numpy as jnp
-  import numpy as np
   from cdiff_jax.models import unet
 
   silu, g = not args.no_silu, args.groups

@@ -34,9 +34,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Sequence
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.scipy.special import log_ndtr, logsumexp

@@ -201,7 +201,7 @@ def main(argv):
                             ncols=ncols)
     # Every sample (sample i of a conditional setting requested the (i mod m)-th of its m
     # target classes), so the figures can be recomputed or relabelled with another classifier.
-    np.save(os.path.join(workdir, 'samples', file_name + '.npy'), x)
+    writers.save_arrays_atomic(os.path.join(workdir, 'samples', file_name + '.npy'), x)
 
   writers.plot_class_frequencies(
       os.path.join(workdir, 'frequencies.png'),
@@ -217,10 +217,9 @@ def main(argv):
               sampling_seconds=sampling_seconds, total_seconds=total,
               devices=[str(d) for d in jax.devices()])
   table = markdown(rows, meta, g.not_class)
-  with open(os.path.join(workdir, 'guidance.md'), 'w') as f:
-    f.write(table)
-  with open(os.path.join(workdir, 'guidance.json'), 'w') as f:
-    json.dump(dict(settings=rows, **meta), f, indent=2)
+  writers.write_atomic(os.path.join(workdir, 'guidance.md'), table)
+  writers.write_atomic(os.path.join(workdir, 'guidance.json'),
+                       json.dumps(dict(settings=rows, **meta), indent=2))
   print(table)
   print(f'outputs in {workdir}')
 

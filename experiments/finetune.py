@@ -215,10 +215,9 @@ def main(argv):
 
   table = comparison_table(config, arms) + '\n' + dropped_class_table(fc.pretrain_drop_classes,
                                                                     pre, arms)
-  with open(os.path.join(workdir, 'comparison.md'), 'w') as f:
-    f.write(table + '\n')
-  with open(os.path.join(workdir, 'comparison.json'), 'w') as f:
-    json.dump({'pretrained': pre['eval'], **{n: a['eval'] for n, a in arms.items()}}, f, indent=2)
+  writers.write_atomic(os.path.join(workdir, 'comparison.md'), table + '\n')
+  writers.write_atomic(os.path.join(workdir, 'comparison.json'), json.dumps(
+      {'pretrained': pre['eval'], **{n: a['eval'] for n, a in arms.items()}}, indent=2))
   series = {'pretrained': pre['eval']['class_frequencies']}
   series.update({n: a['eval']['class_frequencies'] for n, a in arms.items()})
   writers.plot_class_frequencies(os.path.join(workdir, 'comparison_frequencies.png'), series,

@@ -202,7 +202,7 @@ def with_reference_key(constrained):
 def main(argv):
   del argv
   import copy
-  from cdiff_jax import train
+  from cdiff_jax import train, writers
   config = _FLAGS['config'].value
   workdir = os.path.abspath(_FLAGS['workdir'].value)
   check_evaluated(config)
@@ -220,13 +220,11 @@ def main(argv):
                                 os.path.join(workdir, 'constrained'), _FLAGS['progress'].value)
 
   table = comparison_table(config, arms)
-  with open(os.path.join(workdir, 'comparison.md'), 'w') as f:
-    f.write(table + '\n')
-  with open(os.path.join(workdir, 'comparison.json'), 'w') as f:
-    json.dump({name: dict(eval=a['eval'], seconds=a['seconds'],
-                          lam=end_lambda(a) or None,
-                          thresholds=a['final_metrics'].get('threshold'))
-               for name, a in arms.items()}, f, indent=2)
+  writers.write_atomic(os.path.join(workdir, 'comparison.md'), table + '\n')
+  writers.write_atomic(os.path.join(workdir, 'comparison.json'), json.dumps(
+      {name: dict(eval=a['eval'], seconds=a['seconds'], lam=end_lambda(a) or None,
+                  thresholds=a['final_metrics'].get('threshold'))
+       for name, a in arms.items()}, indent=2))
   write_figures(workdir, config, arms)
   print('\n' + table + '\n')
   print(f'Figures: {workdir}/comparison_frequencies.png, {workdir}/comparison_samples.png, '

@@ -200,8 +200,7 @@ def write_table(workdir: str, results: dict, header: str) -> str:
                 f'DSM(obs) < IW-DSM: {"yes" if fid["DSM(obs)"] < fid["IW-DSM"] else "no"}.']
     lines.append('')
   text = '\n'.join(lines)
-  with open(os.path.join(workdir, 'results.md'), 'w') as f:
-    f.write(text)
+  writers.write_atomic(os.path.join(workdir, 'results.md'), text)
   return text
 
 
@@ -284,8 +283,8 @@ def main(argv):
             f'{base.eval.num_samples} samples per arm, evaluation classifier accuracy '
             f'{clf.accuracy:.3f}; {os.cpu_count()}-core {platform.machine()} '
             f'{jax.default_backend()}, {minutes:.0f} minutes in this invocation.')
-  with open(os.path.join(workdir, 'results.json'), 'w') as f:
-    json.dump(dict(header=header, results=results), f, indent=2, default=float)
+  writers.write_atomic(os.path.join(workdir, 'results.json'),
+                       json.dumps(dict(header=header, results=results), indent=2, default=float))
   write_plots(workdir, results, alphas)
   print(write_table(workdir, results, header))
 

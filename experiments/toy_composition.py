@@ -300,7 +300,7 @@ def run(config, workdir: str, progress: bool = True) -> str:
   import jax
   import numpy as np
   from cdiff_jax import config as config_lib
-  from cdiff_jax import toys, train
+  from cdiff_jax import toys, train, writers
   from cdiff_jax.methods import guidance
   from tqdm.auto import tqdm
 
@@ -309,8 +309,8 @@ def run(config, workdir: str, progress: bool = True) -> str:
   validate(config)
   train.check_workdir(workdir)
   os.makedirs(workdir, exist_ok=True)
-  with open(os.path.join(workdir, 'config.json'), 'w') as f:
-    f.write(config.to_json_best_effort(indent=2, sort_keys=True))
+  writers.write_atomic(os.path.join(workdir, 'config.json'),
+                       config.to_json_best_effort(indent=2, sort_keys=True))
   train.setup_jax(config)  # persistent compilation cache: the 5 models share one program
   start_all = time.time()
   params, train_seconds = ({}, {})
@@ -375,8 +375,8 @@ def run(config, workdir: str, progress: bool = True) -> str:
                 f"sliced W2 {m['sliced_w2']:.4f}, {seconds:.0f} s", flush=True)
     plot_benchmark(os.path.join(workdir, f'toy_{bench_name}.png'), bench.name, panels,
                    bench.target, exact=(exact, f"LL {ref['log_likelihood']:.2f}"))
-    table = write_table(workdir, rows, config, time.time() - start_all, train_seconds)
-    np.savez(os.path.join(workdir, 'toy_samples.npz'), **samples)
+    write_table(workdir, rows, config, time.time() - start_all, train_seconds)
+    writers.save_arrays_atomic(os.path.join(workdir, 'toy_samples.npz'), **samples)
   bar.close()
   plot_acceptance(os.path.join(workdir, 'toy_acceptance.png'), curves)
   return write_table(workdir, rows, config, time.time() - start_all, train_seconds)
@@ -385,12 +385,12 @@ def run(config, workdir: str, progress: bool = True) -> str:
 def write_table(workdir, rows, config, total, train_seconds) -> str:
   """Writes toy_table.{md,json} (after every benchmark, so a long run shows its progress)."""
   import jax
+  from cdiff_jax import writers
   table = markdown_table(rows, config, total, train_seconds)
-  with open(os.path.join(workdir, 'toy_table.md'), 'w') as f:
-    f.write(table)
-  with open(os.path.join(workdir, 'toy_table.json'), 'w') as f:
-    json.dump(dict(rows=rows, total_seconds=total, train_seconds=train_seconds,
-                   devices=[str(d) for d in jax.devices()]), f, indent=2)
+  writers.write_atomic(os.path.join(workdir, 'toy_table.md'), table)
+  writers.write_atomic(os.path.join(workdir, 'toy_table.json'), json.dumps(
+      dict(rows=rows, total_seconds=total, train_seconds=train_seconds,
+           devices=[str(d) for d in jax.devices()]), indent=2))
   return table
 
 

@@ -1,7 +1,6 @@
 """Data sources (digits, IDX, npz, TFDS via mock_data), imbalance builders, batching."""
 
 import gzip
-import os
 import struct
 import tempfile
 

@@ -523,14 +523,20 @@ def test_experiments_refuse_an_unevaluated_arm_before_any_work(tmp_path):
   """The minority and fine-tuning experiments compare arms by their evaluations: with
   eval.enabled=False they stop with the fix named, before anything is trained or written
   (run_arm used to fail on a missing 'eval' after training the arm)."""
-  from configs import digits_finetune, digits_minority
-  from experiments import finetune, minority
-  config = digits_minority.get_config()
-  config.eval.enabled = False
-  with pytest.raises(config_lib.ConfigError, match='eval.enabled=False: .*set eval.enabled=True'):
-    minority.run_arm(minority.unconstrained_arm(config), str(tmp_path / 'arm'), False)
-  assert not (tmp_path / 'arm').exists()
-  config = digits_finetune.get_config()
-  config.eval.enabled = False
-  with pytest.raises(config_lib.ConfigError, match='eval.enabled=False'):
-    finetune.validate(config, 1000, 10)
+  for module in ('minority', 'finetune'):
+    _run(f'''
+      import os, sys
+      import pytest
+      from cdiff_jax.config import ConfigError
+      from configs import digits_finetune, digits_minority
+      from experiments import {module} as experiment
+      config = (digits_minority if '{module}' == 'minority' else digits_finetune).get_config()
+      config.eval.enabled = False
+      with pytest.raises(ConfigError, match='eval.enabled=False: .*set eval.enabled=True'):
+        if '{module}' == 'minority':
+          experiment.run_arm(experiment.unconstrained_arm(config), sys.argv[1], False)
+        else:
+          experiment.validate(config, 1000, 10)
+      assert not os.path.exists(sys.argv[1])
+      print('ok')
+    ''', str(tmp_path / 'arm'))
