@@ -79,10 +79,25 @@ class Checkpointer:
     return out['meta']
 
   def restore_latest(self, abstract_state, config):
-    """(state, step) of the newest checkpoint, or (None, None) if there is none."""
-    step = self.manager.latest_step()
-    if step is None:
-      return None, None
+    """(state, step) of the newest checkpoint, or (None, None) if there is none. A reader
+    beside a run that is still training (``load_run``, the sampling command) may see its
+    newest step deleted by that run (``train.keep_checkpoints``) before it reads it: it then
+    takes the newest one again."""
+    for _ in range(5):
+      step = self.manager.latest_step()
+      if step is None:
+        return None, None
+      try:
+        return self._restore(step, abstract_state, config), step
+      except Exception:
+        if os.path.exists(os.path.join(self.directory, str(step))):
+          raise
+        self.manager.reload()   # deleted meanwhile by the run that wrote it
+    raise FileNotFoundError(f'the checkpoints in {self.directory} were all deleted while '
+                            'they were read: the run writing them saves faster than they '
+                            'load; try again.')
+
+  def _restore(self, step: int, abstract_state, config):
     meta = self.read_meta(step)
     diffs = config_lib.fingerprint_mismatch(meta['fingerprint'], config_lib.fingerprint(config))
     if diffs:
@@ -99,7 +114,7 @@ class Checkpointer:
           f'the checkpoint at step {step} in {self.directory} holds a training state of '
           f'another layout than this config builds ({str(e).splitlines()[0][:200]}); use a '
           'new --workdir or the config that wrote it.') from e
-    return out['state'], step
+    return out['state']
 
   def wait(self):
     self.manager.wait_until_finished()

@@ -209,17 +209,19 @@ def _check_number_tuples(c) -> None:
             '(quoted for the shell).')
 
 
-def validate(c: ml_collections.ConfigDict, check_other_runs: bool = True) -> None:
+def validate(c: ml_collections.ConfigDict, check_paths: bool = True) -> None:
   """Checks the fields the core uses; methods check their own (``methods.validate``).
-  ``check_other_runs=False``: not that the runs a training run starts from
-  (``train.init_from``) hold checkpoints, for a run loaded from its own checkpoint."""
+  ``check_paths=False``: not that the paths a training run reads exist (``data.data_dir``,
+  the run it starts from, ``train.init_from``), for a run loaded from its own checkpoint,
+  which reads them only where it needs them (and says so then)."""
   from cdiff_jax.sampling import SAMPLERS  # Local: keeps config import light.
   from cdiff_jax.models import PARAMETERIZATIONS
 
   _check_number_tuples(c)
   _choice(c, 'data.name', ('digits', 'mnist', 'fashion_mnist', 'cifar10', 'celeb_a', 'toy'))
   _choice(c, 'data.source', ('auto', 'sklearn', 'tfds', 'idx', 'npz'))
-  if c.data.data_dir and not os.path.exists(os.path.expanduser(c.data.data_dir)):
+  if (check_paths and c.data.data_dir
+      and not os.path.exists(os.path.expanduser(c.data.data_dir))):
     _fail('data.data_dir', c.data.data_dir, 'does not exist; point it at the folder (or '
           '.npz file) that holds the data.')
   _positive(c, 'data.image_size', allow_zero=True)
@@ -290,7 +292,7 @@ def validate(c: ml_collections.ConfigDict, check_other_runs: bool = True) -> Non
   if not 0.0 <= c.train.ema_decay < 1.0:
     _fail('train.ema_decay', c.train.ema_decay, 'must lie in [0, 1).')
   _choice(c, 'train.on_nonfinite', ('stop', 'skip'))
-  if (check_other_runs and c.train.init_from
+  if (check_paths and c.train.init_from
       and not os.path.isdir(os.path.join(c.train.init_from, 'checkpoints'))):
     _fail('train.init_from', c.train.init_from, 'holds no checkpoints/; train that run first.')
   bad = parallel.non_cpu_flags(c.train.get('xla_cpu_flags', ''))

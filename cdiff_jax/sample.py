@@ -38,6 +38,7 @@ import dataclasses
 import inspect
 import json
 import os
+import tempfile
 
 import numpy as np
 from absl import app, flags
@@ -108,12 +109,22 @@ def _run_config(workdir: str, **sample_overrides):
   if not os.path.exists(os.path.join(workdir, 'config.json')):
     runs = sorted(d for d in os.listdir(workdir)
                   if os.path.exists(os.path.join(workdir, d, 'config.json')))
+    if not runs:  # tiw_compare's arms sit one level further down (ref0.1/tiw_dsm)
+      runs = sorted(os.path.join(d, e) for d in os.listdir(workdir)
+                    if os.path.isdir(os.path.join(workdir, d))
+                    for e in os.listdir(os.path.join(workdir, d))
+                    if os.path.exists(os.path.join(workdir, d, e, 'config.json')))
     hint = (f'it holds the runs {", ".join(runs)} (an experiment\'s arms); give one of '
             f'them, e.g. --workdir={os.path.join(workdir, runs[0])}' if runs else
             'give the folder the launcher or an experiment wrote a run to')
     raise config_lib.ConfigError(f'--workdir={workdir} holds no config.json, so it is not '
                                  f'the workdir of a run: {hint}.')
   config = train.load_config(workdir)
+  if config.data.name == 'toy':
+    raise config_lib.ConfigError(
+        f'--workdir={workdir} holds experiments/toy_composition.py\'s 2-D components, not a '
+        'run of images: load them with toy_composition.train_components(train.load_config('
+        'DIR), DIR, False) (notebooks/composition_mcmc.ipynb samples and plots them).')
   for field, value in sample_overrides.items():
     if field not in SAMPLE_FIELDS:
       raise TypeError(f'unknown sampling override {field!r}; one of {SAMPLE_FIELDS}.')
@@ -162,9 +173,8 @@ def draw(workdir: str, num_samples: int = 64, seed: int = 0, classes=None,
   try:
     train.setup_jax(config)
     exp, state = train.load_run(workdir, config=config)
-  except FileNotFoundError as e:  # no checkpoint yet
-    raise config_lib.ConfigError(f'--workdir={workdir}: {e} Wait for its first checkpoint '
-                                 '(train.checkpoint_every) or give a trained run.') from e
+  except FileNotFoundError as e:  # no checkpoint (yet): the message says what to do
+    raise config_lib.ConfigError(f'--workdir={workdir}: {e}') from e
   except config_lib.ConfigError as e:  # a sampling override the config checks refuse
     msg = str(e)
     for field, value in sample_overrides.items():
@@ -346,6 +356,14 @@ def main(argv):
   if f['out'] is not None and not f['out'].lower().endswith('.png'):
     raise config_lib.ConfigError(f'--out={f["out"]}: give a path ending in .png (the .npz and '
                                  f'.json go beside it), e.g. --out={f["out"]}.png.')
+  if f['out'] is not None:  # checked before sampling, not after
+    folder = os.path.dirname(os.path.abspath(f['out']))
+    try:
+      os.makedirs(folder, exist_ok=True)
+      tempfile.TemporaryFile(dir=folder).close()
+    except OSError as e:
+      raise config_lib.ConfigError(f'--out={f["out"]}: cannot write files in {folder} '
+                                   f'({e.strerror}); give another path.') from e
   out = draw(f['workdir'], f['num_samples'], f['seed'], classes, progress=f['progress'],
              mcmc=mcmc, compose=compose, **{field: f[field] for field in SAMPLE_FIELDS})
   exp, images, labels = out['exp'], out['images'], out['labels']

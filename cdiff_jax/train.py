@@ -365,13 +365,14 @@ class Experiment:
     return classes[(offset + jnp.arange(n, dtype=jnp.int32)) % len(classes)]
 
 
-def validate(config, check_other_runs: bool = True) -> None:
+def validate(config, check_paths: bool = True) -> None:
   """Every check of a training config, before any work: the core's fields
   (``config.validate``), then its method's (``methods.validate``). Raises ``ConfigError``.
-  ``check_other_runs=False``: not that the runs it would start from or take thresholds from
-  (``train.init_from``, ``method.reference_workdir``) hold checkpoints."""
-  config_lib.validate(config, check_other_runs)
-  methods_lib.validate(config, check_other_runs)
+  ``check_paths=False``: not that the paths training reads exist (``data.data_dir``, the
+  runs it starts from or takes thresholds from: ``train.init_from``,
+  ``method.reference_workdir``)."""
+  config_lib.validate(config, check_paths)
+  methods_lib.validate(config, check_paths)
 
 
 def check_workdir(workdir: str) -> None:
@@ -396,19 +397,22 @@ def build(config, dataset: sources.ArrayDataset | None = None,
   ``train.num_devices=0`` the mesh takes as many of the devices as divide every part of the
   run's batch, instead of refusing a device count the run was not trained on.
   ``from_checkpoint``: the state will come from the run's checkpoint, which holds what the
-  method's ``prepare`` would measure (the constrained method's thresholds, in
-  ``state.extras``) and the trained parameters, so neither ``prepare`` nor
-  ``train.init_from`` is read: a run loads without its reference or pre-trained run."""
-  validate(config, check_other_runs=not from_checkpoint)
+  method measures before training (the constrained method's thresholds, a TIW
+  discriminator's first phase, in ``state.extras``) and the trained parameters, so none of
+  that is redone (the method's ``prepare`` / ``for_restore``) and ``train.init_from`` is not
+  read: a run loads without its reference or pre-trained run."""
+  validate(config, check_paths=not from_checkpoint)
   if dataset is None:
     dataset = load_training_data(config.data)
-    if config.eval.enabled:
+    if config.eval.enabled and not from_checkpoint:
       sources.check_held_out(config.data)
   config_lib.check_image_shape(config.model, dataset.image_shape)
   idx = train_indices(config.data, dataset)
   model = build_score_model(config, dataset.num_classes)
   tx, lr_fn = optim.make_optimizer(config.optim, config.train.steps)
   method = methods_lib.build(config, model, dataset.num_classes, lr_fn)
+  if from_checkpoint and hasattr(method, 'for_restore'):
+    method = method.for_restore()
   groups = method.data_groups(dataset, idx)
   try:  # Device count, batch sizes and data groups that do not fit: one line, no traceback.
     num_devices = config.train.num_devices or None
@@ -537,19 +541,59 @@ def load_run(workdir: str, dataset: sources.ArrayDataset | None = None, config=N
   ``fit_devices``).
   """
   config = load_config(workdir) if config is None else config
+  ckpt_dir = os.path.join(workdir, 'checkpoints')
+  if not (os.path.isdir(ckpt_dir) and any(n.isdigit() for n in os.listdir(ckpt_dir))):
+    raise FileNotFoundError(no_checkpoint_message(workdir))  # before building anything
   saved = os.path.join(workdir, TRAINING_DATA)
+  if (dataset is None and not os.path.exists(saved) and 'finetune' in config
+      and config.method.get('constraint_source') == 'source'):
+    raise config_lib.ConfigError(
+        f'{workdir} is a fine-tuning arm trained before arms kept their data '
+        f'({TRAINING_DATA}): rerun its experiments.finetune command once (it reuses the '
+        'finished arms and writes their data), then load it.')
   if dataset is None and os.path.exists(saved):
     with np.load(saved) as f:
       dataset = sources.ArrayDataset.from_arrays(f)
   exp = build(config, dataset, fit_devices=True, from_checkpoint=True)
-  ckpt = checkpoint_lib.Checkpointer(os.path.join(workdir, 'checkpoints'))
+  ckpt = checkpoint_lib.Checkpointer(ckpt_dir)
   try:
     state, _ = ckpt.restore_latest(exp.init_state(), config)
   finally:
     ckpt.close()
   if state is None:
-    raise FileNotFoundError(f'{workdir} holds no checkpoint yet.')
+    raise FileNotFoundError(no_checkpoint_message(workdir))
   return exp, state
+
+
+def no_checkpoint_message(workdir: str) -> str:
+  """Why the run in ``workdir`` has no checkpoint, and what to do: wait for a run that is
+  training there (its ``.lock`` names a live process of this host), or run it again."""
+  holder = ''
+  try:
+    with open(os.path.join(workdir, '.lock')) as f:
+      holder = f.read().strip()   # 'pid N on HOST, since T', left by the last run
+  except OSError:
+    pass
+  import re
+  import socket
+  m = re.match(r'pid (\d+) on (\S+),', holder)
+  live = None
+  if m and m.group(2) == socket.gethostname():
+    try:
+      os.kill(int(m.group(1)), 0)
+      live = True
+    except ProcessLookupError:
+      live = False
+    except PermissionError:
+      live = True
+  if live:
+    return (f'{workdir} holds no checkpoint yet; its run ({holder}) is training: wait for its '
+            'first checkpoint (train.checkpoint_every).')
+  if live is False:
+    return (f'{workdir} holds no checkpoint: its run stopped before its first one; run its '
+            'training command again (it starts from step 0).')
+  return (f'{workdir} holds no checkpoint yet: wait for its run\'s first checkpoint '
+          '(train.checkpoint_every), or run it again if it has stopped.')
 
 
 def save_samples(exp: Experiment, state: TrainState, path: str, num: int | None = None,

@@ -121,3 +121,47 @@ def test_hash_pytree_depends_on_every_leaf_value():
     leaves, treedef = jax.tree.flatten(tree)
     leaves[i] = leaves[i] + 1
     assert digest(jax.tree.unflatten(treedef, leaves)) != base, i
+
+
+def test_a_reader_beside_a_training_run_takes_the_newest_checkpoint_left(tiny_config, tmp_path,
+                                                                        monkeypatch):
+  """A reader (load_run, the sampling command) beside a run that is still training can see
+  its newest step deleted (keep_checkpoints) between listing and reading it: it then reads
+  the newest step that is left, instead of failing as if there were none."""
+  import shutil
+  tiny_config.train.keep_checkpoints = 0   # keep every step: 4 and 8
+  train.train_and_evaluate(tiny_config, str(tmp_path), progress=False)
+  ckpt_dir = tmp_path / 'checkpoints'
+  reader = checkpoint.Checkpointer(str(ckpt_dir))
+  real = checkpoint.Checkpointer._restore
+
+  def deleted_first(self, step, abstract_state, config):
+    if step == 8 and (ckpt_dir / '8').exists():   # the run deletes it just now
+      shutil.rmtree(ckpt_dir / '8')
+    return real(self, step, abstract_state, config)
+
+  monkeypatch.setattr(checkpoint.Checkpointer, '_restore', deleted_first)
+  exp = train.build(tiny_config)
+  state, step = reader.restore_latest(exp.init_state(), tiny_config)
+  reader.close()
+  assert step == 4 and int(state.step) == 4
+
+
+def test_a_run_loads_without_the_paths_only_training_reads(tiny_config, tmp_path):
+  """A run whose data folder is gone loads from its checkpoint when it kept its training
+  data (training_data.npz); without it, the one error names the missing data."""
+  import json
+  from cdiff_jax.data import sources
+  tiny_config.data.source = 'npz'
+  tiny_config.data.data_dir = str(tmp_path / 'digits.npz')
+  digits = sources.load_digits('train')
+  np.savez(tmp_path / 'digits.npz', train_images=digits.images, train_labels=digits.labels)
+  wd = tmp_path / 'run'
+  train.train_and_evaluate(tiny_config, str(wd), progress=False)
+  (tmp_path / 'digits.npz').unlink()
+  with pytest.raises(FileNotFoundError, match='digits.npz'):
+    train.load_run(str(wd))
+  train.save_training_data(str(wd), digits)
+  exp, state = train.load_run(str(wd))
+  assert int(state.step) == 8 and exp.dataset.images.shape == digits.images.shape
+  assert json.load(open(wd / 'config.json'))['data']['data_dir'] == str(tmp_path / 'digits.npz')

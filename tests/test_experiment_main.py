@@ -313,6 +313,11 @@ def _check_finetune_rerun_reuses_every_stage(finetune_run):
   with np.load(saved) as f:
     data = dict(f)
   saved.unlink()
+  from cdiff_jax import config as config_lib
+  from cdiff_jax import sample
+  with pytest.raises(config_lib.ConfigError, match='rerun its experiments.finetune command '
+                                                   'once'):
+    sample.draw(str(wd / 'constrained'), num_samples=2)
   before = {n: run_files.snapshot(wd / n) for n in ('pretrained', 'unconstrained', 'constrained')}
   npz = run_files.snapshot(wd)['pretrained_samples.npz']
   table = (wd / 'comparison.md').read_text()

@@ -9,6 +9,7 @@ import json
 import os
 import re
 import shutil
+import socket
 import subprocess
 import sys
 
@@ -361,10 +362,25 @@ def _unconditional_copy(run, tmp_path, **model_fields):
   return str(wd)
 
 
+def _dead_pid() -> int:
+  """The pid of a process that has ended."""
+  p = subprocess.Popen([sys.executable, '-c', 'pass'])
+  p.wait()
+  return p.pid
+
+
 @pytest.mark.parametrize('case, kwargs, expected', [
     ('missing', {}, r'--workdir=\S+: no such folder'),
     ('parent', {}, r'holds no config.json.*it holds the runs arm .*--workdir=\S+arm\.'),
-    ('no checkpoint', {}, r'holds no checkpoint yet\. Wait for its first checkpoint'),
+    ('no checkpoint', {}, r'holds no checkpoint yet: wait for its run\'s first checkpoint '
+                          r'\(train.checkpoint_every\), or run it again if it has stopped'),
+    ('stopped before a checkpoint', {}, r'holds no checkpoint: its run stopped before its '
+                                        r'first one; run its training command again'),
+    ('training', {}, r'holds no checkpoint yet; its run \(pid \d+ on \S+, since T\) is '
+                     r'training: wait for its first checkpoint'),
+    ('nested', {}, r'it holds the runs ref0.1/arm .*--workdir=\S+ref0.1/arm\.'),
+    ('toy', {}, r"holds experiments/toy_composition.py's 2-D components, not a run of images: "
+                r'load them with toy_composition.train_components'),
     ('run', dict(classes=[4, 12]), r'--classes: .* not trained on class\(es\) 12; it knows '
                                    r'0,1,2,3,4,5,6,7,8,9\.'),
     ('run', dict(sampler='leapfrog'), r"^--sampler=leapfrog: must be one of \("),
@@ -397,8 +413,21 @@ def test_bad_input_is_one_line_naming_the_flag(run, tmp_path, case, kwargs, expe
     os.makedirs(tmp_path / 'arm')
     shutil.copy(os.path.join(run, 'config.json'), tmp_path / 'arm')
     workdir = str(tmp_path)
-  elif case == 'no checkpoint':
+  elif case in ('no checkpoint', 'stopped before a checkpoint', 'training'):
     shutil.copy(os.path.join(run, 'config.json'), tmp_path)
+    workdir = str(tmp_path)
+    # what the last run in the workdir left in its .lock: a pid that is gone, or this one
+    pid = {'training': os.getpid(), 'stopped before a checkpoint': _dead_pid()}.get(case)
+    if pid is not None:
+      (tmp_path / '.lock').write_text(f'pid {pid} on {socket.gethostname()}, since T\n')
+  elif case == 'nested':
+    os.makedirs(tmp_path / 'ref0.1' / 'arm')
+    shutil.copy(os.path.join(run, 'config.json'), tmp_path / 'ref0.1' / 'arm')
+    workdir = str(tmp_path)
+  elif case == 'toy':
+    cfg = json.load(open(os.path.join(run, 'config.json')))
+    cfg['data']['name'] = 'toy'
+    json.dump(cfg, open(tmp_path / 'config.json', 'w'))
     workdir = str(tmp_path)
   elif case == 'unconditional':
     workdir = _unconditional_copy(run, tmp_path)
@@ -419,6 +448,9 @@ def test_bad_input_is_one_line_naming_the_flag(run, tmp_path, case, kwargs, expe
     # Checked before anything is drawn (the grid's writer would fail after the sampling).
     ('--out=drawn/seed0', '--out=drawn/seed0: give a path ending in .png (the .npz and .json go '
                           'beside it), e.g. --out=drawn/seed0.png.'),
+    ('--out=setup.py/x.png', f'--out=setup.py/x.png: cannot write files in '
+                             f'{os.path.join(ROOT, "setup.py")} (File exists); give another '
+                             'path.'),
     ('--num_samples=1 --evaluate'.split(), "--num_samples=1 with --evaluate: the classifier FID "
                                            "needs at least 2 samples (1,000 give figures "
                                            "comparable with a run's eval.json)."),

@@ -810,3 +810,30 @@ def test_the_feature_head_has_the_depth_it_is_given():
     assert len(params) == 3 + (depth - 1) + 1, sorted(params)
     mlp = nc.build_net('mlp', 1, hidden=8, depth=depth)
     assert mlp.depth == depth
+
+
+def test_a_loaded_tiw_run_does_not_train_its_discriminator_again(tmp_path, monkeypatch):
+  """load_run (and so the sampling command) restores the trained discriminator from the
+  checkpoint: the first phase, 20 s and more on a real data set without its cache, is not
+  run again to build a state the checkpoint then replaces."""
+  from cdiff_jax import checkpoint
+  c = _toy_config(disc_pretrain_steps=5)
+  data = _toy_dataset()
+  exp = train.build(c, data)
+  state, _ = train.fit(exp, exp.init_state(), until=2)
+  ckpt = checkpoint.Checkpointer(str(tmp_path / 'checkpoints'))
+  ckpt.save(2, state, c)
+  ckpt.close()
+  (tmp_path / 'config.json').write_text(c.to_json_best_effort())
+  train.save_training_data(str(tmp_path), data)   # toy data: not loadable from its config
+
+  def no_first_phase(*args, **kwargs):
+    raise AssertionError('the discriminator was trained again')
+
+  monkeypatch.setattr(tiw.TIW, '_pretrained', no_first_phase)
+  loaded_exp, loaded = train.load_run(str(tmp_path))
+  assert int(loaded.step) == 2
+  for a, b in zip(jax.tree.leaves(state.extras['disc']), jax.tree.leaves(loaded.extras['disc'])):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  with pytest.raises(AssertionError, match='trained again'):   # training builds it as before
+    train.build(c, data).init_state()

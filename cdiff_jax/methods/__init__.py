@@ -34,12 +34,12 @@ def build(config, model, num_classes: int, lr_fn=None):
   raise ConfigError(f'config.method.name={name!r}: must be one of {METHODS}.')
 
 
-def validate(config, check_other_runs: bool = True) -> None:
-  """Method-specific config checks (each method adds its own). ``check_other_runs=False``:
+def validate(config, check_paths: bool = True) -> None:
+  """Method-specific config checks (each method adds its own). ``check_paths=False``:
   not that a reference run holds checkpoints (a run loaded from its own checkpoint)."""
   if config.method.name not in METHODS:
     raise ConfigError(f'config.method.name={config.method.name!r}: must be one of {METHODS}.')
   if config.method.name == 'constrained':
-    constrained.validate(config, check_other_runs)
+    constrained.validate(config, check_paths)
   if config.method.name == 'tiw':
     tiw.validate(config)

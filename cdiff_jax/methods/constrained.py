@@ -231,6 +231,13 @@ class Constrained:
                    f'{patience} logs lambda grew while L - b stayed > 0): the threshold may be '
                    'infeasible; raise method.thresholds or set method.resilient_alpha > 0.']
 
+  def for_restore(self) -> 'Constrained':
+    """The method for a state restored from a checkpoint (its objective's, e.g. TIW-DSM's
+    discriminator, not trained again; ``prepare``'s thresholds are in the state too)."""
+    if hasattr(self.base, 'for_restore'):
+      return dataclasses.replace(self, base=self.base.for_restore())
+    return self
+
   def prepare(self, config, model, batcher, mesh) -> 'Constrained':
     """threshold_mode='reference': b_i = scale * L_ref + offset, with L_ref the reference
     model's L_i (threshold_reference='constraint') or its objective loss L_0 ('objective',
@@ -348,7 +355,7 @@ def _per_constraint(values: Sequence[float], m: int, field: str) -> tuple[float,
   return values
 
 
-def validate(config, check_other_runs: bool = True) -> None:
+def validate(config, check_paths: bool = True) -> None:
   mc = config.method
   if mc.constraint_source not in CONSTRAINT_SOURCES:
     raise ConfigError(f'config.method.constraint_source={mc.constraint_source!r}: must be one '
@@ -382,7 +389,7 @@ def validate(config, check_other_runs: bool = True) -> None:
   if mc.threshold_mode == 'reference' and not mc.reference_workdir and mc.enabled:
     raise ConfigError("config.method.reference_workdir='': threshold_mode='reference' needs "
                       'the workdir of a trained reference run (e.g. the unconstrained model).')
-  if (check_other_runs and mc.threshold_mode == 'reference' and mc.enabled and
+  if (check_paths and mc.threshold_mode == 'reference' and mc.enabled and
       not os.path.isdir(os.path.join(mc.reference_workdir, 'checkpoints'))):
     raise ConfigError(f'config.method.reference_workdir={mc.reference_workdir!r} holds no '
                       'checkpoints/; train the reference run first.')

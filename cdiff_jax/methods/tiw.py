@@ -204,6 +204,12 @@ class TIW:
 
   # --- discriminator state
 
+  def for_restore(self) -> 'TIW':
+    """The method for a state restored from a checkpoint, which holds the trained
+    discriminator: ``init_extras`` then builds only the state's layout, without the first
+    phase's training."""
+    return dataclasses.replace(self, disc_pretrain_steps=0)
+
   def init_extras(self, rng, params):
     """{'disc': {'params', 'opt_state' (joint), 'frozen' (head on features)}} or {}.
 
