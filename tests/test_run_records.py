@@ -118,12 +118,14 @@ def test_preemption_between_checkpoints_saves_there_and_resumes(reference, tmp_p
 def test_a_notice_while_the_summary_is_written_leaves_the_old_one_whole(reference, tmp_path,
                                                                           monkeypatch):
   """After the last step SIGTERM raises ``Preempted`` wherever it lands; landing inside
-  the write of summary.json (here: after the encoder's first piece) must leave the file
-  of the previous invocation, which the experiments read back, whole."""
+  the write of summary.json (here: after the encoder's first piece) must leave no
+  truncated summary, which the experiments would read back as a finished run. The rerun of
+  a finished run removed the previous invocation's summary when it started (it would vouch
+  for a config and outputs being rewritten), so there is none until a rerun ends."""
   import shutil
   workdir = tmp_path / 'run'
   shutil.copytree(reference['workdir'], workdir)
-  before = (workdir / 'summary.json').read_text()
+  before = json.loads((workdir / 'summary.json').read_text())
 
   encode = json.JSONEncoder.iterencode
 
@@ -141,8 +143,11 @@ def test_a_notice_while_the_summary_is_written_leaves_the_old_one_whole(referenc
     train.train_and_evaluate(_config(), str(workdir), progress=False,
                              hooks={'notice': notice_arrives})
   monkeypatch.undo()
-  assert (workdir / 'summary.json').read_text() == before
+  assert not (workdir / 'summary.json').exists()
   assert not [f for f in os.listdir(workdir) if f.endswith('.tmp')]
+  train.train_and_evaluate(_config(), str(workdir), progress=False)
+  after = json.loads((workdir / 'summary.json').read_text())
+  assert after['final_step'] == before['final_step'] == 8
 
 
 def test_throughput_leaves_out_checkpoint_writes_and_in_loop_sampling(tmp_path, monkeypatch):
