@@ -189,6 +189,28 @@ class _WorkdirLock:
       self._file.close()  # drops the lock
       self._file = None
 
+  @staticmethod
+  def last_holder(workdir: str) -> tuple[str, bool | None]:
+    """Who took the lock last (``acquire``'s line, kept after the run ends) and whether that
+    process is alive: True / False for one of this host, None when unknown."""
+    try:
+      with open(os.path.join(workdir, '.lock')) as f:
+        holder = f.read().strip()
+    except OSError:
+      return '', None
+    import re
+    import socket
+    m = re.match(r'pid (\d+) on (\S+),', holder)
+    if not m or m.group(2) != socket.gethostname():
+      return holder, None
+    try:
+      os.kill(int(m.group(1)), 0)
+    except ProcessLookupError:
+      return holder, False
+    except PermissionError:  # alive, another user's
+      pass
+    return holder, True
+
 
 class _RunClock:
   """A run's wall time over all its invocations: ``WORKDIR/run_time.json`` holds the seconds
@@ -568,24 +590,7 @@ def load_run(workdir: str, dataset: sources.ArrayDataset | None = None, config=N
 def no_checkpoint_message(workdir: str) -> str:
   """Why the run in ``workdir`` has no checkpoint, and what to do: wait for a run that is
   training there (its ``.lock`` names a live process of this host), or run it again."""
-  holder = ''
-  try:
-    with open(os.path.join(workdir, '.lock')) as f:
-      holder = f.read().strip()   # 'pid N on HOST, since T', left by the last run
-  except OSError:
-    pass
-  import re
-  import socket
-  m = re.match(r'pid (\d+) on (\S+),', holder)
-  live = None
-  if m and m.group(2) == socket.gethostname():
-    try:
-      os.kill(int(m.group(1)), 0)
-      live = True
-    except ProcessLookupError:
-      live = False
-    except PermissionError:
-      live = True
+  holder, live = _WorkdirLock.last_holder(workdir)
   if live:
     return (f'{workdir} holds no checkpoint yet; its run ({holder}) is training: wait for its '
             'first checkpoint (train.checkpoint_every).')

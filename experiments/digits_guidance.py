@@ -102,7 +102,6 @@ def main(argv):
   import jax.numpy as jnp
   import numpy as np
   from cdiff_jax import evaluation, train, writers
-  from cdiff_jax.data import sources
   from cdiff_jax.methods import guidance
   from cdiff_jax.sampling import Sampler
 
@@ -134,8 +133,6 @@ def main(argv):
 
   print('evaluation classifier (trained once, cached)...')
   clf = evaluation.classifier_for(config, progress=progress)
-  test = sources.load_dataset(config.data, 'test')
-  test_images, test_labels = sources.to_float(test.images), test.labels
 
   # name -> (samples, requested labels or None, description, target classes or None: all)
   settings = {}
@@ -183,8 +180,7 @@ def main(argv):
   rows = {}
   for name, (x, requested, formula, classes) in settings.items():
     # Against the setting's target: uniform over its classes, and their held-out images.
-    reference = test_images if classes is None else test_images[np.isin(test_labels, classes)]
-    ev = evaluation.evaluate_samples(clf, x, reference, classes=classes)
+    ev = evaluation.evaluate_images(exp, x, classes)
     pred = clf.predict(x)
     row = dict(formula=formula, class_frequencies=ev['class_frequencies'],
                tv_to_uniform=ev['tv_to_uniform'], classifier_fid=ev['classifier_fid'],
