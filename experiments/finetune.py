@@ -117,9 +117,9 @@ def build_finetune_dataset(config, full, generated: np.ndarray, generated_labels
 def dataset_key(dataset) -> str:
   """A hash of a dataset's images, labels and attributes."""
   import hashlib
+  from cdiff_jax import checkpoint
   h = hashlib.sha256()
-  for a in (dataset.images, dataset.labels, *dataset.attributes.values()):
-    h.update(np.ascontiguousarray(a).tobytes())
+  checkpoint.hash_pytree(h, (dataset.images, dataset.labels, dataset.attributes))
   return h.hexdigest()[:16]
 
 
