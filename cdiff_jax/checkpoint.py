@@ -75,7 +75,14 @@ class Checkpointer:
         state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)), force=True)
 
   def read_meta(self, step: int) -> dict:
-    out = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
+    try:
+      out = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
+    except KeyError as e:  # Orbax: 'Item "meta" was not found in the checkpoint'
+      raise IncompatibleCheckpoint(
+          f"the checkpoint at step {step} in {self.directory} has no 'meta' item (the config "
+          'fingerprint every save writes beside the state): it was not written by this '
+          'training loop, or was copied without it; use a new --workdir, or copy the whole '
+          'step folder.') from e
     return out['meta']
 
   def restore_latest(self, abstract_state, config):

@@ -165,3 +165,14 @@ def test_a_run_loads_without_the_paths_only_training_reads(tiny_config, tmp_path
   exp, state = train.load_run(str(wd))
   assert int(state.step) == 8 and exp.dataset.images.shape == digits.images.shape
   assert json.load(open(wd / 'config.json'))['data']['data_dir'] == str(tmp_path / 'digits.npz')
+
+
+def test_a_checkpoint_without_its_meta_item_is_refused_by_name(tiny_config, tmp_path):
+  # A checkpoint folder another program wrote, or one copied by hand without its ``meta``
+  # item, is refused with what is missing instead of Orbax's own error.
+  import shutil
+  train.train_and_evaluate(tiny_config, str(tmp_path), progress=False)
+  step_dir = tmp_path / 'checkpoints' / '8'
+  shutil.rmtree(step_dir / 'meta')
+  with pytest.raises(checkpoint.IncompatibleCheckpoint, match="no 'meta' item"):
+    train.train_and_evaluate(tiny_config, str(tmp_path), progress=False)
