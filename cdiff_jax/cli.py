@@ -161,6 +161,21 @@ def define_progress_flags() -> _ProgressFlag:
   return _ProgressFlag()
 
 
+def require_config(config, command: str, example: str, *, section: str | None = None,
+                   method: str | None = None) -> None:
+  """A ``ConfigError`` (one error line) when ``config`` is not of the kind ``command`` runs:
+  one with the config section ``section`` (e.g. ``'finetune'``), or of ``method.name ==
+  method``; ``example`` names a shipped config that is. Called first by the experiment
+  scripts, which read their own sections and method fields."""
+  from cdiff_jax.config import ConfigError
+  if section is not None and section not in config:
+    raise ConfigError(f'--config: {command} needs a config with a {section!r} section, such as '
+                      f'{example}; this one has none.')
+  if method is not None and config.method.name != method:
+    raise ConfigError(f"--config: {command} runs a config of method.name={method!r}, such as "
+                      f"{example}; this one has method.name={config.method.name!r}.")
+
+
 def reporting_errors(main):
   """``main(argv)`` with the run's expected errors reported in one line (see the module doc)."""
   @functools.wraps(main)

@@ -106,6 +106,8 @@ def main(argv):
   from cdiff_jax.sampling import Sampler
 
   config = _CONFIG.value
+  cli.require_config(config, 'experiments.digits_guidance', 'configs/digits_cfg.py',
+                     section='guidance')
   workdir = os.path.abspath(_WORKDIR.value)
   progress = _PROGRESS.value
   # Checked before training, so a bad guidance field costs no training run; a ConfigError

@@ -156,6 +156,8 @@ def main(argv):
                                     write_constraint_figure)
   from cdiff_jax.data import sources
   config = _CONFIG.value
+  cli.require_config(config, 'experiments.finetune', 'configs/digits_finetune.py',
+                     section='finetune')
   fc = config.finetune
   workdir = os.path.abspath(_WORKDIR.value)
   progress = _PROGRESS.value

@@ -205,6 +205,8 @@ def main(argv):
   from cdiff_jax import train, writers
   config = _FLAGS['config'].value
   workdir = os.path.abspath(_FLAGS['workdir'].value)
+  cli.require_config(config, 'experiments.minority', 'configs/digits_minority.py',
+                     method='constrained')
   check_evaluated(config)
 
   constrained = copy.deepcopy(config)

@@ -239,6 +239,7 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   base = _FLAGS['config'].value
+  cli.require_config(base, 'experiments/tiw_compare.py', 'configs/digits_tiw.py', method='tiw')
   workdir, progress = _FLAGS['workdir'].value, _FLAGS['progress'].value
   base.eval.enabled = True
   alphas, fractions = _numbers('alphas'), _numbers('ref_fractions')
@@ -246,8 +247,8 @@ def main(argv):
   labels = [label for label, _, _ in arms(alphas)]
   unknown = [a for a in selected if a not in labels]
   if unknown:
-    raise app.UsageError(f'--arms: no arm {unknown}; the arms are {labels} '
-                         '(TIW-DSM a=... from --alphas).')
+    raise config_lib.ConfigError(f'--arms: no arm {unknown}; the arms are {labels} '
+                                 '(TIW-DSM a=... from --alphas).')
   for frac in fractions:  # every arm's config checked before anything is written
     for _, variant, alpha in arms(alphas):
       train.validate(arm_config(base, variant, alpha, frac))

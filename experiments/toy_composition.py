@@ -305,6 +305,8 @@ def run(config, workdir: str, progress: bool = True) -> str:
   from tqdm.auto import tqdm
 
   workdir = os.path.abspath(workdir)
+  cli.require_config(config, 'experiments.toy_composition', 'configs/toy_composition.py',
+                     section='toy')
   config_lib.validate(config)  # a ConfigError is one error line (cli.run); nothing written
   validate(config)
   train.check_workdir(workdir)

@@ -299,3 +299,31 @@ def test_a_tilde_in_a_folder_flag_is_the_home_folder(tmp_path):
                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
   _assert_one_error_line(out, f"config.train.init_from='{tmp_path / 'elsewhere'}': holds no "
                               'checkpoints/')
+
+
+@pytest.mark.parametrize('module,config,needle', [
+    ('experiments.minority', 'digits_tiw',
+     "experiments.minority runs a config of method.name='constrained'"),
+    ('experiments.finetune', 'digits_minority', "needs a config with a 'finetune' section"),
+    ('experiments.digits_guidance', 'digits_minority', "a 'guidance' section"),
+    ('experiments.toy_composition', 'digits_dsm', "a 'toy' section"),
+    ('experiments.tiw_compare', 'digits_minority', "method.name='tiw'"),
+])
+def test_an_experiment_given_a_config_of_another_kind_says_so_in_one_line(module, config,
+                                                                          needle, tmp_path):
+  """Each experiment reads its own section or method fields: a config of another kind is one
+  error line naming a config that fits (it was an AttributeError traceback, or for
+  tiw_compare a locked-config KeyError), and the workdir is not created."""
+  out = subprocess.run([sys.executable, '-m', module, f'--config=configs/{config}.py',
+                        f'--workdir={tmp_path / "run"}', '--noprogress'], cwd=ROOT,
+                       capture_output=True, text=True, timeout=300)
+  _assert_one_error_line(out, needle)
+  assert not (tmp_path / 'run').exists()
+
+
+def test_tiw_compare_unknown_arm_is_one_line(tmp_path):
+  out = subprocess.run([sys.executable, '-m', 'experiments.tiw_compare',
+                        '--config=configs/digits_tiw.py', f'--workdir={tmp_path / "run"}',
+                        '--arms=TIW', '--noprogress'], cwd=ROOT, capture_output=True, text=True,
+                       timeout=300)
+  _assert_one_error_line(out, "--arms: no arm ['TIW']")
