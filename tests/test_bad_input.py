@@ -109,6 +109,15 @@ CASES = {
                       "examples of shape (8, 8, 1); use model.name='unet'."),
     'negative classifier steps': ('digits_dsm', ['--config.eval.classifier_steps=-5'],
                                   'config.eval.classifier_steps=-5: must be >= 0'),
+    # TIW-DSM as the primal objective of constrained training keeps its fields in
+    # config.method.tiw: the messages name them there (they said config.method.<field>).
+    'TIW objective field out of range': (
+        'digits_tiw_minority', ['--config.method.tiw.imbalance_ratio=2.0', REFERENCE],
+        'error: config.method.tiw.imbalance_ratio=2.0: must lie in (0, 1]'),
+    'TIW objective class order naming a class that does not exist': (
+        'digits_tiw_minority', ['--config.method.tiw.class_order=(0,1,2,3,4,5,6,7,8,12)',
+                                REFERENCE],
+        'config.method.tiw.class_order'),
     'negative sample clip': ('digits_dsm', ['--config.sample.clip=-1'],
                              'config.sample.clip=-1.0: must be >= 0'),
 }

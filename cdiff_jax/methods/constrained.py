@@ -382,7 +382,7 @@ def validate(config, check_paths: bool = True) -> None:
       raise ConfigError('config.method.tiw.disc_joint=True: with constraints the discriminator '
                         'is trained in a first phase and frozen; set it False.')
     from cdiff_jax.methods import tiw
-    tiw.validate(_tiw_config(config))
+    tiw.validate(_tiw_config(config), section='method.tiw')
   if mc.threshold_reference not in ('constraint', 'objective'):
     raise ConfigError(f'config.method.threshold_reference={mc.threshold_reference!r}: must be '
                       "'constraint' or 'objective'.")
@@ -542,7 +542,7 @@ def tiw_objective(config, model, num_classes: int, common: dict):
   """The TIW-DSM method of ``config.method.tiw`` with the objective's batch size: the primal
   objective of constrained training when ``config.method.objective='tiw'``."""
   from cdiff_jax.methods import tiw
-  return tiw.build(_tiw_config(config), model, num_classes, common)
+  return tiw.build(_tiw_config(config), model, num_classes, common, section='method.tiw')
 
 
 # The fields that act only through the multipliers and their thresholds: with

@@ -39,6 +39,7 @@ primal objective, and call ``update_discriminator`` in its ``update_extras``.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import os
@@ -167,6 +168,7 @@ class TIW:
   disc_cache: bool = False
   disc_signature: str = ''                 # recipe fields that key the pretrained cache
   seed: int = 0
+  section: str = 'method'                  # where its fields live: config.<section>.disc_lr
   bias_group: int = 0                      # group ids in the batch (``data_groups`` order)
   ref_group: int = 1
   progress: bool = True
@@ -285,7 +287,7 @@ class TIW:
       # train, with no non-finite loss to stop the run. Not cached.
       _fail('disc_lr', self.disc_lr, f'the discriminator diverged in its '
             f'{self.disc_pretrain_steps} pre-training steps ({described}); lower '
-            'method.disc_lr.')
+            f'{self.section}.disc_lr.', self.section)
     if self.progress:
       print(f'discriminator: {self.disc_pretrain_steps} steps, {described}')
     if path:
@@ -423,51 +425,55 @@ class TIW:
 # ----------------------------------------------------------------------------- config
 
 
-def _fail(field: str, value, fix: str):
-  raise ConfigError(f'config.method.{field}={value!r}: {fix}')
+def _fail(field: str, value, fix: str, section: str = 'method'):
+  raise ConfigError(f'config.{section}.{field}={value!r}: {fix}')
 
 
-def validate(config) -> None:
-  """Checks config.method of a TIW run; each message names the field and the fix."""
+def validate(config, section: str = 'method') -> None:
+  """Checks config.method of a TIW run; each message names the field and the fix.
+  ``section``: where ``config`` keeps the fields in the user's config, for the messages
+  (``'method.tiw'`` for the primal objective of constrained training, which passes a
+  config whose ``method`` is that section)."""
   mc = config.method
   known = set(default_config().keys())
   unknown = sorted(set(mc.keys()) - known)
   if unknown:
-    raise ConfigError(f'config.method.{unknown[0]}: no such field for method tiw '
+    raise ConfigError(f'config.{section}.{unknown[0]}: no such field for method tiw '
                       f'(fields: {", ".join(sorted(known))}).')
   for field in known - {'name'}:
     if field not in mc:
-      raise ConfigError(f'config.method.{field} is missing; start the config from '
+      raise ConfigError(f'config.{section}.{field} is missing; start the config from '
                         'cdiff_jax.methods.tiw.default_config().')
+  fail = functools.partial(_fail, section=section)
   if mc.variant not in VARIANTS:
-    _fail('variant', mc.variant, f'must be one of {VARIANTS}.')
+    fail('variant', mc.variant, f'must be one of {VARIANTS}.')
   if not mc.alpha >= 0:
-    _fail('alpha', mc.alpha, 'must be >= 0 (0 is DSM(obs), 1 the unbiased weighting).')
+    fail('alpha', mc.alpha, 'must be >= 0 (0 is DSM(obs), 1 the unbiased weighting).')
   if mc.bias not in BIASES:
-    _fail('bias', mc.bias, f'must be one of {BIASES}.')
+    fail('bias', mc.bias, f'must be one of {BIASES}.')
   if not 0.0 < mc.imbalance_ratio <= 1.0:
-    _fail('imbalance_ratio', mc.imbalance_ratio, 'must lie in (0, 1] (e.g. 0.01 for CIFAR-10-LT).')
+    fail('imbalance_ratio', mc.imbalance_ratio, 'must lie in (0, 1] (e.g. 0.01 for CIFAR-10-LT).')
   if not 0.0 < mc.ref_fraction <= 1.0:
-    _fail('ref_fraction', mc.ref_fraction, 'must lie in (0, 1] (the paper uses 0.05 or 0.1).')
+    fail('ref_fraction', mc.ref_fraction, 'must lie in (0, 1] (the paper uses 0.05 or 0.1).')
   if not 0.0 < mc.majority_fraction < 1.0:
-    _fail('majority_fraction', mc.majority_fraction, 'must lie in (0, 1).')
+    fail('majority_fraction', mc.majority_fraction, 'must lie in (0, 1).')
   if not 0.0 < mc.ref_batch_fraction < 1.0:
-    _fail('ref_batch_fraction', mc.ref_batch_fraction, 'must lie in (0, 1) (0.5: half-half).')
+    fail('ref_batch_fraction', mc.ref_batch_fraction, 'must lie in (0, 1) (0.5: half-half).')
   b = config.train.batch_size
   n_ref = int(round(mc.ref_batch_fraction * b))
   if mc.variant != 'dsm_ref' and not 0 < n_ref < b:
-    _fail('ref_batch_fraction', mc.ref_batch_fraction,
+    fail('ref_batch_fraction', mc.ref_batch_fraction,
           f'gives {n_ref} of train.batch_size={b} examples from D_ref; both sets need >= 1.')
   if mc.disc_net not in DISC_NETS:
-    _fail('disc_net', mc.disc_net, f'must be one of {DISC_NETS}.')
+    fail('disc_net', mc.disc_net, f'must be one of {DISC_NETS}.')
   if mc.disc_net == 'mlp' and config.model.name == 'unet':
-    _fail('disc_net', mc.disc_net, "is for vector data (model.name=mlp); for images use "
+    fail('disc_net', mc.disc_net, "is for vector data (model.name=mlp); for images use "
           "'conv' or 'auto'.")
   label = config.data.get('label_attribute', 'Male')
   if mc.bias == 'attribute' and mc.attribute and mc.attribute != label and config.eval.enabled:
-    _fail('attribute', mc.attribute, f"the evaluation classifies data.label_attribute "
+    fail('attribute', mc.attribute, f"the evaluation classifies data.label_attribute "
           f"({label!r}), so its class frequencies and TV would not measure the attribute this "
-          f"split biases; set data.label_attribute='{mc.attribute}' and method.attribute='' "
+          f"split biases; set data.label_attribute='{mc.attribute}' and {section}.attribute='' "
           "(the label), or eval.enabled=False.")
   if mc.variant == 'tiw' and mc.score_correction and config.model.conditional:
     # The correction grad log w~_t(x_t) is the unconditional ratio's: added to a labelled
@@ -476,44 +482,45 @@ def validate(config) -> None:
     raise ConfigError(
         'config.model.conditional=True: TIW-DSM corrects the score by the unconditional '
         'density ratio, which is wrong for a class-conditional model; set '
-        'model.conditional=False, or use method.variant=iw (its weight alone is right for '
+        f'model.conditional=False, or use {section}.variant=iw (its weight alone is right for '
         'labels that are a function of the image).')
   if mc.disc_features not in DISC_FEATURES:
-    _fail('disc_features', mc.disc_features, f'must be one of {DISC_FEATURES}.')
+    fail('disc_features', mc.disc_features, f'must be one of {DISC_FEATURES}.')
   if mc.disc_features == 'eval_classifier' and config.model.name != 'unet':
-    _fail('disc_features', mc.disc_features, 'needs an image dataset (model.name=unet).')
+    fail('disc_features', mc.disc_features, 'needs an image dataset (model.name=unet).')
   if mc.disc_time_weighting not in nc.TIME_WEIGHTINGS:
-    _fail('disc_time_weighting', mc.disc_time_weighting, f'must be one of {nc.TIME_WEIGHTINGS}.')
+    fail('disc_time_weighting', mc.disc_time_weighting, f'must be one of {nc.TIME_WEIGHTINGS}.')
   if mc.disc_pretrain_steps < 0:
-    _fail('disc_pretrain_steps', mc.disc_pretrain_steps, 'must be >= 0.')
+    fail('disc_pretrain_steps', mc.disc_pretrain_steps, 'must be >= 0.')
   if mc.variant in ('iw', 'tiw') and mc.disc_pretrain_steps == 0 and not mc.disc_joint:
-    _fail('disc_pretrain_steps', 0, 'the discriminator would never be trained; set it > 0 '
-          'or set config.method.disc_joint=True.')
+    fail('disc_pretrain_steps', 0, 'the discriminator would never be trained; set it > 0 '
+          f'or set config.{section}.disc_joint=True.')
   if not mc.disc_lr > 0:
-    _fail('disc_lr', mc.disc_lr, 'must be positive.')
+    fail('disc_lr', mc.disc_lr, 'must be positive.')
   if mc.disc_batch_size < 2 or mc.disc_batch_size % 2:
-    _fail('disc_batch_size', mc.disc_batch_size, 'must be a positive even number '
+    fail('disc_batch_size', mc.disc_batch_size, 'must be a positive even number '
           '(half reference, half biased).')
   if config.model.name == 'unet' and mc.disc_net != 'mlp':
     for m in mc.disc_ch_mult:
       if (mc.disc_ch * m) % 8:
-        _fail('disc_ch', mc.disc_ch, f'disc_ch * disc_ch_mult ({mc.disc_ch} * {m}) must be a '
+        fail('disc_ch', mc.disc_ch, f'disc_ch * disc_ch_mult ({mc.disc_ch} * {m}) must be a '
               'multiple of 8 (GroupNorm groups).')
 
 
-def split_indices(method_config, dataset, train_indices):
-  """(D_bias, D_ref) indices of ``dataset`` from config.method's bias fields."""
+def split_indices(method_config, dataset, train_indices, section: str = 'method'):
+  """(D_bias, D_ref) indices of ``dataset`` from config.method's bias fields (``section``:
+  where they are in the user's config, for the messages)."""
   mc = method_config
   try:
     if mc.bias == 'long_tail':
       order = tuple(mc.class_order) or None
       if order is not None:
-        imbalance._check_classes(order, dataset.num_classes, 'config.method.class_order')
+        imbalance._check_classes(order, dataset.num_classes, f'config.{section}.class_order')
       return imbalance.long_tail_split(dataset.labels, dataset.num_classes, mc.imbalance_ratio,
                                        mc.ref_fraction, mc.split_seed, train_indices, order)
     if mc.attribute:
       if mc.attribute not in dataset.attributes:
-        raise ConfigError(f'config.method.attribute={mc.attribute!r}: {dataset.name} has '
+        raise ConfigError(f'config.{section}.attribute={mc.attribute!r}: {dataset.name} has '
                           f'attributes {sorted(dataset.attributes)}; load it with '
                           f"--config.data.attributes=('{mc.attribute}',) (celeb_a), or use "
                           "'' for the label.")
@@ -527,7 +534,7 @@ def split_indices(method_config, dataset, train_indices):
   except ValueError as e:
     if isinstance(e, ConfigError):
       raise
-    raise ConfigError(f'config.method (bias={mc.bias!r}): {e}') from e
+    raise ConfigError(f'config.{section} (bias={mc.bias!r}): {e}') from e
 
 
 class _EvalClassifierFeatures:
@@ -553,7 +560,8 @@ class _EvalClassifierFeatures:
     return self.clf.net.apply({'params': frozen}, x, jnp.zeros_like(t), return_features=True)[1]
 
 
-def build(config, model, num_classes: int, common: dict) -> TIW:
+def build(config, model, num_classes: int, common: dict, section: str = 'method') -> TIW:
+  """``section``: as for ``validate``."""
   mc = config.method
   dsm = DSM(model, batch_size=config.train.batch_size, **common)
   disc, frozen = None, None
@@ -576,7 +584,8 @@ def build(config, model, num_classes: int, common: dict) -> TIW:
                           if k.startswith('disc_') or k in ('bias', 'imbalance_ratio',
                                                             'ref_fraction', 'split_seed')},
                          sort_keys=True)
-  return TIW(dsm, disc, lambda ds, idx: split_indices(mc, ds, idx), variant=mc.variant,
+  return TIW(dsm, disc, lambda ds, idx: split_indices(mc, ds, idx, section),
+             variant=mc.variant, section=section,
              alpha=float(mc.alpha), score_correction=bool(mc.score_correction),
              batch_size=config.train.batch_size,
              ref_batch_fraction=mc.ref_batch_fraction, disc_tx=disc_tx, disc_lr=mc.disc_lr,
