@@ -167,6 +167,21 @@ def test_warning_when_lambda_keeps_growing():
                                         constraint_gap=np.array([0.5, -0.1])), step)
   assert len(warnings) == 1 and 'constraint a: lambda 0.2 -> 0.7' in warnings[0]
   assert 'infeasible' in warnings[0] and ' b:' not in warnings[0]
+  # The fix it names is the one of the config's threshold mode: in 'reference' mode (every
+  # shipped constrained config) method.thresholds is not read, and a frequency target sets b.
+  config = toy_config()
+  for mode, target, fix in (('absolute', 0.0, 'raise method.thresholds,'),
+                            ('reference', 0.0, 'raise method.threshold_offset or '
+                                               'method.threshold_scale,'),
+                            ('reference', 0.1, 'lower method.target_frequency, raise '
+                                               'method.threshold_offset')):
+    config.method.threshold_mode, config.method.target_frequency = mode, target
+    method = constrained.build(config, base=None)
+    for step in range(8):
+      warnings = method.host_metrics(dict(lam=np.full(method.num_constraints, 0.1 * step),
+                                          constraint_gap=np.full(method.num_constraints, 0.5)),
+                                     step)
+    assert fix in warnings[0] and 'resilient_alpha > 0' in warnings[0], (mode, warnings[0])
   # Both growing: still one line, naming both.
   method = _method(thresholds=(0.0, 0.0))
   for step in range(8):

@@ -71,6 +71,8 @@ class Constrained:
   enabled: bool = True                        # False: lam stays 0 (the unconstrained arm)
   reference: tuple[float, ...] = ()           # reference model's (L_0, L_1..m), if measured
   constraint_t_min: float = 0.0               # constraint losses cover only t in [this, 1]
+  # How to loosen a threshold, in the config's terms (the infeasibility warning).
+  loosen_hint: str = 'raise method.thresholds'
   # The primal objective's own groups come first in the batch: 1 for DSM; 2 (bias, ref) for
   # a TIW-DSM objective, whose per-example weight * corrected loss is then the objective.
   num_objective_groups: int = 1
@@ -229,7 +231,7 @@ class Constrained:
                      f'L - b now {gaps[-1, i]:.3g}' for i in growing)
     return base + [f'constraint{"s" if len(growing) > 1 else ""} {each} (over the last '
                    f'{patience} logs lambda grew while L - b stayed > 0): the threshold may be '
-                   'infeasible; raise method.thresholds or set method.resilient_alpha > 0.']
+                   f'infeasible; {self.loosen_hint}, or set method.resilient_alpha > 0.']
 
   def for_restore(self) -> 'Constrained':
     """The method for a state restored from a checkpoint (its objective's, e.g. TIW-DSM's
@@ -516,6 +518,12 @@ def build(config, base, lr_fn: Callable | None = None) -> Constrained:
     dual_lr_fn = lambda step: lr_fn(step) / peak
   thresholds = _per_constraint(mc.thresholds, m, 'thresholds') if mc.threshold_mode == 'absolute' \
       else (0.0,) * m
+  if mc.threshold_mode == 'absolute':
+    loosen = 'raise method.thresholds'
+  else:  # b = threshold_scale * L_ref + threshold_offset (- log(target / share))
+    loosen = 'raise method.threshold_offset or method.threshold_scale'
+    if mc.target_frequency > 0:
+      loosen = 'lower method.target_frequency, ' + loosen
   return Constrained(
       base=base, num_constraints=m, thresholds=thresholds, constraint_names=names,
       constraint_classes=tuple(int(c) for c in mc.constraint_classes),
@@ -524,7 +532,7 @@ def build(config, base, lr_fn: Callable | None = None) -> Constrained:
       dual_start=mc.dual_start, constraint_t_min=mc.constraint_t_min,
       dual_estimate=mc.dual_estimate, dual_ema=mc.dual_ema, dual_lr_fn=dual_lr_fn,
       init_lambda=mc.init_lambda, resilient_alpha=mc.resilient_alpha, normalize=mc.normalize,
-      enabled=mc.enabled,
+      enabled=mc.enabled, loosen_hint=loosen,
       num_objective_groups=(2 if hasattr(base, 'per_example_terms') and base.variant != 'dsm_ref'
                             else 1))
 
