@@ -39,6 +39,7 @@ def base_config() -> ml_collections.ConfigDict:
       minority_classes=(),    # classes kept only at minority_fraction
       minority_fraction=1.0,
       subsample_seed=0,       # which examples of a minority class are kept
+      split_seed=0,           # digits (source='sklearn'): its train / held-out split
   ))
 
   c.model = ml_collections.ConfigDict(dict(

@@ -80,7 +80,7 @@ def _define_flags():
                                  'num_steps levels with MCMC steps at each.')
   d['steps_per_level'] = flags.DEFINE_integer('steps_per_level', 2, 'MCMC steps per level.')
   d['step_size'] = flags.DEFINE_float('step_size', 0.05, 'MCMC step size at sigma = 1 '
-                                      '(scaled with sigma^2 for ULA/MALA, sigma for HMC).')
+                                      '(scaled with sigma^2 for ULA/MALA, sigma for U-HMC/HMC).')
   d['num_leapfrog'] = flags.DEFINE_integer('num_leapfrog', 3, 'Leapfrog steps (U-HMC, HMC).')
   d['damping'] = flags.DEFINE_float('damping', 0.5, 'Momentum refresh of U-HMC / HMC, in '
                                     '(0, 1].')
@@ -124,7 +124,7 @@ def _run_config(workdir: str, **sample_overrides):
     raise config_lib.ConfigError(
         f'--workdir={workdir} holds experiments/toy_composition.py\'s 2-D components, not a '
         'run of images: load them with toy_composition.train_components(train.load_config('
-        'DIR), DIR, False) (notebooks/composition_mcmc.ipynb samples and plots them).')
+        'DIR), DIR, False)[0] (notebooks/composition_mcmc.ipynb samples and plots them).')
   for field, value in sample_overrides.items():
     if field not in SAMPLE_FIELDS:
       raise TypeError(f'unknown sampling override {field!r}; one of {SAMPLE_FIELDS}.')
@@ -145,8 +145,9 @@ def draw(workdir: str, num_samples: int = 64, seed: int = 0, classes=None,
          progress: bool = False, mcmc: dict | None = None, compose: dict | None = None,
          **sample_overrides) -> dict:
   """``num_samples`` samples of the run in ``workdir`` (EMA parameters unless its config
-  says ``sample.use_ema=False``): ``{'images', 'labels', 'exp', 'state'}`` (labels None for
-  an unconditional model). ``classes``: labels of a conditional model, cycled in the given
+  says ``sample.use_ema=False``): ``{'images', 'labels', 'exp', 'state', 'info'}`` (labels
+  None for an unconditional model; ``info`` as below, None for the diffusion samplers).
+  ``classes``: labels of a conditional model, cycled in the given
   order (default: its trained classes); ``sample_overrides``: any of ``SAMPLE_FIELDS``
   (None keeps the run's). ``mcmc``: ``{'kind': 'ula' | 'mala' | 'uhmc' | 'hmc', ...}`` (the
   other ``MCMC_FIELDS`` as ``mcmc.AnnealedMCMC`` takes them) samples with annealed MCMC

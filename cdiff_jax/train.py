@@ -814,7 +814,7 @@ def _train_and_evaluate(config, workdir, dataset, progress, hooks, preemption, l
     writers.plot_curves(os.path.join(workdir, 'lambda.png'), records, ['lam'],
                         'dual variables lambda', entry_names=names)
     writers.plot_curves(os.path.join(workdir, 'constraints.png'), records,
-                        ['constraint_gap'], 'L_i - b_i (constraint slack, <= 0 is satisfied)',
+                        ['constraint_gap'], 'L_i - b_i (constraint gap, <= 0 is satisfied)',
                         entry_names=names)
   if config.eval.enabled:
     from cdiff_jax import evaluation  # Local: loads the classifier only when asked.

@@ -15,9 +15,10 @@ step is traced with ``unet.loop_friendly_conv`` for the 3x3 convolutions: XLA:CP
 convolution gradients inside a loop body 20-50x slower than outside one
 (``benchmarks/loop_grad.py``), and the loop-friendly form (same values) avoids that.
 
-Non-finite guard: if the loss or the gradient norm is not finite, the step keeps the old
-state (parameters, optimizer, EMA and extras) and reports ``nonfinite = 1``; the training
-loop then stops or skips, by config, without a bad state ever reaching a checkpoint.
+Non-finite guard: if the loss, the gradient norm, the update's norm or the method's state
+(e.g. the multipliers) is not finite, the step keeps the old state (parameters, optimizer,
+EMA and extras) and reports ``nonfinite = 1``; the training loop then stops or skips, by
+config, without a bad state ever reaching a checkpoint.
 """
 
 from __future__ import annotations

@@ -20,7 +20,7 @@ reusing it if that run is finished, then measures everything with the evaluation
 classifier):
   python -m experiments.digits_guidance --config=configs/digits_cfg.py --workdir=runs/digits_guidance
 
-Expected (2-core CPU, about 10 minutes for the demonstration): conditional samples are
+Expected (2-core CPU, about 8-9 minutes for the demonstration): conditional samples are
 recognised as the requested digit most of the time, and more often with guidance weight 3
 than 1; "any digit but 1" (NOT) brings the frequency of 1s from about 10% (unconditional)
 to nearly 0 while the other digits stay present, though unevenly, which the conditional

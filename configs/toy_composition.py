@@ -39,7 +39,10 @@ def get_config():
   config.train.checkpoint_every = 0
   config.optim.lr = 2e-3
   config.optim.warmup_steps = 200
-  config.sample.clip = 0.0                   # no [-1, 1] image clipping for 2-D points
+  # Of config.sample the experiment reads only num_steps: its plain reverse diffusion is
+  # ancestral, with the EMA parameters, unclipped (clip=0 says so to any library sampler
+  # built from this config).
+  config.sample.clip = 0.0
   config.sample.num_steps = 100              # noise levels of every sampler
 
   config.toy = ml_collections.ConfigDict(dict(

@@ -11,7 +11,8 @@ Runs two arms of the same config into WORKDIR/unconstrained and WORKDIR/constrai
 
 Then writes WORKDIR/comparison.{md,json} (class frequencies, total-variation distance to
 uniform, classifier FID, thresholds, final multipliers, run times) and the figures
-comparison_frequencies.png and comparison_samples.png, and prints the table. Arms already
+comparison_frequencies.png, comparison_samples.png and comparison_constraints.png (the
+constraint gaps of both arms over training), and prints the table. Arms already
 finished in WORKDIR are reused (delete them to retrain); an interrupted arm resumes.
 """
 

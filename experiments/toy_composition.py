@@ -101,8 +101,9 @@ def components_fingerprint(config) -> dict:
   return out
 
 
-def train_components(config, workdir: str, progress: bool) -> dict:
-  """{name: EMA params}, trained or loaded from WORKDIR/components/NAME.msgpack."""
+def train_components(config, workdir: str, progress: bool) -> tuple[dict, dict]:
+  """({name: EMA params}, {name: training seconds}): each component trained, or loaded from
+  WORKDIR/components/NAME.msgpack (the seconds only of those trained in this call)."""
   import flax.serialization
   import jax
   import numpy as np

@@ -282,6 +282,14 @@ def test_digits_pixels_labels_and_split_fraction_and_seed():
   np.testing.assert_array_equal(again.images, test.images)
   assert other.images.shape == test.images.shape
   assert not np.array_equal(other.images, test.images)
+  # The config's field picks it (it was read with a default but not in the config, so
+  # --config.data.split_seed=N was refused as no such field).
+  from cdiff_jax.config import base_config
+  c = base_config()
+  assert c.data.split_seed == 0
+  c.data.split_seed = 2
+  np.testing.assert_array_equal(sources.load_dataset(c.data, 'test').images,
+                                data.load_digits('test', seed=2).images)
 
 
 def _idx_bytes(array, dtype_code=0x08):
