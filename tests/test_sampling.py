@@ -156,10 +156,29 @@ def test_lowered_programs_are_the_sampler():
   init, run, finish = [low.compile() for low in s.lower(None, n)]
   rng_init, rng_loop = jax.random.split(rng)
   x = init(rng_init)
-  for lo, hi in zip(s.bounds[:-1], s.bounds[1:]):
-    x = run(None, None, x, rng_loop, lo, hi)
+  for lo in s.bounds[:-1]:
+    x = run(None, None, x, rng_loop, lo)
   np.testing.assert_allclose(np.asarray(finish(None, None, x)),
                              np.asarray(s(None, rng, n)), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize('num_steps,num_chunks,chunks', [(20, 10, 10), (999, 10, 9), (7, 3, 1),
+                                                         (12, 5, 4), (1, 10, 1)])
+def test_sampler_chunks_loop_a_static_number_of_steps(num_steps, num_chunks, chunks):
+  # Equal chunks, so the compiled loop has a known trip count (traced bounds gave XLA a
+  # while loop of unknown length, whose condition a GPU reads back every step); the chunks
+  # still cover every step once, and the samples do not depend on how they are chunked.
+  schedule = schedules.VPSchedule()
+  s = Sampler(gaussian_eps(schedule), schedule, (2,), 'ancestral', num_steps,
+              num_chunks=num_chunks)
+  assert len(s.bounds) - 1 == chunks and s.bounds[-1] == num_steps
+  assert set(np.diff(s.bounds)) == {num_steps // chunks}
+  hlo = s.lower(None, 4)[1].compile().as_text()
+  if num_steps // chunks > 1:   # (a loop of one step is inlined)
+    assert f'"known_trip_count":{{"n":"{num_steps // chunks}"}}' in hlo
+  one = Sampler(gaussian_eps(schedule), schedule, (2,), 'ancestral', num_steps, num_chunks=1)
+  np.testing.assert_allclose(np.asarray(s(None, jax.random.key(0), 4)),
+                             np.asarray(one(None, jax.random.key(0), 4)), rtol=1e-6, atol=1e-6)
 
 
 def _small_unet():

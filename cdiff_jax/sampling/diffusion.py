@@ -7,8 +7,10 @@ grid ``1 = t_0 > ... > t_n = t_min`` of the schedule and finish with the denoisi
 ``x_0 = (x - sigma eps) / alpha`` at ``t_n`` (for DDPM that is the usual last step).
 
 The loop runs on device (``lax.fori_loop``), split into a few chunks only so that a progress
-bar can advance; each chunk is the same compiled program. With a mesh, the samples are
-sharded over the ``data`` axis.
+bar can advance; each chunk is the same compiled program, of a fixed number of steps (the
+number of chunks divides ``num_steps``), so the compiled loop has a known trip count (on a
+GPU, XLA then runs it without reading the loop condition back to the host every step).
+With a mesh, the samples are sharded over the ``data`` axis.
 """
 
 from __future__ import annotations
@@ -107,8 +109,12 @@ class Sampler:
     self.times = schedule.time_grid(num_steps)
     self.num_steps = num_steps
     self.mesh = mesh
-    self.bounds = sorted({round(i * num_steps / max(min(num_chunks, num_steps), 1))
-                          for i in range(min(num_chunks, num_steps) + 1)})
+    # Equal chunks (the most chunks up to num_chunks that divide num_steps): every call of
+    # ``run`` loops a static number of steps.
+    chunks = max(k for k in range(1, max(min(num_chunks, num_steps), 1) + 1)
+                 if num_steps % k == 0)
+    self.chunk_steps = num_steps // chunks
+    self.bounds = [i * self.chunk_steps for i in range(chunks + 1)]
     step = make_step(eps_fn, schedule, sampler, eta, clip)
     times = self.times
     out_sharding = parallel.batch_sharding(mesh) if mesh is not None else None
@@ -120,10 +126,11 @@ class Sampler:
         x = jax.lax.with_sharding_constraint(x, out_sharding)
       return x
 
-    def run(params, cond, x, rng, lo, hi):
-      def body(i, x):
+    def run(params, cond, x, rng, lo):   # steps lo .. lo + chunk_steps - 1
+      def body(j, x):
+        i = lo + j
         return step(params, cond, x, times[i], times[i + 1], jax.random.fold_in(rng, i))
-      return jax.lax.fori_loop(lo, hi, body, x)
+      return jax.lax.fori_loop(0, self.chunk_steps, body, x)
 
     def finish(params, cond, x):
       return denoise(eps_fn, schedule, params, cond, x, times[-1], clip)
@@ -141,7 +148,7 @@ class Sampler:
     x = jax.ShapeDtypeStruct((num_samples,) + self.shape, jnp.float32,
                              sharding=self._x_sharding)
     return [self._init.lower(rng, num_samples),
-            self._run.lower(params, cond, x, rng, 0, 1),
+            self._run.lower(params, cond, x, rng, 0),
             self._finish.lower(params, cond, x)]
 
   def __call__(self, params, rng, num_samples: int, cond=None, progress: bool = False):
@@ -149,9 +156,8 @@ class Sampler:
       parallel.check_batch_size(num_samples, self.mesh, 'number of samples')
     rng_init, rng_loop = jax.random.split(rng)
     x = self._init(rng_init, num_samples)
-    pairs = list(zip(self.bounds[:-1], self.bounds[1:]))
-    for lo, hi in tqdm(pairs, desc='sampling', disable=not progress, leave=False):
-      x = self._run(params, cond, x, rng_loop, lo, hi)
+    for lo in tqdm(self.bounds[:-1], desc='sampling', disable=not progress, leave=False):
+      x = self._run(params, cond, x, rng_loop, lo)
     return self._finish(params, cond, x)
 
 
