@@ -326,7 +326,8 @@ def barrier(name: str, timeout_s: int = 1800) -> None:
 def _put_global(x, sharding):
   """One leaf, identical on every process, -> a global array (typed keys included).
   Built from each process's own copy without comparing them across processes
-  (``device_put`` would, with one collective per leaf)."""
+  (``device_put`` would, with one collective per leaf; ``put_replicated`` makes the copies
+  equal first)."""
   if isinstance(x, jax.Array) and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
     data = _put_global(jax.random.key_data(x), sharding)
     return jax.random.wrap_key_data(data, impl=jax.random.key_impl(x))
@@ -342,9 +343,22 @@ def put_replicated(tree, mesh):
   sharding = replicated(mesh)
   if jax.process_count() == 1:
     return jax.device_put(tree, sharding, may_alias=False)
+  # Each process built its own copy: the same seed and code, but a cache entry that one
+  # host lacks (a TIW discriminator, the evaluation classifier) or another host's kernels
+  # can make the copies differ, and a replicated array built from unequal copies computes
+  # with each process's own. Process 0's values go to every process (one collective).
+  from jax.experimental import multihost_utils
+  leaves, treedef = jax.tree.flatten(tree)
+  is_key = [isinstance(x, jax.Array) and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key)
+            for x in leaves]
+  host = [np.asarray(jax.random.key_data(x) if k else x) for x, k in zip(leaves, is_key)]
+  host = multihost_utils.broadcast_one_to_all(host)
   # Across processes device_put only takes host values (a process cannot place its
   # local device buffers on another host's devices).
-  return jax.tree.map(lambda x: _put_global(x, sharding), tree)
+  out = [_put_global(np.asarray(h), sharding) for h in host]
+  out = [jax.random.wrap_key_data(o, impl=jax.random.key_impl(x)) if k else o
+         for o, x, k in zip(out, leaves, is_key)]
+  return jax.tree.unflatten(treedef, out)
 
 
 def to_host(tree):

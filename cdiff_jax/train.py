@@ -251,9 +251,14 @@ def setup_jax(config) -> None:
       parallel.configure_xla_cpu(flags)
     except ValueError as e:  # not an XLA:CPU option, or one this jaxlib's XLA refuses
       raise config_lib.ConfigError(f'config.train.xla_cpu_flags={flags!r}: {e}') from e
+  multi_process_cpu = False
   if 'parallel' in config:
-    parallel.initialize_distributed(config.parallel)
-  if config.train.get('compilation_cache', True):
+    multi = parallel.initialize_distributed(config.parallel)
+    multi_process_cpu = multi and bool(config.parallel.get('cpu_collectives'))
+  # Not for several CPU processes: with jaxlib 0.12, a cross-process (gloo) CPU program
+  # loaded from the cache hangs in its first collective (the same run compiled afresh
+  # works), so a rerun of such a run would never start training.
+  if config.train.get('compilation_cache', True) and not multi_process_cpu:
     # One root for every cache of the project: xla/ here, classifiers/ and
     # discriminators/ (evaluation.py, methods/tiw.py) beside it.
     root = os.environ.get('CDIFF_JAX_CACHE', os.path.expanduser('~/.cache/cdiff_jax'))
@@ -830,6 +835,9 @@ def _train_and_evaluate(config, workdir, dataset, progress, hooks, preemption, l
     # Whole or not at all: SIGTERM here raises Preempted wherever it lands (``finishing``).
     writers.write_atomic(os.path.join(workdir, 'summary.json'),
                          json.dumps(result, indent=2, default=str))
+  # The other processes return once process 0 has written: what comes next may read the
+  # run as finished (an experiment's next arm takes this one as its reference run).
+  parallel.barrier('run_written')
   result['state'] = state
   result['experiment'] = exp
   return result

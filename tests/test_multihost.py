@@ -53,12 +53,10 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
-def test_two_processes_match_one(tmp_path):
-  workdir = tmp_path / 'run'
-  config_path = tmp_path / 'multihost_config.py'
-  config_path.write_text(CONFIG)
+def _launch_two(config_path, workdir, cache):
   port = _free_port()
-  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=1')
+  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=1',
+             CDIFF_JAX_CACHE=str(cache))
   procs = []
   for pid in range(2):
     cmd = [sys.executable, '-m', 'cdiff_jax.main', f'--config={config_path}',
@@ -71,7 +69,7 @@ def test_two_processes_match_one(tmp_path):
   outs = []
   try:
     for p in procs:
-      outs.append(p.communicate(timeout=600))
+      outs.append(p.communicate(timeout=300))
   finally:
     for p in procs:
       if p.poll() is None:
@@ -79,6 +77,17 @@ def test_two_processes_match_one(tmp_path):
   for p, (out, err) in zip(procs, outs):
     assert p.returncode == 0, err[-3000:]
   assert 'done: step 6' in outs[0][0] and 'done: step 6' in outs[1][0]
+
+
+def test_two_processes_match_one(tmp_path):
+  workdir = tmp_path / 'run'
+  config_path = tmp_path / 'multihost_config.py'
+  config_path.write_text(CONFIG)
+  _launch_two(config_path, workdir, tmp_path / 'cache')
+  # The same command again in another workdir, beside the first one's caches: it ran on
+  # programs the first run had left in the persistent compilation cache, and hung in the
+  # first cross-process collective (so multi-process CPU runs do without that cache).
+  _launch_two(config_path, tmp_path / 'again', tmp_path / 'cache')
 
   # One process, two devices, the same global batch of 20.
   exp = train.build(_config(config_path))
@@ -173,3 +182,44 @@ def test_a_preemption_notice_stops_both_processes_at_one_step_with_scanned_steps
   step = int(ends[0].split()[-1])
   assert 16 < step < 80 and step % 4 == 0   # after the notice, before the end
   assert os.listdir(workdir / 'checkpoints') == [str(step)]
+
+
+UNEQUAL_COPIES = """
+import jax, jax.numpy as jnp, numpy as np, sys
+pid = int(sys.argv[1])
+jax.config.update('jax_cpu_collectives_implementation', 'gloo')
+jax.distributed.initialize('localhost:{port}', 2, pid, initialization_timeout=120)
+from cdiff_jax import parallel
+mesh = parallel.make_mesh()
+# A replicated state whose copies differ between the processes (a discriminator one process
+# trained and the other loaded from its cache, say), with a typed key among its leaves.
+tree = parallel.put_replicated({{'w': np.float32(1.0 + 1e-3 * pid),
+                                'key': jax.random.key(pid)}}, mesh)
+x = parallel.put_batch(np.ones((2,), np.float32), mesh)   # two examples per process
+f = jax.jit(lambda w, x: w * x, out_shardings=parallel.batch_sharding(mesh))
+print('per-example', parallel.to_host(f(tree['w'], x)).tolist(),
+      'key', np.asarray(jax.random.key_data(tree['key'])).tolist(), flush=True)
+"""
+
+
+def test_replicated_state_takes_process_0s_copy(tmp_path):
+  """put_replicated gives every process process 0's values: unequal copies made a
+  'replicated' array whose shards differed, so each process computed with its own."""
+  script = tmp_path / 'unequal.py'
+  script.write_text(UNEQUAL_COPIES.format(port=_free_port()))
+  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=1')
+  procs = [subprocess.Popen([sys.executable, str(script), str(pid)], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+           for pid in range(2)]
+  try:
+    outs = [p.communicate(timeout=300) for p in procs]
+  finally:
+    for p in procs:
+      if p.poll() is None:
+        p.kill()
+  for p, (out, err) in zip(procs, outs):
+    assert p.returncode == 0, err[-3000:]
+  want = np.asarray(jax.random.key_data(jax.random.key(0))).tolist()
+  for out, _ in outs:
+    line = [l for l in out.splitlines() if l.startswith('per-example')][0]
+    assert line == f'per-example [1.0, 1.0, 1.0, 1.0] key {want}', line
