@@ -68,9 +68,12 @@ class EvalClassifier:
       raise ValueError(f'the evaluation classifier takes images of shape {self.image_shape}, '
                        f'got {images.shape[1:]}.')
     logits, feats = [], []
+    # Every chunk of a call padded to one shape (a multiple of 8), so a short last chunk
+    # does not compile the network again.
+    size = -(-min(batch_size, len(images)) // 8) * 8
     for i in range(0, len(images), batch_size):
       chunk = images[i:i + batch_size]
-      pad = (-len(chunk)) % 8  # fixed chunk shapes: fewer recompiles
+      pad = size - len(chunk)
       lg, ft = self._apply(self.params, np.pad(chunk, [(0, pad)] + [(0, 0)] * (chunk.ndim - 1)))
       logits.append(np.asarray(lg)[:len(chunk)])
       feats.append(np.asarray(ft)[:len(chunk)])
@@ -165,6 +168,18 @@ def get_classifier(data_config, steps: int | None = None, seed: int = 0,
   steps = steps or default_steps(train)
   key = _cache_key(train, steps, seed, test)
   path = os.path.join(cache_dir(), f'{train.name.replace("/", "_")}_{key}')
+  if path in _LOADED and os.path.exists(path + '.msgpack'):
+    return _LOADED[path]   # this process's copy: its compiled network too
+  _LOADED[path] = _load_or_train(path, train, test, steps, seed, progress)
+  return _LOADED[path]
+
+
+# The classifiers this process has loaded or trained, by cache path: an experiment that
+# evaluates many settings (digits_guidance) labels them all with one compiled network.
+_LOADED: dict = {}
+
+
+def _load_or_train(path, train, test, steps, seed, progress) -> EvalClassifier:
   net = dataclasses.replace(_net_for(train.image_shape), num_outputs=train.num_classes)
   if os.path.exists(path + '.json') and os.path.exists(path + '.msgpack'):
     meta = json.load(open(path + '.json'))

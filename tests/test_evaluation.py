@@ -179,11 +179,27 @@ def test_classifier_accuracy_and_known_frequencies(digits_classifier):
   assert real['tv_to_uniform'] < 0.1 and real['num_samples'] == 300
 
 
-def test_classifier_is_cached(digits_classifier):
+def test_classifier_is_cached(digits_classifier, monkeypatch):
+  # In this process: the same classifier, compiled network and all (each evaluation built
+  # and compiled its own); and the chunks of one call share one shape (a short last chunk
+  # compiled the network again).
+  same = evaluation.get_classifier(config_lib.base_config().data, steps=600)
+  assert same is digits_classifier
+  images = np.zeros((1359, 8, 8, 1), np.float32)
+  fresh = evaluation.EvalClassifier(same.net, same.params, same.num_classes, same.accuracy,
+                                    same.image_shape)
+  logits, feats = fresh.logits_and_features(images, batch_size=500)
+  assert logits.shape == (1359, 10) and len(feats) == 1359
+  assert fresh._apply._cache_size() == 1
+  # On disk: a new process (here: the process's copies forgotten) loads it, not trains it.
+  monkeypatch.setattr(evaluation, '_LOADED', {})
+  monkeypatch.setattr(evaluation, 'train_classifier', None)
   again = evaluation.get_classifier(config_lib.base_config().data, steps=600)
-  assert again.accuracy == digits_classifier.accuracy
+  assert again is not digits_classifier and again.accuracy == digits_classifier.accuracy
   np.testing.assert_array_equal(np.asarray(again.params['Dense_2']['kernel']),
                                 np.asarray(digits_classifier.params['Dense_2']['kernel']))
+  np.testing.assert_allclose(again.logits_and_features(images[:100])[0], logits[:100],
+                             rtol=1e-5, atol=1e-5)
 
 
 def test_classifier_for_a_run_config_is_that_of_its_eval_steps(digits_classifier, monkeypatch):
