@@ -53,30 +53,33 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
-def _launch_two(config_path, workdir, cache):
-  port = _free_port()
-  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=1',
-             CDIFF_JAX_CACHE=str(cache))
-  procs = []
-  for pid in range(2):
-    cmd = [sys.executable, '-m', 'cdiff_jax.main', f'--config={config_path}',
-           f'--workdir={workdir}', '--no_progress', '--config.parallel.distributed=True',
-           f'--config.parallel.coordinator_address=localhost:{port}',
-           '--config.parallel.num_processes=2', f'--config.parallel.process_id={pid}',
-           '--config.parallel.cpu_collectives=gloo', '--config.parallel.initialization_timeout=120']
-    procs.append(subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                                  stderr=subprocess.PIPE, text=True))
-  outs = []
+def _run_two(command, timeout: int = 300, **env) -> list[str]:
+  """``command(pid)`` run as processes 0 and 1 at once, one CPU device each; their stdout,
+  once both have exited with status 0."""
+  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=1', **env)
+  procs = [subprocess.Popen(command(pid), cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True) for pid in range(2)]
   try:
-    for p in procs:
-      outs.append(p.communicate(timeout=300))
+    outs = [p.communicate(timeout=timeout) for p in procs]
   finally:
     for p in procs:
       if p.poll() is None:
         p.kill()
   for p, (out, err) in zip(procs, outs):
     assert p.returncode == 0, err[-3000:]
-  assert 'done: step 6' in outs[0][0] and 'done: step 6' in outs[1][0]
+  return [out for out, _ in outs]
+
+
+def _launch_two(config_path, workdir, cache):
+  port = _free_port()
+  outs = _run_two(lambda pid: [
+      sys.executable, '-m', 'cdiff_jax.main', f'--config={config_path}',
+      f'--workdir={workdir}', '--no_progress', '--config.parallel.distributed=True',
+      f'--config.parallel.coordinator_address=localhost:{port}',
+      '--config.parallel.num_processes=2', f'--config.parallel.process_id={pid}',
+      '--config.parallel.cpu_collectives=gloo', '--config.parallel.initialization_timeout=120'],
+      CDIFF_JAX_CACHE=str(cache))
+  assert 'done: step 6' in outs[0] and 'done: step 6' in outs[1]
 
 
 def test_two_processes_match_one(tmp_path):
@@ -164,20 +167,8 @@ def test_a_preemption_notice_stops_both_processes_at_one_step_with_scanned_steps
   script = tmp_path / 'preempted.py'
   script.write_text(PREEMPTED.format(tests=os.path.join(ROOT, 'tests'), port=_free_port(),
                                      workdir=str(workdir)))
-  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=1')
-  procs = [subprocess.Popen([sys.executable, str(script), str(pid)], cwd=ROOT, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-           for pid in range(2)]
-  try:
-    outs = [p.communicate(timeout=600) for p in procs]
-  finally:
-    for p in procs:
-      if p.poll() is None:
-        p.kill()
-  ends = []
-  for p, (out, err) in zip(procs, outs):
-    assert p.returncode == 0, err[-3000:]
-    ends.append(out.strip().splitlines()[-1])
+  outs = _run_two(lambda pid: [sys.executable, str(script), str(pid)], timeout=600)
+  ends = [out.strip().splitlines()[-1] for out in outs]
   assert ends[0] == ends[1] and ends[0].startswith('preempted at step '), ends
   step = int(ends[0].split()[-1])
   assert 16 < step < 80 and step % 4 == 0   # after the notice, before the end
@@ -207,19 +198,8 @@ def test_replicated_state_takes_process_0s_copy(tmp_path):
   'replicated' array whose shards differed, so each process computed with its own."""
   script = tmp_path / 'unequal.py'
   script.write_text(UNEQUAL_COPIES.format(port=_free_port()))
-  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=1')
-  procs = [subprocess.Popen([sys.executable, str(script), str(pid)], cwd=ROOT, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-           for pid in range(2)]
-  try:
-    outs = [p.communicate(timeout=300) for p in procs]
-  finally:
-    for p in procs:
-      if p.poll() is None:
-        p.kill()
-  for p, (out, err) in zip(procs, outs):
-    assert p.returncode == 0, err[-3000:]
+  outs = _run_two(lambda pid: [sys.executable, str(script), str(pid)])
   want = np.asarray(jax.random.key_data(jax.random.key(0))).tolist()
-  for out, _ in outs:
+  for out in outs:
     line = [l for l in out.splitlines() if l.startswith('per-example')][0]
     assert line == f'per-example [1.0, 1.0, 1.0, 1.0] key {want}', line
