@@ -323,18 +323,6 @@ def barrier(name: str, timeout_s: int = 1800) -> None:
                                   timeout_ms=timeout_s * 1000)
 
 
-def _put_global(x, sharding):
-  """One leaf, identical on every process, -> a global array (typed keys included).
-  Built from each process's own copy without comparing them across processes
-  (``device_put`` would, with one collective per leaf; ``put_replicated`` makes the copies
-  equal first)."""
-  if isinstance(x, jax.Array) and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
-    data = _put_global(jax.random.key_data(x), sharding)
-    return jax.random.wrap_key_data(data, impl=jax.random.key_impl(x))
-  value = np.asarray(x)
-  return jax.make_array_from_callback(value.shape, sharding, lambda index: value[index])
-
-
 def put_replicated(tree, mesh):
   """``tree`` replicated over ``mesh``, in buffers of its own: a train state built from
   arrays held elsewhere (a frozen feature extractor's parameters) is donated to the step,
@@ -350,12 +338,14 @@ def put_replicated(tree, mesh):
   from jax.experimental import multihost_utils
   leaves, treedef = jax.tree.flatten(tree)
   is_key = [isinstance(x, jax.Array) and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key)
-            for x in leaves]
+            for x in leaves]   # typed keys travel as their key data
   host = [np.asarray(jax.random.key_data(x) if k else x) for x, k in zip(leaves, is_key)]
-  host = multihost_utils.broadcast_one_to_all(host)
+  host = [np.asarray(h) for h in multihost_utils.broadcast_one_to_all(host)]
   # Across processes device_put only takes host values (a process cannot place its
-  # local device buffers on another host's devices).
-  out = [_put_global(np.asarray(h), sharding) for h in host]
+  # local device buffers on another host's devices); each builds the global array from its
+  # (now equal) copy, without one collective per leaf as device_put would.
+  out = [jax.make_array_from_callback(h.shape, sharding, lambda index, h=h: h[index])
+         for h in host]
   out = [jax.random.wrap_key_data(o, impl=jax.random.key_impl(x)) if k else o
          for o, x, k in zip(out, leaves, is_key)]
   return jax.tree.unflatten(treedef, out)
