@@ -17,11 +17,11 @@ Expected: an accelerator run (20k steps, batch 128) per arm; the paper's orderin
 CIFAR-10-LT is TIW-DSM better (lower FID, more uniform classes) than DSM(obs), which can
 beat IW-DSM. On a 2-core CPU a step takes ~1 s, so the full recipe is hours per arm. At a CPU
 budget (5% reference, 1,500 steps of batch 64, lr 1e-3; command in the README; jax
-0.12.0.1) TIW-DSM beat
-DSM(obs): classifier FID 1.91 -> 1.52, TV to uniform 0.146 -> 0.108, tail mass 0.39 -> 0.47,
-and DSM(obs) beat IW-DSM (FID 2.14); DSM(ref) was best there (FID 1.30, no copying yet at
-1,500 steps), which the paper's longer runs reverse. With 10% reference (same budget)
-TIW-DSM beat DSM(obs) and IW-DSM again (FID 1.38, TV 0.097 against DSM(obs) 2.07 / 0.159),
+0.12.1) TIW-DSM beat DSM(obs): classifier FID 1.93 -> 1.48, TV to uniform 0.155 -> 0.092,
+tail mass 0.38 -> 0.47; IW-DSM (FID 1.87) and DSM(obs) were within the run-to-run spread
+(jax 0.12.0.1: 2.14 against 1.91); DSM(ref) was best there (FID 1.29, no copying yet at
+1,500 steps), which the paper's longer runs reverse. With 10% reference (same budget, jax
+0.12.0.1) TIW-DSM beat DSM(obs) and IW-DSM again (FID 1.38, TV 0.097 against DSM(obs) 2.07 / 0.159),
 but IW-DSM (1.97) edged out DSM(obs) there; DSM(ref) 1.31. Alpha sweep at 10% (FID / TV):
 alpha 0 (DSM(obs)) 2.07 / 0.159, 0.5 1.55 / 0.107, 1 1.38 / 0.097, 2 1.80 / 0.110.
 """
