@@ -265,6 +265,13 @@ def test_dual_start_and_minibatch_estimate_with_dual_every():
                                     [5.0, 0.0], [6.0, 0.0]])
   np.testing.assert_allclose(lams[:, 0], [0, 0, 0, 4, 4, 10])
   assert int(extras['num_dual_steps']) == 2
+  # The window estimate: the windows that end before the start are emptied all the same,
+  # so the first dual step (step 3) moves lam by the mean of steps 2-3 (3.5), not of 0-3.
+  extras, lams, _ = _run_dual(
+      _method(dual_every=2, dual_start=3, dual_lr=1.0, thresholds=(0.0, 0.0),
+              dual_estimate='window'),
+      [[1.0, 0.0], [2.0, 0.0], [3.0, 0.0], [4.0, 0.0], [5.0, 0.0], [6.0, 0.0]])
+  np.testing.assert_allclose(lams[:, 0], [0, 0, 0, 3.5, 3.5, 9])
   # dual_every=1: the first dual step is step dual_start itself.
   _, lams, _ = _run_dual(_method(dual_start=2, dual_lr=1.0, thresholds=(0.0, 0.0)),
                          [[1.0, 0.0]] * 4)
@@ -570,6 +577,9 @@ def test_tiw_objective_with_minority_constraints_in_one_step(tiny_config, tmp_pa
   c.method.constraint_classes = (8, 9)   # the tail of the long-tailed split
   c.method.objective_batch, c.method.constraint_batch = 16, 4
   c.method.thresholds, c.method.dual_lr = (0.0,), 1.0   # unreachable: lam must grow
+  # The constraints' time window applies to the constraint groups (2, 3) only, not to the
+  # objective's two groups.
+  c.method.constraint_t_min = 0.25
   exp = train.build(c)
   assert exp.batcher.group_names == ['bias', 'ref', 'class_8', 'class_9']
   assert exp.method.num_objective_groups == 2

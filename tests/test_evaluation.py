@@ -17,6 +17,15 @@ def test_frechet_distance_closed_form():
   assert evaluation.frechet_distance(a, a) == pytest.approx(0.0, abs=1e-6)
 
 
+def test_frechet_distance_with_fewer_samples_than_features():
+  """Fewer feature vectors than dimensions: singular covariances whose eigenvalues round to
+  small negatives. Identical sets are at distance 0 (not NaN, not a LinAlgError); a shift
+  adds its squared length."""
+  a = np.random.default_rng(0).standard_normal((5, 10))
+  assert evaluation.frechet_distance(a, a) == pytest.approx(0.0, abs=1e-6)
+  assert evaluation.frechet_distance(a, a + 0.5) == pytest.approx(10 * 0.25, abs=1e-6)
+
+
 def test_class_frequencies_and_tv():
   f = evaluation.class_frequencies(np.array([0, 1, 1, 3]), 4)
   np.testing.assert_allclose(f, [0.25, 0.5, 0.0, 0.25])

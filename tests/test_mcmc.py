@@ -93,6 +93,39 @@ def test_uhmc_has_the_leapfrog_shadow_variance_while_hmc_has_none():
       assert 0.3 < float(acc.mean()) < 0.999
 
 
+def test_uhmc_moves_continue_one_trajectory_without_refresh():
+  """With no momentum refresh (damping 0) K U-HMC moves of L leapfrog steps are one
+  leapfrog trajectory of K L steps: each move carries its end momentum into the next (a
+  move that returned -p, a valid HMC involution, would turn back and undo the last)."""
+  energy_grad = _energy_grad_of(GAUSS_S05.log_prob)
+  x0 = jnp.asarray(GAUSS_S05.sample(np.random.default_rng(0), 500))
+  p0 = jax.random.normal(jax.random.key(1), x0.shape)
+  x, p, _ = mcmc.run_chain('uhmc', energy_grad, x0, 0.1, 2, jax.random.key(2),
+                           num_leapfrog=3, damping=0.0, p=p0)
+  x6, p6, _, _ = mcmc.leapfrog(energy_grad, x0, p0, energy_grad(x0)[1], 0.1, 6)
+  np.testing.assert_allclose(np.asarray(x), np.asarray(x6), atol=1e-5)
+  np.testing.assert_allclose(np.asarray(p), np.asarray(p6), atol=1e-5)
+  assert float(jnp.abs(x - x0).mean()) > 0.1
+
+
+def test_annealed_uhmc_starts_from_the_stationary_momentum():
+  """AnnealedMCMC draws the initial momentum from N(0, I): on a flat potential one U-HMC
+  move of L leapfrog steps of size h shifts x by h L p (p ~ N(0, I) after a refresh of
+  damping d ~ 0), against the same sampler with no MCMC step (same keys otherwise). A zero
+  initial momentum would leave only sqrt(d) of it."""
+  flat = mcmc.Potential(lambda params, x, t, c: (jnp.zeros(x.shape[0]), jnp.zeros_like(x)))
+  sched = schedules.DDPMSchedule()
+  h, steps = 0.2, 3
+  kw = dict(kind='uhmc', num_steps=1, step_size=h, step_schedule='constant',
+            num_leapfrog=steps, damping=1e-6, denoise=False)
+  x1, _ = mcmc.AnnealedMCMC(flat, sched, (2,), steps_per_level=1, **kw)(
+      None, jax.random.key(0), 4000)
+  x0, _ = mcmc.AnnealedMCMC(flat, sched, (2,), steps_per_level=0, **kw)(
+      None, jax.random.key(0), 4000)
+  shift = np.asarray(x1 - x0) / (h * steps)
+  assert abs(shift.mean()) < 0.05 and abs(shift.std() - 1.0) < 0.05, shift.std()
+
+
 def test_ula_bias_shows_at_large_step_while_mala_has_none():
   """On N(0, s^2 I), ULA with step eta has the stationary variance s^2 / (1 - eta / (2 s^2))
   (4/3 s^2 at eta = s^2 / 2); MALA corrects it to s^2."""
@@ -170,24 +203,30 @@ def test_acceptance_is_per_example():
   noise = jnp.full((8, 2), 0.1).at[3].set(1.0)
   # Example 3 proposes with a huge step: the reverse move is then wildly improbable.
   eta = jnp.full((8,), 0.01).at[3].set(5.0)
-  x_new, _, _, accept, log_alpha = mcmc.mala_step(
+  x_new, e_new, g_new, accept, log_alpha = mcmc.mala_step(
       energy_grad, x, _quartic(x), _quartic_grad(x), eta, jax.random.key(0), noise=noise)
   accept = np.asarray(accept)
   assert not accept[3] and float(log_alpha[3]) < -100
   assert accept[np.arange(8) != 3].all()
   np.testing.assert_array_equal(np.asarray(x_new[3]), 0.0)
   assert np.all(np.asarray(x_new[np.arange(8) != 3]) != 0.0)
+  # The energy and gradient carried to the next step are those of the state kept: the
+  # rejected example's own (a proposal's would enter its next ratio and proposal).
+  np.testing.assert_allclose(np.asarray(e_new), np.asarray(_quartic(x_new)), rtol=1e-6)
+  np.testing.assert_allclose(np.asarray(g_new), np.asarray(_quartic_grad(x_new)), rtol=1e-6)
 
   # HMC: one example takes a leapfrog step far beyond the stable size, so its trajectory
   # explodes; the others still move.
   p = jnp.full((8, 2), 0.5).at[5].set(3.0)
   step = jnp.full((8,), 0.1).at[5].set(2.0)
-  x_h, p_h, _, _, acc_h, log_alpha_h = mcmc.hmc_step(
+  x_h, p_h, e_h, g_h, acc_h, log_alpha_h = mcmc.hmc_step(
       energy_grad, x, p, _quartic(x), _quartic_grad(x), step, 3, 1e-6, jax.random.key(1))
   assert float(log_alpha_h[5]) < -100
   acc_h = np.asarray(acc_h)
   assert not acc_h[5] and acc_h[np.arange(8) != 5].all()
   np.testing.assert_array_equal(np.asarray(x_h[5]), 0.0)
+  np.testing.assert_allclose(np.asarray(e_h), np.asarray(_quartic(x_h)), rtol=1e-6)
+  np.testing.assert_allclose(np.asarray(g_h), np.asarray(_quartic_grad(x_h)), rtol=1e-6)
   assert float(p_h[5, 0]) < -2.9  # rejected: momentum flipped (generalized HMC)
 
 

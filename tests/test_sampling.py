@@ -117,6 +117,23 @@ def test_ddim_step_with_eta_has_the_ddim_mean_and_variance(eta):
     assert x_s.var() < 1e-10
 
 
+def test_euler_maruyama_step_has_the_reverse_sde_coefficients_at_t():
+  """One Euler-Maruyama step of the reverse SDE from t to s = t - dt, point-mass data
+  (score = -eps / sigma_t): mean x + (beta(t) x / 2 + beta(t) score) dt, variance
+  beta(t) dt, the coefficients at the step's start t (at s, beta(0.3) / beta(0.6) ~ 1/2)."""
+  from cdiff_jax.sampling import diffusion
+  schedule = schedules.VPSchedule()
+  m, x_t, n, t, s = 0.7, 0.3, 40_000, 0.6, 0.3
+  step = diffusion.make_step(_point_mass_eps(schedule, m), schedule, 'euler_maruyama')
+  x_s = np.asarray(step(None, None, jnp.full((n, 1), x_t), t, s, jax.random.key(4)), np.float64)
+  a_t, s_t, beta = float(schedule.alpha(t)), float(schedule.sigma(t)), float(schedule.beta(t))
+  score = -(x_t - a_t * m) / s_t ** 2
+  dt = t - s
+  mean, var = x_t + (0.5 * beta * x_t + beta * score) * dt, beta * dt
+  assert abs(x_s.mean() - mean) < 5 * np.sqrt(var / n)
+  assert x_s.var() == pytest.approx(var, rel=0.05)  # sampling noise 0.7%
+
+
 def _gaussian_flow(schedule, x, t, s):
   """Exact probability-flow ODE map from t to s of x_0 ~ N(MU, COV): x_s - alpha_s MU =
   Cov_s^{1/2} Cov_t^{-1/2} (x_t - alpha_t MU), Cov_u = alpha_u^2 COV + sigma_u^2 I."""

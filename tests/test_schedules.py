@@ -51,6 +51,16 @@ def test_variance_preserving_and_beta_is_log_derivative(s):
   np.testing.assert_allclose(s.beta(t), fd, rtol=2e-2)
 
 
+@pytest.mark.parametrize('num_steps', [10, 1000, 4000])
+def test_t_from_log_snr_inverts_log_snr_down_to_the_first_grid_time(num_steps):
+  """The inverse covers [1/T, 1] for any T (ELBO-weighted training draws times through it),
+  also below the continuous schedules' t_min = 1e-3 when T > 1000."""
+  s = schedules.DDPMSchedule(num_steps=num_steps)
+  t = np.array([1, 2, 7, num_steps // 2, num_steps]) / num_steps
+  np.testing.assert_allclose(s.t_from_log_snr(s.log_snr(jnp.asarray(t, jnp.float32))), t,
+                             rtol=1e-4)
+
+
 def test_time_grid():
   g = schedules.DDPMSchedule().time_grid(50)
   assert g[0] == 1.0 and np.isclose(g[-1], 1 / 1000) and np.all(np.diff(g) < 0)
