@@ -147,11 +147,11 @@ def main(argv):
     x = sample_in_batches(make(guidance.cfg_eps_fn(model, w, k)), params, n, per_class, 2,
                           progress=progress)
     settings[f'CFG w={w:g}'] = (x, requested_all, f'eps_u + {w:g} (eps_c - eps_u)', every)
+  composed = make(guidance.composed_eps_fn(model, k))  # the weights are inputs: one compile
   for w in g.not_scales:
-    sampler = make(guidance.composed_eps_fn(model, k))
     cond = lambda s, m, w=w: guidance.make_composition((guidance.ANY, g.not_class), (1.0, -w),
                                                        m, k, field='guidance')
-    x = sample_in_batches(sampler, params, n, cond, 3, progress=progress)
+    x = sample_in_batches(composed, params, n, cond, 3, progress=progress)
     settings[f'NOT {g.not_class} w={w:g}'] = (
         x, None, f'eps_u - {w:g} (eps_{g.not_class} - eps_u)', others)
   # What NOT approximates, drawn exactly: the conditional model, labels over the other classes.
