@@ -145,16 +145,31 @@ def _no_persistent_cache_writes():
   return jax_config.persistent_cache_min_compile_time_secs(float('inf'))
 
 
+def _inside_trace(args, kwargs) -> bool:
+  """Whether a call happens while some transformation traces: a traced argument, or (for
+  closed-over constants only) JAX's trace state."""
+  if any(isinstance(leaf, jax.core.Tracer) for leaf in jax.tree.leaves((args, kwargs))):
+    return True
+  try:
+    from jax._src import core  # no public equivalent; tested jaxlib only
+    return not core.trace_state_clean()
+  except (ImportError, AttributeError):
+    return False
+
+
 class inference_jit:  # noqa: N801 (used like jax.jit)
   """``jax.jit(fn, **jit_kwargs)`` compiled with ``inference_compiler_options(cpu_onednn)``.
 
   The options are resolved at the first call or ``lower``, so that building a sampler does
   not start the XLA backend before ``configure_xla_cpu`` has run. Programs compiled with the
-  options are not written to the persistent compilation cache (``INFERENCE_CPU_OPTIONS``)."""
+  options are not written to the persistent compilation cache (``INFERENCE_CPU_OPTIONS``).
+  Called inside another trace (a user's ``jax.jit``, ``vmap``, ...), it is a plain
+  ``jax.jit``, part of the caller's program: XLA takes compiler options only for a whole
+  program."""
 
   def __init__(self, fn, cpu_onednn: bool = True, **jit_kwargs):
     self._fn, self._onednn, self._kwargs = fn, cpu_onednn, jit_kwargs
-    self._jitted, self._options = None, None
+    self._jitted, self._options, self._plain = None, None, None
 
   def _get(self):
     if self._jitted is None:
@@ -166,6 +181,10 @@ class inference_jit:  # noqa: N801 (used like jax.jit)
     return _no_persistent_cache_writes() if self._options else contextlib.nullcontext()
 
   def __call__(self, *args, **kwargs):
+    if _inside_trace(args, kwargs):
+      if self._plain is None:
+        self._plain = jax.jit(self._fn, **self._kwargs)
+      return self._plain(*args, **kwargs)
     jitted = self._get()
     with self._context():
       return jitted(*args, **kwargs)

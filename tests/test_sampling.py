@@ -242,6 +242,26 @@ def test_sampler_cpu_onednn_option_changes_the_kernels_not_the_samples():
   np.testing.assert_allclose(out[True], out[False], rtol=0, atol=1e-5 * scale)
 
 
+def test_samplers_run_inside_a_users_jit_and_vmap():
+  """A sampler called inside the caller's jax.jit or vmap is part of that program (the
+  oneDNN compiler options apply to whole programs only; nested, they were an error) and
+  draws the same samples as called on its own."""
+  from cdiff_jax.sampling import mcmc
+  schedule = schedules.DDPMSchedule()
+  s = Sampler(gaussian_eps(schedule), schedule, (2,), 'ddim', 10)
+  alone = np.asarray(s(None, jax.random.key(0), 4))
+  np.testing.assert_allclose(np.asarray(jax.jit(lambda k: s(None, k, 4))(jax.random.key(0))),
+                             alone, atol=1e-5)
+  keys = jax.random.split(jax.random.key(1), 3)
+  batched = np.asarray(jax.vmap(lambda k: s(None, k, 4))(keys))
+  np.testing.assert_allclose(batched[1], np.asarray(s(None, keys[1], 4)), atol=1e-5)
+  pot = mcmc.Potential(lambda p, x, t, c: (0.5 * jnp.sum(x ** 2, -1), x))
+  annealed = mcmc.AnnealedMCMC(pot, schedule, (2,), kind='mala', num_steps=5, steps_per_level=2)
+  np.testing.assert_allclose(
+      np.asarray(jax.jit(lambda k: annealed(None, k, 4)[0])(jax.random.key(2))),
+      np.asarray(annealed(None, jax.random.key(2), 4)[0]), atol=1e-5)
+
+
 def _energy_potential(net):
   """E(x) = |net(x, t)|^2 / 2 with its input gradient: an energy network for the samplers."""
   from cdiff_jax.sampling import mcmc
