@@ -102,6 +102,14 @@ def noise_batch(rng, x0, schedule, stratified: bool = False):
   return x_t, t, eps
 
 
+def check_like(value, x, what: str) -> None:
+  """Raises a ValueError naming ``what`` unless ``value`` has the shape of ``x`` (checked
+  while tracing: a network's output of another shape would broadcast silently)."""
+  if jnp.shape(value) != jnp.shape(x):
+    raise ValueError(f'{what} returned shape {jnp.shape(value)} for x of shape {jnp.shape(x)}; '
+                     'it must return one value per entry of x (the same shape).')
+
+
 def dsm_loss(eps_fn: Callable, x0, rng, schedule, weighting: str = 'eps',
              stratified: bool = False, t_lo=None, **model_kwargs):
   """Per-example DSM loss of ``eps_fn(x_t, t, **model_kwargs)`` on clean data x0.
@@ -112,6 +120,7 @@ def dsm_loss(eps_fn: Callable, x0, rng, schedule, weighting: str = 'eps',
   """
   x_t, t, eps, weight = noise_batch_weighted(rng, x0, schedule, weighting, stratified, t_lo)
   eps_hat = eps_fn(x_t, t, **model_kwargs)
+  check_like(eps_hat, x_t, 'eps_fn(x_t, t)')
   loss = sq_error(eps_hat, eps, weight, weighting)
   return loss, dict(x_t=x_t, t=t, eps=eps, weight=weight)
 

@@ -182,3 +182,21 @@ def test_dsm_loss_applies_the_time_weight():
   assert aux['weight'].shape == (n,)
   window, _ = losses.dsm_loss(zero, x0, jax.random.key(9), s, 'eps', t_lo=jnp.full((n,), 0.3))
   assert float(window.mean()) == pytest.approx(0.7 / (1 - s.t_min), rel=0.03)
+
+
+def test_outputs_of_the_wrong_shape_are_refused_by_name():
+  """An eps (or energy gradient) of another shape than x broadcast silently into a loss or
+  a sample; the loss, the samplers and the MCMC chains now refuse it while tracing."""
+  from cdiff_jax.sampling import Sampler, mcmc
+  sched = schedules.DDPMSchedule()
+  x0 = jnp.ones((8, 2))
+  with pytest.raises(ValueError, match=r'eps_fn\(x_t, t\) returned shape \(8, 1\)'):
+    losses.dsm_loss(lambda x, t: x[:, :1], x0, jax.random.key(0), sched)
+  with pytest.raises(ValueError, match=r'eps_fn\(params, x, t, cond\) returned shape \(4, 1\)'):
+    Sampler(lambda p, x, t, c: x[:, :1], sched, (2,), 'ddim', 5)(None, jax.random.key(0), 4)
+  with pytest.raises(ValueError, match=r'its gradient\) returned shape \(4, 1\)'):
+    mcmc.run_chain('ula', lambda x: (jnp.sum(x, -1), x[:, :1]), jnp.ones((4, 2)), 0.1, 2,
+                   jax.random.key(0))
+  with pytest.raises(ValueError, match=r'one energy per example, shape \(4,\)'):
+    mcmc.run_chain('mala', lambda x: (jnp.sum(x), x), jnp.ones((4, 2)), 0.1, 2,
+                   jax.random.key(0))

@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 from tqdm.auto import tqdm
 
-from cdiff_jax import parallel
+from cdiff_jax import losses, parallel
 from cdiff_jax import schedules as schedules_lib
 
 SAMPLERS = ('ancestral', 'ddim', 'euler_maruyama', 'heun')
@@ -44,7 +44,9 @@ def make_step(eps_fn: Callable, schedule: schedules_lib.Schedule, sampler: str,
     raise ValueError(f'sample.sampler={sampler!r} is unknown; use one of {SAMPLERS}.')
 
   def eps_at(params, cond, x, t):
-    return eps_fn(params, x, jnp.full((x.shape[0],), t), cond)
+    eps = eps_fn(params, x, jnp.full((x.shape[0],), t), cond)
+    losses.check_like(eps, x, 'eps_fn(params, x, t, cond)')
+    return eps
 
   def ddim_like(params, cond, x, t, s, key, eta_):
     a_t, s_t = _bcast(schedule.alpha(t), x), _bcast(schedule.sigma(t), x)
@@ -89,7 +91,9 @@ def denoise(eps_fn, schedule, params, cond, x, t, clip=None):
   """E[x_0 | x_t] under the model (Tweedie): the samplers' final step."""
   tt = jnp.full((x.shape[0],), t)
   a, s = _bcast(schedule.alpha(t), x), _bcast(schedule.sigma(t), x)
-  return _x0_from_eps(x, eps_fn(params, x, tt, cond), a, s, clip)
+  eps = eps_fn(params, x, tt, cond)
+  losses.check_like(eps, x, 'eps_fn(params, x, t, cond)')
+  return _x0_from_eps(x, eps, a, s, clip)
 
 
 class Sampler:

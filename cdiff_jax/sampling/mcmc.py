@@ -38,7 +38,7 @@ import chex
 import jax
 import jax.numpy as jnp
 
-from cdiff_jax import parallel
+from cdiff_jax import losses, parallel
 from cdiff_jax import schedules as schedules_lib
 from cdiff_jax.models import unet
 from cdiff_jax.sampling import diffusion
@@ -211,6 +211,11 @@ def run_chain(kind: str, energy_grad: Callable, x, step, num_steps: int, key,
   if kind not in KINDS:
     raise ValueError(f'mcmc kind {kind!r} is unknown; use one of {KINDS}.')
   energy, grad = energy_grad(x)
+  if jnp.shape(energy) != x.shape[:1]:
+    raise ValueError(f'the energy function returned an energy of shape {jnp.shape(energy)} '
+                     f'for x of shape {x.shape}; it must return one energy per example, '
+                     f'shape {x.shape[:1]}.')
+  losses.check_like(grad, x, 'the energy function (its gradient)')
   p = jnp.zeros_like(x) if p is None else p
 
   def body(carry, k):
