@@ -119,6 +119,21 @@ def test_energy_parameterization_is_a_gradient():
   np.testing.assert_allclose(model.score(params, x, t), -eps / sched.sigma(t)[:, None], rtol=1e-5)
 
 
+@pytest.mark.parametrize('parameterization', ['eps', 'energy'])
+def test_one_time_for_every_example(parameterization):
+  """A scalar t means that time for every example (as the schedules take it); a t of any
+  other shape than (batch,) is refused by name."""
+  model = ScoreModel(MLPScore(hidden=16, depth=1), schedules.VPSchedule(), parameterization)
+  x = jax.random.normal(jax.random.key(0), (4, 2))
+  params = model.init(jax.random.key(1), x, 0.4)
+  full = jnp.full((4,), 0.4)
+  for fn in ('eps', 'score') + (('energy',) if parameterization == 'energy' else ()):
+    np.testing.assert_array_equal(getattr(model, fn)(params, x, 0.4),
+                                  getattr(model, fn)(params, x, full))
+  with pytest.raises(ValueError, match=r't has shape \(3,\); give one time per example'):
+    model.eps(params, x, jnp.ones(3))
+
+
 @pytest.mark.parametrize('name', ['unet', 'mlp'])
 def test_energy_network_trains_from_its_initialization(name):
   """An energy model's DSM gradient is not zero at the start. With E = ||f||^2 / (2 sigma)

@@ -38,6 +38,7 @@ class ScoreModel:
                        f'use one of {PARAMETERIZATIONS}.')
 
   def init(self, rng, x, t, y=None):
+    t = _per_example(t, x)
     return self.net.init({'params': rng, 'dropout': rng}, x, t, y, train=False)['params']
 
   def _apply(self, params, x, t, y, train, rng):
@@ -48,12 +49,14 @@ class ScoreModel:
     """Per-example energy, shape (batch,). Only for the energy parameterization."""
     if self.parameterization != 'energy':
       raise ValueError("energy() needs model.parameterization='energy'.")
+    t = _per_example(t, x)
     f = self._apply(params, x, t, y, train, rng)
     sigma = self.schedule.sigma(t).reshape((-1,) + (1,) * (x.ndim - 1))
     return 0.5 * jnp.sum((f ** 2 / sigma).reshape(x.shape[0], -1), axis=-1)
 
   def energy_and_eps(self, params, x, t, y=None, train=False, rng=None):
     """(energy (batch,), eps (batch, ...)) from one forward and one backward pass."""
+    t = _per_example(t, x)
     energy, vjp = jax.vjp(lambda x_: self.energy(params, x_, t, y, train, rng), x)
     # Examples do not interact (GroupNorm, no batch statistics), so pulling back a vector
     # of ones gives every example's own input-gradient.
@@ -69,13 +72,25 @@ class ScoreModel:
     return jnp.zeros((x.shape[0],), jnp.float32), self.eps(params, x, t, y)
 
   def eps(self, params, x, t, y=None, train=False, rng=None):
+    """eps_theta(x_t, t, y); ``t``: one time per example (batch,), or one for all."""
+    t = _per_example(t, x)
     if self.parameterization == 'eps':
       return self._apply(params, x, t, y, train, rng)
     return self.energy_and_eps(params, x, t, y, train, rng)[1]
 
   def score(self, params, x, t, y=None):
+    t = _per_example(t, x)
     sigma = self.schedule.sigma(t).reshape((-1,) + (1,) * (x.ndim - 1))
     return -self.eps(params, x, t, y) / sigma
+
+
+def _per_example(t, x):
+  """Times of shape (batch,): a scalar (one time for every example) is broadcast."""
+  t = jnp.asarray(t, jnp.float32)
+  if t.shape not in ((), x.shape[:1]):
+    raise ValueError(f't has shape {t.shape}; give one time per example, shape '
+                     f'{x.shape[:1]}, or one time for all.')
+  return jnp.broadcast_to(t, x.shape[:1])
 
 
 def build_net(model_config, num_classes: int = 0, dtype: Any = jnp.float32) -> nn.Module:
