@@ -119,6 +119,24 @@ def _method(**kw):
   return constrained.Constrained(**base)
 
 
+def test_constrained_built_in_python_checks_its_fields():
+  """Built directly (not from a config), a wrong field is named at construction, not met
+  later as a reshape error or a KeyError while tracing; one threshold serves every
+  constraint."""
+  assert _method(thresholds=(0.3,)).thresholds == (0.3, 0.3)
+  np.testing.assert_allclose(_method(thresholds=(0.3,)).init_extras(None, None)['thresholds'],
+                             [0.3, 0.3])
+  for kw, match in (
+      (dict(thresholds=(0.3, 0.2, 0.1)), r'thresholds=.*one per constraint \(2\)'),
+      (dict(dual_estimate='mean'), r"dual_estimate='mean'.*'minibatch', 'window', 'ema'"),
+      (dict(constraint_names=('a',)), r'constraint_names=.*one per constraint'),
+      (dict(num_constraints=0, thresholds=()), r'num_constraints=0'),
+      (dict(dual_every=0), r'dual_every=0'),
+      (dict(constraint_t_min=1.0), r'constraint_t_min=1.0')):
+    with pytest.raises(ValueError, match=match):
+      _method(**kw)
+
+
 def _run_dual(method, losses_per_step):
   """The dual side over steps with these constraint losses; a None entry is a skipped
   non-finite step, which keeps the extras (train_step) while the step number moves on.

@@ -78,6 +78,36 @@ class Constrained:
   num_objective_groups: int = 1
   history: list = dataclasses.field(default_factory=list, repr=False)
 
+  def __post_init__(self):
+    """Checks the fields as given in Python (``build`` checks a config's first, naming
+    config fields); one threshold is broadcast to every constraint."""
+    m = self.num_constraints
+    fail = lambda field, why: ValueError(f'Constrained({field}={getattr(self, field)!r}): {why}')
+    if not (isinstance(m, (int, np.integer)) and m >= 1):
+      raise fail('num_constraints', 'give 1 or more.')
+    thresholds = tuple(float(b) for b in np.ravel(self.thresholds))
+    if len(thresholds) == 1:
+      thresholds *= m
+    if len(thresholds) != m:
+      raise fail('thresholds', f'give one threshold, or one per constraint ({m}).')
+    object.__setattr__(self, 'thresholds', thresholds)
+    for field, n in (('constraint_names', m), ('constraint_classes', m)):
+      if getattr(self, field) and len(getattr(self, field)) != n:
+        raise fail(field, f'give one per constraint ({m}), or none.')
+    for field, ok, why in (
+        ('dual_estimate', self.dual_estimate in ESTIMATES, f'use one of {ESTIMATES}.'),
+        ('constraint_source', self.constraint_source in CONSTRAINT_SOURCES,
+         f'use one of {CONSTRAINT_SOURCES}.'),
+        ('dual_every', self.dual_every >= 1, 'give 1 or more.'),
+        ('dual_start', self.dual_start >= 0, 'give 0 or more.'),
+        ('dual_ema', 0.0 <= self.dual_ema < 1.0, 'give a number in [0, 1).'),
+        ('dual_lr', self.dual_lr >= 0, 'give 0 or more.'),
+        ('resilient_alpha', self.resilient_alpha >= 0, 'give 0 (off) or more.'),
+        ('constraint_t_min', 0.0 <= self.constraint_t_min < 1.0, 'give a time in [0, 1).'),
+        ('num_objective_groups', self.num_objective_groups >= 1, 'give 1 or more.')):
+      if not ok:
+        raise fail(field, why)
+
   # ------------------------------------------------------------------ data
   @property
   def composed(self) -> bool:
