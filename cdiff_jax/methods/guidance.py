@@ -295,13 +295,19 @@ def classifier_guided_eps_fn(eps_fn: Callable, classifier, schedule, guidance_sc
 
 
 def train_guidance_classifier(dataset, schedule, steps: int = 1500, batch_size: int = 128,
-                              lr: float = 2e-3, seed: int = 0, net: str = 'conv',
+                              lr: float = 2e-3, seed: int = 0, net: str = 'auto',
                               progress: bool = False, **net_kwargs):
   """Trains ``p(y | x_t, t)`` on data noised by ``schedule`` (cross-entropy, AdamW).
 
+  ``net``: 'conv' (images, (H, W, C)), 'mlp' (vectors) or 'auto' (by the data's shape).
   Returns (classifier, params, metrics of the last steps: ce, accuracy on noised inputs).
   """
   from cdiff_jax.methods import noisy_classifier as nc
+  if net == 'auto':
+    net = 'conv' if len(dataset.image_shape) == 3 else 'mlp'
+  elif net == 'conv' and len(dataset.image_shape) != 3:
+    raise ValueError(f"net='conv' needs images of shape (H, W, C); this data has shape "
+                     f"{dataset.image_shape}: use net='mlp' or 'auto'.")
   clf = nc.NoisyClassifier(nc.build_net(net, dataset.num_classes, **net_kwargs),
                            dataset.num_classes)
   rng = jax.random.key(seed)
