@@ -69,7 +69,8 @@ class Checkpointer:
     return self.manager.latest_step()
 
   def save(self, step: int, state, config) -> None:
-    meta = dict(fingerprint=config_lib.fingerprint(config), step=int(step))
+    meta = dict(fingerprint=config_lib.fingerprint(config),
+                training=config_lib.training_fingerprint(config), step=int(step))
     os.makedirs(self.directory, exist_ok=True)
     self.manager.save(int(step), args=ocp.args.Composite(
         state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)), force=True)
@@ -85,17 +86,19 @@ class Checkpointer:
           'step folder.') from e
     return out['meta']
 
-  def restore_latest(self, abstract_state, config):
+  def restore_latest(self, abstract_state, config, resume: bool = False):
     """(state, step) of the newest checkpoint, or (None, None) if there is none. A reader
     beside a run that is still training (``load_run``, the sampling command) may see its
     newest step deleted by that run (``train.keep_checkpoints``) before it reads it: it then
-    takes the newest one again."""
+    takes the newest one again. ``resume``: training goes on from it, so the fields that
+    shape the steps (``config.TRAINING_FIELDS``: the optimizer, the EMA) must be those it
+    was trained with too."""
     for _ in range(5):
       step = self.manager.latest_step()
       if step is None:
         return None, None
       try:
-        return self._restore(step, abstract_state, config), step
+        return self._restore(step, abstract_state, config, resume), step
       except Exception:
         if os.path.exists(os.path.join(self.directory, str(step))):
           raise
@@ -104,7 +107,7 @@ class Checkpointer:
                             'they were read: the run writing them saves faster than they '
                             'load; try again.')
 
-  def _restore(self, step: int, abstract_state, config):
+  def _restore(self, step: int, abstract_state, config, resume: bool = False):
     meta = self.read_meta(step)
     diffs = config_lib.fingerprint_mismatch(meta['fingerprint'], config_lib.fingerprint(config))
     if diffs:
@@ -112,6 +115,17 @@ class Checkpointer:
           f'the checkpoint at step {step} in {self.directory} was written by a different '
           f'config ({"; ".join(diffs[:5])}{" ..." if len(diffs) > 5 else ""}); use a new '
           '--workdir or the same config.')
+    # (A checkpoint written before the record existed has none: nothing to hold against it.)
+    diffs = config_lib.fingerprint_mismatch(meta.get('training', {}),
+                                            config_lib.training_fingerprint(config))
+    if resume and diffs:
+      run = os.path.dirname(self.directory)
+      raise IncompatibleCheckpoint(
+          f'the checkpoint at step {step} in {self.directory} was trained with other '
+          f'settings ({"; ".join(diffs[:5])}{" ..." if len(diffs) > 5 else ""}); a resumed '
+          'run keeps them (or its steps would follow two configs while its config.json '
+          'names one): rerun with the checkpoint\'s values, or use a new --workdir (with '
+          f'--config.train.init_from={run} to start from its parameters).')
     target = jax.tree.map(ocp.utils.to_shape_dtype_struct, abstract_state)
     try:
       out = self.manager.restore(step, args=ocp.args.Composite(

@@ -417,6 +417,18 @@ def fingerprint(c: ml_collections.ConfigDict) -> dict:
   return {k: v for k, v in out.items() if k not in _PATH_FIELDS}
 
 
+# Fields that shape every training step without changing the state's layout: a resumed
+# run keeps them, or its steps would follow two configs while config.json names one.
+# (train.steps may grow: a longer run; the train step's other fields do not change the steps.)
+TRAINING_FIELDS = ('optim', 'train.ema_decay')
+
+
+def training_fingerprint(c: ml_collections.ConfigDict) -> dict:
+  """Flat {field: value} of ``TRAINING_FIELDS``, JSON-serializable."""
+  return {k: v for k, v in computing_fields(c).items()
+          if any(k == f or k.startswith(f + '.') for f in TRAINING_FIELDS)}
+
+
 # Fields that change where a run finds its data and how it logs, checkpoints or compiles,
 # not what it computes: a finished run is still the answer for a config that differs only here.
 BOOKKEEPING_FIELDS = ('data.data_dir', 'train.log_every', 'train.checkpoint_every',

@@ -676,7 +676,7 @@ def _train_and_evaluate(config, workdir, dataset, progress, hooks, preemption, l
       raise config_lib.ConfigError(f'config.train.steps={tc.steps}: the checkpoint in '
                                    f'{ckpt_dir} is at step {latest}, past it; set '
                                    f'train.steps >= {latest} or use a new --workdir.')
-    restored, restored_step = ckpt.restore_latest(state, config)
+    restored, restored_step = ckpt.restore_latest(state, config, resume=True)
   except BaseException:
     ckpt.close()
     raise

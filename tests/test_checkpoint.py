@@ -49,14 +49,29 @@ def test_incompatible_checkpoint_is_refused(tiny_config, tmp_path):
   tiny_config.model.ch = 24
   with pytest.raises(checkpoint.IncompatibleCheckpoint, match='model.ch: checkpoint 16'):
     train.train_and_evaluate(tiny_config, str(tmp_path), progress=False)
-  # A state of another layout that the fingerprint does not name: one clear error too.
+  # A state of another layout that the fingerprint does not name: one clear error too (a
+  # resume names the optimizer field first; loading the run meets the layout).
   tiny_config.model.ch = 16
   tiny_config.optim.grad_clip = 0.0
-  with pytest.raises(checkpoint.IncompatibleCheckpoint, match='another layout'):
+  with pytest.raises(checkpoint.IncompatibleCheckpoint, match=r'\(optim.grad_clip: checkpoint'):
     train.train_and_evaluate(tiny_config, str(tmp_path), progress=False)
-  # A longer run of the same config resumes (steps is not structural), and so does one that
-  # finds its data elsewhere.
+  with pytest.raises(checkpoint.IncompatibleCheckpoint, match='another layout'):
+    train.load_run(str(tmp_path), config=tiny_config)
   tiny_config.optim.grad_clip = 1.0
+  # The optimizer's and the EMA's settings shape every step: a resume that changed them
+  # would train a run no config describes while its config.json named the new values.
+  # Loading the run (for samples) is not training it, and needs no such match.
+  for field, value in (('optim.lr', 5e-4), ('train.ema_decay', 0.9), ('optim.warmup_steps', 3)):
+    changed = tiny_config.copy_and_resolve_references()
+    changed.update_from_flattened_dict({field: value})
+    with pytest.raises(checkpoint.IncompatibleCheckpoint,
+                       match=rf'trained with other settings \({field}: checkpoint .* vs now '
+                             rf'{value}\); a resumed run keeps them.*init_from'):
+      train.train_and_evaluate(changed, str(tmp_path), progress=False)
+    assert train.load_run(str(tmp_path), config=changed)[1].step == 8
+  # A longer run of the same config resumes (a run may be extended), and so does one that
+  # finds its data elsewhere or logs at another cadence.
+  tiny_config.train.log_every = 2
   tiny_config.train.steps = 12
   (tmp_path / 'moved').mkdir()
   tiny_config.data.data_dir = str(tmp_path / 'moved')
@@ -135,10 +150,10 @@ def test_a_reader_beside_a_training_run_takes_the_newest_checkpoint_left(tiny_co
   reader = checkpoint.Checkpointer(str(ckpt_dir))
   real = checkpoint.Checkpointer._restore
 
-  def deleted_first(self, step, abstract_state, config):
+  def deleted_first(self, step, abstract_state, config, resume=False):
     if step == 8 and (ckpt_dir / '8').exists():   # the run deletes it just now
       shutil.rmtree(ckpt_dir / '8')
-    return real(self, step, abstract_state, config)
+    return real(self, step, abstract_state, config, resume)
 
   monkeypatch.setattr(checkpoint.Checkpointer, '_restore', deleted_first)
   exp = train.build(tiny_config)
