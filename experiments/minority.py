@@ -215,6 +215,10 @@ def main(argv):
     constrained.method.reference_workdir = os.path.join(workdir, 'unconstrained')
   else:  # Its own reference (or none): checked now, not after the unconstrained arm's training.
     train.validate(constrained)
+  train.validate(unconstrained_arm(config))  # (a wrong parallel.* must not start a cluster)
+  # XLA options before anything starts the backend: the reference's parameters, read for
+  # the constrained arm's key when the reference is reused, would.
+  train.setup_jax(config)
   # Each arm checks its config and data before writing (train_and_evaluate): the workdir is
   # created by the first arm, not before.
   arms = {'unconstrained': run_arm(unconstrained_arm(config),

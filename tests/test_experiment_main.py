@@ -41,14 +41,19 @@ def _config(module: str, overrides: dict):
   return c
 
 
-def _launch(script: str, workdir, config: str, overrides: dict, *extra) -> str:
-  """Runs ``python -m experiments.<script>`` (two host devices, as every test); its stdout."""
+def _launch(script: str, workdir, config: str, overrides: dict, *extra, stderr=False,
+            xla_flags=None):
+  """Runs ``python -m experiments.<script>`` (two host devices, as every test); its stdout
+  (and its stderr with ``stderr=True``). ``xla_flags``: the script's XLA_FLAGS (by default
+  this process's, which hold the run's XLA:CPU options already)."""
   args = [f'--config.{k}={v!r}' for k, v in overrides.items()]
+  env = dict(os.environ, **({} if xla_flags is None else {'XLA_FLAGS': xla_flags}))
   out = subprocess.run([sys.executable, '-m', f'experiments.{script}',
                         f'--config=configs/{config}.py', f'--workdir={workdir}', '--noprogress',
-                        *args, *extra], cwd=ROOT, capture_output=True, text=True, timeout=600)
+                        *args, *extra], cwd=ROOT, capture_output=True, text=True, timeout=600,
+                       env=env)
   assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
-  return out.stdout
+  return (out.stdout, out.stderr) if stderr else out.stdout
 
 
 def _classifier():
@@ -151,12 +156,28 @@ def _check_minority_rerun_reuses_both_arms(minority_run):
   assert _json(wd / 'comparison.json') == comparison
 
 
+def _check_minority_resumed_arm_runs_with_the_xla_options(minority_run):
+  """The constrained arm interrupted after its training (its summary not yet written),
+  rerun beside the finished reference: the reference's parameters, read first for the arm's
+  key, must not start JAX before the run's XLA:CPU options are set (they did: the arm then
+  sampled and evaluated without them, and its figures moved in the last digits)."""
+  wd = minority_run
+  evaluated = _json(wd / 'constrained' / 'eval.json')
+  (wd / 'constrained' / 'summary.json').unlink()
+  out, err = _launch('minority', wd, 'digits_minority', MINORITY, stderr=True,
+                     xla_flags='--xla_force_host_platform_device_count=2')
+  assert out.count('finished earlier, reusing it') == 1, out[-2000:]
+  assert 'not applied' not in err, err[-2000:]
+  assert _json(wd / 'constrained' / 'eval.json') == evaluated
+
+
 def test_minority_main(tmp_path):
   """experiments/minority.py end to end, then again (see the checks)."""
   _launch('minority', tmp_path, 'digits_minority', MINORITY)
   _check_minority_reports_each_arms_own_run(tmp_path)
   _check_minority_table_and_figures_agree_with_the_json(tmp_path)
   _check_minority_rerun_reuses_both_arms(tmp_path)
+  _check_minority_resumed_arm_runs_with_the_xla_options(tmp_path)
 
 
 # ----------------------------------------------------------------------------- finetune
