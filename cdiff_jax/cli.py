@@ -3,7 +3,7 @@
 A wrong ``--config.FIELD=VALUE`` and the errors a run can meet before or while it trains
 (bad config, missing dataset, incompatible checkpoint, non-finite loss) end the program
 with one ``error:`` line and exit status 2, not a traceback; a preempted run (SIGTERM)
-exits with 3 after its checkpoint is saved, and one stopped by Ctrl-C with 130 (after a
+exits with 3 after its checkpoint is saved (at once outside a training loop), and one stopped by Ctrl-C with 130 (after a
 checkpoint when Ctrl-C came during training, at once otherwise), without a traceback.
 """
 
@@ -12,7 +12,9 @@ from __future__ import annotations
 import functools
 import os
 import re
+import signal
 import sys
+import threading
 
 from absl import app, flags
 
@@ -25,6 +27,18 @@ EXIT_PREEMPTED = 3
 EXIT_INTERRUPTED = 130  # Ctrl-C, as a shell reports it; not 3, so a restart loop stops
 INTERRUPTED_AT_ONCE = ('interrupted: stopped at once. What was saved before is kept (checkpoints, '
                        'finished arms and components); rerun the same command to go on from it.')
+PREEMPTED_AT_ONCE = ('preempted: stopped at once (outside a training loop, nothing new to save). '
+                     'What was saved before is kept (checkpoints, finished arms and '
+                     'components); rerun the same command to go on from it.')
+
+
+class _PreemptedAtOnce(Exception):
+  """SIGTERM outside a training loop (whose own handler saves first)."""
+
+
+def _on_sigterm(signum, frame):
+  del signum, frame
+  raise _PreemptedAtOnce()
 
 
 def one_line_error(e: BaseException) -> str:
@@ -186,8 +200,17 @@ def reporting_errors(main):
     from cdiff_jax.data.sources import DatasetNotFound
     from cdiff_jax.evaluation import NonFiniteSamples
     from cdiff_jax.parallel import DistributedSetupError
+    # SIGTERM (a preemption notice) anywhere outside a training loop (set-up, between an
+    # experiment's arms, its sampling and evaluation) ends the program as a preemption too,
+    # so a restart loop reruns it; a training loop puts its own handler in for its steps.
+    previous = None
+    if threading.current_thread() is threading.main_thread():
+      previous = signal.signal(signal.SIGTERM, _on_sigterm)
     try:
       return main(argv)
+    except _PreemptedAtOnce:
+      print(PREEMPTED_AT_ONCE, file=sys.stderr)
+      sys.exit(EXIT_PREEMPTED)
     except (config_lib.ConfigError, DatasetNotFound, IncompatibleCheckpoint,
             train.NonFiniteError, NonFiniteSamples, DistributedSetupError) as e:
       print(f'error: {one_line_error(e)}', file=sys.stderr)
@@ -200,6 +223,9 @@ def reporting_errors(main):
       # toy_composition) or a second Ctrl-C inside one: stopped at once.
       print(f'\n{INTERRUPTED_AT_ONCE}', file=sys.stderr)
       sys.exit(EXIT_INTERRUPTED)
+    finally:
+      if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
   return wrapped
 
 

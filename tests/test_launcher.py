@@ -261,6 +261,42 @@ def test_ctrl_c_outside_training_stops_in_one_line(capsys):
   assert capsys.readouterr().err.strip().splitlines() == [cli.INTERRUPTED_AT_ONCE]
 
 
+def test_sigterm_outside_training_is_a_preemption_in_one_line(capsys):
+  """SIGTERM where no training loop saves first (set-up, between an experiment's arms, its
+  sampling): exit status 3, so a restart loop reruns the command, and one line saying what
+  is kept (it ended the program with -15, which stops such a loop). A training loop's own
+  handler (it saves first) takes over inside it and gives this one back after."""
+  import os
+  import signal
+  import time
+  from cdiff_jax import cli, train
+
+  def unhandled(signum, frame):   # stands for the default action: the process killed
+    raise RuntimeError('SIGTERM reached the default handler')
+
+  previous = signal.signal(signal.SIGTERM, unhandled)
+  seen = {}
+
+  def main(argv):
+    with train._PreemptionWatch() as watch:   # a training loop: the notice is recorded
+      os.kill(os.getpid(), signal.SIGTERM)
+      time.sleep(0.5)
+      seen['in_training'] = watch.requested
+    os.kill(os.getpid(), signal.SIGTERM)       # after it: a preemption at once
+    time.sleep(5)
+    seen['after'] = 'not stopped'
+
+  try:
+    with pytest.raises(SystemExit) as e:
+      cli.reporting_errors(main)(['prog'])
+    assert signal.getsignal(signal.SIGTERM) is unhandled
+  finally:
+    signal.signal(signal.SIGTERM, previous)
+  assert e.value.code == cli.EXIT_PREEMPTED == 3
+  assert seen == {'in_training': True}
+  assert capsys.readouterr().err.strip().splitlines() == [cli.PREEMPTED_AT_ONCE]
+
+
 def test_flag_error_blames_the_override_whose_field_it_names(capsys):
   """A message naming ``num_steps`` blames --config.sample.num_steps, not an earlier
   --config.train.steps ('steps' inside 'num_steps' is not that field's name)."""
