@@ -11,6 +11,7 @@ the differences.
 from __future__ import annotations
 
 import os
+import sys
 
 import jax
 import numpy as np
@@ -21,6 +22,16 @@ from cdiff_jax import config as config_lib
 
 class IncompatibleCheckpoint(RuntimeError):
   pass
+
+
+class UnreadableCheckpoint(IncompatibleCheckpoint):
+  """A step folder that cannot be read: a file truncated or lost (a full disk, a copy cut
+  short), or a folder left without its items."""
+
+
+def _first_line(e: BaseException) -> str:
+  lines = str(e).strip().splitlines()
+  return f'{type(e).__name__}: {lines[0][:200]}' if lines else type(e).__name__
 
 
 def hash_pytree(h, tree) -> None:
@@ -79,11 +90,14 @@ class Checkpointer:
     try:
       out = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
     except KeyError as e:  # Orbax: 'Item "meta" was not found in the checkpoint'
-      raise IncompatibleCheckpoint(
+      raise UnreadableCheckpoint(
           f"the checkpoint at step {step} in {self.directory} has no 'meta' item (the config "
           'fingerprint every save writes beside the state): it was not written by this '
           'training loop, or was copied without it; use a new --workdir, or copy the whole '
           'step folder.') from e
+    except Exception as e:
+      raise UnreadableCheckpoint(f'the checkpoint at step {step} in {self.directory} cannot '
+                                 f'be read ({_first_line(e)})') from e
     return out['meta']
 
   def restore_latest(self, abstract_state, config, resume: bool = False):
@@ -92,20 +106,48 @@ class Checkpointer:
     newest step deleted by that run (``train.keep_checkpoints``) before it reads it: it then
     takes the newest one again. ``resume``: training goes on from it, so the fields that
     shape the steps (``config.TRAINING_FIELDS``: the optimizer, the EMA) must be those it
-    was trained with too."""
-    for _ in range(5):
-      step = self.manager.latest_step()
-      if step is None:
+    was trained with too.
+
+    A step folder that cannot be read (``UnreadableCheckpoint``: a truncated file, a folder
+    without its items) is passed over, with a warning, for the newest one before it that
+    can; when resuming, the unreadable folders are renamed ``STEP.unreadable`` (kept to
+    look at, out of Orbax's way: the run saves those steps again). None readable: the
+    newest one's error."""
+    skipped, errors, deletions = set(), [], 0
+    while True:
+      steps = [s for s in sorted(self.manager.all_steps(), reverse=True) if s not in skipped]
+      if not steps:
+        if errors:
+          raise errors[0]
         return None, None
+      step = steps[0]
       try:
-        return self._restore(step, abstract_state, config, resume), step
-      except Exception:
-        if os.path.exists(os.path.join(self.directory, str(step))):
-          raise
-        self.manager.reload()   # deleted meanwhile by the run that wrote it
-    raise FileNotFoundError(f'the checkpoints in {self.directory} were all deleted while '
-                            'they were read: the run writing them saves faster than they '
-                            'load; try again.')
+        state = self._restore(step, abstract_state, config, resume)
+      except UnreadableCheckpoint as e:
+        if not os.path.exists(os.path.join(self.directory, str(step))):
+          deletions += 1  # deleted meanwhile by the run that wrote it
+          if deletions > 5:
+            raise FileNotFoundError(
+                f'the checkpoints in {self.directory} were all deleted while they were '
+                'read: the run writing them saves faster than they load; try again.') from e
+          self.manager.reload()
+          continue
+        if resume and jax.process_count() > 1:  # several writers: no renaming here
+          raise UnreadableCheckpoint(f'{e}; move that folder out of {self.directory} to '
+                                     'resume from the step before.') from e
+        skipped.add(step)
+        errors.append(e)
+        continue
+      for bad, e in zip(sorted(skipped, reverse=True), errors):
+        print(f'WARNING: {e}; ' + (f'resuming from step {step}, the newest readable one, and '
+              f'keeping the unreadable folder as {bad}.unreadable.' if resume else
+              f'reading step {step}, the newest readable one.'), file=sys.stderr)
+        if resume:
+          os.replace(os.path.join(self.directory, str(bad)),
+                     os.path.join(self.directory, f'{bad}.unreadable'))
+      if skipped and resume:
+        self.manager.reload()
+      return state, step
 
   def _restore(self, step: int, abstract_state, config, resume: bool = False):
     meta = self.read_meta(step)
@@ -135,6 +177,9 @@ class Checkpointer:
           f'the checkpoint at step {step} in {self.directory} holds a training state of '
           f'another layout than this config builds ({str(e).splitlines()[0][:200]}); use a '
           'new --workdir or the config that wrote it.') from e
+    except Exception as e:
+      raise UnreadableCheckpoint(f'the checkpoint at step {step} in {self.directory} cannot '
+                                 f'be read ({_first_line(e)})') from e
     return out['state']
 
   def wait(self):

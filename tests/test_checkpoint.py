@@ -191,3 +191,42 @@ def test_a_checkpoint_without_its_meta_item_is_refused_by_name(tiny_config, tmp_
   shutil.rmtree(step_dir / 'meta')
   with pytest.raises(checkpoint.IncompatibleCheckpoint, match="no 'meta' item"):
     train.train_and_evaluate(tiny_config, str(tmp_path), progress=False)
+
+
+@pytest.mark.parametrize('damage', ['truncated_array_file', 'truncated_meta', 'empty_folder'])
+@pytest.mark.filterwarnings('ignore::pytest.PytestUnraisableExceptionWarning')  # Orbax's reads
+def test_an_unreadable_newest_checkpoint_falls_back_to_the_one_before(tiny_config, tmp_path,
+                                                                    damage, capsys):
+  """The newest step folder damaged (a file cut short by a full disk or a copy, a folder
+  left empty): a reader takes the step before, and a rerun resumes from it, keeps the
+  damaged folder aside (STEP.unreadable) and ends with the uninterrupted run's parameters.
+  It stopped with Orbax's or json's traceback, or named a missing 'meta' item."""
+  import shutil
+  tiny_config.train.keep_checkpoints = 0   # keep every step: 4 and 8
+  full = train.train_and_evaluate(tiny_config, str(tmp_path / 'full'), progress=False)
+  wd = tmp_path / 'run'
+  shutil.copytree(tmp_path / 'full', wd)
+  (wd / 'summary.json').unlink()
+  step8 = wd / 'checkpoints' / '8'
+  if damage == 'truncated_array_file':
+    data = max((p for p in (step8 / 'state').rglob('*') if p.is_file()),
+               key=lambda p: p.stat().st_size)
+    with open(data, 'r+b') as f:
+      f.truncate(data.stat().st_size // 2)
+  elif damage == 'truncated_meta':
+    meta = step8 / 'meta' / 'metadata'
+    meta.write_text(meta.read_text()[:20])
+  else:
+    shutil.rmtree(step8)
+    step8.mkdir()
+  capsys.readouterr()
+  exp, state = train.load_run(str(wd))   # a reader: the step before, nothing renamed
+  assert int(state.step) == 4 and step8.exists()
+  assert 'reading step 4, the newest readable one' in capsys.readouterr().err
+  resumed = train.train_and_evaluate(tiny_config, str(wd), progress=False)
+  err = capsys.readouterr().err
+  assert 'at step 8' in err and 'resuming from step 4' in err and '8.unreadable' in err
+  assert resumed['final_step'] == full['final_step'] == 8
+  assert (wd / 'checkpoints' / '8.unreadable').is_dir()
+  for a, b in zip(_params(full), _params(resumed)):
+    np.testing.assert_array_equal(a, b)
