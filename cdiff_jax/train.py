@@ -545,6 +545,36 @@ def load_config(workdir: str) -> ml_collections.ConfigDict:
 # save_dataset=True)``, e.g. the fine-tuning experiment's new images + q_pre samples) keeps
 # it here, so that ``load_run`` can build the run again.
 TRAINING_DATA = 'training_data.npz'
+PENDING_METRICS = 'pending_metrics.npz'   # a stopped run's metrics since its last record
+
+
+def _save_pending(path: str, step: int, since: int, seconds: float, pending: list[dict]) -> None:
+  """The metrics of the calls since the last record (``since``) of a run stopped at
+  ``step``, stacked per metric (their own dtypes), and their training time."""
+  host = jax.device_get(pending)
+  k = np.asarray(host[0]['loss']).size   # steps per call (one leading axis when k > 1)
+  writers.save_arrays_atomic(path, _step=np.int64(step), _since=np.int64(since), _k=np.int64(k),
+                             _seconds=np.float64(seconds),
+                             **{key: np.stack([np.asarray(m[key]) for m in host])
+                                for key in host[0]})
+
+
+def _load_pending(path: str, start: int, k: int) -> tuple[list[dict], int, float]:
+  """(pending metrics, the step they start at, their training time) for a run that starts
+  at ``start`` with ``k`` steps per call: those saved by the run that stopped at that step,
+  else none."""
+  if not (jax.process_index() == 0 and os.path.exists(path)):
+    return [], start, 0.0
+  with np.load(path) as f:
+    # From another stop (the records cover those steps), or calls of another length (an
+    # interval record of its own then, as before).
+    if int(f['_step']) != start or int(f['_k']) != k:
+      return [], start, 0.0
+    keys = [key for key in f.files if not key.startswith('_')]
+    arrays = {key: f[key] for key in keys}
+    since, seconds = int(f['_since']), float(f['_seconds'])
+  n = len(next(iter(arrays.values()))) if arrays else 0
+  return [{key: arrays[key][i] for key in keys} for i in range(n)], since, seconds
 
 
 def save_training_data(workdir: str, dataset: sources.ArrayDataset) -> None:
@@ -692,6 +722,10 @@ def _train_and_evaluate(config, workdir, dataset, progress, hooks, preemption, l
   preemption.training = True
   if restored is not None and is_main:
     print(f'Resumed from step {restored_step} ({ckpt_dir}).')
+    if restored_step and not os.path.exists(os.path.join(workdir, 'metrics.jsonl')):
+      print(f'WARNING: {workdir}/metrics.jsonl is missing: the records of the steps before '
+            f'{restored_step} are lost, and the curves and final figures start there.',
+            file=sys.stderr)
   start = int(state.step)
   if is_main:
     clock.start()
@@ -720,15 +754,20 @@ def _train_and_evaluate(config, workdir, dataset, progress, hooks, preemption, l
                                                                 b.batch_sizes)))
 
   k = tc.steps_per_call
-  pending: list[dict] = []
-  pending_start = start
-  t_last, step_last = time.perf_counter(), start
+  # A run stopped inside a logging interval carries the interval's metrics to its rerun
+  # (saved with the checkpoint), so the rerun logs the records of an uninterrupted run.
+  pending, pending_start, carried_seconds = _load_pending(
+      os.path.join(workdir, PENDING_METRICS), start, k)
+  # (The interval's throughput: its steps over its training time in both invocations.)
+  t_last, step_last = time.perf_counter() - carried_seconds, pending_start
   last_saved = restored_step
   bar = tqdm(total=tc.steps, initial=start, desc='training', disable=not (progress and is_main),
              dynamic_ncols=True)
   batches = exp.batcher.iterate(start, k)
 
-  def flush(step_now: int):
+  def flush(step_now: int, record: bool = True):
+    """Writes the metrics record of the steps since the last one; ``record=False`` (a stop
+    inside an interval) only checks them, and they stay pending."""
     nonlocal pending, pending_start, t_last, step_last
     if not pending:
       return None
@@ -743,8 +782,10 @@ def _train_and_evaluate(config, workdir, dataset, progress, hooks, preemption, l
         raise NonFiniteError(
             f'{where}. The state was not updated by that step and was not saved; {kept}. '
             "Lower optim.lr or set train.on_nonfinite='skip' to skip such steps.")
-      if is_main:
+      if is_main and record:
         tqdm.write(f'Skipped non-finite step(s): {where}')
+    if not record:
+      return None
     now = time.perf_counter()
     summary['images_per_sec'] = (step_now - step_last) * exp.batcher.global_batch_size / max(now - t_last, 1e-9)
     t_last, step_last = now, step_now
@@ -783,7 +824,10 @@ def _train_and_evaluate(config, workdir, dataset, progress, hooks, preemption, l
         save_samples(exp, state, os.path.join(workdir, 'samples', f'step_{done:07d}.png'))
         t_last += time.perf_counter() - paused
       if done != tc.steps and preemption.should_stop(done):
-        flush(done)  # Raises instead of saving if a pending step was not finite.
+        flush(done, record=False)  # Raises instead of saving if a pending step was not finite.
+        if is_main and pending:
+          _save_pending(os.path.join(workdir, PENDING_METRICS), done, pending_start,
+                        time.perf_counter() - t_last, pending)
         if last_saved != done:
           ckpt.save(done, state, config)
         ckpt.wait()

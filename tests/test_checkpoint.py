@@ -183,50 +183,81 @@ def test_a_run_loads_without_the_paths_only_training_reads(tiny_config, tmp_path
 
 
 def test_a_checkpoint_without_its_meta_item_is_refused_by_name(tiny_config, tmp_path):
-  # A checkpoint folder another program wrote, or one copied by hand without its ``meta``
-  # item, is refused with what is missing instead of Orbax's own error.
+  # Checkpoint folders another program wrote, or copied by hand without their ``meta``
+  # item, are refused with what is missing instead of Orbax's own error.
   import shutil
+  # (Only the newest step without it: the one before is read instead, see below.)
   train.train_and_evaluate(tiny_config, str(tmp_path), progress=False)
-  step_dir = tmp_path / 'checkpoints' / '8'
-  shutil.rmtree(step_dir / 'meta')
-  with pytest.raises(checkpoint.IncompatibleCheckpoint, match="no 'meta' item"):
+  for step_dir in (tmp_path / 'checkpoints').iterdir():
+    shutil.rmtree(step_dir / 'meta')
+  with pytest.raises(checkpoint.IncompatibleCheckpoint, match="step 8 .* no 'meta' item"):
     train.train_and_evaluate(tiny_config, str(tmp_path), progress=False)
 
 
-@pytest.mark.parametrize('damage', ['truncated_array_file', 'truncated_meta', 'empty_folder'])
 @pytest.mark.filterwarnings('ignore::pytest.PytestUnraisableExceptionWarning')  # Orbax's reads
-def test_an_unreadable_newest_checkpoint_falls_back_to_the_one_before(tiny_config, tmp_path,
-                                                                    damage, capsys):
-  """The newest step folder damaged (a file cut short by a full disk or a copy, a folder
-  left empty): a reader takes the step before, and a rerun resumes from it, keeps the
-  damaged folder aside (STEP.unreadable) and ends with the uninterrupted run's parameters.
-  It stopped with Orbax's or json's traceback, or named a missing 'meta' item."""
+def test_unreadable_newest_checkpoints_fall_back_to_the_newest_readable_one(tiny_config,
+                                                                          tmp_path, capsys):
+  """Step folders damaged (an array file cut short by a full disk or a copy, a truncated
+  meta file, a folder left empty): a reader takes the newest readable step, and a rerun
+  resumes from it, keeps each damaged folder aside (STEP.unreadable) and ends with the
+  uninterrupted run's parameters. It stopped with Orbax's or json's traceback, or named a
+  missing 'meta' item."""
   import shutil
-  tiny_config.train.keep_checkpoints = 0   # keep every step: 4 and 8
+  tiny_config.train.steps, tiny_config.train.checkpoint_every = 12, 4
+  tiny_config.train.keep_checkpoints = 0   # keep every step: 4, 8 and 12
   full = train.train_and_evaluate(tiny_config, str(tmp_path / 'full'), progress=False)
   wd = tmp_path / 'run'
   shutil.copytree(tmp_path / 'full', wd)
   (wd / 'summary.json').unlink()
-  step8 = wd / 'checkpoints' / '8'
-  if damage == 'truncated_array_file':
-    data = max((p for p in (step8 / 'state').rglob('*') if p.is_file()),
-               key=lambda p: p.stat().st_size)
-    with open(data, 'r+b') as f:
-      f.truncate(data.stat().st_size // 2)
-  elif damage == 'truncated_meta':
-    meta = step8 / 'meta' / 'metadata'
-    meta.write_text(meta.read_text()[:20])
-  else:
-    shutil.rmtree(step8)
-    step8.mkdir()
+  ckpts = wd / 'checkpoints'
+  data = max((p for p in (ckpts / '12' / 'state').rglob('*') if p.is_file()),
+             key=lambda p: p.stat().st_size)
+  with open(data, 'r+b') as f:
+    f.truncate(data.stat().st_size // 2)
+  meta = ckpts / '8' / 'meta' / 'metadata'
+  meta.write_text(meta.read_text()[:20])
+  (ckpts / '10').mkdir()
   capsys.readouterr()
-  exp, state = train.load_run(str(wd))   # a reader: the step before, nothing renamed
-  assert int(state.step) == 4 and step8.exists()
+  exp, state = train.load_run(str(wd))   # a reader: the newest readable step, nothing renamed
+  assert int(state.step) == 4 and all((ckpts / s).exists() for s in ('8', '10', '12'))
   assert 'reading step 4, the newest readable one' in capsys.readouterr().err
+  tiny_config.train.steps = 12
   resumed = train.train_and_evaluate(tiny_config, str(wd), progress=False)
   err = capsys.readouterr().err
-  assert 'at step 8' in err and 'resuming from step 4' in err and '8.unreadable' in err
-  assert resumed['final_step'] == full['final_step'] == 8
-  assert (wd / 'checkpoints' / '8.unreadable').is_dir()
+  for s in (8, 10, 12):
+    assert f'at step {s} ' in err and f'{s}.unreadable' in err, err[-3000:]
+    assert (ckpts / f'{s}.unreadable').is_dir()
+  assert 'resuming from step 4' in err
+  assert resumed['final_step'] == full['final_step'] == 12
   for a, b in zip(_params(full), _params(resumed)):
     np.testing.assert_array_equal(a, b)
+
+
+def test_a_stop_inside_a_logging_interval_logs_what_an_uninterrupted_run_logs(
+    tiny_config, tmp_path, monkeypatch):
+  """Preempted at step 3 of a 4-step logging interval: the three steps' metrics go with the
+  checkpoint, and the rerun's record at step 4 is the mean over steps 1-4, as in an
+  uninterrupted run (it logged a record of steps 1-3 at the stop and one of step 4 alone,
+  and the run's final metrics, which the experiments' tables read, moved with it)."""
+  import json
+  import os
+  from cdiff_jax import writers
+  tiny_config.train.steps, tiny_config.train.log_every = 8, 4
+  tiny_config.train.checkpoint_every = 0
+  full = train.train_and_evaluate(tiny_config, str(tmp_path / 'full'), progress=False)
+  wd = str(tmp_path / 'stopped')
+  real = train._PreemptionWatch.should_stop
+  monkeypatch.setattr(train._PreemptionWatch, 'should_stop',
+                      lambda self, step: step == 3 or real(self, step))
+  with pytest.raises(train.Preempted, match='at step 3'):
+    train.train_and_evaluate(tiny_config, wd, progress=False)
+  monkeypatch.undo()
+  resumed = train.train_and_evaluate(tiny_config, wd, progress=False)
+  for a, b in zip(_params(full), _params(resumed)):
+    np.testing.assert_array_equal(a, b)
+  drop = lambda r: {k: v for k, v in r.items() if k != 'images_per_sec'}
+  full_records = [drop(r) for r in writers.read_metrics(str(tmp_path / 'full'))]
+  assert [r['step'] for r in full_records] == [4, 8]
+  assert [drop(r) for r in writers.read_metrics(wd)] == full_records
+  summaries = [json.load(open(os.path.join(d, 'summary.json'))) for d in (tmp_path / 'full', wd)]
+  assert drop(summaries[0]['final_metrics']) == drop(summaries[1]['final_metrics'])
