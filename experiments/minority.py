@@ -65,7 +65,10 @@ def run_arm(config, workdir: str, progress: bool, dataset=None, unused=(),
       unused = tuple(unused) + tuple(f'method.{f}' for f in constrained.DUAL_FIELDS)
     config_lib.check_finished_run(workdir, config, unused)
     summary = json.load(open(summary_path))
-    if summary.get('final_step') == config.train.steps and os.path.exists(eval_path):
+    # Its samples are read back by the experiments' figures: an arm that lost them (or its
+    # eval.json) is run again, which redoes only the sampling and evaluation.
+    if (summary.get('final_step') == config.train.steps and os.path.exists(eval_path)
+        and os.path.exists(os.path.join(workdir, 'eval_samples.npy'))):
       print(f'{workdir}: finished earlier, reusing it.')
       if (save_dataset and dataset is not None and parallel.is_main_process()
           and not os.path.exists(os.path.join(workdir, train.TRAINING_DATA))):

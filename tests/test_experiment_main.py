@@ -157,18 +157,20 @@ def _check_minority_rerun_reuses_both_arms(minority_run):
 
 
 def _check_minority_resumed_arm_runs_with_the_xla_options(minority_run):
-  """The constrained arm interrupted after its training (its summary not yet written),
-  rerun beside the finished reference: the reference's parameters, read first for the arm's
-  key, must not start JAX before the run's XLA:CPU options are set (they did: the arm then
-  sampled and evaluated without them, and its figures moved in the last digits)."""
+  """A finished constrained arm that lost its samples (which tiw_compare and finetune read
+  back: a traceback) is run again, which redoes its sampling and evaluation from its final
+  checkpoint, beside the reused reference. The reference's parameters, read first for the
+  arm's key, must not start JAX before the run's XLA:CPU options are set (they did: the arm
+  then sampled and evaluated without them, and its figures moved in the last digits)."""
   wd = minority_run
   evaluated = _json(wd / 'constrained' / 'eval.json')
-  (wd / 'constrained' / 'summary.json').unlink()
+  (wd / 'constrained' / 'eval_samples.npy').unlink()
   out, err = _launch('minority', wd, 'digits_minority', MINORITY, stderr=True,
                      xla_flags='--xla_force_host_platform_device_count=2')
   assert out.count('finished earlier, reusing it') == 1, out[-2000:]
   assert 'not applied' not in err, err[-2000:]
   assert _json(wd / 'constrained' / 'eval.json') == evaluated
+  assert (wd / 'constrained' / 'eval_samples.npy').exists()
 
 
 def test_minority_main(tmp_path):
