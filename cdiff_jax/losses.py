@@ -58,14 +58,16 @@ def sample_time(rng, n: int, schedule, weighting: str = 'eps', stratified: bool 
   """(t, weight) of shape (n,): t from the training distribution of ``weighting``, and the
   per-example weight that makes ``weight * sq_error`` an unbiased estimate of the loss.
 
-  ``t_lo`` (optional, per example): the example's loss covers only the window [t_lo, 1];
+  ``t_lo`` (optional, per example or one for all): the example's loss covers only the
+  window [t_lo, 1];
   the weight then estimates the integral of the weighted loss over that window (the
   default window is the schedule's whole range, where the 'eps' weight is exactly 1).
   """
   if weighting == 'eps' and t_lo is None:  # the whole range: the schedule's own sampler
     return schedule.sample_t(rng, (n,), stratified), jnp.ones((n,), jnp.float32)
   t_min = 1.0 / schedule.num_steps if schedule.num_steps else schedule.t_min
-  lo = jnp.full((n,), t_min) if t_lo is None else jnp.maximum(jnp.asarray(t_lo, jnp.float32), t_min)
+  lo = jnp.broadcast_to(jnp.maximum(jnp.asarray(t_min if t_lo is None else t_lo, jnp.float32),
+                                    t_min), (n,))
   u = _uniform(rng, n, stratified)
   if weighting == 'eps':
     if schedule.num_steps:  # uniform on the grid times i / T >= lo

@@ -86,9 +86,9 @@ class Schedule:
     return 0.5 * (lo + hi)
 
   def time_grid(self, num_steps: int):
-    """Decreasing times ``1 = t_0 > ... > t_n = t_min`` for an n-step sampler.
-
-    For a discrete schedule the times lie on its grid (DDIM's sub-sequence).
+    """Decreasing times ``1 = t_0 > ... > t_n`` for an n-step sampler, ending at ``t_min``
+    (continuous schedules) or at the first grid time 1/T (a discrete schedule of T steps,
+    whose times all lie on its grid: DDIM's sub-sequence).
     """
     if self.num_steps:
       idx = np.linspace(self.num_steps, 1, num_steps + 1).round().astype(np.int64)

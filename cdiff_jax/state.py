@@ -29,6 +29,10 @@ class TrainState:
 
 
 def create_train_state(params, tx: optax.GradientTransformation, rng, extras=None):
+  """The training state around ``params`` (EMA a copy, Adam's state from ``tx``). The state
+  holds ``params`` themselves: the jitted step donates the state's buffers, so after its
+  first call ``params`` are deleted; keep a copy (``jax.tree.map(jnp.copy, params)``) to
+  use them again."""
   # EMA starts as a copy; jnp.array(copy=True) keeps it from aliasing params, which
   # would break buffer donation.
   ema = jax.tree.map(lambda p: jnp.array(p, copy=True), params)

@@ -200,3 +200,16 @@ def test_outputs_of_the_wrong_shape_are_refused_by_name():
   with pytest.raises(ValueError, match=r'one energy per example, shape \(4,\)'):
     mcmc.run_chain('mala', lambda x: (jnp.sum(x), x), jnp.ones((4, 2)), 0.1, 2,
                    jax.random.key(0))
+
+
+@pytest.mark.parametrize('weighting', ['eps', 'elbo'])
+@pytest.mark.parametrize('sched', [schedules.DDPMSchedule(), schedules.VPSchedule()])
+def test_one_window_start_for_every_example_gives_per_example_weights(weighting, sched):
+  """t_lo given once (a scalar) is every example's window start: the same times and one
+  weight per example, as with the per-example array (the weight came back a scalar)."""
+  key = jax.random.key(0)
+  t1, w1 = losses.sample_time(key, 8, sched, weighting, t_lo=0.3)
+  t2, w2 = losses.sample_time(key, 8, sched, weighting, t_lo=jnp.full((8,), 0.3))
+  assert t1.shape == w1.shape == (8,)
+  np.testing.assert_array_equal(t1, t2)
+  np.testing.assert_array_equal(w1, w2)

@@ -162,6 +162,9 @@ def test_heun_solves_the_probability_flow_ode_to_second_order():
 def test_unknown_sampler_message():
   with pytest.raises(ValueError, match='sample.sampler'):
     Sampler(gaussian_eps(schedules.VPSchedule()), schedules.VPSchedule(), (2,), 'euler')
+  # No steps: refused (it returned the denoised noise of t = 1 as samples).
+  with pytest.raises(ValueError, match='num_steps=0: a sampler takes 1 or more steps'):
+    Sampler(gaussian_eps(schedules.VPSchedule()), schedules.VPSchedule(), (2,), 'ddim', 0)
 
 
 def test_lowered_programs_are_the_sampler():

@@ -108,6 +108,8 @@ class Sampler:
                sampler: str = 'ddim', num_steps: int = 100, eta: float = 0.0,
                clip: float | None = None, mesh=None, num_chunks: int = 10,
                cpu_onednn: bool = True):
+    if num_steps < 1:
+      raise ValueError(f'num_steps={num_steps}: a sampler takes 1 or more steps.')
     self.schedule = schedule
     self.shape = tuple(shape)
     self.times = schedule.time_grid(num_steps)
