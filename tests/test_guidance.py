@@ -80,6 +80,22 @@ def test_and_not_of_gaussian_experts_equals_the_product_gaussian(weights):
   assert model.calls == 1
 
 
+def test_compositions_that_do_not_fit_are_refused_by_name():
+  """A composition built for another batch size, or weights that do not match the
+  components: one ValueError naming the fix (a shape error deep in a matmul before)."""
+  model = _gaussian_model()
+  x = jax.random.normal(jax.random.key(0), (5, 2))
+  t = jnp.full((5,), 0.5)
+  cond = guidance.make_composition((0, 1), (1.0, 1.0), 4, null_label=2)
+  with pytest.raises(ValueError, match='batch of 4 and x has 5 .* batch_size=5'):
+    guidance.composed_eps_fn(model, null_label=2)(None, x, t, cond)
+  g = toys.ring()
+  pot = guidance.combine(guidance.analytic_components([g.log_prob, g.log_prob], SCHED),
+                         'product', (1.0,))
+  with pytest.raises(ValueError, match='1 weights for 2 components'):
+    pot.fn(None, x, t, None)
+
+
 def test_compositions_differ_per_row():
   """Two compositions stacked along the batch (concepts in either order, one with a NOT):
   each row gets its own product Gaussian, in eps and in the potential's gradient."""

@@ -121,6 +121,10 @@ def composed_eps_fn(model, null_label: int) -> Callable:
 
   def eps_fn(params, x, t, cond):
     labels, weights = _with_null(cond, null_label)
+    if labels.shape[0] != x.shape[0]:
+      raise ValueError(f'the composition is for a batch of {labels.shape[0]} and x has '
+                       f'{x.shape[0]} examples: build it (make_composition) with '
+                       f'batch_size={x.shape[0]}.')
     # vmap over the condition axis: one network call on K + 1 stacked batches.
     eps = jax.vmap(lambda y: model.eps(params, x, t, y), in_axes=1)(labels)  # (K+1, B, ...)
     eps_u, eps_k = eps[0], eps[1:]
@@ -244,6 +248,9 @@ def combine(components: Callable, kind: str, weights: Sequence[float],
 
   def fn(params, x, t, cond):
     energies, grads = components(params, x, t, cond)
+    if energies.shape[0] != w.shape[0]:
+      raise ValueError(f'combine: {w.shape[0]} weights for {energies.shape[0]} components; '
+                       'give one weight per component.')
     energy, vjp = jax.vjp(lambda e: energy_of(e, t), energies)
     (coef,) = vjp(jnp.ones_like(energy))                       # dE/dE_k, (K, B)
     grad = jnp.sum(coef.reshape(coef.shape + (1,) * (x.ndim - 1)) * grads, axis=0)
