@@ -62,7 +62,10 @@ def log_ndtr_diff(u, v):
 
 @dataclasses.dataclass(frozen=True)
 class GaussianMixture:
-  """Mixture of axis-aligned Gaussians: means (K, 2), stds (K, 2), weights (K,)."""
+  """Mixture of axis-aligned Gaussians: means (K, D), stds (K, D), weights (K,) (the
+  benchmarks are 2-D; any D works).
+
+  Every target's ``sample(rng, n)`` takes a ``np.random.Generator`` or an int seed."""
 
   means: tuple
   stds: tuple
@@ -74,7 +77,7 @@ class GaussianMixture:
             np.asarray(self.weights, np.float32) / np.sum(self.weights))
 
   def log_prob(self, x, alpha=1.0, sigma=0.0):
-    """log p_t(x) of the noised mixture, x (B, 2); alpha, sigma scalars or (B,)."""
+    """log p_t(x) of the noised mixture, x (B, D); alpha, sigma scalars or (B,)."""
     means, stds, w = self.arrays
     a, s = _alpha_sigma(x, alpha, sigma)
     var = (a[:, None] * stds[None]) ** 2 + s[:, None] ** 2          # (B, K, 2)
@@ -82,10 +85,11 @@ class GaussianMixture:
     comp = -0.5 * jnp.sum(diff ** 2 / var + jnp.log(2 * math.pi * var), axis=-1)
     return logsumexp(comp + jnp.log(w)[None], axis=-1)
 
-  def sample(self, rng: np.random.Generator, n: int) -> np.ndarray:
+  def sample(self, rng: np.random.Generator | int, n: int) -> np.ndarray:
+    rng = np.random.default_rng(rng)
     means, stds, w = self.arrays
     k = rng.choice(len(w), size=n, p=w)
-    return (means[k] + stds[k] * rng.standard_normal((n, 2))).astype(np.float32)
+    return (means[k] + stds[k] * rng.standard_normal((n, means.shape[1]))).astype(np.float32)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -111,10 +115,11 @@ class SmoothBox:
     """P(x - tau z in box) in [0, 1]: the box density times its area, for rejection."""
     return jnp.exp(self.log_prob(x) + math.log(self.area))
 
-  def sample(self, rng: np.random.Generator, n: int) -> np.ndarray:
+  def sample(self, rng: np.random.Generator | int, n: int) -> np.ndarray:
+    rng = np.random.default_rng(rng)
     lo, hi = np.asarray(self.lo), np.asarray(self.hi)
-    u = lo + (hi - lo) * rng.random((n, 2))
-    return (u + self.tau * rng.standard_normal((n, 2))).astype(np.float32)
+    u = lo + (hi - lo) * rng.random((n, len(lo)))
+    return (u + self.tau * rng.standard_normal((n, len(lo)))).astype(np.float32)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -136,8 +141,9 @@ class ProductTarget:
   def log_prob(self, x):
     return self.mixture.log_prob(x) + self.box.log_prob(x) - self.log_normalizer()
 
-  def sample(self, rng: np.random.Generator, n: int) -> np.ndarray:
+  def sample(self, rng: np.random.Generator | int, n: int) -> np.ndarray:
     """Exact samples: mixture proposals accepted with probability box(x) |box| <= 1."""
+    rng = np.random.default_rng(rng)
     out, have = [], 0
     while have < n:
       prop = self.mixture.sample(rng, 4 * (n - have) + 64)
@@ -159,7 +165,8 @@ class Mixture:
     comps = jnp.stack([c.log_prob(x, alpha, sigma) for c in self.components])
     return logsumexp(comps + jnp.log(jnp.asarray(w, jnp.float32))[:, None], axis=0)
 
-  def sample(self, rng: np.random.Generator, n: int) -> np.ndarray:
+  def sample(self, rng: np.random.Generator | int, n: int) -> np.ndarray:
+    rng = np.random.default_rng(rng)
     w = np.asarray(self.weights, np.float64) / np.sum(self.weights)
     counts = rng.multinomial(n, w)
     x = np.concatenate([c.sample(rng, m) for c, m in zip(self.components, counts)])
@@ -206,7 +213,8 @@ class BoxDifference:
     return (log_diff - x.shape[-1] * jnp.log(a[:, 0])
             - math.log(outer.area - inner.area))
 
-  def sample(self, rng: np.random.Generator, n: int) -> np.ndarray:
+  def sample(self, rng: np.random.Generator | int, n: int) -> np.ndarray:
+    rng = np.random.default_rng(rng)
     lo, hi = np.asarray(self.outer.lo), np.asarray(self.outer.hi)
     ilo, ihi = np.asarray(self.inner.lo), np.asarray(self.inner.hi)
     out, have = [], 0

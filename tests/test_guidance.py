@@ -630,3 +630,21 @@ def test_score_only_components_admit_no_metropolis_test_and_no_mixture():
   comps = guidance.analytic_components([toys.GaussianMixture(((0.0, 0.0),), ((1.0, 1.0),),
                                                              (1.0,)).log_prob], SCHED)
   assert guidance.combine(comps, 'product', (1.0,)).has_energy
+
+
+def test_toy_samples_take_a_seed_and_any_dimension():
+  """An int seed draws what np.random.default_rng(seed) draws; a mixture of 3-D Gaussians
+  samples in 3-D with its components' moments (the sampler was 2-D only)."""
+  ring = toys.ring()
+  np.testing.assert_array_equal(ring.sample(3, 50), ring.sample(np.random.default_rng(3), 50))
+  mix = toys.GaussianMixture(((0.0, 1.0, -1.0),), ((0.5, 0.2, 1.0),), (1.0,))
+  x = mix.sample(0, 20_000)
+  assert x.shape == (20_000, 3)
+  np.testing.assert_allclose(x.mean(0), [0.0, 1.0, -1.0], atol=0.03)
+  np.testing.assert_allclose(x.std(0), [0.5, 0.2, 1.0], rtol=0.03)
+  # Its density in 3-D: the product of the three normal densities.
+  from scipy.stats import norm
+  p = np.asarray([[0.1, 0.9, -0.5]], np.float32)
+  want = sum(norm.logpdf(p[0, d], m, s) for d, (m, s) in enumerate(zip((0.0, 1.0, -1.0),
+                                                                        (0.5, 0.2, 1.0))))
+  assert float(mix.log_prob(jnp.asarray(p))[0]) == pytest.approx(want, rel=1e-5)
