@@ -3,8 +3,9 @@
 A wrong ``--config.FIELD=VALUE`` and the errors a run can meet before or while it trains
 (bad config, missing dataset, incompatible checkpoint, non-finite loss) end the program
 with one ``error:`` line and exit status 2, not a traceback; a preempted run (SIGTERM)
-exits with 3 after its checkpoint is saved (at once outside a training loop), and one stopped by Ctrl-C with 130 (after a
-checkpoint when Ctrl-C came during training, at once otherwise), without a traceback.
+exits with 3 after its checkpoint is saved (at once outside a training loop), and one
+stopped by Ctrl-C with 130 (after a checkpoint when Ctrl-C came during training, at once
+otherwise), without a traceback.
 """
 
 from __future__ import annotations

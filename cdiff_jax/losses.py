@@ -59,9 +59,9 @@ def sample_time(rng, n: int, schedule, weighting: str = 'eps', stratified: bool 
   per-example weight that makes ``weight * sq_error`` an unbiased estimate of the loss.
 
   ``t_lo`` (optional, per example or one for all): the example's loss covers only the
-  window [t_lo, 1];
-  the weight then estimates the integral of the weighted loss over that window (the
-  default window is the schedule's whole range, where the 'eps' weight is exactly 1).
+  window [t_lo, 1]; the weight then estimates the integral of the weighted loss over that
+  window (the default window is the schedule's whole range, where the 'eps' weight is
+  exactly 1).
   """
   if weighting == 'eps' and t_lo is None:  # the whole range: the schedule's own sampler
     return schedule.sample_t(rng, (n,), stratified), jnp.ones((n,), jnp.float32)

@@ -91,8 +91,9 @@ class Constrained:
     if len(thresholds) != m:
       raise fail('thresholds', f'give one threshold, or one per constraint ({m}).')
     object.__setattr__(self, 'thresholds', thresholds)
-    for field, n in (('constraint_names', m), ('constraint_classes', m)):
-      if getattr(self, field) and len(getattr(self, field)) != n:
+    for field in ('constraint_names',) + (
+        ('constraint_classes',) if self.constraint_source == 'classes' else ()):
+      if getattr(self, field) and len(getattr(self, field)) != m:
         raise fail(field, f'give one per constraint ({m}), or none.')
     for field, ok, why in (
         ('dual_estimate', self.dual_estimate in ESTIMATES, f'use one of {ESTIMATES}.'),
@@ -556,7 +557,8 @@ def build(config, base, lr_fn: Callable | None = None) -> Constrained:
       loosen = 'lower method.target_frequency, ' + loosen
   return Constrained(
       base=base, num_constraints=m, thresholds=thresholds, constraint_names=names,
-      constraint_classes=tuple(int(c) for c in mc.constraint_classes),
+      constraint_classes=(tuple(int(c) for c in mc.constraint_classes)
+                          if mc.constraint_source == 'classes' else ()),
       constraint_source=mc.constraint_source, objective_batch=mc.objective_batch,
       constraint_batch=mc.constraint_batch, dual_lr=mc.dual_lr, dual_every=mc.dual_every,
       dual_start=mc.dual_start, constraint_t_min=mc.constraint_t_min,
