@@ -90,6 +90,7 @@ def test_finetune_pretraining_is_reused_whatever_the_later_steps_ask(tmp_path):
   reuse the finished pre-trained run; a field it copies (pretrain_steps) does not."""
   _run('''
     import json, os, re, sys
+    import numpy as np
     import pytest
     import experiments.finetune as f
     from configs import digits_finetune
@@ -99,6 +100,7 @@ def test_finetune_pretraining_is_reused_whatever_the_later_steps_ask(tmp_path):
     os.makedirs(pre_dir)
     open(os.path.join(pre_dir, 'config.json'), 'w').write(f.pretrain_config(c).to_json_best_effort())
     json.dump({'tv_to_uniform': 0.1}, open(os.path.join(pre_dir, 'eval.json'), 'w'))
+    np.save(os.path.join(pre_dir, 'eval_samples.npy'), np.zeros((2, 8, 8, 1), np.float16))
     json.dump({'final_step': c.finetune.pretrain_steps, 'seconds': 3.0},
               open(os.path.join(pre_dir, 'summary.json'), 'w'))
     c.finetune.num_generated, c.finetune.new_data_size = 200, 50
