@@ -40,6 +40,7 @@ def test_initializer_compiled_for_compile_speed_gives_the_same_parameters():
   assert any(not np.allclose(a, b) for a, b in zip(jax.tree.leaves(other), jax.tree.leaves(fast)))
 
 
+@pytest.mark.slow  # 50 s on a 2-core CPU (make test-all)
 def test_unet_uses_time_and_class():
   net = UNet(ch=8, ch_mult=(1, 2), num_res_blocks=1, attn_levels=(1,), num_groups=4,
              num_classes=3)

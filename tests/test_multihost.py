@@ -11,6 +11,7 @@ import sys
 
 import jax
 import numpy as np
+import pytest
 
 from cdiff_jax import checkpoint, train
 
@@ -82,6 +83,7 @@ def _launch_two(config_path, workdir, cache):
   assert 'done: step 6' in outs[0] and 'done: step 6' in outs[1]
 
 
+@pytest.mark.slow  # 2 min (two launches of two processes); the fast suite keeps the others
 def test_two_processes_match_one(tmp_path):
   workdir = tmp_path / 'run'
   config_path = tmp_path / 'multihost_config.py'

@@ -247,7 +247,7 @@ def bf16_energy_run(tmp_path_factory):
   return workdir
 
 
-@pytest.mark.parametrize('kind', ['mala', 'hmc'])
+@pytest.mark.parametrize('kind', [pytest.param('mala', marks=pytest.mark.slow), 'hmc'])
 def test_metropolis_kinds_run_a_bfloat16_run_in_float32(bf16_energy_run, kind):
   """The Metropolis test compares energies of many nats to within a fraction of one, so MALA
   and HMC evaluate a bfloat16 run's network in float32 (its parameters are float32): the
@@ -271,6 +271,7 @@ def test_metropolis_kinds_run_a_bfloat16_run_in_float32(bf16_energy_run, kind):
       assert np.abs(out[k]['images'] - np.asarray(x)).max() > 1e-3
 
 
+@pytest.mark.slow  # 1 min; HMC's acceptance per run: test_hmc_on_an_energy_run_reports_its_acceptance
 def test_hmc_acceptance_is_averaged_over_batches(energy_run, monkeypatch):
   """A request larger than a batch (batches of 4 here; 1,000 in use): the images are the
   batches' samples, each keyed as ``evaluation.generate`` keys its batches, and the rate per
