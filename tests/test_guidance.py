@@ -163,10 +163,14 @@ def test_not_weight_signs():
     return float(pot.fn(None, at_concept_1, t, cond)[0][0] - pot.fn(None, elsewhere, t, cond)[0][0])
 
   assert gap(-1.0) > gap(0.0) > gap(1.0)
-  with pytest.raises(ConfigError, match='NOT needs at least one positive'):
+  # Errors name the function's arguments, or the config field the composition came from.
+  with pytest.raises(ConfigError, match=r'^make_composition\(weights=\(-1.0,\)\): NOT needs '
+                                        'at least one positive'):
     guidance.make_composition((1,), (-1.0,), 4, null_label=2)
-  with pytest.raises(ConfigError, match='not classes'):
-    guidance.make_composition((0, 7), (1.0, -1.0), 4, null_label=2)
+  with pytest.raises(ConfigError, match=r'^config.sample.compose.concepts: \[7\] are not classes'):
+    guidance.make_composition((0, 7), (1.0, -1.0), 4, null_label=2, field='sample.compose')
+  with pytest.raises(ConfigError, match=r'^make_composition\(concepts, weights\): give one '):
+    guidance.make_composition((0, 1), (1.0,), 4, null_label=2)
 
 
 def test_composed_energy_and_gradient_agree():
@@ -239,6 +243,12 @@ def test_cfg_combination_in_one_call():
   got = guidance.cfg_eps(model, params, x, t, y, 3.0, null_label=3)
   np.testing.assert_allclose(got, eps_u + 3.0 * (eps_c - eps_u), rtol=1e-5, atol=1e-6)
   np.testing.assert_allclose(guidance.cfg_eps(model, params, x, t, y, 1.0, 3), eps_c, rtol=1e-6)
+  # Labels as a Python list and a scalar time: the same answer.
+  np.testing.assert_allclose(guidance.cfg_eps(model, params, x, 0.4, [0, 1, 2, 0, 1], 3.0, 3),
+                             got, rtol=1e-6)
+  for bad in ([0, 1], jnp.zeros((5,)), jnp.zeros((5, 1), jnp.int32)):
+    with pytest.raises(ValueError, match=r'one int class per example, shape \(5,\)'):
+      guidance.cfg_eps(model, params, x, t, bad, 3.0, 3)
 
 
 def _toy_experiment(scale):
@@ -648,3 +658,61 @@ def test_toy_samples_take_a_seed_and_any_dimension():
   want = sum(norm.logpdf(p[0, d], m, s) for d, (m, s) in enumerate(zip((0.0, 1.0, -1.0),
                                                                         (0.5, 0.2, 1.0))))
   assert float(mix.log_prob(jnp.asarray(p))[0]) == pytest.approx(want, rel=1e-5)
+
+
+def test_noised_boxes_are_exact_down_to_alpha_zero():
+  """As alpha -> 0 a noised box tends to N(alpha * mean, sigma^2 I); the exact formula
+  (Phi(u) - Phi(v) of nearly equal u, v, over alpha) lost digits there (8e-4 at alpha =
+  1e-3) and was NaN at alpha = 0. Against float64 at every alpha, N(0, sigma^2 I) at 0 with
+  finite gradients, for the blurred box and the box difference."""
+  from scipy.special import ndtr
+  from scipy.stats import norm
+  box = toys.SmoothBox((-0.2, -0.6), (0.4, 1.0), tau=0.05)
+  diff = toys.benchmarks()['negation'].target
+  x = np.random.default_rng(0).standard_normal((400, 2)).astype(np.float32)
+
+  def mass(b, p, alpha, w):
+    return np.prod(ndtr((p - alpha * np.asarray(b.lo)) / w) - ndtr((p - alpha * np.asarray(b.hi)) / w), -1)
+
+  p = x.astype(np.float64)
+  for alpha in (0.3, 0.06, 0.05, 0.03, 1e-3, 1e-5):
+    w = np.hypot(alpha * box.tau, 1.0)
+    want = np.log(mass(box, p, alpha, w) / (alpha ** 2 * box.area))
+    np.testing.assert_allclose(box.log_prob(x, alpha, 1.0), want, atol=3e-5, err_msg=alpha)
+    w = np.hypot(alpha * diff.outer.tau, 1.0)
+    want = np.log((mass(diff.outer, p, alpha, w) - mass(diff.inner, p, alpha, w))
+                  / (alpha ** 2 * (diff.outer.area - diff.inner.area)))
+    np.testing.assert_allclose(diff.log_prob(x, alpha, 1.0), want, atol=3e-5, err_msg=alpha)
+  for target in (box, diff):
+    np.testing.assert_allclose(target.log_prob(x, 0.0, 0.7), norm.logpdf(x, 0, 0.7).sum(-1),
+                               atol=1e-5)
+    grad = jax.grad(lambda q: target.log_prob(q, 0.0, 0.7))(jnp.ones(2))
+    np.testing.assert_allclose(grad, -np.ones(2) / 0.49, rtol=1e-5)
+
+
+def test_box_difference_moments_match_its_samples():
+  """The mean and covariance of an off-centre box difference in 3-D (the Gaussian it tends
+  to at small alpha) against 200k exact samples (blur tau^2 added to the covariance)."""
+  diff = toys.BoxDifference(toys.SmoothBox((-1, -1, -1), (1, 1, 1)),
+                            toys.SmoothBox((0, -0.5, 0), (1, 0.5, 1)))
+  mean, cov = diff.moments
+  x = diff.sample(0, 200_000)
+  assert x.shape == (200_000, 3)
+  np.testing.assert_allclose(x.mean(0), mean, atol=4e-3)
+  np.testing.assert_allclose(np.cov(x.T), cov + diff.outer.tau ** 2 * np.eye(3), atol=4e-3)
+  assert abs(cov[0, 2]) > 0.02 and mean[0] < -0.05        # off-centre, correlated
+
+
+def test_toy_log_probs_take_one_point():
+  """``log_prob`` of one point of shape (D,) is the scalar of the same point in a batch;
+  other ranks are refused by name."""
+  bench = toys.benchmarks()
+  pt = jnp.asarray([0.35, -0.2])
+  targets = [toys.ring(), toys.vertical_bar(), bench['negation'].target,
+             bench['product'].target, toys.Mixture((toys.vertical_bar(), toys.box(0.5)), (1, 2))]
+  for target in targets:
+    one = target.log_prob(pt)
+    assert one.shape == (), type(target)
+    assert float(one) == pytest.approx(float(target.log_prob(pt[None])[0]), rel=1e-6)
+  with pytest.raises(ValueError, match=r'shape \(B, D\) or one point of shape \(D,\)'):
+    toys.ring().log_prob(jnp.zeros((2, 3, 2)))

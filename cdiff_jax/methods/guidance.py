@@ -51,11 +51,19 @@ def _bcast(v, x):
 # ----------------------------------------------------------------------------- CFG
 
 def cfg_eps(model, params, x, t, labels, guidance_scale: float, null_label: int):
-  """``eps_u + w (eps_c - eps_u)`` from one forward pass over the doubled batch."""
-  chex.assert_shape(labels, (x.shape[0],))
+  """``eps_u + w (eps_c - eps_u)`` from one forward pass over the doubled batch.
+
+  ``t`` a scalar or one time per example; ``labels`` one int class per example (an array
+  or a list)."""
+  n = x.shape[0]
+  labels = jnp.asarray(labels)
+  if labels.shape != (n,) or not jnp.issubdtype(labels.dtype, jnp.integer):
+    raise ValueError(f'cfg_eps: labels must be one int class per example, shape ({n},); got '
+                     f'{labels.dtype.name} of shape {labels.shape}. Pass labels=None (in '
+                     'cfg_eps_fn) for unconditional samples.')
+  t = jnp.broadcast_to(jnp.asarray(t), (n,))
   if guidance_scale == 1.0:
     return model.eps(params, x, t, labels)
-  n = x.shape[0]
   x2 = jnp.concatenate([x, x])
   t2 = jnp.concatenate([t, t])
   y2 = jnp.concatenate([labels, jnp.full((n,), null_label, labels.dtype)])
@@ -78,24 +86,28 @@ def cfg_eps_fn(model, guidance_scale: float, null_label: int) -> Callable:
 # ----------------------------------------------------------------------------- AND / NOT
 
 def make_composition(concepts: Sequence[int], weights: Sequence[float], batch_size: int,
-                     null_label: int, field: str = 'composition') -> dict:
+                     null_label: int, field: str | None = None) -> dict:
   """``cond`` for ``composed_eps_fn``: the same composition for every example.
 
   ``concepts``: class labels, or ``ANY`` (-1) for the unconditional model. ``weights``:
   one per concept, negative = NOT. At least one weight must be positive (a negation alone
-  is ill-defined: "not a 1" says nothing about what to draw).
+  is ill-defined: "not a 1" says nothing about what to draw). ``field``: the config field
+  the composition came from, for the errors' wording (None: named as this function's
+  arguments).
   """
+  where = (lambda arg: f'config.{field}.{arg}') if field else (
+      lambda arg: f'make_composition({arg})')
   concepts, weights = list(concepts), [float(w) for w in weights]
   if len(concepts) != len(weights) or not concepts:
-    raise ConfigError(f'config.{field}: give one weight per concept (got {len(concepts)} '
-                      f'concepts and {len(weights)} weights).')
+    raise ConfigError(f'{where("concepts, weights")}: give one weight per concept (got '
+                      f'{len(concepts)} concepts and {len(weights)} weights).')
   if not any(w > 0 for w in weights):
-    raise ConfigError(f'config.{field}.weights={tuple(weights)}: NOT needs at least one positive '
+    raise ConfigError(f'{where(f"weights={tuple(weights)}")}: NOT needs at least one positive '
                       'concept; give some concept (or ANY=-1, the unconditional model) a '
                       'weight > 0.')
   bad = [c for c in concepts if c != ANY and not 0 <= c < null_label]
   if bad:
-    raise ConfigError(f'config.{field}.concepts: {bad} are not classes of this model '
+    raise ConfigError(f'{where("concepts")}: {bad} are not classes of this model '
                       f'(0..{null_label - 1}, or -1 for any).')
   labels = np.asarray([null_label if c == ANY else c for c in concepts], np.int32)
   return dict(labels=jnp.asarray(np.tile(labels, (batch_size, 1))),
