@@ -113,12 +113,12 @@ class Checkpointer:
     can; when resuming, the unreadable folders are renamed ``STEP.unreadable`` (kept to
     look at, out of Orbax's way: the run saves those steps again). None readable: the
     newest one's error."""
-    skipped, errors, deletions = set(), [], 0
+    unreadable, deletions = {}, 0   # step -> its error, newest first
     while True:
-      steps = [s for s in sorted(self.manager.all_steps(), reverse=True) if s not in skipped]
+      steps = [s for s in sorted(self.manager.all_steps(), reverse=True) if s not in unreadable]
       if not steps:
-        if errors:
-          raise errors[0]
+        if unreadable:
+          raise next(iter(unreadable.values()))
         return None, None
       step = steps[0]
       try:
@@ -135,17 +135,16 @@ class Checkpointer:
         if resume and jax.process_count() > 1:  # several writers: no renaming here
           raise UnreadableCheckpoint(f'{e}; move that folder out of {self.directory} to '
                                      'resume from the step before.') from e
-        skipped.add(step)
-        errors.append(e)
+        unreadable[step] = e
         continue
-      for bad, e in zip(sorted(skipped, reverse=True), errors):
+      for bad, e in unreadable.items():
         print(f'WARNING: {e}; ' + (f'resuming from step {step}, the newest readable one, and '
               f'keeping the unreadable folder as {bad}.unreadable.' if resume else
               f'reading step {step}, the newest readable one.'), file=sys.stderr)
         if resume:
           os.replace(os.path.join(self.directory, str(bad)),
                      os.path.join(self.directory, f'{bad}.unreadable'))
-      if skipped and resume:
+      if unreadable and resume:
         self.manager.reload()
       return state, step
 

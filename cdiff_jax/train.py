@@ -548,11 +548,11 @@ TRAINING_DATA = 'training_data.npz'
 PENDING_METRICS = 'pending_metrics.npz'   # a stopped run's metrics since its last record
 
 
-def _save_pending(path: str, step: int, since: int, seconds: float, pending: list[dict]) -> None:
-  """The metrics of the calls since the last record (``since``) of a run stopped at
-  ``step``, stacked per metric (their own dtypes), and their training time."""
+def _save_pending(path: str, step: int, since: int, seconds: float, pending: list[dict],
+                  k: int) -> None:
+  """The metrics of the calls (``k`` steps each) since the last record (``since``) of a run
+  stopped at ``step``, stacked per metric (their own dtypes), and their training time."""
   host = jax.device_get(pending)
-  k = np.asarray(host[0]['loss']).size   # steps per call (one leading axis when k > 1)
   writers.save_arrays_atomic(path, _step=np.int64(step), _since=np.int64(since), _k=np.int64(k),
                              _seconds=np.float64(seconds),
                              **{key: np.stack([np.asarray(m[key]) for m in host])
@@ -827,7 +827,7 @@ def _train_and_evaluate(config, workdir, dataset, progress, hooks, preemption, l
         flush(done, record=False)  # Raises instead of saving if a pending step was not finite.
         if is_main and pending:
           _save_pending(os.path.join(workdir, PENDING_METRICS), done, pending_start,
-                        time.perf_counter() - t_last, pending)
+                        time.perf_counter() - t_last, pending, k)
         if last_saved != done:
           ckpt.save(done, state, config)
         ckpt.wait()
