@@ -311,6 +311,9 @@ class Experiment:
   batcher: pipeline.GroupedBatcher
   step: train_step_lib.CompiledStep
   from_checkpoint: bool = False   # built to restore a run (``build``): init_from not read
+  # The run's own samplers by their settings (``sampler()``), so that sample grids during
+  # training and the final samples reuse one compiled program per batch size.
+  _samplers: dict = dataclasses.field(default_factory=dict, repr=False, compare=False)
 
   @property
   def num_classes(self) -> int:
@@ -367,7 +370,16 @@ class Experiment:
     kw = dict(sampler=sc.sampler, num_steps=sc.num_steps, eta=sc.eta,
               clip=sc.clip or None, mesh=self.mesh, cpu_onednn=sc.get('cpu_onednn', True))
     kw.update(overrides)
-    return Sampler(eps_fn or self.eps_fn, self.model.schedule, self.image_shape, **kw)
+    if eps_fn is not None:
+      return Sampler(eps_fn, self.model.schedule, self.image_shape, **kw)
+    # The run's eps_fn: one Sampler per setting (its programs are compiled per batch size
+    # on first use; the samplers' oneDNN programs are not in the persistent cache, so a new
+    # Sampler per sample grid compiled them again every time).
+    key = (self.model, sc.get('guidance_scale', 1.0), bool(self.config.model.conditional),
+           *sorted(kw.items()))
+    if key not in self._samplers:
+      self._samplers[key] = Sampler(self.eps_fn, self.model.schedule, self.image_shape, **kw)
+    return self._samplers[key]
 
   @functools.cached_property
   def data_reach(self) -> float:
