@@ -313,7 +313,8 @@ class Experiment:
   from_checkpoint: bool = False   # built to restore a run (``build``): init_from not read
   # The run's own samplers by their settings (``sampler()``), so that sample grids during
   # training and the final samples reuse one compiled program per batch size.
-  _samplers: dict = dataclasses.field(default_factory=dict, repr=False, compare=False)
+  _samplers: dict = dataclasses.field(default_factory=dict, init=False, repr=False,
+                                      compare=False)
 
   @property
   def num_classes(self) -> int:
