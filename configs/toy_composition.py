@@ -12,7 +12,7 @@ WORKDIR/toy_table.{md,json} (mean exact log-likelihood of the samples under the 
 density, sliced Wasserstein distance to exact samples, acceptance rates) and the sample
 plots WORKDIR/toy_<benchmark>.png.
 
-Expected (2-core CPU, about 5 minutes; notebooks/composition_mcmc.ipynb runs the same):
+Expected (2-core CPU, 5-9 minutes; notebooks/composition_mcmc.ipynb runs the same):
 on the product, plain reverse diffusion is clearly worse than MALA/HMC in exact
 log-likelihood (oracle components: about 0.66 vs 1.36-1.44; exact samples give 1.50), and the
 learned components follow the same ordering. The mixture and the negation are exact
