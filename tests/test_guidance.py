@@ -672,7 +672,8 @@ def test_noised_boxes_are_exact_down_to_alpha_zero():
   x = np.random.default_rng(0).standard_normal((400, 2)).astype(np.float32)
 
   def mass(b, p, alpha, w):
-    return np.prod(ndtr((p - alpha * np.asarray(b.lo)) / w) - ndtr((p - alpha * np.asarray(b.hi)) / w), -1)
+    lo, hi = np.asarray(b.lo), np.asarray(b.hi)
+    return np.prod(ndtr((p - alpha * lo) / w) - ndtr((p - alpha * hi) / w), -1)
 
   p = x.astype(np.float64)
   for alpha in (0.3, 0.06, 0.05, 0.03, 1e-3, 1e-5):
