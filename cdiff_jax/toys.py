@@ -137,6 +137,13 @@ class SmoothBox:
   def area(self) -> float:
     return float(np.prod(np.asarray(self.hi) - np.asarray(self.lo)))
 
+  @property
+  def moments(self) -> tuple[np.ndarray, np.ndarray]:
+    """Per-axis mean and variance (D,) of the uniform density on the box (blur not
+    included)."""
+    lo, hi = np.asarray(self.lo, np.float64), np.asarray(self.hi, np.float64)
+    return (lo + hi) / 2, (hi - lo) ** 2 / 12
+
   @_single_point
   def log_prob(self, x, alpha=1.0, sigma=0.0):
     """log p_t(x), x (B, D) or (D,); alpha, sigma scalars or (B,). Finite at alpha = 0,
@@ -151,8 +158,9 @@ class SmoothBox:
     w_ok = jnp.sqrt((a_ok * self.tau) ** 2 + s ** 2)
     exact = (log_ndtr_diff((x - a_ok * lo) / w_ok, (x - a_ok * hi) / w_ok)
              - jnp.log(a_ok * (hi - lo)))
-    var = width ** 2 + (a * (hi - lo)) ** 2 / 12
-    gauss = -0.5 * ((x - a * (lo + hi) / 2) ** 2 / var + jnp.log(2 * math.pi * var))
+    mean, box_var = (jnp.asarray(v, jnp.float32) for v in self.moments)
+    var = width ** 2 + a ** 2 * box_var
+    gauss = -0.5 * ((x - a * mean) ** 2 / var + jnp.log(2 * math.pi * var))
     return jnp.sum(jnp.where(speck, gauss, exact), axis=-1)
 
   def unnormalized_indicator(self, x):
@@ -273,14 +281,11 @@ class BoxDifference:
   def moments(self) -> tuple[np.ndarray, np.ndarray]:
     """Mean (D,) and covariance (D, D) of the uniform density on outer minus inner (blur
     not included): the signed mixture of the two boxes' moments."""
-    def box_moments(b):
-      lo, hi = np.asarray(b.lo, np.float64), np.asarray(b.hi, np.float64)
-      m = (lo + hi) / 2
-      return m, np.outer(m, m) + np.diag((hi - lo) ** 2 / 12)
-    (wa, wb), (ma, sa), (mb, sb) = self.signed_weights, box_moments(self.outer), \
-        box_moments(self.inner)
+    def second_moment(m, var):     # E[u u^T] of a box
+      return np.outer(m, m) + np.diag(var)
+    (wa, wb), (ma, va), (mb, vb) = self.signed_weights, self.outer.moments, self.inner.moments
     mean = wa * ma + wb * mb
-    return mean, wa * sa + wb * sb - np.outer(mean, mean)
+    return mean, wa * second_moment(ma, va) + wb * second_moment(mb, vb) - np.outer(mean, mean)
 
   def sample(self, rng: np.random.Generator | int, n: int) -> np.ndarray:
     rng = np.random.default_rng(rng)
