@@ -178,10 +178,10 @@ def test_throughput_leaves_out_checkpoint_writes_and_in_loop_sampling(tmp_path, 
 
 
 def test_sample_grids_reuse_the_runs_sampler(tiny_config, tmp_path, monkeypatch):
-  """``exp.sampler()`` is one Sampler per setting: the in-loop sample grids, the final
-  samples and the evaluation of a run build it once (a new one per grid compiled its
-  programs again: 3.4 s per grid on the tiny model, 0.07 s reused), and the same call
-  draws the same images. Another setting or eps_fn gets its own."""
+  """``exp.sampler()`` is one Sampler per setting: the in-loop sample grids and the final
+  samples of a run build it once (a new one per grid compiled its programs again: 3.4 s per
+  grid on the tiny model, 0.07 s reused), and the same call draws the same images. Another
+  setting or eps_fn gets its own."""
   built = []
 
   class Counting(train.Sampler):
