@@ -298,6 +298,15 @@ def build_score_model(config, num_classes: int) -> ScoreModel:
   return ScoreModel(net, schedule, config.model.parameterization)
 
 
+def _sampling_eps(model, guidance_scale, conditional, num_classes, params, x, t, cond):
+  """eps at sampling time: classifier-free guided (``guidance_scale``) for a conditional
+  model given labels, the model's own eps otherwise."""
+  if cond is None or guidance_scale == 1.0 or not conditional:
+    return model.eps(params, x, t, cond)
+  from cdiff_jax.methods import guidance  # Local: guidance imports the samplers.
+  return guidance.cfg_eps(model, params, x, t, cond, guidance_scale, num_classes)
+
+
 @dataclasses.dataclass
 class Experiment:
   config: ml_collections.ConfigDict
@@ -352,19 +361,23 @@ class Experiment:
     state = create_train_state(params, self.tx, rng_train, extras)
     return parallel.put_replicated(state, self.mesh)
 
+  def _eps_settings(self) -> tuple:
+    """What the run's sampling eps reads besides its arguments: (model, guidance scale,
+    conditional, num_classes). ``sampler()`` binds them when it builds a Sampler and keys its
+    cache on them, so a sampler keeps its settings when the config changes later."""
+    return (self.model, float(self.config.sample.get('guidance_scale', 1.0)),
+            bool(self.config.model.conditional), self.num_classes)
+
   def eps_fn(self, params, x, t, cond):
     """Sampling-time eps (cond: labels or None); classifier-free guided with weight
     ``sample.guidance_scale`` when the model is conditional and labels are given."""
-    w = self.config.sample.get('guidance_scale', 1.0)
-    if cond is None or w == 1.0 or not self.config.model.conditional:
-      return self.model.eps(params, x, t, cond)
-    from cdiff_jax.methods import guidance  # Local: guidance imports the samplers.
-    return guidance.cfg_eps(self.model, params, x, t, cond, w, self.num_classes)
+    return _sampling_eps(*self._eps_settings(), params, x, t, cond)
 
   def sampler(self, eps_fn=None, **overrides) -> Sampler:
     """The run's sampler (``config.sample``; ``overrides`` of ``Sampler``'s arguments) over
-    ``eps_fn`` (default: ``self.eps_fn``; e.g. ``guidance.composed_eps_fn(self.model,
-    self.num_classes)`` for AND/NOT compositions of a conditional model's classes)."""
+    ``eps_fn`` (default: ``self.eps_fn`` with the config's settings of now; e.g.
+    ``guidance.composed_eps_fn(self.model, self.num_classes)`` for AND/NOT compositions of a
+    conditional model's classes)."""
     sc = self.config.sample
     if 'clip' not in overrides:
       config_lib.check_sample_clip(sc, self.data_reach)
@@ -373,13 +386,15 @@ class Experiment:
     kw.update(overrides)
     if eps_fn is not None:
       return Sampler(eps_fn, self.model.schedule, self.image_shape, **kw)
-    # The run's eps_fn: one Sampler per setting (its programs are compiled per batch size
-    # on first use; the samplers' oneDNN programs are not in the persistent cache, so a new
-    # Sampler per sample grid compiled them again every time).
-    key = (self.model, sc.get('guidance_scale', 1.0), bool(self.config.model.conditional),
-           *sorted(kw.items()))
+    # The run's eps: one Sampler per setting (its programs are compiled per batch size on
+    # first use; the samplers' oneDNN programs are not in the persistent cache, so a new
+    # Sampler per sample grid compiled them again every time). The eps settings are bound
+    # here, not read from the config when a batch size is first traced.
+    settings = self._eps_settings()
+    key = (settings, *sorted(kw.items()))
     if key not in self._samplers:
-      self._samplers[key] = Sampler(self.eps_fn, self.model.schedule, self.image_shape, **kw)
+      self._samplers[key] = Sampler(functools.partial(_sampling_eps, *settings),
+                                    self.model.schedule, self.image_shape, **kw)
     return self._samplers[key]
 
   @functools.cached_property

@@ -297,9 +297,16 @@ def test_guidance_scale_reaches_every_core_sampler():
     want = Sampler(by_hand, exp.model.schedule, exp.image_shape, name, sc.num_steps, sc.eta,
                    sc.clip or None, num_chunks=1)(state.params, jax.random.key(1), 4, y)
     np.testing.assert_allclose(guided[name], want, rtol=1e-4, atol=1e-4, err_msg=name)
+  kept = exp.sampler(sampler='ddim', num_chunks=1)
   exp.config.sample.guidance_scale = 1.0
   plain = exp.sampler(sampler='ddim', num_chunks=1)(state.params, jax.random.key(1), 4, y)
   assert not np.allclose(guided['ddim'], plain)
+  # A sampler keeps the scale it was built with: a batch size it first traces after the
+  # config changed is still guided with 4.0.
+  want = Sampler(by_hand, exp.model.schedule, exp.image_shape, 'ddim', sc.num_steps, sc.eta,
+                 sc.clip or None, num_chunks=1)(state.params, jax.random.key(2), 2, y[:2])
+  np.testing.assert_allclose(kept(state.params, jax.random.key(2), 2, y[:2]), want,
+                             rtol=1e-4, atol=1e-4)
 
 
 def test_guidance_config_errors_name_the_field():
