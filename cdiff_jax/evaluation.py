@@ -200,13 +200,14 @@ class NonFiniteSamples(FloatingPointError):
 
 
 def frechet_distance(feats_a: np.ndarray, feats_b: np.ndarray) -> float:
-  """||mu_a - mu_b||^2 + Tr(S_a + S_b - 2 (S_a S_b)^(1/2)) of Gaussian fits to features."""
+  """||mu_a - mu_b||^2 + Tr(S_a + S_b - 2 (S_a S_b)^(1/2)) of Gaussian fits to features:
+  one row per example, (N, D) (a 1-D array: one feature per example)."""
   a, b = np.asarray(feats_a, np.float64), np.asarray(feats_b, np.float64)
   if min(len(a), len(b)) < 2:
     raise ValueError(f'the Frechet distance fits a covariance to each set and needs at least '
                      f'2 feature vectors in each (got {len(a)} and {len(b)}).')
   mu_a, mu_b = a.mean(0), b.mean(0)
-  s_a, s_b = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
+  s_a, s_b = (np.atleast_2d(np.cov(f, rowvar=False)) for f in (a, b))  # (1, 1) for D = 1
   # Tr (S_a S_b)^(1/2) = sum of sqrt eigenvalues of the symmetric PSD S_a^(1/2) S_b S_a^(1/2):
   # stable where a general matrix square root returns complex noise.
   w, v = np.linalg.eigh(s_a)

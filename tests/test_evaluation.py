@@ -17,6 +17,16 @@ def test_frechet_distance_closed_form():
   assert evaluation.frechet_distance(a, a) == pytest.approx(0.0, abs=1e-6)
 
 
+def test_frechet_distance_of_one_feature():
+  """One feature per example, (N, 1) or (N,) (np.cov gives a 0-d covariance there): N(0, 1)
+  against N(1, 4), 1 + 1 + 4 - 2 * 2 = 2 exactly for these standardized samples."""
+  a = np.random.default_rng(0).standard_normal(50)
+  a = (a - a.mean()) / a.std(ddof=1)
+  for shape in ((50, 1), (50,)):
+    assert evaluation.frechet_distance(a.reshape(shape), 1 + 2 * a.reshape(shape)) == \
+        pytest.approx(2.0, abs=1e-9)
+
+
 def test_frechet_distance_with_fewer_samples_than_features():
   """Fewer feature vectors than dimensions: singular covariances whose eigenvalues round to
   small negatives. Identical sets are at distance 0 (not NaN, not a LinAlgError); a shift
