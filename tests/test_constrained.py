@@ -135,6 +135,24 @@ def test_constrained_built_in_python_checks_its_fields():
       (dict(constraint_t_min=1.0), r'constraint_t_min=1.0')):
     with pytest.raises(ValueError, match=match):
       _method(**kw)
+  # Without names, each constraint gets one (the groups, logs and warnings use them); without
+  # classes, constraint_source='classes' has no examples to draw: named, not zero losses.
+  ds = ArrayDataset(np.zeros((6, 2), np.float32), np.array([0, 0, 1, 1, 2, 2]), 3,
+                    attributes={'source': np.array([0, 0, 1, 1, 2, 2])})
+  assert _method(constraint_names=()).constraint_names == ('constraint_1', 'constraint_2')
+  groups = _method(constraint_names=(), constraint_source='source').data_groups(ds, np.arange(6))
+  assert [(name, list(idx)) for name, idx, _ in groups] == [
+      ('objective', [0, 1]), ('constraint_1', [2, 3]), ('constraint_2', [4, 5])]
+  assert [name for name, _, _ in _method(constraint_classes=(1, 2)).data_groups(
+      ds, np.arange(6))] == ['objective', 'a', 'b']
+  with pytest.raises(ValueError, match=r"constraint_classes=\(\)\): constraint_source='classes' "
+                                       r'needs one class per constraint \(2\)'):
+    _method().data_groups(ds, np.arange(6))
+
+  class Terms:  # a composed objective (TIW-DSM's) keeps its own data groups
+    per_example_terms = None
+  with pytest.raises(ValueError, match=r"constraint_source='source'.*use 'classes'"):
+    _method(base=Terms(), constraint_source='source')
 
 
 def _run_dual(method, losses_per_step):

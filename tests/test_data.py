@@ -434,6 +434,10 @@ def test_keep_drop_and_minority_selection_of_the_training_set():
       train.train_indices(dc, ds)
   with pytest.raises(ValueError, match='fraction 1.5'):
     imbalance.subsample_classes(labels, {1: 1.5}, seed=0)
+  # A selection that leaves nothing is named as such, minority classes set or not.
+  dc.update(keep_classes=(2,), drop_classes=(2,), minority_classes=(1,))
+  with pytest.raises(config_lib.ConfigError, match='class selection leaves no training'):
+    train.train_indices(dc, ds)
 
 
 def test_long_tail_counts_clip_to_each_class_and_class_counts_length():

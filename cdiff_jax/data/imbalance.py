@@ -49,7 +49,7 @@ def subsample_classes(labels: np.ndarray, fractions: Mapping[int, float], seed: 
       rng = np.random.default_rng([seed, int(c)])
       idx = rng.choice(idx, max(1, int(round(frac * len(idx)))), replace=False)
     keep.append(idx)
-  return np.sort(np.concatenate(keep))
+  return np.sort(np.concatenate([indices[:0], *keep]))  # none: an empty selection stays so
 
 
 def minority_indices(labels: np.ndarray, num_classes: int, minority_classes: Sequence[int],

@@ -95,6 +95,9 @@ class Constrained:
         ('constraint_classes',) if self.constraint_source == 'classes' else ()):
       if getattr(self, field) and len(getattr(self, field)) != m:
         raise fail(field, f'give one per constraint ({m}), or none.')
+    if not self.constraint_names:  # the groups, logs and warnings name every constraint
+      object.__setattr__(self, 'constraint_names',
+                         tuple(f'constraint_{i}' for i in range(1, m + 1)))
     for field, ok, why in (
         ('dual_estimate', self.dual_estimate in ESTIMATES, f'use one of {ESTIMATES}.'),
         ('constraint_source', self.constraint_source in CONSTRAINT_SOURCES,
@@ -105,7 +108,9 @@ class Constrained:
         ('dual_lr', self.dual_lr >= 0, 'give 0 or more.'),
         ('resilient_alpha', self.resilient_alpha >= 0, 'give 0 (off) or more.'),
         ('constraint_t_min', 0.0 <= self.constraint_t_min < 1.0, 'give a time in [0, 1).'),
-        ('num_objective_groups', self.num_objective_groups >= 1, 'give 1 or more.')):
+        ('num_objective_groups', self.num_objective_groups >= 1, 'give 1 or more.'),
+        ('constraint_source', not (self.composed and self.constraint_source == 'source'),
+         "a TIW-DSM objective takes its data from its biased/reference split: use 'classes'.")):
       if not ok:
         raise fail(field, why)
 
@@ -125,6 +130,10 @@ class Constrained:
       # reference sets), not the examples its split set aside.
       pool = np.unique(np.concatenate([g[1] for g in groups]))
     if self.constraint_source == 'classes':
+      if len(self.constraint_classes) != self.num_constraints:
+        raise ValueError(f'Constrained(constraint_classes={self.constraint_classes!r}): '
+                         f"constraint_source='classes' needs one class per constraint "
+                         f'({self.num_constraints}) to draw its examples from.')
       from cdiff_jax.data import imbalance
       imbalance._check_classes(self.constraint_classes, dataset.num_classes,
                                'config.method.constraint_classes')
