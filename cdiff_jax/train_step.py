@@ -90,7 +90,9 @@ def make_step_fn(method: Method, tx: optax.GradientTransformation,
         state.params, state.extras, batch, rng_loss, state.step)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    ema = ema_update(state.ema_params, params, state.step, ema_decay)
+    # The EMA's warm-up, like the learning rate, counts applied steps (not skipped ones).
+    applied = schedule_step(state.opt_state, state.step)
+    ema = ema_update(state.ema_params, params, applied, ema_decay)
     extras, extra_metrics = method.update_extras(state.extras, aux, state.step, rng_extras)
     grad_norm = optax.global_norm(grads)
     # A finite loss and gradient can still give a non-finite update (Adam's 0/0 at eps=0)
@@ -101,7 +103,7 @@ def make_step_fn(method: Method, tx: optax.GradientTransformation,
                         opt_state=opt_state, extras=extras)
     # On a non-finite step keep everything but the step counter (so a 'skip' run moves on).
     new = _select(finite, new, state.replace(step=state.step + 1))
-    lr = lr_fn(schedule_step(state.opt_state, state.step))
+    lr = lr_fn(applied)
     metrics = dict(loss=loss, grad_norm=grad_norm, lr=lr,
                    nonfinite=(~finite).astype(jnp.int32))
     metrics.update(aux.get('metrics', {}))

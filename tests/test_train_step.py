@@ -109,9 +109,14 @@ def test_training_loop_stops_on_nonfinite(tiny_config, tmp_path):
     train.train_and_evaluate(tiny_config, str(tmp_path), dataset=ds, progress=False)
 
 
-def test_ema_after_one_step_is_the_warmup_average(tiny_config):
-  """EMA starts as the parameters; after step 0 it is d init + (1 - d) new, d = min(decay, 1/10)."""
+@pytest.mark.parametrize('skipped_first', [False, True])
+def test_ema_after_one_step_is_the_warmup_average(tiny_config, skipped_first):
+  """EMA starts as the parameters; after the first applied step it is d init + (1 - d) new,
+  d = min(decay, 1/10), also when a non-finite step was skipped before it (the warm-up
+  counts applied steps, as the learning rate does)."""
   tiny_config.optim.warmup_steps = 0  # (a warm-up step has lr 0 and moves nothing)
+  tiny_config.train.debug_nan_step = 0 if skipped_first else -1
+  tiny_config.train.on_nonfinite = 'skip'
   from cdiff_jax.data.sources import ArrayDataset
   tiny_config.data.name = 'toy'
   tiny_config.model.name, tiny_config.model.hidden, tiny_config.model.depth = 'mlp', 16, 1
@@ -122,7 +127,9 @@ def test_ema_after_one_step_is_the_warmup_average(tiny_config):
   state = exp.init_state()
   init = jax.tree.map(np.array, state.params)
   assert _max_diff(init, state.ema_params) == 0.0
-  state, _ = exp.step(state, parallel.put_batch(exp.batcher.batch(0), exp.mesh))
+  for s in range(1 + skipped_first):
+    state, metrics = exp.step(state, parallel.put_batch(exp.batcher.batch(s), exp.mesh))
+  assert int(metrics['nonfinite']) == 0 and int(state.step) == 1 + skipped_first
   d = min(tiny_config.train.ema_decay, 1 / 10)
   expected = jax.tree.map(lambda e, p: d * e + (1 - d) * np.asarray(p), init, state.params)
   assert _max_diff(init, state.params) > 1e-4  # the step moved the parameters
