@@ -589,20 +589,28 @@ def _save_pending(path: str, step: int, since: int, seconds: float, pending: lis
 
 def _load_pending(path: str, start: int, k: int) -> tuple[list[dict], int, float]:
   """(pending metrics, the step they start at, their training time) for a run that starts
-  at ``start`` with ``k`` steps per call: those saved by the run that stopped at that step,
-  else none."""
+  at ``start`` with ``k`` steps per call: those saved by the run that stopped at that step
+  (regrouped into calls of ``k`` steps if it ran calls of another length), else none."""
   if not (jax.process_index() == 0 and os.path.exists(path)):
     return [], start, 0.0
   with np.load(path) as f:
-    # From another stop (the records cover those steps), or calls of another length (an
-    # interval record of its own then, as before).
-    if int(f['_step']) != start or int(f['_k']) != k:
+    if int(f['_step']) != start:  # from another stop: the records cover those steps
       return [], start, 0.0
+    saved_k = int(f['_k'])
     keys = [key for key in f.files if not key.startswith('_')]
-    arrays = {key: f[key] for key in keys}
+    # One row per step (a call of saved_k > 1 steps carries a leading axis of saved_k).
+    steps = {key: f[key].reshape((-1,) + f[key].shape[2:]) if saved_k > 1 else f[key]
+             for key in keys}
     since, seconds = int(f['_since']), float(f['_seconds'])
-  n = len(next(iter(arrays.values()))) if arrays else 0
-  return [{key: arrays[key][i] for key in keys} for i in range(n)], since, seconds
+  if (start - since) % k:  # a record step of an earlier invocation's intervals
+    print(f'WARNING: the metrics of steps {since + 1}-{start}, saved at the stop, do not '
+          f'make whole calls of train.steps_per_call={k} steps: they are left out of the '
+          'records.', file=sys.stderr)
+    return [], start, 0.0
+  calls = (start - since) // k
+  if k > 1:
+    steps = {key: v.reshape((calls, k) + v.shape[1:]) for key, v in steps.items()}
+  return [{key: steps[key][i] for key in keys} for i in range(calls)], since, seconds
 
 
 def save_training_data(workdir: str, dataset: sources.ArrayDataset) -> None:
@@ -725,16 +733,19 @@ def _train_and_evaluate(config, workdir, dataset, progress, hooks, preemption, l
   parallel.barrier('initialized')  # Orbax's first collective must not wait long for a peer.
   ckpt_dir = os.path.join(workdir, 'checkpoints')
   ckpt = checkpoint_lib.Checkpointer(ckpt_dir, tc.keep_checkpoints)
-  try:  # Refuses an incompatible checkpoint before anything is written.
-    latest = ckpt.latest_step()
-    if latest is not None and latest % tc.steps_per_call:
+  def check_step(step):  # a checkpoint step this config can resume from
+    if step is not None and step % tc.steps_per_call:
       raise config_lib.ConfigError(f'config.train.steps_per_call={tc.steps_per_call}: the '
-                                   f'checkpoint is at step {latest}; use a divisor of it.')
-    if latest is not None and latest > tc.steps:  # records of train.steps, a state past it
+                                   f'checkpoint is at step {step}; use a divisor of it.')
+    if step is not None and step > tc.steps:  # records of train.steps, a state past it
       raise config_lib.ConfigError(f'config.train.steps={tc.steps}: the checkpoint in '
-                                   f'{ckpt_dir} is at step {latest}, past it; set '
-                                   f'train.steps >= {latest} or use a new --workdir.')
+                                   f'{ckpt_dir} is at step {step}, past it; set '
+                                   f'train.steps >= {step} or use a new --workdir.')
+
+  try:  # Refuses an incompatible checkpoint before anything is written.
+    check_step(ckpt.latest_step())
     restored, restored_step = ckpt.restore_latest(state, config, resume=True)
+    check_step(restored_step)  # older than the newest where that one was unreadable
   except BaseException:
     ckpt.close()
     raise
@@ -750,10 +761,6 @@ def _train_and_evaluate(config, workdir, dataset, progress, hooks, preemption, l
   preemption.training = True
   if restored is not None and is_main:
     print(f'Resumed from step {restored_step} ({ckpt_dir}).')
-    if restored_step and not os.path.exists(os.path.join(workdir, 'metrics.jsonl')):
-      print(f'WARNING: {workdir}/metrics.jsonl is missing: the records of the steps before '
-            f'{restored_step} are lost, and the curves and final figures start there.',
-            file=sys.stderr)
   start = int(state.step)
   if is_main:
     clock.start()
@@ -786,6 +793,11 @@ def _train_and_evaluate(config, workdir, dataset, progress, hooks, preemption, l
   # (saved with the checkpoint), so the rerun logs the records of an uninterrupted run.
   pending, pending_start, carried_seconds = _load_pending(
       os.path.join(workdir, PENDING_METRICS), start, k)
+  # (Steps the carried metrics cover were never recorded, and need not be.)
+  if is_main and pending_start and not os.path.exists(os.path.join(workdir, 'metrics.jsonl')):
+    print(f'WARNING: {workdir}/metrics.jsonl is missing: the records of the steps before '
+          f'{pending_start} are lost, and the curves and final figures start there.',
+          file=sys.stderr)
   # (The interval's throughput: its steps over its training time in both invocations.)
   t_last, step_last = time.perf_counter() - carried_seconds, pending_start
   last_saved = restored_step

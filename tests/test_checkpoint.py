@@ -44,6 +44,30 @@ def test_resume_is_exact(tiny_config, tmp_path, monkeypatch):
   assert run_files.tensorboard_events(tmp_path / 'resumed' / 'tensorboard')[1] == [5]
 
 
+def test_resume_checks_hold_the_step_restored_not_the_newest_folder(tiny_config, tmp_path,
+                                                                     capsys):
+  """An unreadable newest step folder (4) over a readable checkpoint at 2: a rerun at 4
+  steps per call is refused for the step it would resume from (2), as it was not (it
+  checked 4, then resumed from 2 and ran past train.steps to 10, with no final
+  checkpoint). A rerun that can resume warns that the records before step 2 are lost when
+  metrics.jsonl is gone."""
+  from cdiff_jax import config as config_lib
+  tiny_config.train.steps, tiny_config.train.checkpoint_every = 2, 2
+  tiny_config.train.log_every = 2
+  train.train_and_evaluate(tiny_config, str(tmp_path), progress=False)
+  (tmp_path / 'checkpoints' / '4').mkdir()
+  tiny_config.train.steps, tiny_config.train.steps_per_call = 8, 4
+  tiny_config.train.log_every, tiny_config.train.checkpoint_every = 4, 4
+  with pytest.raises(config_lib.ConfigError,
+                     match='steps_per_call=4: the checkpoint is at step 2; use a divisor'):
+    train.train_and_evaluate(tiny_config, str(tmp_path), progress=False)
+  (tmp_path / 'metrics.jsonl').unlink()
+  tiny_config.train.steps, tiny_config.train.steps_per_call = 4, 1
+  capsys.readouterr()
+  assert train.train_and_evaluate(tiny_config, str(tmp_path), progress=False)['final_step'] == 4
+  assert 'the records of the steps before 2 are lost' in capsys.readouterr().err
+
+
 def test_incompatible_checkpoint_is_refused(tiny_config, tmp_path):
   train.train_and_evaluate(tiny_config, str(tmp_path), progress=False)
   tiny_config.model.ch = 24

@@ -157,6 +157,27 @@ def test_preempted_mid_call_then_killed_resumes_to_the_uninterrupted_run(dsm_run
   assert resumed.records[1:] == dsm_run.records[1:]
 
 
+def test_a_stop_carries_its_metrics_to_a_rerun_of_another_steps_per_call(tmp_path, capsys):
+  """Preempted in its first call of 2 steps (a checkpoint at 2, no record yet), rerun at 1
+  step per call: the carried metrics of steps 1-2 are regrouped, so the record at 4 is the
+  mean of steps 1-4 and every record the mean of its interval (they were dropped: the
+  record at 4 held steps 3-4 only), and no warning says records are lost."""
+  c = _dsm_config()
+  preempted = _Run(c, tmp_path, sigterm_in=1)
+  assert isinstance(preempted.error, train.Preempted) and preempted.saved == 2
+  assert preempted.records == []
+  c.train.steps_per_call = 1
+  capsys.readouterr()
+  resumed = _Run(c, tmp_path)
+  assert resumed.error is None and len(resumed.calls) == 6
+  assert 'metrics.jsonl is missing' not in capsys.readouterr().err
+  steps = {key: np.concatenate([v, run_files.per_step(resumed.calls)[key]])
+           for key, v in run_files.per_step(preempted.calls, 2).items()}
+  assert [r['step'] for r in resumed.records] == [4, 6, 8]
+  run_files.assert_interval_means(resumed.records, steps, c.train.batch_size,
+                                  across_a_stop=(4,))
+
+
 def _dsm_k4_config():
   """The same DSM at 4 steps per call: 16 steps, records every 4, checkpoints at 8."""
   c = run_files.tiny_digits_config(log_every=4, checkpoint_every=8, steps_per_call=4)
