@@ -184,7 +184,9 @@ def draw(workdir: str, num_samples: int = 64, seed: int = 0, classes=None,
     raise
   trained = [int(c) for c in exp.sample_classes]
   for flag, asked in (('classes', classes), ('compose', compose and compose['concepts'])):
-    if untrained := [c for c in asked or () if c != guidance.ANY and c not in trained]:
+    # (ANY, -1, is a composition's "any class" concept, not a class of --classes.)
+    if untrained := [c for c in asked or ()
+                     if c not in trained and not (flag == 'compose' and c == guidance.ANY)]:
       raise config_lib.ConfigError(
           f'--{flag}: the run in {workdir} was not trained on class(es) '
           f'{",".join(map(str, untrained))}; it knows {",".join(map(str, trained))}.')

@@ -384,6 +384,8 @@ def _dead_pid() -> int:
                 r'load them with toy_composition.train_components'),
     ('run', dict(classes=[4, 12]), r'--classes: .* not trained on class\(es\) 12; it knows '
                                    r'0,1,2,3,4,5,6,7,8,9\.'),
+    # -1 (a composition's "any class") is not a class: it drew the null class's samples.
+    ('run', dict(classes=[-1]), r'--classes: .* not trained on class\(es\) -1; it knows'),
     ('run', dict(sampler='leapfrog'), r"^--sampler=leapfrog: must be one of \("),
     ('run', dict(num_samples=0), r'^--num_samples=0: give a positive number'),
     ('run', dict(eta=2.0), r'^--eta=2.0: must lie in \[0, 1\]'),
