@@ -214,10 +214,13 @@ def main(argv):
   check_evaluated(config)
 
   constrained = copy.deepcopy(config)
-  if constrained.method.threshold_mode == 'reference' and not constrained.method.reference_workdir:
+  own_reference = (constrained.method.threshold_mode == 'reference'
+                   and not constrained.method.reference_workdir)
+  if own_reference:
     constrained.method.reference_workdir = os.path.join(workdir, 'unconstrained')
-  else:  # Its own reference (or none): checked now, not after the unconstrained arm's training.
-    train.validate(constrained)
+  # Checked now, not after the unconstrained arm's training (but for its own reference, the
+  # unconstrained arm, which that training makes).
+  train.validate(constrained, check_paths=not own_reference)
   train.validate(unconstrained_arm(config))  # (a wrong parallel.* must not start a cluster)
   # XLA options before anything starts the backend: the reference's parameters, read for
   # the constrained arm's key when the reference is reused, would.

@@ -140,6 +140,11 @@ def test_a_config_file_that_does_not_load_gets_one_line(tmp_path):
     ('experiments.minority', '--config.method.reference_workdir=/nonexistent/ref',
      "config.method.reference_workdir='/nonexistent/ref' holds no checkpoints/"),
     ('experiments.minority', '--config.data.data_dir=/nonexistent/data', 'data.data_dir'),
+    # The constrained arm's own checks (here: class constraints on a conditional model),
+    # also with its default reference, the unconstrained arm it trains first.
+    ('experiments.minority', ('--config.model.conditional=True',
+                              '--config.model.class_dropout=0.1'),
+     'config.model.conditional=True: class constraints'),
     ('experiments.digits_guidance', '--config.guidance.not_class=12', 'guidance.not_class'),
     # Named as set, not as the pre-training config's train.steps it becomes.
     ('experiments.finetune', '--config.train.steps_per_call=3', 'config.finetune.pretrain_steps'),
@@ -149,8 +154,9 @@ def test_a_config_file_that_does_not_load_gets_one_line(tmp_path):
      'config.finetune.new_data_size'),
 ])
 def test_experiment_scripts_report_bad_input_in_one_line(module, override, needle, tmp_path):
-  out = subprocess.run([sys.executable, '-m', module, f'--workdir={tmp_path / "run"}', override],
-                       cwd=ROOT, capture_output=True, text=True, timeout=300)
+  overrides = (override,) if isinstance(override, str) else override
+  out = subprocess.run([sys.executable, '-m', module, f'--workdir={tmp_path / "run"}',
+                        *overrides], cwd=ROOT, capture_output=True, text=True, timeout=300)
   _assert_one_error_line(out, needle)
   assert not os.listdir(tmp_path)   # the workdir not even created
 
