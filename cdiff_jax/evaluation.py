@@ -272,15 +272,26 @@ def generate(exp, state, num_samples: int, seed: int = EVAL_SEED, progress: bool
   of the K trained classes, or of ``classes``), so the classes stay balanced when K does
   not divide ``batch_size``. ``sampler``: called as ``exp.sampler()`` is (the default),
   ``sampler(params, rng, n, labels, progress=...) -> images``."""
-  sampler = sampler or exp.sampler()
   params = state.ema_params if exp.config.sample.use_ema else state.params
-  n_dev = exp.mesh.devices.size
+  return sample_in_batches(sampler or exp.sampler(), params, num_samples,
+                           lambda start, n: exp.sample_labels(n, offset=start, classes=classes),
+                           seed, batch_size, exp.mesh.devices.size, progress)
+
+
+def sample_in_batches(sampler, params, num: int, cond_fn: Callable, seed: int,
+                      batch_size: int = 1000, num_devices: int = 1, progress: bool = False
+                      ) -> np.ndarray:
+  """``num`` samples on the host, drawn in batches of up to ``batch_size``, each padded to a
+  multiple of ``num_devices`` (a mesh sampler's batch) and cut back; batch i draws with
+  ``fold_in(key(seed), i)``. ``cond_fn(start, n)``: the conditioning of samples ``start`` to
+  ``start + n - 1`` (labels, a composition, or None); ``sampler(params, rng, n, cond,
+  progress=...) -> images``."""
   out = []
-  for i, start in enumerate(range(0, num_samples, batch_size)):
-    n = min(batch_size, num_samples - start)
-    n_pad = -(-n // n_dev) * n_dev
+  for i, start in enumerate(range(0, num, batch_size)):
+    n = min(batch_size, num - start)
+    n_pad = -(-n // num_devices) * num_devices
     x = sampler(params, jax.random.fold_in(jax.random.key(seed), i), n_pad,
-                exp.sample_labels(n_pad, offset=start, classes=classes), progress=progress)
+                cond_fn(start, n_pad), progress=progress)
     out.append(np.asarray(parallel.to_host(x))[:n])
   return np.concatenate(out)
 

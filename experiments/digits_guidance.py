@@ -81,21 +81,6 @@ def train_model(config, workdir: str, progress: bool):
   return result['experiment'], result['state'], result['seconds']  # every invocation's part
 
 
-def sample_in_batches(sampler, params, num: int, cond_fn, seed: int, batch: int = 500,
-                      progress: bool = False):
-  """``num`` samples; ``cond_fn(start, n)`` gives the conditioning of each batch."""
-  import jax
-  import numpy as np
-  from cdiff_jax import parallel
-  out = []
-  for i, start in enumerate(range(0, num, batch)):
-    n = min(batch, num - start)
-    x = sampler(params, jax.random.fold_in(jax.random.key(seed), i), n, cond_fn(start, n),
-                progress=progress)
-    out.append(np.asarray(parallel.to_host(x)))
-  return np.concatenate(out)
-
-
 def main(argv):
   del argv
   import jax
@@ -140,25 +125,26 @@ def main(argv):
   settings = {}
   others = [c for c in trained if c != g.not_class]   # the target of "any digit but N"
   t0 = time.time()
-  settings['unconditional'] = (sample_in_batches(
-      make(guidance.cfg_eps_fn(model, 1.0, k)), params, n, lambda s, m: None, 1,
-      progress=progress), None, 'null class', every)
+  # n samples in batches of 500 (padded to the mesh's devices), cond_fn(start, m) each.
+  draw = lambda sampler, params, cond_fn, seed: evaluation.sample_in_batches(
+      sampler, params, n, cond_fn, seed, 500, exp.mesh.devices.size, progress)
+  settings['unconditional'] = (draw(make(guidance.cfg_eps_fn(model, 1.0, k)), params,
+                                    lambda s, m: None, 1), None, 'null class', every)
   for w in g.cfg_scales:
-    x = sample_in_batches(make(guidance.cfg_eps_fn(model, w, k)), params, n, per_class, 2,
-                          progress=progress)
+    x = draw(make(guidance.cfg_eps_fn(model, w, k)), params, per_class, 2)
     settings[f'CFG w={w:g}'] = (x, requested_all, f'eps_u + {w:g} (eps_c - eps_u)', every)
   composed = make(guidance.composed_eps_fn(model, k))  # the weights are inputs: one compile
   for w in g.not_scales:
     cond = lambda s, m, w=w: guidance.make_composition((guidance.ANY, g.not_class), (1.0, -w),
                                                        m, k, field='guidance')
-    x = sample_in_batches(composed, params, n, cond, 3, progress=progress)
+    x = draw(composed, params, cond, 3)
     settings[f'NOT {g.not_class} w={w:g}'] = (
         x, None, f'eps_u - {w:g} (eps_{g.not_class} - eps_u)', others)
   # What NOT approximates, drawn exactly: the conditional model, labels over the other classes.
-  complement = np.asarray(others)[np.arange(n) % len(others)]
-  x = sample_in_batches(make(guidance.cfg_eps_fn(model, 1.0, k)), params, n,
-                        lambda s, m: jnp.asarray(complement[s:s + m], jnp.int32), 5,
-                        progress=progress)
+  in_turn = lambda s, m: np.asarray(others)[(s + np.arange(m)) % len(others)]
+  complement = in_turn(0, n)
+  x = draw(make(guidance.cfg_eps_fn(model, 1.0, k)), params,
+           lambda s, m: jnp.asarray(in_turn(s, m), jnp.int32), 5)
   settings[complement_setting(g.not_class)] = (x, complement, 'eps_c, c != '
                                                f'{g.not_class} in turn', others)
   sampling_seconds = time.time() - t0
@@ -173,8 +159,7 @@ def main(argv):
   for w in g.classifier_scales:
     eps_fn = guidance.classifier_guided_eps_fn(guidance.cfg_eps_fn(model, 1.0, k), clf_net,
                                                sched, w)
-    x = sample_in_batches(make(eps_fn), dict(model=params, classifier=clf_params), n,
-                          per_class, 4, progress=progress)
+    x = draw(make(eps_fn), dict(model=params, classifier=clf_params), per_class, 4)
     settings[f'classifier guidance w={w:g}'] = (
         x, requested_all, f'eps_u - {w:g} sigma_t grad log p(y|x_t)', every)
   sampling_seconds += time.time() - t0

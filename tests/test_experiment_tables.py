@@ -409,19 +409,24 @@ def test_finetune_helpers():
 
 
 def test_guidance_sampling_in_batches_and_table():
-  """sample_in_batches gives exactly ``num`` samples, each batch conditioned on its own
-  slice of the sequence; the table's columns hold the rows' own figures."""
+  """evaluation.sample_in_batches (the script's sampling) gives exactly ``num`` samples,
+  each batch conditioned on its own slice of the sequence and padded to the mesh's devices
+  (a batch of 500 on 8 devices was refused after training); the table's columns hold the
+  rows' own figures."""
   _run('''
     import numpy as np
     import experiments.digits_guidance as g
-    sizes = []
-    def sampler(params, rng, n, cond, progress=False):
-      sizes.append(n)
-      return np.asarray(cond, np.float32)[:, None]   # each "sample" is its label
-    x = g.sample_in_batches(sampler, None, 23, lambda s, m: np.arange(s, s + m) % 10, seed=0,
-                            batch=10)
-    assert sizes == [10, 10, 3], sizes
-    np.testing.assert_array_equal(x[:, 0], np.arange(23) % 10)
+    from cdiff_jax import evaluation
+    for devices, want in ((1, [10, 10, 3]), (4, [12, 12, 4])):
+      sizes = []
+      def sampler(params, rng, n, cond, progress=False):
+        assert n % devices == 0, n
+        sizes.append(n)
+        return np.asarray(cond, np.float32)[:, None]   # each "sample" is its label
+      x = evaluation.sample_in_batches(sampler, None, 23, lambda s, m: np.arange(s, s + m) % 10,
+                                       seed=0, batch_size=10, num_devices=devices)
+      assert sizes == want, sizes
+      np.testing.assert_array_equal(x[:, 0], np.arange(23) % 10)
 
     rows = {'unconditional': dict(class_frequencies=list(np.linspace(0.01, 0.19, 10)),
                                   classifier_fid=12.34, num_samples=100, tv_to_uniform=0.2345),
