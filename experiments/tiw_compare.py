@@ -208,10 +208,12 @@ def _define_flags():
   """The command-line flags, defined only when this file is the program."""
   _FLAGS['config'] = cli.define_config_file(
       'config', 'configs/digits_tiw.py', 'Config of every arm (method.variant and '
-      'method.alpha are set per arm); override fields as --config.train.steps=1500.')
+      'method.alpha are set per arm, method.ref_fraction by --ref_fractions); override '
+      'fields as --config.train.steps=1500.')
   _FLAGS['workdir'] = flags.DEFINE_string('workdir', 'runs/tiw_compare', 'Output directory.')
-  _FLAGS['ref_fractions'] = flags.DEFINE_list('ref_fractions', ['0.1'],
-                                              'Reference-set sizes, e.g. 0.05,0.1.')
+  _FLAGS['ref_fractions'] = flags.DEFINE_list(
+      'ref_fractions', [], 'Reference-set sizes, e.g. 0.05,0.1 (default: the config\'s '
+      'method.ref_fraction).')
   _FLAGS['alphas'] = flags.DEFINE_list('alphas', ['0.5', '2'], 'Extra TIW-DSM temperatures.')
   _FLAGS['arms'] = flags.DEFINE_list('arms', [], 'Arm labels to run (default: all).')
   _FLAGS['progress'] = cli.define_progress_flags()
@@ -243,6 +245,7 @@ def main(argv):
   workdir, progress = _FLAGS['workdir'].value, _FLAGS['progress'].value
   base.eval.enabled = True
   alphas, fractions = _numbers('alphas'), _numbers('ref_fractions')
+  fractions = fractions or [base.method.ref_fraction]   # (the config's own, by default)
   selected = _FLAGS['arms'].value
   labels = [label for label, _, _ in arms(alphas)]
   unknown = [a for a in selected if a not in labels]

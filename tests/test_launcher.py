@@ -317,10 +317,13 @@ def test_flag_error_blames_the_override_whose_field_it_names(capsys):
 
 def test_tiw_compare_checks_its_lists_and_every_arm_before_writing(tmp_path):
   """--alphas / --ref_fractions that are not numbers, and an arm's config that fails its
-  checks, stop with one line before the workdir exists (a traceback, and an empty workdir
-  for a bad reference fraction, before)."""
+  checks (a reference fraction given either way), stop with one line before the workdir
+  exists (a traceback, and an empty workdir for a bad reference fraction, before)."""
   for flag, needle in (('--alphas=abc', '--alphas=abc: give numbers separated by commas'),
-                       ('--ref_fractions=-0.5', 'config.method.ref_fraction=-0.5: must lie in')):
+                       ('--ref_fractions=-0.5', 'config.method.ref_fraction=-0.5: must lie in'),
+                       # without --ref_fractions, the config's own (it was set to 0.1)
+                       ('--config.method.ref_fraction=-0.5',
+                        'config.method.ref_fraction=-0.5: must lie in')):
     out = subprocess.run([sys.executable, 'experiments/tiw_compare.py',
                           f'--workdir={tmp_path / "w"}', '--noprogress', flag], cwd=ROOT,
                          capture_output=True, text=True, timeout=300)
