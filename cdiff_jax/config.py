@@ -234,6 +234,10 @@ def validate(c: ml_collections.ConfigDict, check_paths: bool = True) -> None:
   if not 0.0 <= c.model.class_dropout < 1.0:
     _fail('model.class_dropout', c.model.class_dropout, 'must lie in [0, 1).')
   if c.model.name == 'unet':
+    for f in ('model.ch', 'model.num_groups', 'model.num_res_blocks'):
+      _positive(c, f)
+    if not 0.0 <= c.model.dropout < 1.0:  # 1 zeroes every residual branch (NaN gradients)
+      _fail('model.dropout', c.model.dropout, 'must lie in [0, 1).')
     for m in (1,) + tuple(c.model.ch_mult):   # 1: the stem's width, normalized first
       if (c.model.ch * m) % c.model.num_groups:
         _fail('model.num_groups', c.model.num_groups,
@@ -316,7 +320,8 @@ def validate(c: ml_collections.ConfigDict, check_paths: bool = True) -> None:
   if w != 1.0 and why == 'no null class':
     _fail('sample.guidance_scale', w, 'the null class is never trained with '
           'model.class_dropout=0; set model.class_dropout=0.1 (or guidance_scale=1).')
-  _positive(c, 'eval.num_samples')
+  if c.eval.num_samples < 2:  # the FID fits a covariance to the samples' features
+    _fail('eval.num_samples', c.eval.num_samples, 'must be at least 2.')
   _positive(c, 'eval.classifier_steps', allow_zero=True)  # 0: the dataset's default
   if c.eval.enabled and c.data.name == 'toy':
     _fail('eval.enabled', True, 'the evaluation classifier needs an image dataset.')

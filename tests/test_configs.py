@@ -65,6 +65,15 @@ def _with(overrides):
     ({'train.steps_per_call': 2, 'train.checkpoint_every': 3}, 'config.train.checkpoint_every=3'),
     ({'parallel.num_processes': 2, 'parallel.process_id': 2}, 'config.parallel.process_id=2'),
     ({'sample.eta': -1.0}, 'config.sample.eta=-1.0: must lie in [0, 1]'),
+    # UNet sizes that crashed in validate (0 groups), in JAX (negative) or trained a net of
+    # zero-width layers (ch 0); dropout that zeroes (1.5) or scales (-0.5) every branch.
+    ({'model.num_groups': 0}, 'config.model.num_groups=0: must be positive'),
+    ({'model.ch': 0}, 'config.model.ch=0: must be positive'),
+    ({'model.num_res_blocks': -1}, 'config.model.num_res_blocks=-1: must be positive'),
+    ({'model.dropout': 1.5}, 'config.model.dropout=1.5: must lie in [0, 1)'),
+    ({'model.dropout': -0.5}, 'config.model.dropout=-0.5: must lie in [0, 1)'),
+    # One sample has no covariance for the FID: it failed after training.
+    ({'eval.num_samples': 1}, 'config.eval.num_samples=1: must be at least 2'),
     # Adam settings that give NaN or no updates, and a weight decay adam would ignore.
     ({'optim.b2': 1.0}, 'config.optim.b2=1.0: must lie in [0, 1)'),
     ({'optim.eps': 0.0}, 'config.optim.eps=0.0: must be positive'),

@@ -155,6 +155,27 @@ def test_constrained_built_in_python_checks_its_fields():
     _method(base=Terms(), constraint_source='source')
 
 
+@pytest.mark.parametrize('config_name,overrides,needle', [
+    # 0 batches divided by zero in train.build; a frequency outside [0, 1] was taken (a
+    # negative one as off, 1.5 as an impossible target).
+    ('digits_minority', dict(reference_batches=0), 'config.method.reference_batches=0: must be'),
+    ('digits_minority', dict(target_frequency=-0.1),
+     'config.method.target_frequency=-0.1: must lie in (0, 1]'),
+    ('digits_minority', dict(target_frequency=1.5),
+     'config.method.target_frequency=1.5: must lie in (0, 1]'),
+    # Sets of a 'source' attribute without names: Constrained(num_constraints=0) traceback.
+    ('digits_finetune', dict(constraint_names=()),
+     "config.method.constraint_names=(): constraint_source='source' needs one name"),
+])
+def test_constrained_config_out_of_range_is_named(config_name, overrides, needle):
+  import importlib
+  c = importlib.import_module(f'configs.{config_name}').get_config()
+  c.method.reference_workdir = '/a/reference/run'   # (its own arm: set by the experiment)
+  c.method.update(overrides)
+  with pytest.raises(config_lib.ConfigError, match=re.escape(needle)):
+    train.validate(c, check_paths=False)
+
+
 def _run_dual(method, losses_per_step):
   """The dual side over steps with these constraint losses; a None entry is a skipped
   non-finite step, which keeps the extras (train_step) while the step number moves on.

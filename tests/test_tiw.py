@@ -10,6 +10,7 @@ Newton step on the method's own scalar loss gives its exact minimizer over that 
 """
 
 import dataclasses
+import re
 
 import chex
 import flax.linen as nn
@@ -491,6 +492,15 @@ def test_conditional_tiw_an_unmeasured_attribute_and_an_mlp_discriminator_are_re
   with pytest.raises(config_lib.ConfigError, match=r"^config.method.disc_net='mlp': is for "
                                                    r"vector data \(model.name=mlp\)"):
     train.validate(c)
+  # A dropout of 1 (its T-BCE "diverged", blaming disc_lr) and a zero-width discriminator
+  # (it trained, at chance) are named.
+  for field, value, needle in (('disc_dropout', 1.0, 'must lie in [0, 1)'),
+                               ('disc_ch', 0, 'must be positive')):
+    c = digits_tiw.get_config()
+    c.method[field] = value
+    with pytest.raises(config_lib.ConfigError,
+                       match=re.escape(f'config.method.{field}={value!r}: {needle}')):
+      train.validate(c)
 
 
 def test_unknown_method_field_is_refused():

@@ -405,6 +405,9 @@ def validate(config, check_paths: bool = True) -> None:
   if mc.constraint_source == 'classes' and not mc.constraint_classes:
     raise ConfigError('config.method.constraint_classes=(): give at least one class to constrain '
                       "(or use method.name='dsm' for no constraints).")
+  if mc.constraint_source == 'source' and not mc.constraint_names:
+    raise ConfigError("config.method.constraint_names=(): constraint_source='source' needs one "
+                      "name per constraint set (source i = constraint i), e.g. ('pre',).")
   if mc.dual_estimate not in ESTIMATES:
     raise ConfigError(f'config.method.dual_estimate={mc.dual_estimate!r}: must be one of {ESTIMATES}.')
   if mc.threshold_mode not in THRESHOLD_MODES:
@@ -435,6 +438,9 @@ def validate(config, check_paths: bool = True) -> None:
       not os.path.isdir(os.path.join(mc.reference_workdir, 'checkpoints'))):
     raise ConfigError(f'config.method.reference_workdir={mc.reference_workdir!r} holds no '
                       'checkpoints/; train the reference run first.')
+  if not 0.0 <= mc.target_frequency <= 1.0:
+    raise ConfigError(f'config.method.target_frequency={mc.target_frequency}: must lie in '
+                      '(0, 1] (a class frequency), or be 0 (off).')
   if mc.target_frequency > 0 and config.diffusion.loss_weighting != 'elbo':
     raise ConfigError(f'config.method.target_frequency={mc.target_frequency}: a frequency '
                       "target converts to a threshold in nats only with ELBO losses; set "
@@ -478,6 +484,9 @@ def validate(config, check_paths: bool = True) -> None:
     raise ConfigError(f'config.method.dual_start={mc.dual_start}: must be >= 0.')
   if mc.dual_every < 1:
     raise ConfigError(f'config.method.dual_every={mc.dual_every}: must be >= 1.')
+  if mc.reference_batches < 1:
+    raise ConfigError(f'config.method.reference_batches={mc.reference_batches}: must be >= 1 '
+                      '(the batches a reference loss is measured on).')
   if not 0 <= mc.dual_ema < 1:
     raise ConfigError(f'config.method.dual_ema={mc.dual_ema}: must lie in [0, 1).')
   if mc.dual_lr_schedule not in ('constant', 'primal'):
@@ -616,8 +625,8 @@ def default_method_config():
       constraint_source='classes',   # classes: one constraint per class | source: dataset tag
       constraint_classes=(),
       constraint_names=(),           # constraint_source='source'
-      objective_batch=128,
-      constraint_batch=64,
+      objective_batch=128,           # with constraint_batch per constraint: the batch
+      constraint_batch=64,           # (train.batch_size is not read by this method)
       threshold_mode='absolute',     # absolute | reference
       thresholds=(0.05,),            # absolute: b_i (one value or one per constraint)
       reference_workdir='',          # reference: b_i = scale * L_ref + offset, where L_ref is

@@ -500,7 +500,11 @@ def validate(config, section: str = 'method') -> None:
   if mc.disc_batch_size < 2 or mc.disc_batch_size % 2:
     fail('disc_batch_size', mc.disc_batch_size, 'must be a positive even number '
           '(half reference, half biased).')
+  if not 0.0 <= mc.disc_dropout < 1.0:
+    fail('disc_dropout', mc.disc_dropout, 'must lie in [0, 1).')
   if config.model.name == 'unet' and mc.disc_net != 'mlp':
+    if mc.disc_ch < 1:  # 0 is a multiple of 8: a discriminator of zero-width layers
+      fail('disc_ch', mc.disc_ch, 'must be positive.')
     for m in mc.disc_ch_mult:
       if (mc.disc_ch * m) % 8:
         fail('disc_ch', mc.disc_ch, f'disc_ch * disc_ch_mult ({mc.disc_ch} * {m}) must be a '
