@@ -16,6 +16,8 @@ def test_drop_after_keeps_records_up_to_the_step_and_drops_a_cut_line(tmp_path):
     w.write(step, dict(loss=step / 10))
   with open(tmp_path / 'metrics.jsonl', 'a') as f:
     f.write('{"step": 8, "lo')
+  # Read before the rerun (a killed run's curves, or a run's while it writes): the records.
+  assert writers.read_metrics(str(tmp_path)) == [dict(step=s, loss=s / 10) for s in (2, 4, 6)]
   w.drop_after(6)
   assert writers.read_metrics(str(tmp_path)) == [dict(step=s, loss=s / 10) for s in (2, 4, 6)]
   w.drop_after(4)
