@@ -373,6 +373,29 @@ class Experiment:
     ``sample.guidance_scale`` when the model is conditional and labels are given."""
     return _sampling_eps(*self._eps_settings(), params, x, t, cond)
 
+  def check_labels(self, labels, num_samples: int):
+    """The labels of ``num_samples`` samples of the run's model, checked before sampling:
+    none for an unconditional model; for a conditional one None (unconditional samples,
+    through the null class) or one int class in 0..num_classes-1 per sample (a list is
+    taken). Raises ValueError naming what is wrong (they went into the network unchecked:
+    a class past the last gave NaN samples, -1 the null class, an unconditional model
+    ignored them)."""
+    if labels is None:
+      return None
+    if not self.config.model.conditional:
+      raise ValueError('labels given to an unconditional model (model.conditional=False) '
+                       'would be ignored; pass None.')
+    host = labels if isinstance(labels, jax.Array) else np.asarray(labels)
+    if host.shape != (num_samples,) or not jnp.issubdtype(host.dtype, jnp.integer):
+      raise ValueError(f'labels must be one int class per sample, shape ({num_samples},); got '
+                       f'{host.dtype.name} of shape {host.shape}.')
+    if not isinstance(host, jax.Array) or host.is_fully_addressable:
+      values = np.asarray(host)
+      if bad := sorted({int(c) for c in values if not 0 <= c < self.num_classes}):
+        raise ValueError(f'labels {bad[:5]} are not classes of this model (0..'
+                         f'{self.num_classes - 1}); pass None for unconditional samples.')
+    return labels if isinstance(labels, jax.Array) else jnp.asarray(host, jnp.int32)
+
   def sampler(self, eps_fn=None, **overrides) -> Sampler:
     """The run's sampler (``config.sample``; ``overrides`` of ``Sampler``'s arguments) over
     ``eps_fn`` (default: ``self.eps_fn`` with the config's settings of now; e.g.
@@ -394,7 +417,8 @@ class Experiment:
     key = (settings, *sorted(kw.items()))
     if key not in self._samplers:
       self._samplers[key] = Sampler(functools.partial(_sampling_eps, *settings),
-                                    self.model.schedule, self.image_shape, **kw)
+                                    self.model.schedule, self.image_shape,
+                                    check_cond=self.check_labels, **kw)
     return self._samplers[key]
 
   @functools.cached_property

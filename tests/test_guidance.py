@@ -309,6 +309,32 @@ def test_guidance_scale_reaches_every_core_sampler():
                              rtol=1e-4, atol=1e-4)
 
 
+def test_the_runs_sampler_checks_its_labels_before_sampling():
+  """exp.sampler() refuses labels it would misuse, at any guidance scale, before anything
+  runs: a wrong shape (a JAX broadcasting error at scale 1), a class past the last (NaN
+  samples), -1 (the null class), labels for an unconditional model (ignored); a list is
+  taken as the array."""
+  exp = _toy_experiment(1.0)
+  state = exp.init_state()
+  sampler, key = exp.sampler(num_chunks=1), jax.random.key(0)
+  want = sampler(state.params, key, 4, jnp.array([0, 1, 2, 0]))
+  np.testing.assert_array_equal(sampler(state.params, key, 4, [0, 1, 2, 0]), want)
+  for labels, match in ((jnp.zeros((4, 1), jnp.int32), r'shape \(4,\); got int32 of shape '
+                                                       r'\(4, 1\)'),
+                        (jnp.zeros(3, jnp.int32), r'shape \(4,\); got int32 of shape \(3,\)'),
+                        (jnp.zeros(4), r'one int class per sample.*float32'),
+                        (jnp.array([0, 3, 1, 3]), r'labels \[3\] are not classes of this '
+                                                  r'model \(0..2\)'),
+                        (jnp.array([-1, 0, 0, 0]), r'labels \[-1\] are not classes')):
+    with pytest.raises(ValueError, match=match):
+      sampler(state.params, key, 4, labels)
+  c = exp.config.copy_and_resolve_references()
+  c.model.conditional = False
+  plain = train.build(c, exp.dataset)
+  with pytest.raises(ValueError, match='unconditional model .* would be ignored; pass None'):
+    plain.sampler(num_chunks=1)(plain.init_state().params, key, 4, jnp.arange(4) % 3)
+
+
 def test_guidance_config_errors_name_the_field():
   c = base_config()
   c.sample.guidance_scale = 3.0
