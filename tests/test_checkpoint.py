@@ -44,31 +44,7 @@ def test_resume_is_exact(tiny_config, tmp_path, monkeypatch):
   assert run_files.tensorboard_events(tmp_path / 'resumed' / 'tensorboard')[1] == [5]
 
 
-def test_resume_checks_hold_the_step_restored_not_the_newest_folder(tiny_config, tmp_path,
-                                                                     capsys):
-  """An unreadable newest step folder (4) over a readable checkpoint at 2: a rerun at 4
-  steps per call is refused for the step it would resume from (2), as it was not (it
-  checked 4, then resumed from 2 and ran past train.steps to 10, with no final
-  checkpoint). A rerun that can resume warns that the records before step 2 are lost when
-  metrics.jsonl is gone."""
-  from cdiff_jax import config as config_lib
-  tiny_config.train.steps, tiny_config.train.checkpoint_every = 2, 2
-  tiny_config.train.log_every = 2
-  train.train_and_evaluate(tiny_config, str(tmp_path), progress=False)
-  (tmp_path / 'checkpoints' / '4').mkdir()
-  tiny_config.train.steps, tiny_config.train.steps_per_call = 8, 4
-  tiny_config.train.log_every, tiny_config.train.checkpoint_every = 4, 4
-  with pytest.raises(config_lib.ConfigError,
-                     match='steps_per_call=4: the checkpoint is at step 2; use a divisor'):
-    train.train_and_evaluate(tiny_config, str(tmp_path), progress=False)
-  (tmp_path / 'metrics.jsonl').unlink()
-  tiny_config.train.steps, tiny_config.train.steps_per_call = 4, 1
-  capsys.readouterr()
-  assert train.train_and_evaluate(tiny_config, str(tmp_path), progress=False)['final_step'] == 4
-  assert 'the records of the steps before 2 are lost' in capsys.readouterr().err
-
-
-def test_incompatible_checkpoint_is_refused(tiny_config, tmp_path):
+def test_incompatible_checkpoint_is_refused(tiny_config, tmp_path, capsys):
   train.train_and_evaluate(tiny_config, str(tmp_path), progress=False)
   tiny_config.model.ch = 24
   with pytest.raises(checkpoint.IncompatibleCheckpoint, match='model.ch: checkpoint 16'):
@@ -93,14 +69,29 @@ def test_incompatible_checkpoint_is_refused(tiny_config, tmp_path):
                              rf'{value}\); a resumed run keeps them.*init_from'):
       train.train_and_evaluate(changed, str(tmp_path), progress=False)
     assert train.load_run(str(tmp_path), config=changed)[1].step == 8
+  # The resume checks hold the step restored, not the newest folder: under an unreadable
+  # step 12 the run resumes from 8, which 3 steps per call do not divide (it checked 12,
+  # resumed from 8 and ran past train.steps without a final checkpoint).
+  from cdiff_jax import config as config_lib
+  (tmp_path / 'checkpoints' / '12').mkdir()
+  scanned = tiny_config.copy_and_resolve_references()
+  scanned.update_from_flattened_dict({'train.steps': 12, 'train.steps_per_call': 3,
+                                      'train.log_every': 3, 'train.checkpoint_every': 6})
+  with pytest.raises(config_lib.ConfigError,
+                     match='steps_per_call=3: the checkpoint is at step 8; use a divisor'):
+    train.train_and_evaluate(scanned, str(tmp_path), progress=False)
   # A longer run of the same config resumes (a run may be extended), and so does one that
-  # finds its data elsewhere or logs at another cadence.
+  # finds its data elsewhere or logs at another cadence; with metrics.jsonl gone it warns
+  # that the records before its checkpoint are lost.
   tiny_config.train.log_every = 2
   tiny_config.train.steps = 12
   (tmp_path / 'moved').mkdir()
   tiny_config.data.data_dir = str(tmp_path / 'moved')
+  (tmp_path / 'metrics.jsonl').unlink()
+  capsys.readouterr()
   out = train.train_and_evaluate(tiny_config, str(tmp_path), progress=False)
   assert out['final_step'] == 12
+  assert 'the records of the steps before 8 are lost' in capsys.readouterr().err
 
 
 def test_fingerprint_covers_the_method_but_not_paths():
