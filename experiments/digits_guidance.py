@@ -84,7 +84,6 @@ def train_model(config, workdir: str, progress: bool):
 def main(argv):
   del argv
   import jax
-  import jax.numpy as jnp
   import numpy as np
   from cdiff_jax import evaluation, train, writers
   from cdiff_jax.methods import guidance
@@ -141,10 +140,9 @@ def main(argv):
     settings[f'NOT {g.not_class} w={w:g}'] = (
         x, None, f'eps_u - {w:g} (eps_{g.not_class} - eps_u)', others)
   # What NOT approximates, drawn exactly: the conditional model, labels over the other classes.
-  in_turn = lambda s, m: np.asarray(others)[(s + np.arange(m)) % len(others)]
-  complement = in_turn(0, n)
-  x = draw(make(guidance.cfg_eps_fn(model, 1.0, k)), params,
-           lambda s, m: jnp.asarray(in_turn(s, m), jnp.int32), 5)
+  in_turn = lambda s, m: exp.sample_labels(m, offset=s, classes=others)
+  complement = np.asarray(in_turn(0, n))
+  x = draw(make(guidance.cfg_eps_fn(model, 1.0, k)), params, in_turn, 5)
   settings[complement_setting(g.not_class)] = (x, complement, 'eps_c, c != '
                                                f'{g.not_class} in turn', others)
   sampling_seconds = time.time() - t0
