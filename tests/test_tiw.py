@@ -681,6 +681,19 @@ def test_discriminator_cache_key_covers_variant_schedule_and_recipe():
   assert remade._cache_path(10) != key
 
 
+def test_discriminator_signature_holds_the_pretraining_recipe_only():
+  """The config fields in the cache key are those the first phase reads: another learning
+  rate or width is another discriminator; joint updates after it (``disc_joint``) and the cache
+  switch itself are not (a run with disc_joint=True reuses the discriminator pre-trained for
+  the same recipe without it)."""
+  base = tiw._disc_signature(_toy_config().method)
+  assert tiw._disc_signature(_toy_config(disc_joint=True, disc_cache=True).method) == base
+  for field, value in [('disc_lr', 1e-3), ('disc_hidden', 64), ('disc_batch_size', 64),
+                       ('disc_time_weighting', 'sigma2'), ('imbalance_ratio', 0.2),
+                       ('ref_fraction', 0.2), ('split_seed', 1)]:
+    assert tiw._disc_signature(_toy_config(**{field: value}).method) != base, field
+
+
 def test_weight_metrics_are_group_means_and_effective_sample_size():
   """weight_bias / weight_ref are the mean weights of each group and weight_ess is
   (sum w)^2 / (n sum w^2), recomputed from the per-example weights."""

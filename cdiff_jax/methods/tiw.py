@@ -564,6 +564,21 @@ class _EvalClassifierFeatures:
     return self.clf.net.apply({'params': frozen}, x, jnp.zeros_like(t), return_features=True)[1]
 
 
+# Read only after the first phase (joint updates) or not by the training at all: a
+# discriminator pre-trained under one value is the same under the other.
+_NOT_IN_PRETRAINING = ('disc_joint', 'disc_cache')
+
+
+def _disc_signature(mc) -> str:
+  """The fields of ``config.method`` that shape the pre-trained discriminator: its recipe
+  (every ``disc_*`` field the first phase reads) and the split it is trained on."""
+  return json.dumps({k: (list(v) if isinstance(v, tuple) else v)
+                     for k, v in mc.to_dict().items()
+                     if (k.startswith('disc_') and k not in _NOT_IN_PRETRAINING)
+                     or k in ('bias', 'imbalance_ratio', 'ref_fraction', 'split_seed')},
+                    sort_keys=True)
+
+
 def build(config, model, num_classes: int, common: dict, section: str = 'method') -> TIW:
   """``section``: as for ``validate``."""
   mc = config.method
@@ -583,11 +598,7 @@ def build(config, model, num_classes: int, common: dict, section: str = 'method'
     disc = nc.NoisyClassifier(net, 1, feature_fn)
   disc_tx = optax.chain(optax.clip_by_global_norm(1.0),
                         optax.adamw(mc.disc_lr, weight_decay=mc.disc_weight_decay))
-  signature = json.dumps({k: (list(v) if isinstance(v, tuple) else v)
-                          for k, v in mc.to_dict().items()
-                          if k.startswith('disc_') or k in ('bias', 'imbalance_ratio',
-                                                            'ref_fraction', 'split_seed')},
-                         sort_keys=True)
+  signature = _disc_signature(mc)
   return TIW(dsm, disc, lambda ds, idx: split_indices(mc, ds, idx, section),
              variant=mc.variant, section=section,
              alpha=float(mc.alpha), score_correction=bool(mc.score_correction),
