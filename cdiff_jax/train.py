@@ -917,8 +917,13 @@ def _train_and_evaluate(config, workdir, dataset, progress, hooks, preemption, l
   result['final_extras'] = small_extras(state.extras)
   records = writers.read_metrics(workdir)
   if is_main:
-    writers.plot_curves(os.path.join(workdir, 'loss.png'), records, ['loss'], 'training loss',
-                        logy=True)
+    # A constrained run's ``loss`` is the Lagrangian, whose weights move with lambda (it falls
+    # when lambda rises and the constraint losses are the smaller ones): its objective is
+    # drawn beside it.
+    writers.plot_curves(os.path.join(workdir, 'loss.png'), records, ['loss', 'objective_loss'],
+                        'training loss', logy=True,
+                        labels={'loss': 'loss (the Lagrangian)', 'objective_loss': 'objective'}
+                        if any('objective_loss' in r for r in records) else None)
   samples = save_samples(exp, state, os.path.join(workdir, 'samples', 'final.png'),
                          progress=progress and is_main)
   result['samples_png'] = os.path.join(workdir, 'samples', 'final.png')

@@ -186,21 +186,24 @@ def _series(records: list[dict], key: str):
 
 
 def plot_curves(path: str, records: list[dict], keys: list[str], title: str = '',
-                logy: bool = False, entry_names=None) -> str | None:
+                logy: bool = False, entry_names=None,
+                labels: Mapping[str, str] | None = None) -> str | None:
   """Line plot of metrics over steps (list-valued metrics get one line per entry, labelled
-  ``key[name]`` with ``entry_names`` or ``key[i]``)."""
+  ``key[name]`` with ``entry_names`` or ``key[i]``; ``labels`` renames a key in the legend).
+  Keys no record has are left out; None (nothing written) when none is left."""
   fig, ax = new_figure(figsize=(6, 3.5))
   plotted = False
   for key in keys:
     steps, values = _series(records, key)
     if steps is None:
       continue
+    label = (labels or {}).get(key, key)
     if values.ndim == 1:
-      ax.plot(steps, values, label=key)
+      ax.plot(steps, values, label=label)
     else:
       for i in range(values.shape[1]):
         name = entry_names[i] if entry_names and i < len(entry_names) else i
-        ax.plot(steps, values[:, i], label=f'{key}[{name}]')
+        ax.plot(steps, values[:, i], label=f'{label}[{name}]')
     plotted = True
   if not plotted:
     return None

@@ -8,6 +8,7 @@ fixed-lam* model makes lam* the dual optimum: dual training from lam = 0 must fi
 """
 
 import json
+import os
 import re
 
 import jax
@@ -516,14 +517,26 @@ def test_reference_run_with_another_network_or_process_is_refused(tmp_path):
       constrained.validate(other)
 
 
-def test_constrained_run_logs_per_constraint_figures(tiny_config, tmp_path, capsys):
+def test_constrained_run_logs_per_constraint_figures(tiny_config, tmp_path, capsys,
+                                                    monkeypatch):
   tiny_config.method = constrained.default_method_config()
   tiny_config.method.constraint_classes = (4, 5, 7)
   tiny_config.method.objective_batch, tiny_config.method.constraint_batch = 16, 8
   tiny_config.method.thresholds = (0.01, 0.02, 0.03)
   tiny_config.train.steps_per_call = 2
   from cdiff_jax import writers
+  legends = {}   # each figure's legend entries, by file name
+  save = writers.save_figure
+  def recording_save(fig, path):
+    legends[os.path.basename(path)] = [t for ax in fig.axes
+                                       for t in ax.get_legend_handles_labels()[1]]
+    return save(fig, path)
+  monkeypatch.setattr(writers, 'save_figure', recording_save)
   train.train_and_evaluate(tiny_config, str(tmp_path), progress=False)
+  # The loss figure draws the objective beside the Lagrangian (whose weights move with
+  # lambda); lambda's figure has one line per constraint, named.
+  assert legends['loss.png'] == ['loss (the Lagrangian)', 'objective']
+  assert legends['lambda.png'] == ['lam[class_4]', 'lam[class_5]', 'lam[class_7]']
   # The start line names each batch group with its size (not only the dataset's size).
   groups = re.search(r'batch groups: (.*)', capsys.readouterr().out).group(1).split(', ')
   assert [g.split()[0] for g in groups] == ['objective', 'class_4', 'class_5', 'class_7']
