@@ -921,7 +921,7 @@ def _train_and_evaluate(config, workdir, dataset, progress, hooks, preemption, l
     # when lambda rises and the constraint losses are the smaller ones): its objective is
     # drawn beside it.
     writers.plot_curves(os.path.join(workdir, 'loss.png'), records, ['loss', 'objective_loss'],
-                        'training loss', logy=True,
+                        'training loss', yscale='log',
                         labels={'loss': 'loss (the Lagrangian)', 'objective_loss': 'objective'}
                         if any('objective_loss' in r for r in records) else None)
   samples = save_samples(exp, state, os.path.join(workdir, 'samples', 'final.png'),
@@ -933,7 +933,7 @@ def _train_and_evaluate(config, workdir, dataset, progress, hooks, preemption, l
                         'dual variables lambda', entry_names=names)
     writers.plot_curves(os.path.join(workdir, 'constraints.png'), records,
                         ['constraint_gap'], 'L_i - b_i (constraint gap, <= 0 is satisfied)',
-                        entry_names=names)
+                        entry_names=names, yscale='symlog', zero_line=True)
   if config.eval.enabled:
     from cdiff_jax import evaluation  # Local: loads the classifier only when asked.
     result['eval'] = evaluation.evaluate_run(exp, state, workdir, progress=progress and is_main)

@@ -186,11 +186,15 @@ def _series(records: list[dict], key: str):
 
 
 def plot_curves(path: str, records: list[dict], keys: list[str], title: str = '',
-                logy: bool = False, entry_names=None,
-                labels: Mapping[str, str] | None = None) -> str | None:
+                yscale: str = 'linear', entry_names=None,
+                labels: Mapping[str, str] | None = None, zero_line: bool = False) -> str | None:
   """Line plot of metrics over steps (list-valued metrics get one line per entry, labelled
   ``key[name]`` with ``entry_names`` or ``key[i]``; ``labels`` renames a key in the legend).
-  Keys no record has are left out; None (nothing written) when none is left."""
+  Keys no record has are left out; None (nothing written) when none is left.
+
+  ``yscale``: matplotlib's ('linear', 'log', 'symlog': linear within +-1, logarithmic
+  beyond, for signed values whose early ones are far larger). ``zero_line``: a dashed line
+  at 0."""
   fig, ax = new_figure(figsize=(6, 3.5))
   plotted = False
   for key in keys:
@@ -207,8 +211,12 @@ def plot_curves(path: str, records: list[dict], keys: list[str], title: str = ''
     plotted = True
   if not plotted:
     return None
-  if logy:
-    ax.set_yscale('log')
+  if yscale == 'symlog':
+    ax.set_yscale('symlog', linthresh=1.0)
+  else:
+    ax.set_yscale(yscale)
+  if zero_line:
+    ax.axhline(0.0, color='k', linestyle='--', linewidth=0.8)
   ax.set_xlabel('step')
   ax.set_title(title)
   ax.legend(fontsize=7)

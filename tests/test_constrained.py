@@ -525,11 +525,12 @@ def test_constrained_run_logs_per_constraint_figures(tiny_config, tmp_path, caps
   tiny_config.method.thresholds = (0.01, 0.02, 0.03)
   tiny_config.train.steps_per_call = 2
   from cdiff_jax import writers
-  legends = {}   # each figure's legend entries, by file name
+  legends, scales = {}, {}   # each figure's legend entries and y scale, by file name
   save = writers.save_figure
   def recording_save(fig, path):
     legends[os.path.basename(path)] = [t for ax in fig.axes
                                        for t in ax.get_legend_handles_labels()[1]]
+    scales[os.path.basename(path)] = [ax.get_yscale() for ax in fig.axes]
     return save(fig, path)
   monkeypatch.setattr(writers, 'save_figure', recording_save)
   train.train_and_evaluate(tiny_config, str(tmp_path), progress=False)
@@ -537,6 +538,8 @@ def test_constrained_run_logs_per_constraint_figures(tiny_config, tmp_path, caps
   # lambda); lambda's figure has one line per constraint, named.
   assert legends['loss.png'] == ['loss (the Lagrangian)', 'objective']
   assert legends['lambda.png'] == ['lam[class_4]', 'lam[class_5]', 'lam[class_7]']
+  # The gaps start tens of nats above 0 and end near it: a symmetric log scale shows both.
+  assert scales['constraints.png'] == ['symlog'] and scales['loss.png'] == ['log']
   # The start line names each batch group with its size (not only the dataset's size).
   groups = re.search(r'batch groups: (.*)', capsys.readouterr().out).group(1).split(', ')
   assert [g.split()[0] for g in groups] == ['objective', 'class_4', 'class_5', 'class_7']
