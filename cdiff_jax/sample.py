@@ -2,8 +2,9 @@
 
 Draws ``--num_samples`` images from the newest checkpoint of a run of the launcher or of an
 experiment's arm (e.g. ``runs/demo/constrained``), with the run's sampler unless a flag
-changes it, and writes a PNG grid and an ``.npz`` (``images`` in [-1, 1], NHWC, and
-``labels``)::
+changes it, and writes a PNG grid and an ``.npz`` (``images`` in [-1, 1], NHWC; ``labels``
+of a class-conditional model's draw, not of a ``--compose``; ``predicted`` by the
+evaluation classifier with ``--evaluate``)::
 
   python -m cdiff_jax.sample --workdir=runs/demo/constrained --num_samples=100 --evaluate
   python -m cdiff_jax.sample --workdir=runs/digits_cfg --classes=4,5,7 --guidance_scale=3
