@@ -119,7 +119,10 @@ def torch_args(exp, seed: int = 0, params_npz: str = '', channels_last: bool = T
   return dict(model=model, image_shape=list(exp.image_shape),
               batch_size=exp.batcher.global_batch_size,
               optim=dict(lr=c.optim.lr, b1=c.optim.b1, b2=c.optim.b2, eps=c.optim.eps,
-                         weight_decay=c.optim.weight_decay, grad_clip=c.optim.grad_clip),
+                         weight_decay=c.optim.weight_decay, grad_clip=c.optim.grad_clip,
+                         warmup_steps=c.optim.warmup_steps, total_steps=c.train.steps,
+                         lr_schedule=c.optim.lr_schedule,
+                         final_lr_fraction=c.optim.get('final_lr_fraction', 0.0)),
               ema_decay=c.train.ema_decay,
               diffusion=dict(num_steps=c.diffusion.num_steps, beta_start=c.diffusion.beta_start,
                              beta_end=c.diffusion.beta_end),
@@ -239,19 +242,30 @@ def program_flops(fn, *args) -> float:
   return float(cost['flops'])
 
 
-def jax_matmul_flops_per_sec(n: int = 2048, repeats: int = 5) -> float:
+def matmul_size() -> int:
+  """The side of the reference matmul: 2048 on CPU; 8192 on an accelerator, where a
+  2048x2048 product is too short to time one by one (launch and sync dominate)."""
+  import jax
+  return 2048 if jax.default_backend() == 'cpu' else 8192
+
+
+def jax_matmul_flops_per_sec(n: int = 2048, repeats: int = 10, warmup: int = 3) -> float:
+  """The peak FLOP/s of an n x n float32 matmul: the fastest of ``repeats`` timed products
+  after ``warmup`` untimed ones (the first products of a process run slower while its
+  threads start; PyTorch's ran at less than half speed in the first two)."""
   import jax
   import jax.numpy as jnp
   a = jax.random.normal(jax.random.key(0), (n, n))
   b = jax.random.normal(jax.random.key(1), (n, n))
   dot = jax.jit(jnp.dot)
-  dot(a, b).block_until_ready()
+  for _ in range(warmup):
+    dot(a, b).block_until_ready()
   times = []
   for _ in range(repeats):
     start = time.perf_counter()
     dot(a, b).block_until_ready()
     times.append(time.perf_counter() - start)
-  return 2 * n ** 3 / float(np.median(times))
+  return 2 * n ** 3 / min(times)
 
 
 def machine() -> str:

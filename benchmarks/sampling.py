@@ -104,10 +104,11 @@ def bench_model(name: str, args, torch) -> dict:
     s = mcmc.AnnealedMCMC(potential, eexp.model.schedule, eexp.image_shape, kind=kind,
                           num_steps=args.levels, steps_per_level=args.mcmc_steps,
                           step_size=0.05, num_leapfrog=args.leapfrog, cpu_onednn=onednn)
-    # Network evaluations (forward + input gradient) per level: the diffusion step, then
-    # MALA/ULA one per step, HMC/U-HMC one per leapfrog step.
+    # Network evaluations (forward + input gradient) per level: the diffusion step, the
+    # chain's first gradient at the new level (mcmc.run_chain), then MALA/ULA one per step,
+    # HMC/U-HMC one per leapfrog step.
     per_step = args.leapfrog if kind in ('hmc', 'uhmc') else 1
-    evals[kind] = 1 + args.mcmc_steps * per_step
+    evals[kind] = 2 + args.mcmc_steps * per_step
 
     def run(s=s):
       begin = time.perf_counter()

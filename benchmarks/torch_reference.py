@@ -278,6 +278,20 @@ class DDPM:
     return np.linspace(self.T, 1, num_steps + 1).round().astype(np.int64)
 
 
+def learning_rate(step: int, lr: float, warmup_steps: int = 0, total_steps: int = 1,
+                  lr_schedule: str = 'constant', final_lr_fraction: float = 0.0) -> float:
+  """cdiff_jax.optim.learning_rate_schedule at ``step``: a linear warm-up from 0, then
+  constant or a cosine decay to ``final_lr_fraction * lr`` at ``total_steps``."""
+  warmup = min(warmup_steps, max(total_steps - 1, 0))
+  if step < warmup:
+    return lr * step / warmup
+  if lr_schedule == 'constant':
+    return lr
+  decay_steps = max(total_steps - warmup, 1)
+  cosine = 0.5 * (1.0 + math.cos(math.pi * min(step - warmup, decay_steps) / decay_steps))
+  return lr * ((1.0 - final_lr_fraction) * cosine + final_lr_fraction)
+
+
 class Reference:
   """One model with its optimizer, train step and DDIM sampler."""
 
@@ -307,7 +321,11 @@ class Reference:
     self.ema = [p.detach().clone() for p in self.params]
     self.ema_decay = ema_decay
     self.grad_clip = optim.get('grad_clip', 1.0)
-    self.opt = torch.optim.AdamW(self.params, lr=optim.get('lr', 2e-3),
+    # The learning rate of each step, as cdiff_jax's schedule (warm-up, cosine decay).
+    self.lr_schedule = {k: optim[k] for k in ('warmup_steps', 'total_steps', 'lr_schedule',
+                                              'final_lr_fraction') if k in optim}
+    self.lr = optim.get('lr', 2e-3)
+    self.opt = torch.optim.AdamW(self.params, lr=self.lr,
                                  betas=(optim.get('b1', 0.9), optim.get('b2', 0.999)),
                                  eps=optim.get('eps', 1e-8),
                                  weight_decay=optim.get('weight_decay', 0.0),
@@ -331,6 +349,8 @@ class Reference:
     loss.backward()
     if self.grad_clip > 0:
       torch.nn.utils.clip_grad_norm_(self.params, self.grad_clip, foreach=True)
+    for group in self.opt.param_groups:
+      group['lr'] = learning_rate(self.step_count, self.lr, **self.lr_schedule)
     self.opt.step()
     with torch.no_grad():
       d = min(self.ema_decay, (1.0 + self.step_count) / (10.0 + self.step_count))
@@ -381,13 +401,17 @@ class Reference:
     return out.float().permute(0, 2, 3, 1).contiguous().cpu().numpy()
 
 
-def matmul_flops_per_sec(n: int = 2048, repeats: int = 5, device: str = 'cpu') -> float:
+def matmul_flops_per_sec(n: int = 2048, repeats: int = 10, device: str = 'cpu',
+                         warmup: int = 3) -> float:
+  """As ``common.jax_matmul_flops_per_sec``: the fastest of ``repeats`` products after
+  ``warmup`` untimed ones."""
   a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
   cuda = torch.device(device).type == 'cuda'
   if cuda:  # TF32, as XLA's float32 dot on GPUs and the Reference's model (its __init__)
     torch.backends.cuda.matmul.allow_tf32 = True
   sync = torch.cuda.synchronize if cuda else (lambda: None)
-  a @ b
+  for _ in range(warmup):
+    a @ b
   sync()
   times = []
   for _ in range(repeats):
@@ -395,7 +419,7 @@ def matmul_flops_per_sec(n: int = 2048, repeats: int = 5, device: str = 'cpu') -
     a @ b
     sync()
     times.append(time.perf_counter() - start)
-  return 2 * n ** 3 / float(np.median(times))
+  return 2 * n ** 3 / min(times)
 
 
 def conv_times(spec: dict, calls: int = 5, repeats: int = 5) -> dict:
