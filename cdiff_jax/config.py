@@ -111,6 +111,20 @@ def base_config() -> ml_collections.ConfigDict:
   return c
 
 
+def method_label(c: ml_collections.ConfigDict) -> str:
+  """What a run of ``c`` trains, in a few words for its log and figures: the method's name,
+  'constrained (disabled: lambda fixed at 0)' for a constrained config's unconstrained arm,
+  a TIW config's variant and weight temperature."""
+  mc = c.method
+  label = mc.name
+  if label == 'constrained' and not mc.get('enabled', True):
+    label += ' (disabled: lambda fixed at 0)'
+  elif label == 'tiw':
+    variant = mc.get('variant', 'tiw')
+    label += f' ({variant}, alpha {mc.alpha:g})' if variant in ('iw', 'tiw') else f' ({variant})'
+  return label
+
+
 def no_guidance(model_config) -> str | None:
   """Why a model of ``model_config`` has no classifier-free guidance: 'unconditional', or
   'no null class' (trained with ``class_dropout=0``); None when it has."""

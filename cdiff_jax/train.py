@@ -16,7 +16,7 @@ import signal
 import sys
 import threading
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -711,6 +711,37 @@ def save_samples(exp: Experiment, state: TrainState, path: str, num: int | None 
   return images
 
 
+def plot_run_curves(workdir: str, records: list[dict], config,
+                    constraint_names: Sequence[str] | None = None) -> None:
+  """A run's curves from its metrics records: ``loss.png``; a constrained run's
+  ``lambda.png`` and ``constraints.png`` (its gaps L_i - b_i), or for its unconstrained arm
+  (``method.enabled=False``: no thresholds, lambda fixed at 0) the constraint losses alone
+  in ``constraints.png``."""
+  labels = None
+  if any('objective_loss' in r for r in records):
+    # A constrained run's ``loss`` is the lambda-weighted mean its step descends, which falls
+    # when lambda rises and the constraint losses are the smaller ones: its objective L_0 is
+    # drawn beside it.
+    labels = {'objective_loss': 'objective L_0',
+              'loss': ('loss (L_0 + sum lam_i L_i) / (1 + sum lam_i)'
+                       if config.method.get('normalize', True) else 'loss L_0 + sum lam_i L_i')}
+  writers.plot_curves(os.path.join(workdir, 'loss.png'), records, ['loss', 'objective_loss'],
+                      'training loss', yscale='log', labels=labels)
+  if not any('lam' in r for r in records):
+    return
+  path = os.path.join(workdir, 'constraints.png')
+  if not config.method.get('enabled', True):
+    writers.plot_curves(path, records, ['constraint_loss'],
+                        'constraint losses L_i (disabled: no thresholds, lambda = 0)',
+                        entry_names=constraint_names, yscale='log')
+    return
+  writers.plot_curves(os.path.join(workdir, 'lambda.png'), records, ['lam'],
+                      'dual variables lambda', entry_names=constraint_names)
+  writers.plot_curves(path, records, ['constraint_gap'],
+                      'L_i - b_i (constraint gap, <= 0 is satisfied)',
+                      entry_names=constraint_names, yscale='symlog', zero_line=True)
+
+
 def train_and_evaluate(config, workdir: str, dataset: sources.ArrayDataset | None = None,
                        progress: bool = True, hooks: dict | None = None,
                        save_dataset: bool = False) -> dict:
@@ -800,10 +831,7 @@ def _train_and_evaluate(config, workdir, dataset, progress, hooks, preemption, l
   writer = writers.MetricWriter(workdir, active=is_main, resume_step=start)
   writer.drop_after(start)  # Steps logged after the checkpoint by a killed run.
   if is_main and start == 0:
-    method = config.method.name
-    if method == 'constrained' and not config.method.enabled:
-      method += ' (disabled: lambda fixed at 0)'
-    print(f'{method}: {num_params(state.params):,} parameters, '
+    print(f'{config_lib.method_label(config)}: {num_params(state.params):,} parameters, '
           f'{len(exp.train_idx)} training examples, global batch '
           f'{exp.batcher.global_batch_size}, {exp.mesh.devices.size} device(s); workdir {workdir}')
     b = exp.batcher
@@ -917,23 +945,10 @@ def _train_and_evaluate(config, workdir, dataset, progress, hooks, preemption, l
   result['final_extras'] = small_extras(state.extras)
   records = writers.read_metrics(workdir)
   if is_main:
-    # A constrained run's ``loss`` is the Lagrangian, whose weights move with lambda (it falls
-    # when lambda rises and the constraint losses are the smaller ones): its objective is
-    # drawn beside it.
-    writers.plot_curves(os.path.join(workdir, 'loss.png'), records, ['loss', 'objective_loss'],
-                        'training loss', yscale='log',
-                        labels={'loss': 'loss (the Lagrangian)', 'objective_loss': 'objective'}
-                        if any('objective_loss' in r for r in records) else None)
+    plot_run_curves(workdir, records, config, getattr(exp.method, 'constraint_names', None))
   samples = save_samples(exp, state, os.path.join(workdir, 'samples', 'final.png'),
                          progress=progress and is_main)
   result['samples_png'] = os.path.join(workdir, 'samples', 'final.png')
-  if is_main and any('lam' in r for r in records):
-    names = getattr(exp.method, 'constraint_names', None)
-    writers.plot_curves(os.path.join(workdir, 'lambda.png'), records, ['lam'],
-                        'dual variables lambda', entry_names=names)
-    writers.plot_curves(os.path.join(workdir, 'constraints.png'), records,
-                        ['constraint_gap'], 'L_i - b_i (constraint gap, <= 0 is satisfied)',
-                        entry_names=names, yscale='symlog', zero_line=True)
   if config.eval.enabled:
     from cdiff_jax import evaluation  # Local: loads the classifier only when asked.
     result['eval'] = evaluation.evaluate_run(exp, state, workdir, progress=progress and is_main)

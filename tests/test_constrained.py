@@ -517,6 +517,51 @@ def test_reference_run_with_another_network_or_process_is_refused(tmp_path):
       constrained.validate(other)
 
 
+def _record_figures(monkeypatch) -> dict:
+  """{file name: {'legend': entries, 'scale': y scale of each panel, 'title': titles}} of
+  every figure written from now on (writers.save_figure recorded)."""
+  from cdiff_jax import writers
+  figures = {}
+  save = writers.save_figure
+
+  def recording_save(fig, path):
+    figures[os.path.basename(path)] = dict(
+        legend=[t for ax in fig.axes for t in ax.get_legend_handles_labels()[1]],
+        scale=[ax.get_yscale() for ax in fig.axes], title=[ax.get_title() for ax in fig.axes])
+    return save(fig, path)
+  monkeypatch.setattr(writers, 'save_figure', recording_save)
+  return figures
+
+
+def test_an_unconstrained_arm_plots_its_constraint_losses_not_gaps_to_zero(tmp_path,
+                                                                           monkeypatch):
+  """With method.enabled=False the logged thresholds are 0 and lambda stays 0: its
+  constraints.png shows the losses themselves (titled so), not 'L_i - 0' as gaps that
+  'violate' by the whole loss, and no lambda.png of flat zeros; its class-frequency title
+  and log line name it the disabled arm."""
+  from cdiff_jax import config as config_lib
+  records = [dict(step=s, loss=9.0 / s, objective_loss=9.0 / s, lam=[0.0, 0.0],
+                  constraint_loss=[8.0 / s, 7.0 / s], constraint_gap=[8.0 / s, 7.0 / s],
+                  threshold=[0.0, 0.0]) for s in (1, 2, 3)]
+  c = config_lib.base_config()
+  c.method = constrained.default_method_config()
+  c.method.enabled = False
+  figures = _record_figures(monkeypatch)
+  train.plot_run_curves(str(tmp_path), records, c, ['class_4', 'class_5'])
+  assert sorted(figures) == ['constraints.png', 'loss.png']
+  assert figures['constraints.png']['legend'] == ['constraint_loss[class_4]',
+                                                  'constraint_loss[class_5]']
+  assert 'disabled' in figures['constraints.png']['title'][0]
+  assert config_lib.method_label(c) == 'constrained (disabled: lambda fixed at 0)'
+  c.method.enabled = True
+  figures.clear()
+  train.plot_run_curves(str(tmp_path), records, c, ['class_4', 'class_5'])
+  assert sorted(figures) == ['constraints.png', 'lambda.png', 'loss.png']
+  assert figures['constraints.png']['legend'] == ['constraint_gap[class_4]',
+                                                  'constraint_gap[class_5]']
+  assert config_lib.method_label(c) == 'constrained'
+
+
 def test_constrained_run_logs_per_constraint_figures(tiny_config, tmp_path, capsys,
                                                     monkeypatch):
   tiny_config.method = constrained.default_method_config()
@@ -525,21 +570,16 @@ def test_constrained_run_logs_per_constraint_figures(tiny_config, tmp_path, caps
   tiny_config.method.thresholds = (0.01, 0.02, 0.03)
   tiny_config.train.steps_per_call = 2
   from cdiff_jax import writers
-  legends, scales = {}, {}   # each figure's legend entries and y scale, by file name
-  save = writers.save_figure
-  def recording_save(fig, path):
-    legends[os.path.basename(path)] = [t for ax in fig.axes
-                                       for t in ax.get_legend_handles_labels()[1]]
-    scales[os.path.basename(path)] = [ax.get_yscale() for ax in fig.axes]
-    return save(fig, path)
-  monkeypatch.setattr(writers, 'save_figure', recording_save)
+  figures = _record_figures(monkeypatch)
   train.train_and_evaluate(tiny_config, str(tmp_path), progress=False)
-  # The loss figure draws the objective beside the Lagrangian (whose weights move with
-  # lambda); lambda's figure has one line per constraint, named.
-  assert legends['loss.png'] == ['loss (the Lagrangian)', 'objective']
-  assert legends['lambda.png'] == ['lam[class_4]', 'lam[class_5]', 'lam[class_7]']
+  # The loss figure draws the objective beside the lambda-weighted loss; lambda's figure has
+  # one line per constraint, named; the class frequencies say which arm they are.
+  assert figures['loss.png']['legend'] == ['loss (L_0 + sum lam_i L_i) / (1 + sum lam_i)',
+                                           'objective L_0']
+  assert figures['lambda.png']['legend'] == ['lam[class_4]', 'lam[class_5]', 'lam[class_7]']
   # The gaps start tens of nats above 0 and end near it: a symmetric log scale shows both.
-  assert scales['constraints.png'] == ['symlog'] and scales['loss.png'] == ['log']
+  assert figures['constraints.png']['scale'] == ['symlog']
+  assert figures['loss.png']['scale'] == ['log']
   # The start line names each batch group with its size (not only the dataset's size).
   groups = re.search(r'batch groups: (.*)', capsys.readouterr().out).group(1).split(', ')
   assert [g.split()[0] for g in groups] == ['objective', 'class_4', 'class_5', 'class_7']

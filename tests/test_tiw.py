@@ -860,3 +860,11 @@ def test_a_loaded_tiw_run_does_not_train_its_discriminator_again(tmp_path, monke
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
   with pytest.raises(AssertionError, match='trained again'):   # training builds it as before
     train.build(c, data).init_state()
+
+
+def test_a_runs_label_names_its_variant_and_temperature():
+  """The log line and the class-frequency figure's title tell the arms of a comparison
+  apart (all are method.name='tiw')."""
+  assert config_lib.method_label(_toy_config(variant='tiw', alpha=0.5)) == 'tiw (tiw, alpha 0.5)'
+  assert config_lib.method_label(_toy_config(variant='iw')) == 'tiw (iw, alpha 1)'
+  assert config_lib.method_label(_toy_config(variant='dsm_obs')) == 'tiw (dsm_obs)'
