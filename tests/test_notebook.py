@@ -11,8 +11,11 @@ import pytest
 from nbclient import NotebookClient
 
 import run_files
+from cdiff_jax import parallel
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+_PROJECT_XLA_OPTIONS = {f.split('=')[0] for f in parallel.DEFAULT_XLA_CPU_FLAGS.split()}
 
 # notebook -> (figures it must show, files each arm must write, arm folders)
 NOTEBOOKS = {
@@ -38,6 +41,10 @@ def test_notebook_executes(name, tmp_path, monkeypatch):
   workdir = tmp_path / 'run'
   monkeypatch.setenv('CDIFF_NOTEBOOK_STEPS', '20')
   monkeypatch.setenv('CDIFF_NOTEBOOK_WORKDIR', str(workdir))
+  # The kernel starts without the project's XLA:CPU option, as a fresh Colab runtime: the
+  # notebook sets it up before it touches a device, or XLA never reads it (a warning).
+  monkeypatch.setenv('XLA_FLAGS', ' '.join(f for f in os.environ.get('XLA_FLAGS', '').split()
+                                           if f.split('=')[0] not in _PROJECT_XLA_OPTIONS))
   nb = nbformat.read(path, as_version=4)
   assert not any(c.get('outputs') for c in nb.cells if c.cell_type == 'code'), \
       'commit the notebook without outputs'
@@ -52,6 +59,9 @@ def test_notebook_executes(name, tmp_path, monkeypatch):
       assert (workdir / arm / f).exists(), (arm, f)
   if name == 'constrained_digits.ipynb':
     assert (workdir / 'constrained' / 'lambda.png').exists()
+  stderr = ''.join(o.get('text', '') for c in nb.cells if c.cell_type == 'code'
+                   for o in c.outputs if o.get('name') == 'stderr')
+  assert 'not applied' not in stderr, stderr[-2000:]
   printed = run_files.markdown_rows('\n'.join(
       o.get('text', '') for c in nb.cells if c.cell_type == 'code' for o in c.outputs
       if o.get('output_type') == 'stream'))
