@@ -235,8 +235,9 @@ def evaluate(target, samples, exact):
 def plot_benchmark(path, title, panels: dict, target, exact=None):
   """One row per component source, one column per sampler (first column: exact samples).
 
-  ``panels``: {(row, column): (samples, label)}. Grey lines: contours of the exact
-  log-density (so flat and sharp parts both show).
+  ``panels``: {(row, column): (samples, label)}. ``target``: the exact density, or
+  {column: density} when each column has its own (the components). Grey lines: contours of
+  the exact log-density (so flat and sharp parts both show).
   """
   import jax.numpy as jnp
   import numpy as np
@@ -246,17 +247,24 @@ def plot_benchmark(path, title, panels: dict, target, exact=None):
   cols = (['exact'] if exact is not None else []) + list(dict.fromkeys(c for _, c in panels))
   num = 150
   pts, _ = toys.grid_points(1.5, num)
-  log_dens = np.asarray(target.log_prob(jnp.asarray(pts))).reshape(num, num)
-  peak = np.max(log_dens[np.isfinite(log_dens)])
-  levels = peak - np.array([8.0, 4.0, 2.0, 1.0])
   g = np.linspace(-1.5, 1.5, num)
+  contours = {}   # density -> (log-density on the grid, its contour levels)
+
+  def contour(ax, density):
+    if id(density) not in contours:
+      log_dens = np.asarray(density.log_prob(jnp.asarray(pts))).reshape(num, num)
+      peak = np.max(log_dens[np.isfinite(log_dens)])
+      contours[id(density)] = (np.where(np.isfinite(log_dens), log_dens, peak - 50),
+                               peak - np.array([8.0, 4.0, 2.0, 1.0]))
+    z, levels = contours[id(density)]
+    ax.contour(g, g, z, levels=levels, colors='0.65', linewidths=0.5, linestyles='solid')
+
   fig, axes = writers.new_figure(len(rows), len(cols), squeeze=False,
                                  figsize=(2.1 * len(cols), 2.5 * len(rows)))
   for i, r in enumerate(rows):
     for j, c in enumerate(cols):
       ax = axes[i, j]
-      ax.contour(g, g, np.where(np.isfinite(log_dens), log_dens, peak - 50), levels=levels,
-                 colors='0.65', linewidths=0.5, linestyles='solid')
+      contour(ax, target[c] if isinstance(target, dict) else target)
       x, label = exact if c == 'exact' else panels.get((r, c), (None, ''))
       if x is not None:
         ax.scatter(x[:1500, 0], x[:1500, 1], s=1, alpha=0.5, color='C0' if c != 'exact' else 'C2')
@@ -271,17 +279,24 @@ def plot_benchmark(path, title, panels: dict, target, exact=None):
 
 
 def plot_acceptance(path, curves: dict):
+  """``curves``: {'benchmark/components/sampler': (times, acceptance rates)}. One colour per
+  benchmark and components, one line style per sampler; the legend beside the axes."""
   import numpy as np
   from cdiff_jax import writers
   if not curves:
     return
-  fig, ax = writers.new_figure(figsize=(6, 3.5))
-  for label, (t, acc) in curves.items():
-    ax.plot(np.asarray(t), np.asarray(acc), label=label, lw=1)
+  keys = [k.rsplit('/', 1) for k in curves]
+  colors = {g: f'C{i % 10}' for i, g in enumerate(dict.fromkeys(g for g, _ in keys))}
+  styles = {s: ('-', '--', ':', '-.')[i % 4]
+            for i, s in enumerate(dict.fromkeys(s for _, s in keys))}
+  fig, ax = writers.new_figure(figsize=(8, 3.5))
+  for (group, sampler), (t, acc) in zip(keys, curves.values()):
+    ax.plot(np.asarray(t), np.asarray(acc), label=f'{group}/{sampler}', lw=1,
+            color=colors[group], linestyle=styles[sampler])
   ax.set_xlabel('noise level t (sampling runs from 1 to 0)')
   ax.set_ylabel('acceptance rate')
   ax.invert_xaxis()
-  ax.legend(fontsize=6, ncol=2)
+  ax.legend(fontsize=6, loc='center left', bbox_to_anchor=(1.01, 0.5))
   writers.save_figure(fig, path)
 
 
@@ -341,7 +356,7 @@ def run(config, workdir: str, progress: bool = True) -> str:
       component_panels[('learned', name)] = (x, f"LL {m['log_likelihood']:.2f}")
       samples[f'component {name}/learned/diffusion'] = x
     plot_benchmark(os.path.join(workdir, 'components.png'), 'component models (reverse diffusion)',
-                   component_panels, toys.Mixture(tuple(densities.values()), (1,) * 5))
+                   component_panels, densities)
 
   jobs = [(b, s, k) for b in config.toy.benchmarks for s in config.toy.components
           for k in config.mcmc.samplers]

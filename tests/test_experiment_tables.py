@@ -495,6 +495,40 @@ def test_toy_scores_table_and_log_normalizer():
   ''')
 
 
+def test_toy_figures_draw_each_panels_own_density_and_tell_the_lines_apart(tmp_path):
+  """components.png's panels each carry the contours of their own component (they all
+  carried those of the five together), and toy_acceptance.png gives every curve its own
+  (colour, line style): one colour per benchmark/components, one style per sampler."""
+  _run('''
+    import numpy as np
+    import experiments.toy_composition as t
+    from cdiff_jax import toys, writers
+    drawn = {}
+    def record(fig, path):
+      drawn[path] = fig
+    writers.save_figure = record
+    x = np.zeros((4, 2), np.float32)
+    ring, box = toys.ring(), toys.box(0.5)
+    panels = {('learned', 'ring'): (x, ''), ('learned', 'small_box'): (x, '')}
+    def paths(path):
+      return [[p.vertices.tolist() for c in ax.collections for p in c.get_paths()]
+              for ax in drawn[path].axes]
+    t.plot_benchmark('both', '', panels, {'ring': ring, 'small_box': box})
+    t.plot_benchmark('ring', '', panels, ring)
+    t.plot_benchmark('box', '', panels, box)
+    both, only_ring, only_box = paths('both'), paths('ring'), paths('box')
+    assert both[0] == only_ring[0] and both[1] == only_box[1] and both[0] != both[1]
+    curves = {f'{b}/{s}/{k}': (np.linspace(1, 0, 5), np.full(5, 0.5))
+              for b in ('product', 'negation') for s in ('oracle', 'learned')
+              for k in ('mala', 'hmc', 'ula')}
+    t.plot_acceptance('acc', curves)
+    lines = drawn['acc'].axes[0].get_lines()
+    looks = {(l.get_color(), l.get_linestyle()) for l in lines}
+    assert len(lines) == 12 and len(looks) == 12, looks
+    print('ok')
+  ''')
+
+
 def test_a_finished_constrained_arm_is_tied_to_its_reference_parameters(tmp_path):
   """The constrained arm's config carries a hash of the reference parameters its thresholds
   come from, so a finished arm is refused, not reused, once the reference has been
