@@ -192,15 +192,17 @@ def plot_curves(path: str, records: list[dict], keys: list[str], title: str = ''
   ``key[name]`` with ``entry_names`` or ``key[i]``; ``labels`` renames a key in the legend).
   Keys no record has are left out; None (nothing written) when none is left.
 
-  ``yscale``: matplotlib's ('linear', 'log', 'symlog': linear within +-1, logarithmic
-  beyond, for signed values whose early ones are far larger). ``zero_line``: a dashed line
-  at 0."""
+  ``yscale``: 'linear'; 'log' where the values are positive and span more than a factor
+  10 (linear otherwise: a log axis over less than a decade has hardly a labelled tick);
+  'symlog' (linear within +-1, logarithmic beyond, for signed values whose early ones are
+  far larger). ``zero_line``: a dashed line at 0."""
   fig, ax = new_figure(figsize=(6, 3.5))
-  plotted = False
+  plotted = []
   for key in keys:
     steps, values = _series(records, key)
     if steps is None:
       continue
+    plotted.append(np.ravel(values))
     label = (labels or {}).get(key, key)
     if values.ndim == 1:
       ax.plot(steps, values, label=label)
@@ -208,19 +210,37 @@ def plot_curves(path: str, records: list[dict], keys: list[str], title: str = ''
       for i in range(values.shape[1]):
         name = entry_names[i] if entry_names and i < len(entry_names) else i
         ax.plot(steps, values[:, i], label=f'{label}[{name}]')
-    plotted = True
   if not plotted:
     return None
   if yscale == 'symlog':
     ax.set_yscale('symlog', linthresh=1.0)
-  else:
-    ax.set_yscale(yscale)
+  elif yscale == 'log':
+    if _spans_a_decade(np.concatenate(plotted)):
+      _log_scale(ax)
+  elif yscale != 'linear':
+    raise ValueError(f"yscale={yscale!r}: use 'linear', 'log' or 'symlog'.")
   if zero_line:
     ax.axhline(0.0, color='k', linestyle='--', linewidth=0.8)
   ax.set_xlabel('step')
   ax.set_title(title)
   ax.legend(fontsize=7)
   return save_figure(fig, path)
+
+
+def _spans_a_decade(values) -> bool:
+  """Positive, finite values whose largest is more than 10x the smallest."""
+  v = np.asarray(values, np.float64)
+  v = v[np.isfinite(v)]
+  return v.size > 0 and bool(np.all(v > 0)) and v.max() > 10 * v.min()
+
+
+def _log_scale(ax) -> None:
+  """A log y axis whose minor ticks are labelled too while it spans up to two decades (by
+  default only the decades are, which left curves between 10 and 100 with no number)."""
+  from matplotlib import ticker
+  ax.set_yscale('log')
+  ax.yaxis.set_minor_formatter(ticker.LogFormatterSciNotation(labelOnlyBase=False,
+                                                              minor_thresholds=(2, 0.4)))
 
 
 def plot_compared_curves(path: str, runs: Mapping[str, list[dict]], key: str,
@@ -245,8 +265,8 @@ def plot_compared_curves(path: str, runs: Mapping[str, list[dict]], key: str,
       ax.axhline(float(thresholds[i]), color='k', linestyle='--', linewidth=1,
                  label=f'b = {float(thresholds[i]):.4g}')
     shown = np.concatenate([v[:, i] for _, v in curves.values() if i < v.shape[1]])
-    if np.all(shown > 0) and shown.max() > 10 * shown.min():  # early losses dwarf the rest
-      ax.set_yscale('log')
+    if _spans_a_decade(shown):  # early losses dwarf the rest
+      _log_scale(ax)
     ax.set_title(str(entry_names[i]) if entry_names and i < len(entry_names) else f'{key}[{i}]',
                  fontsize=9)
     ax.set_xlabel('step')
@@ -275,5 +295,5 @@ def plot_class_frequencies(path: str, series: Mapping[str, object], target=None,
   ax.set_xlabel('class')
   ax.set_ylabel('frequency')
   ax.set_title(title, fontsize=9)
-  ax.legend(fontsize=7)
+  ax.legend(fontsize=7, loc='upper left', bbox_to_anchor=(1.0, 1.0))  # beside the bars
   return save_figure(fig, path)

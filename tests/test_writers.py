@@ -103,6 +103,35 @@ def test_compared_curves_draw_each_run_per_entry_and_the_thresholds(tmp_path, mo
   assert not (tmp_path / 'd.png').exists()
 
 
+def test_curves_take_a_log_scale_only_over_a_decade_and_label_its_minor_ticks(tmp_path,
+                                                                              monkeypatch):
+  """plot_curves(yscale='log'): a log axis where the values span more than 10x, with numbers
+  on its minor ticks (a curve between 10 and 100 read no number but the decades), and a
+  linear one over less than a decade (117-330: a log axis there had two labelled ticks);
+  an unknown scale is refused."""
+  figures = []
+  real = writers.new_figure
+
+  def keep(*args, **kwargs):
+    figures.append(real(*args, **kwargs))
+    return figures[-1]
+
+  monkeypatch.setattr(writers, 'new_figure', keep)
+  wide = [dict(step=s, loss=v) for s, v in enumerate([300.0, 40.0, 12.0, 9.0])]
+  narrow = [dict(step=s, loss=v) for s, v in enumerate([330.0, 170.0, 130.0, 117.0])]
+  writers.plot_curves(str(tmp_path / 'w.png'), wide, ['loss'], yscale='log')
+  _, ax = figures[-1]
+  assert ax.get_yscale() == 'log'
+  fig = ax.figure
+  fig.canvas.draw()
+  minor = [t.get_text() for t in ax.get_yticklabels(minor=True) if t.get_text()]
+  assert minor, 'no labelled minor tick'
+  writers.plot_curves(str(tmp_path / 'n.png'), narrow, ['loss'], yscale='log')
+  assert figures[-1][1].get_yscale() == 'linear'
+  with pytest.raises(ValueError, match="yscale='logarithmic'"):
+    writers.plot_curves(str(tmp_path / 'x.png'), wide, ['loss'], yscale='logarithmic')
+
+
 def test_arrays_are_saved_whole_as_npy_or_npz(tmp_path, monkeypatch):
   """save_arrays_atomic: a .npy of one array or a .npz of several, read back as numpy's own
   save would write them; a failed rename leaves the old file as it was."""
