@@ -188,8 +188,9 @@ def main(argv):
       os.path.join(workdir, 'frequencies.png'),
       {name: r['class_frequencies'] for name, r in rows.items()
        if name in ('unconditional', complement_setting(g.not_class)) or name.startswith('NOT')},
-      target=None, title=f'class frequencies (evaluation classifier): unconditional vs '
-                         f'"any digit but {g.not_class}"')
+      target=evaluation.uniform_over(others, k),   # what "any digit but N" asks for
+      title=f'class frequencies (evaluation classifier): unconditional vs '
+            f'"any digit but {g.not_class}"')
   # The model's training over all its invocations, then this invocation's guidance work.
   total = None if train_seconds is None else train_seconds + time.time() - t_start
   meta = dict(evaluation_classifier_accuracy=clf.accuracy,

@@ -149,7 +149,8 @@ def write_figures(workdir: str, config, arms: dict):
   target = evaluation.uniform_over(first.get('uniform_over'), len(first['class_frequencies']))
   writers.plot_class_frequencies(os.path.join(workdir, 'comparison_frequencies.png'), series,
                                  target=target,
-                                 title='generated class frequencies (classifier-labelled)')
+                                 title='class frequencies: training data and each arm\'s '
+                                       'samples (classifier-labelled)')
   grids = [_labelled(np.asarray(Image.open(os.path.join(workdir, name, 'samples',
                                                       'eval_samples.png'))), name)
            for name in arms]

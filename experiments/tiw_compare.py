@@ -144,7 +144,7 @@ def write_plots(workdir: str, results: dict, alphas) -> None:
     ax.plot(range(k), r['data']['obs_mix'], 'k--', lw=1, label='minibatch mix (pi)')
     for label, row in r['arms'].items():
       ax.plot(range(k), row['class_frequencies'], marker='o', ms=3, lw=1, label=label)
-    ax.axhline(1 / k, color='gray', lw=0.8)
+    ax.axhline(1 / k, color='gray', lw=0.8, label='uniform')
     ax.set_xticks(range(k))
     ax.set_xlabel('class')
     counts = {row.get('num_samples') for row in r['arms'].values()}
@@ -165,7 +165,7 @@ def write_plots(workdir: str, results: dict, alphas) -> None:
               label=f'TIW-DSM, ref {float(frac):g}')
       if 'IW-DSM' in arms_:
         ax.axhline(arms_['IW-DSM'][key], ls=':', lw=1, label=f'IW-DSM, ref {float(frac):g}')
-  for ax, title in zip(axes, ('classifier FID (lower is better)', 'TV to uniform classes')):
+  for ax, title in zip(axes, ('classifier FID (lower is better)', 'TV to uniform classes (lower is better)')):
     ax.set_xlabel('alpha (0 = DSM(obs))')
     ax.set_title(title, fontsize=9)
     ax.legend(fontsize=7)
