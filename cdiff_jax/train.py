@@ -736,7 +736,8 @@ def plot_run_curves(workdir: str, records: list[dict], config,
                         entry_names=constraint_names, yscale='log')
     return
   writers.plot_curves(os.path.join(workdir, 'lambda.png'), records, ['lam'],
-                      'dual variables lambda', entry_names=constraint_names)
+                      'dual variables lambda (mean of each logging interval)',
+                      entry_names=constraint_names)
   writers.plot_curves(path, records, ['constraint_gap'],
                       'L_i - b_i (constraint gap, <= 0 is satisfied)',
                       entry_names=constraint_names, yscale='symlog', zero_line=True)
