@@ -283,6 +283,11 @@ def machine() -> str:
           f'{len(devices)} device(s)), {platform.system()}')
 
 
+# On an idle machine the JAX / PyTorch ratios of one run's rounds have differed by up to
+# 1.4x (the log); with other work on the cores, by 2-10x.
+ROUNDS_DISAGREE = 2.0
+
+
 def load_average() -> str:
   try:
     return ', '.join(f'{x:.1f}' for x in os.getloadavg())

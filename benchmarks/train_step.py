@@ -233,6 +233,13 @@ def main(argv=None):
               if key in r]
     if spread:
       print(f"{r['model']}: JAX / PyTorch within each round: {', '.join(spread)}")
+    for key in ('jax_round_ratios', 'jax_scan_round_ratios'):
+      ratios = r.get(key, [])
+      if ratios and max(ratios) > common.ROUNDS_DISAGREE * min(ratios):
+        print(f"{r['model']}: WARNING: the rounds' {key} disagree by more than "
+              f"{common.ROUNDS_DISAGREE:g}x ({min(ratios):.2f}-{max(ratios):.2f}): the machine "
+              'was busy (other work on the cores slows a 2-thread PyTorch many times over); '
+              'rerun it idle before quoting these figures.')
   print(f'\nmachine: {common.machine()}; medians of {args.repeats} alternating rounds, each '
         f'after {args.settle:g} s untimed; '
         f'matmul peak ' + ', '.join(f'{k} {v / 1e9:.0f} GFLOP/s (readings '
