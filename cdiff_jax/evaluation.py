@@ -327,8 +327,8 @@ def evaluate_run(exp, state, workdir: str, progress: bool = False) -> dict:
         os.path.join(workdir, 'class_frequencies.png'),
         {'training data': train_freqs, 'model samples': result['class_frequencies']},
         target=uniform_over(classes, exp.num_classes),
-        title=f'{config_lib.method_label(exp.config)}: classifier FID {result["classifier_fid"]:.2f}, '
-              f'TV to uniform {result["tv_to_uniform"]:.3f}')
+        title=f'{config_lib.method_label(exp.config)}: classifier FID '
+              f'{result["classifier_fid"]:.2f}, TV to uniform {result["tv_to_uniform"]:.3f}')
     writers.save_image_grid(os.path.join(workdir, 'samples', 'eval_samples.png'), samples[:100])
     writers.write_atomic(os.path.join(workdir, 'eval.json'), json.dumps(result, indent=2))
   return result
