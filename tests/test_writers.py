@@ -70,18 +70,24 @@ def test_a_rerun_hides_the_killed_runs_later_points_in_tensorboard(tmp_path, sta
   assert run_files.tensorboard_events(tmp_path / 'tensorboard')[1] == [start + 1]
 
 
-def test_compared_curves_draw_each_run_per_entry_and_the_thresholds(tmp_path, monkeypatch):
-  """One panel per entry: each run's values of that entry over its steps, b_i dashed across
-  panel i, the entry's name as its title; a log scale only where values span 10x; nothing
-  written when no run logged the key."""
-  figures = []
+@pytest.fixture
+def figures(monkeypatch):
+  """Every (figure, axes) that writers.new_figure makes from now on, in order."""
+  made = []
   real = writers.new_figure
 
   def keep(*args, **kwargs):
-    figures.append(real(*args, **kwargs))
-    return figures[-1]
+    made.append(real(*args, **kwargs))
+    return made[-1]
 
   monkeypatch.setattr(writers, 'new_figure', keep)
+  return made
+
+
+def test_compared_curves_draw_each_run_per_entry_and_the_thresholds(tmp_path, figures):
+  """One panel per entry: each run's values of that entry over its steps, b_i dashed across
+  panel i, the entry's name as its title; a log scale only where values span 10x; nothing
+  written when no run logged the key."""
   runs = {'a': [dict(step=10, loss=[100.0, 2.0]), dict(step=20, loss=[3.0, 1.0])],
           'b': [dict(step=10, loss=[50.0, 4.0]), dict(step=30, loss=[2.5, 0.5]),
                 dict(step=40, other=1.0)]}
@@ -104,19 +110,11 @@ def test_compared_curves_draw_each_run_per_entry_and_the_thresholds(tmp_path, mo
 
 
 def test_curves_take_a_log_scale_only_over_a_decade_and_label_its_minor_ticks(tmp_path,
-                                                                              monkeypatch):
+                                                                              figures):
   """plot_curves(yscale='log'): a log axis where the values span more than 10x, with numbers
   on its minor ticks (a curve between 10 and 100 read no number but the decades), and a
   linear one over less than a decade (117-330: a log axis there had two labelled ticks);
   an unknown scale is refused."""
-  figures = []
-  real = writers.new_figure
-
-  def keep(*args, **kwargs):
-    figures.append(real(*args, **kwargs))
-    return figures[-1]
-
-  monkeypatch.setattr(writers, 'new_figure', keep)
   wide = [dict(step=s, loss=v) for s, v in enumerate([300.0, 40.0, 12.0, 9.0])]
   narrow = [dict(step=s, loss=v) for s, v in enumerate([330.0, 170.0, 130.0, 117.0])]
   writers.plot_curves(str(tmp_path / 'w.png'), wide, ['loss'], yscale='log')
