@@ -193,11 +193,11 @@ def main(argv=None):
 
   # The reference: each framework's fastest matmul, measured before and after the models
   # (one reading alone can catch the machine in a slow moment), the larger kept.
-  matmul = measure_matmul()
+  before = measure_matmul()
   results = [bench_model(m, args, torch) for m in args.models.split(',')]
   after = measure_matmul()
-  matmul_readings = {k: [v, after[k]] for k, v in matmul.items()}
-  matmul.update({k: max(v) for k, v in matmul_readings.items()})
+  matmul_readings = {k: [v, after[k]] for k, v in before.items()}
+  matmul = {k: max(v) for k, v in matmul_readings.items()}
   for r in results:
     r['jax_matmul_fraction'] = r['jax_flops_per_s'] / matmul['jax']
     if 'torch_flops_per_s' in r:
