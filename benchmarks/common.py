@@ -111,6 +111,7 @@ def build_experiment(name: str, steps_per_call: int = 1):
 
 def torch_args(exp, seed: int = 0, params_npz: str = '', channels_last: bool = True) -> dict:
   """The Reference(**args) of the PyTorch side for a cdiff_jax experiment."""
+  from cdiff_jax import optim
   c = exp.config
   net = exp.model.net
   model = dict(ch=net.ch, ch_mult=list(net.ch_mult), num_res_blocks=net.num_res_blocks,
@@ -122,7 +123,8 @@ def torch_args(exp, seed: int = 0, params_npz: str = '', channels_last: bool = T
                          weight_decay=c.optim.weight_decay, grad_clip=c.optim.grad_clip,
                          warmup_steps=c.optim.warmup_steps, total_steps=c.train.steps,
                          lr_schedule=c.optim.lr_schedule,
-                         final_lr_fraction=c.optim.get('final_lr_fraction', 0.0)),
+                         final_lr_fraction=c.optim.get('final_lr_fraction',
+                                                         optim.FINAL_LR_FRACTION)),
               ema_decay=c.train.ema_decay,
               diffusion=dict(num_steps=c.diffusion.num_steps, beta_start=c.diffusion.beta_start,
                              beta_end=c.diffusion.beta_end),

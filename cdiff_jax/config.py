@@ -16,7 +16,7 @@ from collections.abc import Sequence
 import ml_collections
 import numpy as np
 
-from cdiff_jax import losses, parallel
+from cdiff_jax import losses, optim, parallel
 
 
 class ConfigError(ValueError):
@@ -64,7 +64,8 @@ def base_config() -> ml_collections.ConfigDict:
 
   c.optim = ml_collections.ConfigDict(dict(
       name='adamw', lr=2e-3, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.0,
-      grad_clip=1.0, warmup_steps=100, lr_schedule='cosine', final_lr_fraction=0.05,
+      grad_clip=1.0, warmup_steps=100, lr_schedule='cosine',
+      final_lr_fraction=optim.FINAL_LR_FRACTION,
   ))
 
   c.train = ml_collections.ConfigDict(dict(
@@ -297,7 +298,7 @@ def validate(c: ml_collections.ConfigDict, check_paths: bool = True) -> None:
   _positive(c, 'optim.grad_clip', allow_zero=True)
   _positive(c, 'sample.clip', allow_zero=True)  # 0: no clipping
   _positive(c, 'optim.warmup_steps', allow_zero=True)
-  if not 0.0 <= c.optim.get('final_lr_fraction', 0.0) <= 1.0:
+  if not 0.0 <= c.optim.get('final_lr_fraction', optim.FINAL_LR_FRACTION) <= 1.0:
     _fail('optim.final_lr_fraction', c.optim.final_lr_fraction,
           'must lie in [0, 1] (the end of the cosine schedule as a fraction of optim.lr).')
   for f in ('seed', 'data.subsample_seed'):   # numpy's generators take no negative seeds

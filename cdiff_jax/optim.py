@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import optax
 
+# The end of the cosine schedule as a fraction of optim.lr: base_config's value, and the one an
+# optim section without the field gets.
+FINAL_LR_FRACTION = 0.05
+
 
 def learning_rate_schedule(optim_config, total_steps: int) -> optax.Schedule:
   oc = optim_config
@@ -12,7 +16,7 @@ def learning_rate_schedule(optim_config, total_steps: int) -> optax.Schedule:
     decay = optax.constant_schedule(oc.lr)
   elif oc.lr_schedule == 'cosine':
     decay = optax.cosine_decay_schedule(oc.lr, max(total_steps - warmup, 1),
-                                        alpha=oc.get('final_lr_fraction', 0.0))
+                                        alpha=oc.get('final_lr_fraction', FINAL_LR_FRACTION))
   else:
     raise ValueError(f"optim.lr_schedule={oc.lr_schedule!r} is unknown; use 'constant' or 'cosine'.")
   if warmup == 0:

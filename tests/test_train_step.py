@@ -149,6 +149,16 @@ def test_learning_rate_warmup_then_cosine_to_the_final_fraction():
   np.testing.assert_allclose([float(lr(i)) for i in s], expected, rtol=1e-5, atol=1e-10)
 
 
+def test_an_optim_section_without_final_lr_fraction_ends_where_base_config_does():
+  """A hand-made optim section that leaves the field out decays to base_config's fraction."""
+  import ml_collections
+  from cdiff_jax import optim
+  from cdiff_jax.config import base_config
+  oc = ml_collections.ConfigDict(dict(lr=2e-3, lr_schedule='cosine', warmup_steps=0))
+  end = float(optim.learning_rate_schedule(oc, 100)(100))
+  assert abs(end - base_config().optim.final_lr_fraction * 2e-3) < 1e-9 and end > 0
+
+
 @pytest.mark.parametrize('grad_clip', [1.0, 0.0])
 def test_optimizer_clips_the_global_gradient_norm(grad_clip):
   """Adam's first moment after a step is (1 - b1) g / ||g|| with grad_clip = 1, else (1 - b1) g."""
