@@ -10,6 +10,7 @@ processes only ever add time.
 
   python benchmarks/tiw_step.py                       # digits 8x8 and MNIST-sized 28x28
   python benchmarks/tiw_step.py --shapes=28 --batch=256 --rounds=7
+  python benchmarks/tiw_step.py --shapes=8 --arms='TIW-DSM (frozen disc)'   # DSM is always timed
 """
 
 from __future__ import annotations
@@ -70,10 +71,22 @@ ARMS = [
 ]
 
 
-def bench(size: int, batch: int, rounds: int, steps: int):
+def select_arms(names: str) -> list:
+  """The ARMS named in a comma-separated list (all when empty), DSM first as the baseline."""
+  if not names:
+    return ARMS
+  wanted = [n.strip() for n in names.split(',') if n.strip()]
+  known = [a[0] for a in ARMS]
+  unknown = [n for n in wanted if n not in known]
+  if unknown:
+    raise SystemExit(f'--arms: unknown arm(s) {unknown}; choose from {known}')
+  return [a for a in ARMS if a[0] == 'DSM' or a[0] in wanted]
+
+
+def bench(size: int, batch: int, rounds: int, steps: int, arms: list):
   ds = dataset_for(size)
   runs = []
-  for name, method, fields in ARMS:
+  for name, method, fields in arms:
     exp = train.build(make_config(size, batch, method, **fields), ds)
     state = exp.init_state()
     batch_dev = parallel.put_batch(exp.batcher.batch(0), exp.mesh)
@@ -107,14 +120,17 @@ def main():
   parser.add_argument('--batch', type=int, default=128)
   parser.add_argument('--rounds', type=int, default=5)
   parser.add_argument('--steps', type=int, default=10, help='steps per timed round')
+  parser.add_argument('--arms', default='', help='comma-separated arm names (default: all); '
+                      'DSM, the baseline of the ratios, is always timed')
   args = parser.parse_args()
+  arms = select_arms(args.arms)
   print(f'XLA_FLAGS: {common.setup_xla() or "(none)"}')  # the launcher's XLA:CPU options
   print(f'{jax.devices()[0].device_kind} x{jax.device_count()} ({jax.default_backend()}), '
         f'{os.cpu_count()} CPU cores, {platform.processor() or platform.machine()}; '
         f'batch {args.batch}, {args.rounds} interleaved rounds of {args.steps} steps; '
         f'load average {os.getloadavg()[0]:.1f} at start')
   for size in [int(s) for s in args.shapes.split(',')]:
-    rows = bench(size, args.batch, args.rounds, args.steps)
+    rows = bench(size, args.batch, args.rounds, args.steps, arms)
     print(f'\n{size}x{size} images, UNet score model, ConvClassifier discriminator')
     print('| arm | ms / step (min) | x DSM (min) | ms / step (median) | x DSM (median) '
           '| compile + first step (s) |')
