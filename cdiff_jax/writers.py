@@ -154,21 +154,22 @@ def save_image_grid(path: str, images: np.ndarray, ncols: int | None = None,
   return path
 
 
-def new_figure(nrows: int = 1, ncols: int = 1, figsize=None, **subplots_kw):
+def new_figure(nrows: int = 1, ncols: int = 1, figsize=None, layout=None, **subplots_kw):
   """``(figure, axes)`` drawn off-screen without pyplot (save with ``save_figure``).
 
   The project's figures never touch matplotlib's global backend, so writing them inside a
   notebook or an interactive session leaves the user's inline/GUI plotting as it was.
   """
   from matplotlib.figure import Figure
-  fig = Figure(figsize=figsize)
+  fig = Figure(figsize=figsize, layout=layout)
   return fig, fig.subplots(nrows, ncols, **subplots_kw)
 
 
 def save_figure(fig, path: str) -> str:
   """Lays out and writes a ``new_figure`` figure as a PNG (the folder made; whole or not at
   all); returns path."""
-  fig.tight_layout()
+  if fig.get_layout_engine() is None:  # a figure made with its own layout keeps it
+    fig.tight_layout()
   buf = io.BytesIO()
   fig.savefig(buf, format='png', dpi=110)
   write_atomic(path, buf.getvalue())

@@ -260,7 +260,8 @@ def plot_benchmark(path, title, panels: dict, target, exact=None):
     ax.contour(g, g, z, levels=levels, colors='0.65', linewidths=0.5, linestyles='solid')
 
   fig, axes = writers.new_figure(len(rows), len(cols), squeeze=False,
-                                 figsize=(2.1 * len(cols), 2.5 * len(rows)))
+                                 figsize=(2.1 * len(cols), 2.3 * len(rows) + 0.4),
+                                 layout='constrained')  # titles clear of square axes
   for i, r in enumerate(rows):
     for j, c in enumerate(cols):
       ax = axes[i, j]
