@@ -316,7 +316,7 @@ def evaluate_run(exp, state, workdir: str, progress: bool = False) -> dict:
   samples = generate(exp, state, exp.config.eval.num_samples, progress=progress)
   result = evaluate_images(exp, samples, progress=progress)
   classes = result.get('uniform_over')
-  train_freqs = class_frequencies(exp.dataset.labels[exp.objective_indices()], exp.num_classes)
+  train_freqs = exp.objective_class_frequencies()  # as the objective's minibatches mix them
   result['training_class_frequencies'] = train_freqs.tolist()
   if jax.process_index() == 0:
     # eval.json last: the experiments take it as the mark of a finished arm and then read

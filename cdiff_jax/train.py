@@ -340,6 +340,17 @@ class Experiment:
     groups = self.batcher.groups[:getattr(self.method, 'num_objective_groups', None)]
     return np.unique(np.concatenate(groups))
 
+  def objective_class_frequencies(self) -> np.ndarray:
+    """Class frequencies of the objective's minibatches: each objective group's class
+    frequencies weighted by its share of the batch (one group: its data's frequencies; for
+    TIW-DSM ``pi`` from D_ref and ``1 - pi`` from D_bias, the p_obs its DSM(obs) learns)."""
+    num = getattr(self.method, 'num_objective_groups', None)
+    groups, sizes = self.batcher.groups[:num], self.batcher.batch_sizes[:num]
+    labels = self.dataset.labels
+    mix = sum(b * np.bincount(labels[g], minlength=self.num_classes) / len(g)
+              for g, b in zip(groups, sizes))
+    return mix / sum(sizes)
+
   def init_state(self) -> TrainState:
     rng = jax.random.key(self.config.seed)
     rng_init, rng_extras, rng_train = jax.random.split(rng, 3)

@@ -619,6 +619,8 @@ def test_frequency_target_thresholds(monkeypatch, tiny_config, tmp_path):
   assert pi[0] < 0.05  # the minority really is one
   # Constraint sets are classes of the objective's data: its training data is all of it.
   np.testing.assert_array_equal(exp.objective_indices(), np.sort(exp.train_idx))
+  np.testing.assert_allclose(exp.objective_class_frequencies(),
+                             np.bincount(labels, minlength=10) / len(labels))
   # pi_c measured in the reference run's samples instead (e.g. a TIW-DSM reference, which
   # does not reproduce its training frequencies); a class it never drew counts as 1/2 sample.
   tiny_config.method.frequency_source = 'generated'
@@ -705,6 +707,12 @@ def test_tiw_objective_with_minority_constraints_in_one_step(tiny_config, tmp_pa
   # The training data the evaluation reports is the objective's: bias + ref, not the set-aside.
   np.testing.assert_array_equal(exp.objective_indices(), np.unique(bias_ref))
   assert len(exp.objective_indices()) < 0.8 * len(exp.train_idx)
+  # Its class frequencies are the minibatches': 16 x 0.5 from each of bias and ref (the
+  # union's would weight the large biased set by its size).
+  bias, ref = exp.batcher.groups[:2]
+  freq = lambda g: np.bincount(labels[g], minlength=10) / len(g)
+  assert exp.batcher.batch_sizes[:2] == [8, 8]
+  np.testing.assert_allclose(exp.objective_class_frequencies(), 0.5 * freq(bias) + 0.5 * freq(ref))
   state = exp.init_state()
   disc0 = jax.device_get(state.extras['base']['disc']['params'])
 
