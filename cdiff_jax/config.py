@@ -8,8 +8,10 @@ names the field and the fix (``ConfigError``).
 
 from __future__ import annotations
 
+import difflib
 import importlib
 import json
+import math
 import os
 from collections.abc import Sequence
 
@@ -195,8 +197,39 @@ def _positive(c, field: str, allow_zero: bool = False):
   value = c
   for part in field.split('.'):
     value = value[part]
+  if not math.isfinite(value):
+    _fail(field, value, 'must be a finite number.')
   if value < 0 or (value == 0 and not allow_zero):
     _fail(field, value, 'must be positive.' if not allow_zero else 'must be >= 0.')
+
+
+# The sections every training config has, with base_config's fields (methods check
+# config.method, experiments their own sections).
+CORE_SECTIONS = ('data', 'model', 'diffusion', 'optim', 'train', 'sample', 'eval', 'parallel')
+
+
+def check_fields(section: str, value, known, required=(), start_from: str = '') -> None:
+  """Refuses a field of ``config.<section>`` outside ``known`` (set in a config file, a
+  misspelled field is otherwise ignored while the code reads the default) and, naming
+  ``start_from``, a missing one of ``required``."""
+  known = sorted(known)
+  unknown = sorted(set(value.keys()) - set(known))
+  if unknown:
+    close = difflib.get_close_matches(unknown[0], known, n=1)
+    hint = f'; did you mean config.{section}.{close[0]}?' if close else ''
+    raise ConfigError(f'config.{section}.{unknown[0]}: no such field{hint} (the fields of '
+                      f'config.{section}: {", ".join(known)}).')
+  missing = [f for f in required if f not in value]
+  if missing:
+    raise ConfigError(f'config.{section}.{missing[0]} is missing; start the config from '
+                      f'{start_from}.')
+
+
+def _check_core_fields(c) -> None:
+  base = base_config()
+  for section in CORE_SECTIONS:
+    if section in c and hasattr(c[section], 'keys'):
+      check_fields(section, c[section], base[section].keys())
 
 
 # Tuple fields of numbers (the core's, the methods' and the experiments'; checked where
@@ -233,6 +266,7 @@ def validate(c: ml_collections.ConfigDict, check_paths: bool = True) -> None:
   from cdiff_jax.sampling import SAMPLERS  # Local: keeps config import light.
   from cdiff_jax.models import PARAMETERIZATIONS
 
+  _check_core_fields(c)
   _check_number_tuples(c)
   _choice(c, 'data.name', ('digits', 'mnist', 'fashion_mnist', 'cifar10', 'celeb_a', 'toy'))
   _choice(c, 'data.source', ('auto', 'sklearn', 'tfds', 'idx', 'npz'))
@@ -301,7 +335,7 @@ def validate(c: ml_collections.ConfigDict, check_paths: bool = True) -> None:
   if not 0.0 <= c.optim.get('final_lr_fraction', optim.FINAL_LR_FRACTION) <= 1.0:
     _fail('optim.final_lr_fraction', c.optim.final_lr_fraction,
           'must lie in [0, 1] (the end of the cosine schedule as a fraction of optim.lr).')
-  for f in ('seed', 'data.subsample_seed'):   # numpy's generators take no negative seeds
+  for f in ('seed', 'data.subsample_seed', 'data.split_seed'):  # numpy takes no negative seeds
     _positive(c, f, allow_zero=True)
   for f in ('train.steps', 'train.batch_size', 'train.steps_per_call', 'train.log_every',
             'sample.num_steps', 'sample.num_samples'):

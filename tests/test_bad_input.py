@@ -120,6 +120,16 @@ CASES = {
         'config.method.tiw.class_order'),
     'negative sample clip': ('digits_dsm', ['--config.sample.clip=-1'],
                              'config.sample.clip=-1.0: must be >= 0'),
+    'learning rate that is not a number': ('digits_dsm', ['--config.optim.lr=nan'],
+                                           'config.optim.lr=nan: must be a finite number'),
+    'negative split seed': ('digits_dsm', ['--config.data.split_seed=-1'],
+                            'config.data.split_seed=-1: must be >= 0'),
+    # A config made for plain DSM has none of constrained training's fields (they raised
+    # an AttributeError deep in the method's checks).
+    'method switched without its fields': (
+        'digits_dsm', ['--config.method.name=constrained'],
+        'config.method.constraint_batch is missing; start the config from '
+        'cdiff_jax.methods.constrained.default_method_config()'),
 }
 
 

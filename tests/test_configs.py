@@ -91,6 +91,40 @@ def test_validate_refuses_and_names_the_field(overrides, needle):
     config_lib.validate(c)
 
 
+def test_a_field_no_section_has_is_refused_with_the_nearest_name():
+  """A misspelled field set in a config file (which, unlike a command-line override, adds
+  it) was ignored while the code read the default; the core's sections and each method's
+  refuse it, the nearest field named, and a method's missing field names its defaults."""
+  with pytest.raises(config_lib.ConfigError, match=re.escape(
+      'config.train.stepz: no such field; did you mean config.train.steps?')):
+    config_lib.validate(_with({'train.stepz': 4}))
+  with pytest.raises(config_lib.ConfigError, match=r'config\.optim\.learning_rate: no such '
+                     r'field \(the fields of config\.optim: b1, .*\blr\b'):
+    config_lib.validate(_with({'optim.learning_rate': 1e-4}))
+  c = _module('digits_minority').get_config()
+  c.method.dual_lrr = 2.0
+  with pytest.raises(config_lib.ConfigError, match=re.escape(
+      'config.method.dual_lrr: no such field; did you mean config.method.dual_lr?')):
+    methods_lib.validate(c)
+  c = _module('digits_dsm').get_config()
+  c.method.dual_lr = 2.0                # plain DSM reads no method field but its name
+  with pytest.raises(config_lib.ConfigError, match=re.escape('config.method.dual_lr: no such')):
+    methods_lib.validate(c)
+  c.method = {'name': 'constrained', 'constraint_classes': (4,)}
+  with pytest.raises(config_lib.ConfigError, match='is missing; start the config from '
+                     r'cdiff_jax\.methods\.constrained\.default_method_config\(\)'):
+    methods_lib.validate(c)
+
+
+@pytest.mark.parametrize('field', ['optim.lr', 'optim.eps', 'optim.grad_clip', 'sample.clip'])
+def test_values_that_are_not_finite_are_refused(field):
+  """NaN passed every `< 0` check: a NaN learning rate was first noticed as a non-finite
+  update at step 0."""
+  c = _with({field: float('nan')})
+  with pytest.raises(config_lib.ConfigError, match=re.escape(f'config.{field}=nan')):
+    config_lib.validate(c)
+
+
 def test_validate_accepts_the_boundary_values():
   """The limits themselves are allowed: minority_fraction 1, class_dropout and ema_decay
   0, 8x8 images through 4 UNet levels (3 halvings), the last process id."""

@@ -8,7 +8,7 @@ means of an interval -> warning lines).
 
 from __future__ import annotations
 
-from cdiff_jax.config import ConfigError
+from cdiff_jax.config import ConfigError, check_fields
 from cdiff_jax.methods import constrained
 from cdiff_jax.methods import tiw
 from cdiff_jax.methods.dsm import DSM
@@ -39,6 +39,8 @@ def validate(config, check_paths: bool = True) -> None:
   not that a reference run holds checkpoints (a run loaded from its own checkpoint)."""
   if config.method.name not in METHODS:
     raise ConfigError(f'config.method.name={config.method.name!r}: must be one of {METHODS}.')
+  if config.method.name == 'dsm':
+    check_fields('method', config.method, ('name',))
   if config.method.name == 'constrained':
     constrained.validate(config, check_paths)
   if config.method.name == 'tiw':

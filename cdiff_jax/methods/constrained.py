@@ -35,7 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from cdiff_jax import losses
-from cdiff_jax.config import ConfigError
+from cdiff_jax.config import ConfigError, check_fields
 
 ESTIMATES = ('minibatch', 'window', 'ema')
 THRESHOLD_MODES = ('absolute', 'reference')
@@ -397,8 +397,15 @@ def _per_constraint(values: Sequence[float], m: int, field: str) -> tuple[float,
   return values
 
 
+# Fields a config may leave out (read with their defaults: runs saved before they existed).
+OPTIONAL_FIELDS = ('name', 'enabled', 'normalize', 'frequency_source', 'reference_params')
+
+
 def validate(config, check_paths: bool = True) -> None:
   mc = config.method
+  known = default_method_config().keys()
+  check_fields('method', mc, known, sorted(set(known) - set(OPTIONAL_FIELDS)),
+               'cdiff_jax.methods.constrained.default_method_config()')
   if mc.constraint_source not in CONSTRAINT_SOURCES:
     raise ConfigError(f'config.method.constraint_source={mc.constraint_source!r}: must be one '
                       f'of {CONSTRAINT_SOURCES}.')

@@ -54,7 +54,7 @@ import numpy as np
 import optax
 
 from cdiff_jax import checkpoint, losses, writers
-from cdiff_jax.config import ConfigError
+from cdiff_jax.config import ConfigError, check_fields
 from cdiff_jax.data import imbalance
 from cdiff_jax.methods import noisy_classifier as nc
 from cdiff_jax.methods.dsm import DSM
@@ -435,15 +435,9 @@ def validate(config, section: str = 'method') -> None:
   (``'method.tiw'`` for the primal objective of constrained training, which passes a
   config whose ``method`` is that section)."""
   mc = config.method
-  known = set(default_config().keys())
-  unknown = sorted(set(mc.keys()) - known)
-  if unknown:
-    raise ConfigError(f'config.{section}.{unknown[0]}: no such field for method tiw '
-                      f'(fields: {", ".join(sorted(known))}).')
-  for field in known - {'name'}:
-    if field not in mc:
-      raise ConfigError(f'config.{section}.{field} is missing; start the config from '
-                        'cdiff_jax.methods.tiw.default_config().')
+  known = default_config().keys()
+  check_fields(section, mc, known, sorted(set(known) - {'name'}),
+               'cdiff_jax.methods.tiw.default_config()')
   fail = functools.partial(_fail, section=section)
   if mc.variant not in VARIANTS:
     fail('variant', mc.variant, f'must be one of {VARIANTS}.')
