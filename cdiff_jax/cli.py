@@ -137,6 +137,10 @@ def _expand_user_paths() -> None:
   for name in list(flags.FLAGS):
     value = flags.FLAGS[name].value
     if name == 'workdir' and isinstance(value, str):
+      if not value.strip():   # e.g. an unset shell variable: '' is the current folder
+        print('error: --workdir is empty; give the folder of the run (e.g. --workdir=runs/x).',
+              file=sys.stderr)
+        sys.exit(EXIT_ERROR)
       flags.FLAGS[name].value = os.path.expanduser(value)
     elif hasattr(value, 'keys'):  # a config
       for field in PATH_CONFIG_FIELDS:

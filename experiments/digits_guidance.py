@@ -44,6 +44,7 @@ _PROGRESS = cli.define_progress_flags()
 def validate(config, trained) -> None:
   """``trained``: the classes the model trains on (all the data's, unless
   ``data.keep_classes`` / ``drop_classes`` remove some)."""
+  from cdiff_jax import config as config_lib
   from cdiff_jax.config import ConfigError
   g = config.guidance
   if not config.model.conditional or config.model.class_dropout <= 0:
@@ -57,6 +58,7 @@ def validate(config, trained) -> None:
   if len(trained) < 2:
     raise ConfigError(f'config.data: the model trains on class {trained[0]} only; "any digit '
                       f'but {g.not_class}" needs another (data.keep_classes / drop_classes).')
+  config_lib._positive(config, 'guidance.classifier_steps')  # checked before the training
   if g.num_samples < len(trained):
     raise ConfigError(f'config.guidance.num_samples={g.num_samples}: need at least one sample '
                       f'per class ({len(trained)}).')

@@ -51,6 +51,9 @@ def validate(config, train_size: int, num_classes: int):
                      f'must be a positive multiple of train.steps_per_call={k}.')
   config_lib._positive(config, 'finetune.pretrain_batch')
   config_lib._positive(config, 'finetune.num_generated')
+  config_lib._positive(config, 'finetune.new_data_seed', allow_zero=True)
+  if fc.get('pretrain_lr'):   # else the pre-training takes optim.lr
+    config_lib._positive(config, 'finetune.pretrain_lr')
   drop = tuple(fc.pretrain_drop_classes)
   if not drop or any(not 0 <= c < num_classes for c in drop):
     config_lib._fail('finetune.pretrain_drop_classes', drop,

@@ -152,6 +152,17 @@ def test_a_config_file_that_does_not_load_gets_one_line(tmp_path):
      'config.finetune.pretrain_drop_classes'),
     ('experiments.finetune', '--config.finetune.new_data_size=100000',
      'config.finetune.new_data_size'),
+    # Refused before the pre-training (a negative seed failed in numpy after it; a negative
+    # pre-training rate was named as the optim.lr it becomes).
+    ('experiments.finetune', '--config.finetune.new_data_seed=-1',
+     'config.finetune.new_data_seed=-1: must be >= 0'),
+    ('experiments.finetune', '--config.finetune.pretrain_lr=-0.1',
+     'config.finetune.pretrain_lr=-0.1: must be positive'),
+    # Failed in optax after the model and the evaluation classifier had trained.
+    ('experiments.digits_guidance', '--config.guidance.classifier_steps=-5',
+     'config.guidance.classifier_steps=-5: must be positive'),
+    ('experiments.tiw_compare', '--config.method.split_seed=-1',
+     'config.method.split_seed=-1: must be >= 0'),
 ])
 def test_experiment_scripts_report_bad_input_in_one_line(module, override, needle, tmp_path):
   overrides = (override,) if isinstance(override, str) else override
@@ -159,6 +170,18 @@ def test_experiment_scripts_report_bad_input_in_one_line(module, override, needl
                         *overrides], cwd=ROOT, capture_output=True, text=True, timeout=300)
   _assert_one_error_line(out, needle)
   assert not os.listdir(tmp_path)   # the workdir not even created
+
+
+@pytest.mark.parametrize('module', ['cdiff_jax.main', 'experiments.digits_guidance'])
+def test_an_empty_workdir_is_refused_not_taken_as_the_current_folder(module, tmp_path):
+  """--workdir= (an unset shell variable) crashed the launcher and made the guidance
+  experiment write into the current folder."""
+  env = dict(os.environ, PYTHONPATH=ROOT)
+  out = subprocess.run([sys.executable, '-m', module, '--workdir=',
+                        f'--config={ROOT}/configs/digits_cfg.py'], cwd=tmp_path, env=env,
+                       capture_output=True, text=True, timeout=300)
+  _assert_one_error_line(out, '--workdir is empty; give the folder of the run')
+  assert not os.listdir(tmp_path)
 
 
 def test_finetune_also_runs_as_a_file(tmp_path):

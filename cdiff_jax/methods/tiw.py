@@ -451,6 +451,8 @@ def validate(config, section: str = 'method') -> None:
     fail('ref_fraction', mc.ref_fraction, 'must lie in (0, 1] (the paper uses 0.05 or 0.1).')
   if not 0.0 < mc.majority_fraction < 1.0:
     fail('majority_fraction', mc.majority_fraction, 'must lie in (0, 1).')
+  if mc.split_seed < 0:   # numpy's generators take no negative seeds
+    fail('split_seed', mc.split_seed, 'must be >= 0.')
   if not 0.0 < mc.ref_batch_fraction < 1.0:
     fail('ref_batch_fraction', mc.ref_batch_fraction, 'must lie in (0, 1) (0.5: half-half).')
   b = config.train.batch_size
