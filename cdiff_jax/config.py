@@ -208,12 +208,18 @@ def _positive(c, field: str, allow_zero: bool = False):
 CORE_SECTIONS = ('data', 'model', 'diffusion', 'optim', 'train', 'sample', 'eval', 'parallel')
 
 
+# Fields the experiments add to an arm's config, keys of the inputs it was built from (saved
+# with it, so that a finished or interrupted arm is not reused for others); not the user's.
+RUN_KEY_FIELDS = ('data.finetune_data_key', 'method.reference_key')
+
+
 def check_fields(section: str, value, known, required=(), start_from: str = '') -> None:
   """Refuses a field of ``config.<section>`` outside ``known`` (set in a config file, a
   misspelled field is otherwise ignored while the code reads the default) and, naming
   ``start_from``, a missing one of ``required``."""
   known = sorted(known)
-  unknown = sorted(set(value.keys()) - set(known))
+  keys = {f[len(section) + 1:] for f in RUN_KEY_FIELDS if f.startswith(section + '.')}
+  unknown = sorted(set(value.keys()) - set(known) - keys)
   if unknown:
     close = difflib.get_close_matches(unknown[0], known, n=1)
     hint = f'; did you mean config.{section}.{close[0]}?' if close else ''

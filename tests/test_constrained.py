@@ -495,12 +495,21 @@ def test_reference_run_with_another_network_or_process_is_refused(tmp_path):
   data split, as with minorities subsampled, is fine), and so is one that has not finished."""
   from configs import digits_minority
   ref = tmp_path / 'reference'
-  (ref / 'checkpoints').mkdir(parents=True)
+  ref.mkdir()
   saved = digits_minority.get_config()
   saved.method.enabled, saved.data.minority_fraction = False, 1.0
   (ref / 'config.json').write_text(saved.to_json_best_effort())
   c = digits_minority.get_config()
   c.method.reference_workdir = str(ref)
+  # A reference the caller trains (or resumes) first, as the minority experiment does with
+  # its unconstrained arm (check_paths=False), may be one stopped before its first
+  # checkpoint (this raised FileNotFoundError) or after it (refused as unfinished): the
+  # experiment's rerun after a stop in that arm failed.
+  constrained.validate(c, check_paths=False)
+  with pytest.raises(config_lib.ConfigError, match='holds no checkpoints/'):
+    constrained.validate(c)
+  (ref / 'checkpoints').mkdir()
+  constrained.validate(c, check_paths=False)
   with pytest.raises(config_lib.ConfigError, match='that run has not finished'):
     constrained.validate(c)                     # no summary.json: still training, or stopped
   (ref / 'summary.json').write_text('{}')

@@ -503,7 +503,7 @@ def validate(config, check_paths: bool = True) -> None:
     if mc[field] < 1:
       raise ConfigError(f'config.method.{field}={mc[field]}: must be positive.')
   if mc.threshold_mode == 'reference' and mc.enabled:
-    _check_reference_run(config)
+    _check_reference_run(config, check_paths)
 
 
 # The reference model's losses are measured with this run's network and forward process on
@@ -516,11 +516,13 @@ REFERENCE_MUST_MATCH = ('data.name', 'data.image_size', 'model.name', 'model.ch'
                         'diffusion.beta_min', 'diffusion.beta_max', 'diffusion.t_min')
 
 
-def _check_reference_run(config) -> None:
+def _check_reference_run(config, check_paths: bool = True) -> None:
   """A reference run (its config.json) with another network or forward process is refused
   by name, before training, instead of failing to load or giving meaningless thresholds;
   so is one that has not finished (still training, or stopped), whose newest checkpoint
-  would set looser thresholds than the finished model."""
+  would set looser thresholds than the finished model, unless ``check_paths=False``: a
+  run resumed from its own checkpoint, or a reference that the caller trains first (the
+  minority experiment's unconstrained arm, which may be an interrupted one to resume)."""
   import json
   from cdiff_jax import config as config_lib
   workdir = config.method.reference_workdir
@@ -529,8 +531,9 @@ def _check_reference_run(config) -> None:
     return
   with open(path) as f:
     record = json.load(f)
-  if not os.path.exists(os.path.join(workdir, 'summary.json')):  # written when a run ends
-    steps = [int(d) for d in os.listdir(os.path.join(workdir, 'checkpoints')) if d.isdigit()]
+  if check_paths and not os.path.exists(os.path.join(workdir, 'summary.json')):  # at its end
+    folder = os.path.join(workdir, 'checkpoints')
+    steps = [int(d) for d in os.listdir(folder) if d.isdigit()] if os.path.isdir(folder) else []
     newest = f'step {max(steps)}' if steps else 'none'
     raise ConfigError(f'config.method.reference_workdir={workdir!r}: that run has not finished '
                       f'(newest checkpoint: {newest} of its train.steps='
