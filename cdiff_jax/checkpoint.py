@@ -81,7 +81,8 @@ class Checkpointer:
 
   def save(self, step: int, state, config) -> None:
     meta = dict(fingerprint=config_lib.fingerprint(config),
-                training=config_lib.training_fingerprint(config), step=int(step))
+                training=config_lib.training_fingerprint(config), step=int(step),
+                train_steps=int(config.train.steps))
     os.makedirs(self.directory, exist_ok=True)
     self.manager.save(int(step), args=ocp.args.Composite(
         state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)), force=True)
@@ -167,6 +168,13 @@ class Checkpointer:
           'run keeps them (or its steps would follow two configs while its config.json '
           'names one): rerun with the checkpoint\'s values, or use a new --workdir (with '
           f'--config.train.init_from={run} to start from its parameters).')
+    planned = meta.get('train_steps')   # the length the schedule so far was made for
+    if resume and planned not in (None, config.train.steps) and config.optim.lr_schedule != 'constant':
+      print(f'WARNING: the checkpoint at step {step} was trained toward train.steps={planned}, '
+            f'this run goes to {config.train.steps}: its learning rate from here follows the '
+            f'{config.optim.lr_schedule} schedule of {config.train.steps} steps, so it is not '
+            'the run a launch at that length would train (for that, use a new --workdir).',
+            file=sys.stderr)
     target = jax.tree.map(ocp.utils.to_shape_dtype_struct, abstract_state)
     try:
       out = self.manager.restore(step, args=ocp.args.Composite(
