@@ -82,6 +82,35 @@ def test_npz(tmp_path):
   assert data.load_npz(str(bad)).images.min() == -1.0
 
 
+@pytest.mark.parametrize('what,images,labels,needle', [
+    # NaN passed the [-1, 1] check (its comparisons are false): the run then stopped at
+    # step 0 on a non-finite loss, with the advice to lower the learning rate.
+    ('NaN pixels', np.where(np.eye(3)[None, :, :, None] > 0, np.nan, 0.5).repeat(2, 0),
+     np.array([0, 1]), r'images hold 6 NaN or infinite values'),
+    # One-hot rows: an unconditional run took them as 2 classes, a conditional one crashed
+    # in JAX on a broadcast.
+    ('one-hot labels', np.zeros((2, 3, 3, 1), np.uint8), np.eye(10)[[0, 1]],
+     r'labels has shape \(2, 10\) and dtype float64; give one integer class per image'),
+    # PyTorch's layout: the model was refused as too deep for 1x8 images.
+    ('channel-first images', np.zeros((2, 1, 8, 8), np.uint8), np.array([0, 1]),
+     r'of shape \(2, 1, 8, 8\) look channel-first .*np.moveaxis\(images, 1, -1\)'),
+])
+def test_npz_contents_a_model_cannot_train_on_are_named(tmp_path, what, images, labels, needle):
+  path = tmp_path / 'mine.npz'
+  np.savez(path, images=images, labels=labels)
+  with pytest.raises(ValueError, match=needle):
+    data.load_npz(str(path))
+
+
+def test_a_file_that_is_not_an_npz_is_named_with_the_field(tmp_path):
+  """numpy's own error (about pickles) named neither the file's field nor the fix."""
+  path = tmp_path / 'mine.npz'
+  path.write_text('not an archive\n')
+  with pytest.raises(ValueError, match=r'mine.npz \(config.data.data_dir\) is not a NumPy '
+                                       r'.npz archive .*np.savez'):
+    data.load_npz(str(path))
+
+
 @pytest.fixture(autouse=True)
 def _temp_files_in_tmp_path(tmp_path, monkeypatch):
   """TFDS's mock data leaves an empty ``mkdtemp`` folder behind for every dataset it

@@ -166,8 +166,12 @@ def _npz_keys(path: str, split: str, name: str) -> tuple[str, str]:
   if not os.path.exists(path):
     raise DatasetNotFound(f'{name}: {path} does not exist; set --config.data.data_dir to the '
                           'folder holding it (or the .npz path itself).')
-  with np.load(path) as f:
-    keys = set(f.files)
+  try:
+    with np.load(path) as f:
+      keys = set(f.files)
+  except Exception as e:  # a .npy, a pickle, a text file, a truncated archive
+    raise ValueError(f'{path} (config.data.data_dir) is not a NumPy .npz archive '
+                     f'({str(e).splitlines()[0][:120]}); save the arrays with np.savez.') from e
   pairs = [(f'{split}_images', f'{split}_labels')]
   if split == 'train':
     pairs += [('images', 'labels'), ('x', 'y')]
@@ -192,10 +196,21 @@ def load_npz(path: str, split: str = 'train', num_classes: int | None = None,
   pair = _npz_keys(path, split, name)
   with np.load(path) as f:
     images, labels = f[pair[0]], f[pair[1]]
+  if labels.ndim != 1 or not np.issubdtype(labels.dtype, np.integer):
+    raise ValueError(f'{path}: {pair[1]} has shape {labels.shape} and dtype {labels.dtype}; '
+                     'give one integer class per image, shape (N,) (labels.argmax(1) for '
+                     'one-hot rows).')
   if images.ndim == 3:
     images = images[..., None]
+  if images.ndim == 4 and images.shape[1] in (1, 3) and images.shape[-1] not in (1, 3):
+    raise ValueError(f'{path}: {pair[0]} of shape {images.shape} look channel-first '
+                     '(N, C, H, W); store them channel-last, (N, H, W, C): '
+                     'np.moveaxis(images, 1, -1).')
   if images.dtype != np.uint8:
     images = images.astype(np.float32)
+    if not np.isfinite(images).all():
+      raise ValueError(f'{path}: {pair[0]} hold {np.sum(~np.isfinite(images))} NaN or '
+                       'infinite values; remove or repair those images.')
     if images.min() < -1.001 or images.max() > 1.001:
       raise ValueError(f'{path}: float images must lie in [-1, 1] (got [{images.min()}, '
                        f'{images.max()}]); store uint8 or rescale.')
