@@ -369,6 +369,8 @@ def validate(c: ml_collections.ConfigDict, check_paths: bool = True) -> None:
       _fail(f'train.{f}', c.train[f], f'must be a multiple of train.steps_per_call={k}.')
   _choice(c, 'sample.sampler', SAMPLERS)
   w = c.sample.get('guidance_scale', 1.0)
+  if not math.isfinite(w):
+    _fail('sample.guidance_scale', w, 'must be a finite number (1: no guidance).')
   if w != 1.0 and (why := no_guidance(c.model)) == 'unconditional':
     _fail('sample.guidance_scale', w, 'classifier-free guidance needs a class-conditional '
           'model; set model.conditional=True (or guidance_scale=1).')

@@ -131,6 +131,10 @@ def _run_config(workdir: str, **sample_overrides):
       raise TypeError(f'unknown sampling override {field!r}; one of {SAMPLE_FIELDS}.')
     if value is not None:
       config.sample[field] = value
+  if sample_overrides.get('eta') is not None and config.sample.sampler != 'ddim':
+    raise config_lib.ConfigError(f'--eta={sample_overrides["eta"]}: read only by the DDIM '
+                                 f'sampler, and this draw uses {config.sample.sampler!r}; add '
+                                 '--sampler=ddim, or drop --eta.')
   w = config.sample.get('guidance_scale', 1.0)
   if w != 1.0 and (why := _why_no_guidance(config)):
     raise config_lib.ConfigError(f'--guidance_scale={w}: the run in {workdir} {why}, so it '

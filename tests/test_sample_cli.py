@@ -389,6 +389,11 @@ def _dead_pid() -> int:
     ('run', dict(sampler='leapfrog'), r"^--sampler=leapfrog: must be one of \("),
     ('run', dict(num_samples=0), r'^--num_samples=0: give a positive number'),
     ('run', dict(eta=2.0), r'^--eta=2.0: must lie in \[0, 1\]'),
+    # Read by DDIM only: another sampler ignored it silently.
+    ('run', dict(eta=0.5, sampler='heun'), r"^--eta=0.5: read only by the DDIM sampler, and "
+                                           r"this draw uses 'heun'; add --sampler=ddim"),
+    # NaN passed the checks and drew all-NaN images.
+    ('run', dict(guidance_scale=float('nan')), r'^--guidance_scale=nan: must be a finite'),
     ('unconditional', dict(classes=[1]), r'^--classes=1: .* unconditional model; drop'),
     ('unconditional', dict(guidance_scale=3.0), r'^--guidance_scale=3.0: .* unconditional'),
     ('run', dict(mcmc=dict(kind='mala')), r'^--mcmc=mala: its Metropolis test needs energies'
