@@ -152,20 +152,25 @@ def draw(workdir: str, num_samples: int = 64, seed: int = 0, classes=None,
   """``num_samples`` samples of the run in ``workdir`` (EMA parameters unless its config
   says ``sample.use_ema=False``): ``{'images', 'labels', 'exp', 'state', 'info'}`` (labels
   None for an unconditional model; ``info`` as below, None for the diffusion samplers).
-  ``classes``: labels of a conditional model, cycled in the given
+  ``classes``: labels of a conditional model (a list, or one int), cycled in the given
   order (default: its trained classes); ``sample_overrides``: any of ``SAMPLE_FIELDS``
   (None keeps the run's). ``mcmc``: ``{'kind': 'ula' | 'mala' | 'uhmc' | 'hmc', ...}`` (the
   other ``MCMC_FIELDS`` as ``mcmc.AnnealedMCMC`` takes them) samples with annealed MCMC
   over ``sample.num_steps`` levels instead (``info``: its step sizes and, for MALA / HMC,
   acceptance rates per level). ``compose``: ``{'concepts': [class or guidance.ANY, ...],
-  'weights': [...]}``, an AND/NOT composition of a conditional model's classes sampled
-  instead of ``classes`` (labels None), with the run's sampler or ``mcmc``. Raises
-  ``ConfigError`` on bad input."""
+  'weights': [...]}`` or the ``--compose`` text (``'any:1,1:-3'``), an AND/NOT composition
+  of a conditional model's classes sampled instead of ``classes`` (labels None), with the
+  run's sampler or ``mcmc``. Raises ``ConfigError`` on bad input."""
   from cdiff_jax import config as config_lib
   from cdiff_jax import evaluation, train
   from cdiff_jax.methods import guidance
   if num_samples < 1:
     raise config_lib.ConfigError(f'--num_samples={num_samples}: give a positive number.')
+  if isinstance(classes, str):   # '45' would be the classes 4 and 5
+    raise config_lib.ConfigError(f'classes={classes!r}: give a list of class indices, e.g. '
+                                 '[4, 5, 7] (or one int).')
+  classes = [classes] if isinstance(classes, (int, np.integer)) else classes
+  compose = parse_compose(compose.split(',')) if isinstance(compose, str) else compose
   config = _run_config(workdir, **sample_overrides)
   classes = [int(c) for c in classes] if classes is not None and len(classes) else None
   if classes and not config.model.conditional:

@@ -165,6 +165,16 @@ def test_unknown_sampler_message():
   # No steps: refused (it returned the denoised noise of t = 1 as samples).
   with pytest.raises(ValueError, match='num_steps=0: a sampler takes 1 or more steps'):
     Sampler(gaussian_eps(schedules.VPSchedule()), schedules.VPSchedule(), (2,), 'ddim', 0)
+  # What the config refuses, refused for the library's callers too: an eta outside [0, 1]
+  # sampled silently, no samples raised a ZeroDivisionError.
+  for eta in (5.0, -0.5, float('nan')):
+    with pytest.raises(ValueError, match=rf'eta={eta}: DDIM\'s noise must lie in \[0, 1\]'):
+      Sampler(gaussian_eps(schedules.VPSchedule()), schedules.VPSchedule(), (2,), 'ddim', 4,
+              eta=eta)
+  s = Sampler(gaussian_eps(schedules.VPSchedule()), schedules.VPSchedule(), (2,), 'ddim', 4,
+              mesh=parallel.make_mesh())
+  with pytest.raises(ValueError, match='num_samples=0: draw 1 or more samples'):
+    s(None, jax.random.key(0), 0)
 
 
 def test_lowered_programs_are_the_sampler():

@@ -111,6 +111,9 @@ class Sampler:
                cpu_onednn: bool = True, check_cond: Callable | None = None):
     if num_steps < 1:
       raise ValueError(f'num_steps={num_steps}: a sampler takes 1 or more steps.')
+    if sampler == 'ddim' and not 0.0 <= eta <= 1.0:  # (NaN fails too)
+      raise ValueError(f'eta={eta}: DDIM\'s noise must lie in [0, 1] (0: deterministic, 1: as '
+                       'much noise as ancestral sampling).')
     self._check_cond = check_cond
     self.schedule = schedule
     self.shape = tuple(shape)
@@ -160,6 +163,8 @@ class Sampler:
             self._finish.lower(params, cond, x)]
 
   def __call__(self, params, rng, num_samples: int, cond=None, progress: bool = False):
+    if num_samples < 1:
+      raise ValueError(f'num_samples={num_samples}: draw 1 or more samples.')
     if self.mesh is not None:
       parallel.check_batch_size(num_samples, self.mesh, 'number of samples')
     if self._check_cond is not None:
