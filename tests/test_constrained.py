@@ -133,9 +133,20 @@ def test_constrained_built_in_python_checks_its_fields():
       (dict(constraint_names=('a',)), r'constraint_names=.*one per constraint'),
       (dict(num_constraints=0, thresholds=()), r'num_constraints=0'),
       (dict(dual_every=0), r'dual_every=0'),
-      (dict(constraint_t_min=1.0), r'constraint_t_min=1.0')):
+      (dict(constraint_t_min=1.0), r'constraint_t_min=1.0'),
+      # Accepted before: the Lagrangian's 1 + sum(lam) reached 0; a NaN bound.
+      (dict(init_lambda=-1.0), r'init_lambda=-1.0\): give 0 or more'),
+      (dict(thresholds=(float('nan'),)), r'thresholds=.*give finite numbers')):
     with pytest.raises(ValueError, match=match):
       _method(**kw)
+  # One loss per constraint: (2, 1) broadcast lam to (2, 2), (3,) failed in JAX.
+  m = _method()
+  extras = m.init_extras(None, None)
+  for shape in ((2, 1), (3,)):
+    with pytest.raises(ValueError, match=rf"constraint_loss'\] has shape \({shape[0]}, ?"
+                                         rf"{shape[1] if len(shape) > 1 else ''}\); the dual "
+                                         r'step takes one loss per constraint, shape \(2,\)'):
+      m.update_extras(extras, {'constraint_loss': jnp.ones(shape)}, 0, None)
   # Without names, each constraint gets one (the groups, logs and warnings use them); without
   # classes, constraint_source='classes' has no examples to draw: named, not zero losses.
   ds = ArrayDataset(np.zeros((6, 2), np.float32), np.array([0, 0, 1, 1, 2, 2]), 3,

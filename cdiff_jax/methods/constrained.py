@@ -106,6 +106,9 @@ class Constrained:
         ('dual_start', self.dual_start >= 0, 'give 0 or more.'),
         ('dual_ema', 0.0 <= self.dual_ema < 1.0, 'give a number in [0, 1).'),
         ('dual_lr', self.dual_lr >= 0, 'give 0 or more.'),
+        # Multipliers live on lambda >= 0: a negative start could zero 1 + sum(lambda).
+        ('init_lambda', self.init_lambda >= 0, 'give 0 or more.'),
+        ('thresholds', all(np.isfinite(thresholds)), 'give finite numbers.'),
         ('resilient_alpha', self.resilient_alpha >= 0, 'give 0 (off) or more.'),
         ('constraint_t_min', 0.0 <= self.constraint_t_min < 1.0, 'give a time in [0, 1).'),
         ('num_objective_groups', self.num_objective_groups >= 1, 'give 1 or more.'),
@@ -214,6 +217,9 @@ class Constrained:
     del step, rng
     applied = extras['ema_count']   # applied steps before this one
     current = aux['constraint_loss']
+    if current.shape != extras['lam'].shape:  # it broadcast lam to (m, m), or failed in JAX
+      raise ValueError(f"aux['constraint_loss'] has shape {current.shape}; the dual step takes "
+                       f'one loss per constraint, shape {extras["lam"].shape}.')
     window_sum = extras['window_sum'] + current
     count = applied + 1
     loss_ema = self.dual_ema * extras['loss_ema'] + (1 - self.dual_ema) * current
