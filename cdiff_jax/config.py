@@ -288,6 +288,9 @@ def validate(c: ml_collections.ConfigDict, check_paths: bool = True) -> None:
   _choice(c, 'model.dtype', ('float32', 'bfloat16'))
   if not 0.0 <= c.model.class_dropout < 1.0:
     _fail('model.class_dropout', c.model.class_dropout, 'must lie in [0, 1).')
+  if c.model.name == 'mlp':   # a zero-width MLP trained and sampled constants
+    _positive(c, 'model.hidden')
+    _positive(c, 'model.depth', allow_zero=True)
   if c.model.name == 'unet':
     for f in ('model.ch', 'model.num_groups', 'model.num_res_blocks'):
       _positive(c, f)

@@ -59,6 +59,9 @@ def component_densities():
 def validate(config):
   from cdiff_jax import config as config_lib
   from cdiff_jax.sampling import mcmc
+  if not config.toy.benchmarks:  # it trained every component for a table without rows
+    config_lib._fail('toy.benchmarks', tuple(config.toy.benchmarks),
+                     f'name at least one of {tuple(BENCHMARK_COMPONENTS)}.')
   bad = [b for b in config.toy.benchmarks if b not in BENCHMARK_COMPONENTS]
   if bad:
     raise config_lib.ConfigError(f'config.toy.benchmarks: {bad} unknown; use some of '

@@ -72,6 +72,9 @@ def _with(overrides):
     ({'model.num_res_blocks': -1}, 'config.model.num_res_blocks=-1: must be positive'),
     ({'model.dropout': 1.5}, 'config.model.dropout=1.5: must lie in [0, 1)'),
     ({'model.dropout': -0.5}, 'config.model.dropout=-0.5: must lie in [0, 1)'),
+    # The MLP's sizes (a width of 0 trained and sampled a constant).
+    ({'model.name': 'mlp', 'model.hidden': 0}, 'config.model.hidden=0: must be positive'),
+    ({'model.name': 'mlp', 'model.depth': -1}, 'config.model.depth=-1: must be >= 0'),
     # One sample has no covariance for the FID: it failed after training.
     ({'eval.num_samples': 1}, 'config.eval.num_samples=1: must be at least 2'),
     # Adam settings that give NaN or no updates, and a weight decay adam would ignore.

@@ -131,6 +131,8 @@ def test_a_config_file_that_does_not_load_gets_one_line(tmp_path):
     ('experiments.digits_guidance', '--config.train.stepz=3', 'stepz'),
     # A ConfigError from the script's own checks, before any work.
     ('experiments.toy_composition', "--config.toy.benchmarks=('nope',)", 'config.toy.benchmarks'),
+    ('experiments.toy_composition', '--config.toy.benchmarks=()',
+     'config.toy.benchmarks=(): name at least one of'),
     ('experiments.toy_composition', '--config.toy.num_samples=-5',
      'config.toy.num_samples=-5: must be positive'),
     ('experiments.toy_composition', '--config.mcmc.damping=0', 'config.mcmc.damping=0'),
