@@ -512,7 +512,8 @@ def build(config, dataset: sources.ArrayDataset | None = None,
     mesh = parallel.make_mesh(num_devices)
     for name, _, b in groups:
       parallel.check_batch_size(b, mesh, f"the {name!r} part of the batch (config.train."
-                                f"batch_size or the method's *_batch fields), size")
+                                "batch_size, or the method's *_batch fields or TIW's "
+                                "ref_batch_fraction), size")
     batcher = pipeline.GroupedBatcher(
         dataset, [g[1] for g in groups], [g[2] for g in groups], config.seed,
         process_index=jax.process_index(), process_count=jax.process_count(),
