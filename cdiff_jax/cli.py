@@ -55,6 +55,9 @@ def _config_file_error(error: BaseException) -> str | None:
   """
   while 'earlier failure to load' in str(error) and error.__cause__ is not None:
     error = error.__cause__
+  if isinstance(error, IsADirectoryError):
+    return (f'--config={error.filename}: is a folder; pass one config file (e.g. '
+            'configs/digits_minority.py).')
   lines = [l.strip() for l in str(error).splitlines() if l.strip()]
   if not lines or not lines[0].startswith('Failed loading config file'):
     return None
@@ -85,6 +88,14 @@ def _flag_error(e: Exception, argv) -> None:
           '(a config file\'s get_config() returns its ConfigDict).', file=sys.stderr)
     sys.exit(EXIT_ERROR)
   text = ' '.join(str(e).replace('\\n', ' ').replace('\\', '').split())
+  if 'Error whilst parsing config file' in text and (raised := re.search(
+      r'(\w+(?:Error|Exception): .*)$', text)):  # its get_config() raised: the error, no traceback
+    given = [a for a in argv[1:] if a.startswith('--config=')]
+    hint = (' (what follows ":" in --config=FILE:ARG is passed to get_config(), which takes '
+            'no argument here; drop it)' if 'get_config() takes 0 positional' in text else '')
+    print(f'error: {given[-1] + ": " if given else ""}its get_config() raised '
+          f'{raised.group(1)}{hint}.', file=sys.stderr)
+    sys.exit(EXIT_ERROR)
   while len(text) > 1 and text[0] == text[-1] and text[0] in '\'"':  # a KeyError's quotes
     text = text[1:-1]
   hint = None

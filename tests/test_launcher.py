@@ -112,6 +112,18 @@ def test_a_config_file_that_does_not_load_gets_one_line(tmp_path):
   no_get_config.write_text('steps = 5\n')
   _assert_one_error_line(_launch(tmp_path / 'w', config=str(no_get_config)),
                          f'--config={no_get_config}: the config file defines no get_config()')
+  # A folder, an argument its get_config() does not take, an error inside get_config():
+  # they printed errno's words alone, or a whole traceback in the error line.
+  _assert_one_error_line(_launch(tmp_path / 'w', config=str(tmp_path)),
+                         f'--config={tmp_path}: is a folder; pass one config file')
+  dsm = os.path.join(ROOT, 'configs', 'digits_dsm.py')
+  _assert_one_error_line(_launch(tmp_path / 'w', config=f'{dsm}:small'),
+                         f'--config={dsm}:small: its get_config() raised TypeError: get_config() '
+                         'takes 0 positional arguments but 1 was given (what follows ":"')
+  raising = tmp_path / 'raising.py'
+  raising.write_text('def get_config():\n  raise ValueError("no data here")\n')
+  _assert_one_error_line(_launch(tmp_path / 'w', config=str(raising)),
+                         f'--config={raising}: its get_config() raised ValueError: no data here.')
   # A script's default config (configs/...) from outside the repository root, with and
   # without an override (with one, ml_collections loads the default at the flag's definition).
   env = dict(os.environ, PYTHONPATH=ROOT)
