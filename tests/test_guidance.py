@@ -437,6 +437,29 @@ def test_cfg_eps_fn_without_labels_is_the_null_model():
   np.testing.assert_allclose(got, s * x / var, rtol=1e-5, atol=1e-6)
 
 
+def test_guidance_of_a_model_without_classes_or_with_another_null_class_is_refused():
+  """An unconditional network ignores labels: its guided and composed samplers sampled it
+  unguided, without a word; a wrong null label guided towards a real class instead."""
+  from cdiff_jax import config as config_lib
+  from cdiff_jax import train
+  c = config_lib.base_config()
+  c.model.ch, c.model.ch_mult, c.model.attn_levels = 16, (1,), ()
+  unconditional = train.build_score_model(c, 10)
+  for make in (lambda m, k: guidance.cfg_eps_fn(m, 3.0, k), guidance.composed_eps_fn,
+               guidance.composed_potential):
+    with pytest.raises(ValueError, match='the model is unconditional'):
+      make(unconditional, 10)
+  c.model.conditional = True
+  conditional = train.build_score_model(c, 10)
+  guidance.composed_eps_fn(conditional, 10)   # its null class: num_classes
+  with pytest.raises(ValueError, match=r'null_label=9, but this model\'s null class is 10'):
+    guidance.cfg_eps_fn(conditional, 3.0, 9)
+  # Plain labels given to a composition's sampler (a TypeError about string indexing).
+  with pytest.raises(ValueError, match='a composition samples with cond=make_composition'):
+    guidance.composed_eps_fn(conditional, 10)(None, jnp.zeros((2, 8, 8, 1)), jnp.ones(2),
+                                              jnp.zeros(2, jnp.int32))
+
+
 def test_composed_potential_equals_the_product_gaussian():
   """Energy-parameterized AND/NOT: the composed gradient is the product Gaussian's score
   (null weight 1 - sum w) and energy differences are the weighted sum of the experts'."""

@@ -72,8 +72,22 @@ def cfg_eps(model, params, x, t, labels, guidance_scale: float, null_label: int)
   return eps_u + guidance_scale * (eps_c - eps_u)
 
 
+def _check_guidable(model, null_label: int, what: str) -> None:
+  """A class-conditional model whose null class is ``null_label`` (its ``num_classes``):
+  an unconditional one ignored the labels, so guidance and compositions did nothing."""
+  num_classes = getattr(getattr(model, 'net', None), 'num_classes', None)
+  if num_classes == 0:
+    raise ValueError(f'{what}: the model is unconditional (its network has no classes), so '
+                     'there is nothing to guide or compose; train it with '
+                     'model.conditional=True and model.class_dropout=0.1.')
+  if num_classes is not None and null_label != num_classes:
+    raise ValueError(f'{what}: null_label={null_label}, but this model\'s null class is '
+                     f'{num_classes} (its num_classes); pass null_label={num_classes}.')
+
+
 def cfg_eps_fn(model, guidance_scale: float, null_label: int) -> Callable:
   """``eps_fn(params, x, t, labels)``; ``labels=None`` samples the unconditional model."""
+  _check_guidable(model, null_label, 'cfg_eps_fn')
 
   def eps_fn(params, x, t, labels):
     if labels is None:
@@ -120,6 +134,9 @@ def stack_compositions(conds: Sequence[dict]) -> dict:
 
 
 def _with_null(cond, null_label):
+  if not isinstance(cond, dict):
+    raise ValueError('a composition samples with cond=make_composition(...), a dict of labels '
+                     f'and weights; got {type(cond).__name__} (plain labels: cfg_eps_fn).')
   labels, weights = cond['labels'], cond['weights']
   chex.assert_rank([labels, weights], 2)
   chex.assert_equal_shape([labels, weights])
@@ -130,6 +147,7 @@ def _with_null(cond, null_label):
 def composed_eps_fn(model, null_label: int) -> Callable:
   """``eps_fn(params, x, t, cond)`` with ``cond = dict(labels=(B, K), weights=(B, K))``:
   ``eps_u + sum_k w_k (eps_k - eps_u)``, all K + 1 conditions in one vmapped call."""
+  _check_guidable(model, null_label, 'composed_eps_fn')
 
   def eps_fn(params, x, t, cond):
     labels, weights = _with_null(cond, null_label)
@@ -150,6 +168,7 @@ def composed_potential(model, null_label: int) -> Potential:
   """The energy version of ``composed_eps_fn``: ``E = E_u + sum_k w_k (E_k - E_u)``; its
   gradient is the same combination of gradients. A score-only model gives zero energies
   (``ScoreModel.potential_terms``): then only ULA and U-HMC can sample it."""
+  _check_guidable(model, null_label, 'composed_potential')
 
   def fn(params, x, t, cond):
     labels, weights = _with_null(cond, null_label)
