@@ -126,6 +126,13 @@ CASES = {
                             'config.data.split_seed=-1: must be >= 0'),
     # A config made for plain DSM has none of constrained training's fields (they raised
     # an AttributeError deep in the method's checks).
+    'constraint on a class named twice': (
+        'digits_minority', ['--config.method.constraint_classes=(4,4)', REFERENCE],
+        'config.method.constraint_classes=(4, 4): names a class twice'),
+    # Another program's config: it said there is no TFDS loader for 'toy'.
+    'toy benchmark config in the launcher': (
+        'toy_composition', [], "data.name='toy': the 2-D benchmarks of "
+        'experiments/toy_composition.py'),
     'method switched without its fields': (
         'digits_dsm', ['--config.method.name=constrained'],
         'config.method.constraint_batch is missing; start the config from '

@@ -276,6 +276,10 @@ def load_tfds(name: str, split: str = 'train', data_dir: str | None = None,
   attributes listed in ``attributes`` are kept for analysis.
   """
   import tensorflow_datasets as tfds
+  if name == 'toy':   # a config of experiments/toy_composition.py given to another program
+    raise ValueError("data.name='toy': the 2-D benchmarks of experiments/toy_composition.py, "
+                     'which trains and samples them: python -m experiments.toy_composition '
+                     '--config=configs/toy_composition.py.')
   if name not in TFDS_NUM_CLASSES:
     raise ValueError(f'data.name={name!r} has no TFDS loader; use one of {sorted(TFDS_NUM_CLASSES)}.')
   held = _HeldLogRecords()  # TFDS logs its own warning for a missing copy: ours says more.

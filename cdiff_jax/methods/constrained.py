@@ -415,6 +415,10 @@ def validate(config, check_paths: bool = True) -> None:
   if mc.constraint_source not in CONSTRAINT_SOURCES:
     raise ConfigError(f'config.method.constraint_source={mc.constraint_source!r}: must be one '
                       f'of {CONSTRAINT_SOURCES}.')
+  if mc.constraint_source == 'classes' and len(set(mc.constraint_classes)) < len(
+      mc.constraint_classes):  # two constraints on one class: one loss, pulled twice
+    raise ConfigError(f'config.method.constraint_classes={tuple(mc.constraint_classes)}: names '
+                      'a class twice; give each class once.')
   if mc.constraint_source == 'classes' and not mc.constraint_classes:
     raise ConfigError('config.method.constraint_classes=(): give at least one class to constrain '
                       "(or use method.name='dsm' for no constraints).")
