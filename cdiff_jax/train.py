@@ -58,7 +58,8 @@ class _PreemptionWatch:
 
   One process: SIGTERM and SIGINT handlers (installed from the start of the run until the
   last step is saved, when called from the main thread) set a flag that the loop reads at
-  every step boundary. Once the run writes (``training``: from config.json on) the first
+  every step boundary; SIGTERM during set-up calls the handler it replaced (the command
+  line's stops the program at once). Once the run writes (``training``: from config.json on) the first
   Ctrl-C (SIGINT) asks for that save and puts the previous handler back, so a second one
   stops at once (KeyboardInterrupt); before (set-up: data, a discriminator's pre-training,
   reference losses, restoring) Ctrl-C stops at once, there being nothing new to save.
@@ -85,7 +86,12 @@ class _PreemptionWatch:
     return self
 
   def _on_sigterm(self, signum, frame):
-    del signum, frame
+    previous = self._previous.get(signal.SIGTERM)
+    if not self.training and callable(previous):
+      # Set-up (a discriminator's pre-training, reference losses): nothing new to save, and
+      # a grace period may end before the first step; the caller's handler (the command
+      # line's stops at once, exit status 3).
+      previous(signum, frame)
     self.requested = True
 
   def _on_sigint(self, signum, frame):

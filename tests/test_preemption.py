@@ -168,6 +168,35 @@ def test_a_second_ctrl_c_stops_at_once():
   assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == before
 
 
+def test_sigterm_during_set_up_goes_to_the_callers_handler():
+  """SIGTERM in set-up (a discriminator's pre-training of minutes) was only noted, and the
+  run saved at its first step, past a preemption's grace period: it goes to the handler
+  the watch replaced (the command line's stops the program at once, exit status 3); in the
+  loop it asks for the save as before."""
+  if threading.current_thread() is not threading.main_thread():
+    pytest.skip('signal handlers need the main thread')
+
+  class AtOnce(Exception):
+    pass
+
+  def callers(signum, frame):
+    raise AtOnce()
+
+  before = signal.signal(signal.SIGTERM, callers)
+  try:
+    with train._PreemptionWatch() as watch:
+      with pytest.raises(AtOnce):
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(1.0)
+      watch.training = True
+      os.kill(os.getpid(), signal.SIGTERM)
+      time.sleep(0.05)
+      assert watch.requested
+    assert signal.getsignal(signal.SIGTERM) is callers
+  finally:
+    signal.signal(signal.SIGTERM, before)
+
+
 def test_sigkill_resumes_from_last_complete_checkpoint(tmp_path, uninterrupted):
   proc = _start(tmp_path)
   _wait_for(lambda: _committed_steps(tmp_path), proc)
