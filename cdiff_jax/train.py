@@ -723,9 +723,16 @@ def save_samples(exp: Experiment, state: TrainState, path: str, num: int | None 
   rng = jax.random.key(exp.config.seed + 1) if rng is None else rng
   images = np.asarray(parallel.to_host(sampler(params, rng, n, exp.sample_labels(n),
                                                progress=progress)))
-  if jax.process_index() == 0:
+  if jax.process_index() == 0 and images.ndim == 4:
     ncols = len(exp.sample_classes) if exp.config.model.conditional else None
     writers.save_image_grid(path, images, ncols=ncols)
+  elif jax.process_index() == 0:  # vectors (model.name='mlp'): the array, and 2-D as points
+    writers.save_arrays_atomic(os.path.splitext(path)[0] + '.npy', images)
+    if images.ndim == 2 and images.shape[1] == 2:
+      fig, ax = writers.new_figure(figsize=(4, 4))
+      ax.scatter(images[:, 0], images[:, 1], s=2)
+      ax.set_aspect('equal')
+      writers.save_figure(fig, path)
   return images
 
 
@@ -796,16 +803,24 @@ def train_and_evaluate(config, workdir: str, dataset: sources.ArrayDataset | Non
       lock.release()
 
 
+def _has_checkpoint(ckpt_dir: str) -> bool:
+  """A finished step folder (Orbax renames a complete one to its step number)."""
+  return os.path.isdir(ckpt_dir) and any(d.isdigit() for d in os.listdir(ckpt_dir))
+
+
 def _train_and_evaluate(config, workdir, dataset, progress, hooks, preemption, lock,
                         clock, save_dataset) -> dict:
-  exp = build(config, dataset)
-  config_lib.check_sample_clip(config.sample, exp.data_reach)  # before training, not at its end
   tc = config.train
   workdir = os.path.abspath(workdir)
+  ckpt_dir = os.path.join(workdir, 'checkpoints')
+  # A resumed run takes what its method measures before training (a TIW discriminator's
+  # pre-training, the thresholds from a reference) from its checkpoint: not redone.
+  resuming = _has_checkpoint(ckpt_dir)
+  exp = build(config, dataset, from_checkpoint=resuming)
+  config_lib.check_sample_clip(config.sample, exp.data_reach)  # before training, not at its end
   is_main = parallel.is_main_process()
   state = exp.init_state()
   parallel.barrier('initialized')  # Orbax's first collective must not wait long for a peer.
-  ckpt_dir = os.path.join(workdir, 'checkpoints')
   ckpt = checkpoint_lib.Checkpointer(ckpt_dir, tc.keep_checkpoints)
   def check_step(step):  # a checkpoint step this config can resume from
     if step is not None and step % tc.steps_per_call:
@@ -825,6 +840,9 @@ def _train_and_evaluate(config, workdir, dataset, progress, hooks, preemption, l
     raise
   if restored is not None:
     state = restored
+  elif resuming:  # no step after all (e.g. a folder named as one): the whole set-up
+    exp = build(config, dataset)
+    state = exp.init_state()
   try:  # The checks have passed: the first write.
     lock.acquire()
   except BaseException:

@@ -868,3 +868,34 @@ def test_a_runs_label_names_its_variant_and_temperature():
   assert config_lib.method_label(_toy_config(variant='tiw', alpha=0.5)) == 'tiw (tiw, alpha 0.5)'
   assert config_lib.method_label(_toy_config(variant='iw')) == 'tiw (iw, alpha 1)'
   assert config_lib.method_label(_toy_config(variant='dsm_obs')) == 'tiw (dsm_obs)'
+
+
+def test_a_resumed_run_takes_its_discriminator_from_the_checkpoint(tmp_path, monkeypatch):
+  """A rerun that resumes (after a preemption, or with more train.steps) restores the
+  trained discriminator with the state: its pre-training is not run again (it was, on every
+  rerun), and the run ends with the parameters of an uninterrupted one."""
+  def config(steps):
+    c = _toy_config(disc_pretrain_steps=30)
+    c.optim.lr_schedule, c.optim.warmup_steps = 'constant', 0
+    c.train.steps, c.train.log_every, c.train.checkpoint_every = steps, 2, 2
+    c.sample.num_samples, c.sample.num_steps, c.sample.clip = 8, 4, 0.0
+    return c
+
+  data = _toy_dataset()
+  train.train_and_evaluate(config(4), str(tmp_path / 'run'), data)
+  pretrained = []
+  real = tiw.TIW._pretrained
+  monkeypatch.setattr(tiw.TIW, '_pretrained',
+                      lambda self, *a: pretrained.append(1) or real(self, *a))
+  train.train_and_evaluate(config(8), str(tmp_path / 'run'), data)
+  assert not pretrained
+  resumed = train.load_run(str(tmp_path / 'run'), data)[1]
+  train.train_and_evaluate(config(8), str(tmp_path / 'whole'), data)
+  assert pretrained == [1]
+  whole = train.load_run(str(tmp_path / 'whole'), data)[1]
+  chex.assert_trees_all_close(resumed.params, whole.params, atol=1e-6)
+  chex.assert_trees_all_equal(resumed.extras['disc']['params'], whole.extras['disc']['params'])
+  # Vector samples (they crashed the image-grid writer at the run's end): the array, and
+  # for 2-D data a scatter plot.
+  final = np.load(tmp_path / 'whole' / 'samples' / 'final.npy')
+  assert final.shape == (8, 1) and not (tmp_path / 'whole' / 'samples' / 'final.png').exists()
