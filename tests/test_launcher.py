@@ -322,6 +322,7 @@ def test_sigterm_outside_training_is_a_preemption_in_one_line(capsys):
 
   def main(argv):
     with train._PreemptionWatch() as watch:   # a training loop: the notice is recorded
+      watch.training = True                    # (in its set-up SIGTERM stops at once)
       os.kill(os.getpid(), signal.SIGTERM)
       time.sleep(0.5)
       seen['in_training'] = watch.requested
