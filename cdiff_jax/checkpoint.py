@@ -169,7 +169,8 @@ class Checkpointer:
           'names one): rerun with the checkpoint\'s values, or use a new --workdir (with '
           f'--config.train.init_from={run} to start from its parameters).')
     planned = meta.get('train_steps')   # the length the schedule so far was made for
-    if resume and planned not in (None, config.train.steps) and config.optim.lr_schedule != 'constant':
+    if (resume and planned not in (None, config.train.steps)
+        and config.optim.lr_schedule != 'constant'):
       print(f'WARNING: the checkpoint at step {step} was trained toward train.steps={planned}, '
             f'this run goes to {config.train.steps}: its learning rate from here follows the '
             f'{config.optim.lr_schedule} schedule of {config.train.steps} steps, so it is not '

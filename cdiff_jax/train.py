@@ -59,10 +59,11 @@ class _PreemptionWatch:
   One process: SIGTERM and SIGINT handlers (installed from the start of the run until the
   last step is saved, when called from the main thread) set a flag that the loop reads at
   every step boundary; SIGTERM during set-up calls the handler it replaced (the command
-  line's stops the program at once). Once the run writes (``training``: from config.json on) the first
-  Ctrl-C (SIGINT) asks for that save and puts the previous handler back, so a second one
-  stops at once (KeyboardInterrupt); before (set-up: data, a discriminator's pre-training,
-  reference losses, restoring) Ctrl-C stops at once, there being nothing new to save.
+  line's stops the program at once). Once the run writes (``training``: from config.json
+  on) the first Ctrl-C (SIGINT) asks for that save and puts the previous handler back, so a
+  second one stops at once (KeyboardInterrupt); before (set-up: data, a discriminator's
+  pre-training, reference losses, restoring) Ctrl-C stops at once, there being nothing new
+  to save.
   After the last step (``finishing``) SIGTERM ends the run as a preemption, so a restart
   loop reruns it and the rerun redoes only the sampling and evaluation. Several processes:
   JAX's preemption service (started by ``jax.distributed.initialize``) receives the notice
@@ -338,13 +339,6 @@ class Experiment:
   @property
   def image_shape(self):
     return self.dataset.image_shape
-
-  def objective_indices(self) -> np.ndarray:
-    """Indices of the examples the objective trains on: the method's objective data groups
-    (not constraint sets; for TIW-DSM the biased and reference sets, not the examples its
-    long-tailed split sets aside)."""
-    groups = self.batcher.groups[:getattr(self.method, 'num_objective_groups', None)]
-    return np.unique(np.concatenate(groups))
 
   def objective_class_frequencies(self) -> np.ndarray:
     """Class frequencies of the objective's minibatches: each objective group's class
