@@ -146,6 +146,19 @@ def _run_config(workdir: str, **sample_overrides):
   return config
 
 
+def _library_forms(classes, compose):
+  """``draw``'s ``classes`` and ``compose`` also as the command line gives them: one class
+  as an int, the composition as ``--compose``'s text; a string of classes is refused ('45'
+  would be the classes 4 and 5)."""
+  from cdiff_jax import config as config_lib
+  if isinstance(classes, str):
+    raise config_lib.ConfigError(f'classes={classes!r}: give a list of class indices, e.g. '
+                                 '[4, 5, 7] (or one int).')
+  classes = [classes] if isinstance(classes, (int, np.integer)) else classes
+  compose = parse_compose(compose.split(',')) if isinstance(compose, str) else compose
+  return classes, compose
+
+
 def draw(workdir: str, num_samples: int = 64, seed: int = 0, classes=None,
          progress: bool = False, mcmc: dict | None = None, compose: dict | None = None,
          **sample_overrides) -> dict:
@@ -166,11 +179,7 @@ def draw(workdir: str, num_samples: int = 64, seed: int = 0, classes=None,
   from cdiff_jax.methods import guidance
   if num_samples < 1:
     raise config_lib.ConfigError(f'--num_samples={num_samples}: give a positive number.')
-  if isinstance(classes, str):   # '45' would be the classes 4 and 5
-    raise config_lib.ConfigError(f'classes={classes!r}: give a list of class indices, e.g. '
-                                 '[4, 5, 7] (or one int).')
-  classes = [classes] if isinstance(classes, (int, np.integer)) else classes
-  compose = parse_compose(compose.split(',')) if isinstance(compose, str) else compose
+  classes, compose = _library_forms(classes, compose)
   config = _run_config(workdir, **sample_overrides)
   classes = [int(c) for c in classes] if classes is not None and len(classes) else None
   if classes and not config.model.conditional:

@@ -123,14 +123,15 @@ def test_compose_is_the_composed_sampler_of_the_checkpoint(run):
                     num_steps=3)['images']
   np.testing.assert_allclose(single, cfg, atol=1e-5)
   assert np.abs(single - out['images'][:4]).max() > 1e-3
-  # The library takes the command line's forms too (they raised TypeErrors): the --compose
-  # text, and one class as an int; a string of digits is refused, not read digit by digit.
-  as_text = sample.draw(run, num_samples=5, seed=3, compose='any:1,3:-2', num_steps=3)
-  np.testing.assert_array_equal(as_text['images'], out['images'])
-  one = sample.draw(run, num_samples=4, seed=3, classes=7, num_steps=3, guidance_scale=2.0)
-  np.testing.assert_array_equal(one['images'], cfg)
+
+
+def test_draw_takes_the_command_lines_forms():
+  """The library takes the --compose text and one class as an int (TypeErrors inside draw);
+  a string of digits is refused, not read digit by digit."""
+  assert sample._library_forms(7, 'any:1,3:-2') == ([7], NOT3)
+  assert sample._library_forms([4, 5], NOT3) == ([4, 5], NOT3)
   with pytest.raises(config_lib.ConfigError, match=r"classes='45': give a list of class"):
-    sample.draw(run, num_samples=4, classes='45')
+    sample._library_forms('45', None)
 
 
 def test_compose_with_mcmc_is_the_annealed_sampler_of_the_composed_potential(run):
