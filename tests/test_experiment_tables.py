@@ -529,6 +529,38 @@ def test_toy_figures_draw_each_panels_own_density_and_tell_the_lines_apart(tmp_p
   ''')
 
 
+def test_toy_panel_titles_clear_the_figure_title_and_the_row_above(tmp_path):
+  """The toy sample grids (square axes, two-line titles), as saved: no axes title overlaps
+  the figure's title or another panel's frame (they did under tight_layout), in one row
+  (components.png) and in two (the benchmarks')."""
+  _run('''
+    import sys
+    import numpy as np
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    import experiments.toy_composition as t
+    from cdiff_jax import toys, writers
+    made = []
+    new_figure = writers.new_figure
+    writers.new_figure = lambda *a, **k: made.append(new_figure(*a, **k)) or made[-1]
+    overlap = lambda a, b: a.x0 < b.x1 and b.x0 < a.x1 and a.y0 < b.y1 and b.y0 < a.y1
+    target = toys.benchmarks()['product'].target
+    x = target.sample(np.random.default_rng(0), 50)
+    for rows in (('learned',), ('oracle', 'learned')):
+      panels = {(r, s): (x, 'LL 1.00  SW 0.050') for r in rows
+                for s in ('diffusion', 'ula', 'mala', 'uhmc', 'hmc')}
+      t.plot_benchmark(sys.argv[1] + '/t.png', 'ring AND vertical bar', panels, target,
+                       exact=(x, 'LL 1.50'))
+      fig, axes = made[-1]
+      renderer = FigureCanvasAgg(fig).get_renderer()  # the positions of the saved draw
+      frames = [ax.get_window_extent(renderer) for ax in axes.flat]
+      titles = [ax.title.get_window_extent(renderer) for ax in axes.flat]
+      top = fig._suptitle.get_window_extent(renderer)
+      assert all(b.height > 0 and not overlap(b, top) for b in titles), rows
+      assert not any(overlap(b, f) for b in titles for f in frames), rows
+    print('ok')
+  ''', str(tmp_path))
+
+
 def test_a_finished_constrained_arm_is_tied_to_its_reference_parameters(tmp_path):
   """The constrained arm's config carries a hash of the reference parameters its thresholds
   come from, so a finished arm is refused, not reused, once the reference has been

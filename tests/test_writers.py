@@ -202,28 +202,3 @@ def test_a_stop_inside_a_png_write_leaves_the_old_file(tmp_path, monkeypatch, wh
     write()
   assert open(path, 'rb').read() == old
 
-
-def _overlaps(a, b) -> bool:
-  return a.x0 < b.x1 and b.x0 < a.x1 and a.y0 < b.y1 and b.y0 < a.y1
-
-
-@pytest.mark.parametrize('rows', [('learned',), ('oracle', 'learned')])
-def test_toy_panel_titles_clear_the_figure_title_and_the_row_above(tmp_path, figures, rows):
-  """The toy sample grids (square axes, two-line titles): after saving, no axes title
-  overlaps the figure's title or another panel's frame (they did under tight_layout)."""
-  from cdiff_jax import toys
-  from experiments import toy_composition
-  target = toys.benchmarks()['product'].target
-  x = target.sample(np.random.default_rng(0), 50)
-  panels = {(r, s): (x, 'LL 1.00  SW 0.050') for r in rows for s in ('diffusion', 'ula', 'hmc')}
-  toy_composition.plot_benchmark(str(tmp_path / 't.png'), 'ring AND vertical bar', panels,
-                                 target, exact=(x, 'LL 1.50'))
-  fig, axes = figures[-1]
-  from matplotlib.backends.backend_agg import FigureCanvasAgg
-  renderer = FigureCanvasAgg(fig).get_renderer()  # the positions are those of the saved draw
-  frames = [ax.get_window_extent(renderer) for ax in axes.flat]
-  titles = [ax.title.get_window_extent(renderer) for ax in axes.flat]
-  assert fig._suptitle is not None
-  top = fig._suptitle.get_window_extent(renderer)
-  assert all(t.height > 0 and not _overlaps(t, top) for t in titles)
-  assert not any(_overlaps(t, f) for t in titles for f in frames)
