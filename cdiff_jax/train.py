@@ -577,20 +577,40 @@ def small_extras(extras: dict) -> dict:
           if isinstance(value, (np.ndarray, np.generic)) and value.ndim <= 1 and value.size <= 64}
 
 
-def _first_nonfinite(metric_list: list[dict], first_step: int, k: int) -> str:
+def _first_nonfinite(metric_list: list[dict], first_step: int, k: int,
+                    step_size_fields: tuple[str, ...] = ()) -> tuple[str, str]:
+  """(where, fix) for the first non-finite step of ``metric_list`` (calls of ``k`` steps):
+  the step and what was not finite, and the config fields to change. A finite loss and
+  gradient with a non-finite update or method state points at the optimizer's constants
+  or the method's own step sizes (``step_size_fields``, e.g. the dual ascent's), and names
+  the method's logged figures that are not finite (the multipliers ``lam``)."""
+  at = lambda value, j: np.asarray(value)[j] if k > 1 else np.asarray(value)
   for i, m in enumerate(jax.device_get(metric_list)):
     bad = np.atleast_1d(np.asarray(m['nonfinite']))
-    if bad.any():
-      j = int(np.argmax(bad))
-      loss = np.atleast_1d(np.asarray(m['loss']))[j]
-      gnorm = np.atleast_1d(np.asarray(m['grad_norm']))[j]
-      if np.isfinite(loss) and np.isfinite(gnorm):
-        return (f'step {first_step + i * k + j}: the parameter update or the method\'s state '
-                f'is not finite although loss ({loss}) and grad_norm ({gnorm}) are; check '
-                'optim.eps, optim.b1, optim.b2 and the method\'s step sizes')
+    if not bad.any():
+      continue
+    j = int(np.argmax(bad))
+    step = first_step + i * k + j
+    loss, gnorm = at(m['loss'], j), at(m['grad_norm'], j)
+    if not (np.isfinite(loss) and np.isfinite(gnorm)):
       what = 'loss' if not np.isfinite(loss) else 'grad_norm'
-      return f'step {first_step + i * k + j}: {what} is not finite (loss={loss}, grad_norm={gnorm})'
-  return 'unknown step'
+      return (f'step {step}: {what} is not finite (loss={loss}, grad_norm={gnorm})',
+              "Lower optim.lr or set train.on_nonfinite='skip' to skip such steps.")
+    fields = ' or '.join(f'config.{f}' for f in step_size_fields)
+    state = sorted(key for key, value in m.items()
+                   if key not in ('loss', 'grad_norm', 'nonfinite')
+                   and np.issubdtype(np.asarray(value).dtype, np.inexact)
+                   and not np.isfinite(at(value, j)).all())
+    if state:
+      return (f'step {step}: the method\'s {", ".join(state)} '
+              f'{"is" if len(state) == 1 else "are"} not finite although loss ({loss}) and '
+              f'grad_norm ({gnorm}) are',
+              f'Lower {fields or "the method\'s step sizes"}.')
+    return (f'step {step}: the parameter update or the method\'s state is not finite although '
+            f'loss ({loss}) and grad_norm ({gnorm}) are',
+            'Check optim.eps, optim.b1, optim.b2' + (f' and {fields}' if fields else '')
+            + " or set train.on_nonfinite='skip' to skip such steps.")
+  return 'unknown step', "Lower optim.lr or set train.on_nonfinite='skip' to skip such steps."
 
 
 def load_config(workdir: str) -> ml_collections.ConfigDict:
@@ -896,7 +916,8 @@ def _train_and_evaluate(config, workdir, dataset, progress, hooks, preemption, l
       return None
     summary = _summarize(pending, k)
     if summary['nonfinite'] > 0:
-      where = _first_nonfinite(pending, pending_start, k)
+      where, fix = _first_nonfinite(pending, pending_start, k,
+                                    getattr(exp.method, 'step_size_fields', ()))
       if tc.on_nonfinite == 'stop':
         ckpt.wait()
         good = ckpt.latest_step()
@@ -904,7 +925,7 @@ def _train_and_evaluate(config, workdir, dataset, progress, hooks, preemption, l
                 else 'no checkpoint had been written yet')
         raise NonFiniteError(
             f'{where}. The state was not updated by that step and was not saved; {kept}. '
-            "Lower optim.lr or set train.on_nonfinite='skip' to skip such steps.")
+            + fix)
       if is_main and record:
         tqdm.write(f'Skipped non-finite step(s): {where}')
     if not record:

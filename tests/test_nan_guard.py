@@ -95,6 +95,7 @@ def test_a_non_finite_update_with_finite_loss_and_gradient_is_not_applied(tiny_c
   assert np.isfinite(float(m1['loss'])) and np.isfinite(float(m1['grad_norm']))
   for a, b in zip(before, run_files.leaves((state.params, state.ema_params, state.opt_state))):
     np.testing.assert_array_equal(a, b)
-  where = train._first_nonfinite([jax.device_get(m1)], 7, 1)
+  where, fix = train._first_nonfinite([jax.device_get(m1)], 7, 1)
   assert where.startswith('step 7: the parameter update or the method\'s state is not finite '
                           'although loss'), where
+  assert fix.startswith('Check optim.eps, optim.b1, optim.b2 or set'), fix

@@ -290,10 +290,37 @@ def test_first_nonfinite_names_the_step_within_a_scanned_call():
                 nonfinite=np.array([0, 0])),
            dict(loss=np.array([1.0, np.nan]), grad_norm=np.array([1.0, np.nan]),
                 nonfinite=np.array([0, 1]))]
-  assert train._first_nonfinite(calls, 10, 2).startswith('step 13: loss is not finite')
+  assert train._first_nonfinite(calls, 10, 2)[0].startswith('step 13: loss is not finite')
   calls[1] = dict(loss=np.array([1.0, 1.0]), grad_norm=np.array([np.inf, 1.0]),
                   nonfinite=np.array([1, 0]))
-  assert train._first_nonfinite(calls, 10, 2).startswith('step 12: grad_norm is not finite')
+  assert train._first_nonfinite(calls, 10, 2)[0].startswith('step 12: grad_norm is not finite')
+
+
+def test_first_nonfinite_names_the_method_state_and_its_step_size():
+  """A finite loss and gradient with non-finite multipliers (a dual step too large) names
+  them and the method's step-size field, not the primal learning rate; without a non-finite
+  figure it names the optimizer's constants and that field."""
+  from cdiff_jax.methods import constrained, dsm
+  call = dict(loss=np.array(3.0), grad_norm=np.array(2.0), nonfinite=np.array(1),
+              lam=np.array([0.5, np.inf, np.inf]), threshold=np.array([0.1, 0.1, 0.1]))
+  fields = constrained.Constrained(dsm.DSM(model=None), 3, (0.1,)).step_size_fields
+  assert fields == ('method.dual_lr',)
+  where, fix = train._first_nonfinite([call], 4, 1, fields)
+  assert where.startswith("step 4: the method's lam is not finite although loss (3.0)"), where
+  assert fix == 'Lower config.method.dual_lr.'
+  call['lam'] = np.array([0.5, 0.5, 0.5])
+  where, fix = train._first_nonfinite([call], 4, 1, fields)
+  assert where.startswith("step 4: the parameter update or the method's state is not finite")
+  assert 'optim.eps' in fix and 'config.method.dual_lr' in fix and 'optim.lr' not in fix, fix
+  # Scanned calls: a vector figure's row for the failing step, not its first row.
+  call = {k: np.stack([np.asarray(v)] * 2) for k, v in call.items()}
+  call['nonfinite'] = np.array([0, 1])
+  call['lam'] = np.array([[np.inf, 0.0, 0.0], [0.5, 0.5, 0.5]])
+  assert 'lam' not in train._first_nonfinite([call], 4, 2, fields)[0]
+  call['nonfinite'] = np.array([1, 0])
+  assert train._first_nonfinite([call], 4, 2, fields)[0].startswith("step 4: the method's lam")
+  assert constrained.Constrained(dsm.DSM(model=None), 3, (0.1,),
+                                 enabled=False).step_size_fields == ()
 
 
 def test_logged_lr_is_the_one_applied_after_a_skipped_step():

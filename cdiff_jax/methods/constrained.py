@@ -117,6 +117,12 @@ class Constrained:
       if not ok:
         raise fail(field, why)
 
+  @property
+  def step_size_fields(self) -> tuple[str, ...]:
+    """The config fields of the method's own steps, for a non-finite stop's message."""
+    return (('method.dual_lr',) if self.enabled else ()) + tuple(
+        getattr(self.base, 'step_size_fields', ()))
+
   # ------------------------------------------------------------------ data
   @property
   def composed(self) -> bool:

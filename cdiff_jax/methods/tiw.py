@@ -193,6 +193,11 @@ class TIW:
   def uses_discriminator(self) -> bool:
     return self.variant in ('iw', 'tiw')
 
+  @property
+  def step_size_fields(self) -> tuple[str, ...]:
+    """The config fields of the method's own steps, for a non-finite stop's message."""
+    return (f'{self.section}.disc_lr',) if self.disc_joint and self.uses_discriminator else ()
+
   def data_groups(self, dataset, train_indices: np.ndarray):
     """[('bias', D_bias, B (1 - pi)), ('ref', D_ref, B pi)]; DSM(ref): [('ref', D_ref, B)]."""
     bias, ref = self.split_fn(dataset, train_indices)
