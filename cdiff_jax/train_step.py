@@ -151,10 +151,30 @@ class CompiledStep:
         in_shardings=(parallel.replicated(mesh), parallel.batch_sharding(mesh, leading)),
         out_shardings=(parallel.replicated(mesh), parallel.replicated(mesh)))
 
+  def _check_batch(self, batch) -> None:
+    """A batch of one step (``group``: one id per example) for ``steps_per_call=1``, and k
+    of them stacked on a leading axis for ``steps_per_call=k``; named here, not by a shape
+    error inside the model."""
+    group = batch.get('group') if isinstance(batch, dict) else None
+    if group is None:
+      return
+    k = self.steps_per_call
+    shape = tuple(group.shape)
+    if k == 1 and len(shape) != 1:
+      raise ValueError(f"this step takes one step's batch (steps_per_call=1), but its 'group' "
+                       f'has shape {shape}: give batcher.batch(step), or build the step with '
+                       f'train.steps_per_call={shape[0]} for batcher.stacked(step, {shape[0]}).')
+    if k > 1 and (len(shape) != 2 or shape[0] != k):
+      raise ValueError(f'this step runs {k} steps per call and takes {k} batches stacked on a '
+                       f"leading axis (batcher.stacked(step, {k})), but its 'group' has shape "
+                       f'{shape}.')
+
   def __call__(self, state, batch):
+    self._check_batch(batch)
     return self._jitted(state, batch)
 
   def lower(self, state, batch):
+    self._check_batch(batch)
     return self._jitted.lower(state, batch)
 
 

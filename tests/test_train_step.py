@@ -49,10 +49,19 @@ def test_two_devices_equal_one_device(tiny_config):
 
 
 def test_scan_over_steps_equals_single_steps(tiny_config):
-  _, single, m1 = _run(tiny_config, 4)
+  """... and a batch of the other kind (stacked for a single step, one step's or stacked
+  another depth for a scanned one) is refused, naming what to give."""
+  exp1, single, m1 = _run(tiny_config, 4)
   tiny_config.train.steps_per_call = 2
   exp, scanned, m2 = _run(tiny_config, 4)
   assert exp.step.num_traces == 1
+  with pytest.raises(ValueError, match=r"one step's batch .*steps_per_call=2 for "
+                     r'batcher.stacked\(step, 2\)'):
+    exp1.step(single, exp.batcher.stacked(4, 2))
+  for wrong in (exp.batcher.batch(4), exp.batcher.stacked(4, 3)):
+    with pytest.raises(ValueError, match=r'runs 2 steps per call .*batcher.stacked\(step, 2\)'):
+      exp.step(scanned, wrong)
+  assert exp1.step.num_traces == 1 and exp.step.num_traces == 1
   assert _max_diff(single.params, scanned.params) < 1e-5
   np.testing.assert_allclose([float(m['loss']) for m in m1],
                              np.concatenate([np.asarray(m['loss']) for m in m2]), rtol=1e-5)
