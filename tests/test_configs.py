@@ -119,6 +119,28 @@ def test_a_field_no_section_has_is_refused_with_the_nearest_name():
     methods_lib.validate(c)
 
 
+@pytest.mark.parametrize('section', ['data', 'model', 'diffusion', 'optim', 'train', 'sample',
+                                     'eval', 'parallel'])
+def test_every_core_section_refuses_a_field_it_lacks(section):
+  """Each of base_config's sections is checked, not only train and optim."""
+  field = sorted(config_lib.base_config()[section].keys())[0]
+  with pytest.raises(config_lib.ConfigError, match=re.escape(
+      f'config.{section}.{field}_x: no such field; did you mean config.{section}.')):
+    config_lib.validate(_with({f'{section}.{field}_x': 1}))
+
+
+def test_the_experiments_run_keys_are_known_fields():
+  """The keys an experiment adds to an arm's config (not the user's fields) pass the
+  field checks of the launcher and the methods."""
+  c = _module('digits_minority').get_config()
+  c.method.reference_workdir, c.method.reference_key = 'reference', 'abc'
+  methods_lib.validate(c, check_paths=False)
+  config_lib.validate(c, check_paths=False)
+  c = _module('digits_finetune').get_config()
+  c.data.finetune_data_key = 'abc'
+  config_lib.validate(c)
+
+
 @pytest.mark.parametrize('field', ['optim.lr', 'optim.eps', 'optim.grad_clip', 'sample.clip'])
 def test_values_that_are_not_finite_are_refused(field):
   """NaN passed every `< 0` check: a NaN learning rate was first noticed as a non-finite

@@ -392,6 +392,13 @@ def test_train_step_compiles_once_and_discriminator_is_frozen_or_joint(joint):
   assert isinstance(exp.method, tiw.TIW)
   assert [g for g in exp.batcher.group_names] == ['bias', 'ref']
   assert exp.batcher.batch_sizes == [16, 16]
+  # The evaluation's training frequencies: the minibatches' mix (p_obs), half from each.
+  freq = lambda g: np.bincount(exp.dataset.labels[g], minlength=2) / len(g)
+  bias, ref = exp.batcher.groups
+  assert abs(freq(bias)[1] - freq(ref)[1]) > 0.2
+  np.testing.assert_allclose(exp.objective_class_frequencies(), (freq(bias) + freq(ref)) / 2)
+  # A non-finite stop names the discriminator's step size only where it takes steps.
+  assert exp.method.step_size_fields == (('method.disc_lr',) if joint else ())
   state = exp.init_state()
   disc0 = jax.tree.map(np.asarray, state.extras['disc']['params'])
   for s in range(3):
@@ -870,10 +877,14 @@ def test_a_runs_label_names_its_variant_and_temperature():
   assert config_lib.method_label(_toy_config(variant='dsm_obs')) == 'tiw (dsm_obs)'
 
 
-def test_a_resumed_run_takes_its_discriminator_from_the_checkpoint(tmp_path, monkeypatch):
+def test_a_resumed_run_takes_its_discriminator_from_the_checkpoint(tmp_path, monkeypatch,
+                                                                   capfd):
   """A rerun that resumes (after a preemption, or with more train.steps) restores the
   trained discriminator with the state: its pre-training is not run again (it was, on every
-  rerun), and the run ends with the parameters of an uninterrupted one."""
+  rerun), and the run ends with the parameters of an uninterrupted one. Its learning rate
+  is constant, so the longer train.steps draws no warning about the schedule. A checkpoint
+  folder with no step to restore (a file named as one) is a fresh start: the discriminator
+  is pre-trained."""
   def config(steps):
     c = _toy_config(disc_pretrain_steps=30)
     c.optim.lr_schedule, c.optim.warmup_steps = 'constant', 0
@@ -887,9 +898,14 @@ def test_a_resumed_run_takes_its_discriminator_from_the_checkpoint(tmp_path, mon
   real = tiw.TIW._pretrained
   monkeypatch.setattr(tiw.TIW, '_pretrained',
                       lambda self, *a: pretrained.append(1) or real(self, *a))
+  capfd.readouterr()
   train.train_and_evaluate(config(8), str(tmp_path / 'run'), data)
   assert not pretrained
+  out, err = capfd.readouterr()
+  assert 'Resumed from step 4' in out and 'was trained toward' not in out + err, err
   resumed = train.load_run(str(tmp_path / 'run'), data)[1]
+  (tmp_path / 'whole' / 'checkpoints').mkdir(parents=True)
+  (tmp_path / 'whole' / 'checkpoints' / '3').write_text('')   # named as a step, not one
   train.train_and_evaluate(config(8), str(tmp_path / 'whole'), data)
   assert pretrained == [1]
   whole = train.load_run(str(tmp_path / 'whole'), data)[1]
