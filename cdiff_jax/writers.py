@@ -118,9 +118,11 @@ def read_metrics(workdir: str) -> list[dict]:
   for i, line in enumerate(lines):
     try:
       records.append(json.loads(line))
-    except ValueError:
+    except ValueError as e:
       if i < len(lines) - 1:
-        raise
+        raise ValueError(f'{path}: line {i + 1} of {len(lines)} is not a JSON record ({e}); '
+                         'only the last line of a killed run may be cut short. Mend or '
+                         'delete that line.') from e
       # The last line cut short by a killed run (a rerun drops it) or still being written.
   return records
 

@@ -91,6 +91,8 @@ def test_npz(tmp_path):
     # in JAX on a broadcast.
     ('one-hot labels', np.zeros((2, 3, 3, 1), np.uint8), np.eye(10)[[0, 1]],
      r'labels has shape \(2, 10\) and dtype float64; give one integer class per image'),
+    ('float labels', np.zeros((2, 3, 3, 1), np.uint8), np.array([0.0, 1.0]),
+     r'labels has shape \(2,\) and dtype float64; give one integer class per image'),
     # PyTorch's layout: the model was refused as too deep for 1x8 images.
     ('channel-first images', np.zeros((2, 1, 8, 8), np.uint8), np.array([0, 1]),
      r'of shape \(2, 1, 8, 8\) look channel-first .*np.moveaxis\(images, 1, -1\)'),

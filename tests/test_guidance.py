@@ -403,6 +403,11 @@ def test_guidance_classifier_trains_on_noised_data():
   jax.tree.map(np.testing.assert_array_equal, auto_params, params)
   with pytest.raises(ValueError, match="net='conv' needs images"):
     guidance.train_guidance_classifier(ArrayDataset(x, y, 2, 'toy'), SCHED, steps=1, net='conv')
+  # ... and a convolutional one for images (3x3 kernels, not only dense layers).
+  images = rng.uniform(-1, 1, (8, 8, 8, 1)).astype(np.float32)
+  _, image_params, _ = guidance.train_guidance_classifier(
+      ArrayDataset(images, y[:8], 2, 'toy'), SCHED, steps=1, batch_size=8)
+  assert (3, 3) in {leaf.shape[:2] for leaf in jax.tree.leaves(image_params) if leaf.ndim == 4}
 
 
 def test_classifier_guided_sampling_same_with_loop_friendly_gradients():

@@ -186,11 +186,12 @@ def test_experiment_scripts_report_bad_input_in_one_line(module, override, needl
   assert not os.listdir(tmp_path)   # the workdir not even created
 
 
-def test_an_empty_workdir_is_refused_not_taken_as_the_current_folder(tmp_path):
+@pytest.mark.parametrize('workdir', ['', ' '])
+def test_an_empty_workdir_is_refused_not_taken_as_the_current_folder(tmp_path, workdir):
   """--workdir= (an unset shell variable) crashed the launcher and made the guidance
   experiment write into the current folder (every program parses it in cli.py)."""
   env = dict(os.environ, PYTHONPATH=ROOT)
-  out = subprocess.run([sys.executable, '-m', 'experiments.digits_guidance', '--workdir=',
+  out = subprocess.run([sys.executable, '-m', 'experiments.digits_guidance', f'--workdir={workdir}',
                         f'--config={ROOT}/configs/digits_cfg.py'], cwd=tmp_path, env=env,
                        capture_output=True, text=True, timeout=300)
   _assert_one_error_line(out, '--workdir is empty; give the folder of the run')

@@ -129,6 +129,7 @@ def test_draw_takes_the_command_lines_forms():
   """The library takes the --compose text and one class as an int (TypeErrors inside draw);
   a string of digits is refused, not read digit by digit."""
   assert sample._library_forms(7, 'any:1,3:-2') == ([7], NOT3)
+  assert sample._library_forms(np.int64(7), None) == ([7], None)   # e.g. labels[0]
   assert sample._library_forms([4, 5], NOT3) == ([4, 5], NOT3)
   with pytest.raises(config_lib.ConfigError, match=r"classes='45': give a list of class"):
     sample._library_forms('45', None)

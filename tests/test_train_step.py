@@ -61,6 +61,8 @@ def test_scan_over_steps_equals_single_steps(tiny_config):
   for wrong in (exp.batcher.batch(4), exp.batcher.stacked(4, 3)):
     with pytest.raises(ValueError, match=r'runs 2 steps per call .*batcher.stacked\(step, 2\)'):
       exp.step(scanned, wrong)
+    with pytest.raises(ValueError, match=r'runs 2 steps per call'):
+      exp.step.lower(scanned, wrong)
   assert exp1.step.num_traces == 1 and exp.step.num_traces == 1
   assert _max_diff(single.params, scanned.params) < 1e-5
   np.testing.assert_allclose([float(m['loss']) for m in m1],

@@ -24,6 +24,11 @@ def test_drop_after_keeps_records_up_to_the_step_and_drops_a_cut_line(tmp_path):
   w.write(5, dict(loss=0.5))
   assert writers.read_metrics(str(tmp_path)) == [dict(step=2, loss=0.2), dict(step=4, loss=0.4),
                                                  dict(step=5, loss=0.5)]
+  # A cut line anywhere but at the end is damage, not a killed write: named, not dropped.
+  with open(tmp_path / 'metrics.jsonl', 'a') as f:
+    f.write('{"step": 6, "lo\n{"step": 7, "loss": 0.7}\n')
+  with pytest.raises(ValueError, match=r'metrics.jsonl: line 4 of 5 is not a JSON record'):
+    writers.read_metrics(str(tmp_path))
 
 
 def test_tensorboard_mirrors_scalars_and_each_vector_entry(tmp_path):
@@ -202,3 +207,23 @@ def test_a_stop_inside_a_png_write_leaves_the_old_file(tmp_path, monkeypatch, wh
     write()
   assert open(path, 'rb').read() == old
 
+
+
+@pytest.mark.parametrize('dim', [1, 2])
+def test_vector_samples_are_saved_as_an_array_and_2d_ones_also_as_points(tmp_path, dim):
+  """A vector model's samples (model.name='mlp') are no image grid: the array in .npy, and
+  for 2-D data a scatter plot under the grid's name."""
+  import types
+  from cdiff_jax import train
+  points = np.random.default_rng(0).uniform(-1, 1, (6, dim)).astype(np.float32)
+  sample = types.SimpleNamespace(num_samples=5, use_ema=True)
+  exp = types.SimpleNamespace(
+      config=types.SimpleNamespace(sample=sample, seed=0),
+      mesh=types.SimpleNamespace(devices=np.zeros(2)),   # 5 samples -> 6 on 2 devices
+      sampler=lambda: lambda params, rng, n, labels, progress: points[:n],
+      sample_labels=lambda n: None)
+  state = types.SimpleNamespace(ema_params={}, params={})
+  out = train.save_samples(exp, state, str(tmp_path / 'final.png'))
+  np.testing.assert_array_equal(out, points)
+  np.testing.assert_array_equal(np.load(tmp_path / 'final.npy'), points)
+  assert (tmp_path / 'final.png').exists() == (dim == 2)
