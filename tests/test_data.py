@@ -46,6 +46,9 @@ def test_idx_round_trip(tmp_path):
   assert len(data.load_dataset(cfg)) == 7
   with pytest.raises(data.DatasetNotFound, match='data.data_dir'):
     data.load_idx(str(tmp_path), 'test')
+  # MNIST's ten classes even when a small file holds fewer of them.
+  _write_idx(tmp_path / 'train-labels-idx1-ubyte.gz', np.array([0, 1, 2, 1, 0, 2, 1], np.uint8))
+  assert data.load_idx(str(tmp_path), 'train').num_classes == 10
   assert ds.num_classes == 10
 
 
@@ -465,6 +468,13 @@ def test_keep_drop_and_minority_selection_of_the_training_set():
       train.train_indices(dc, ds)
   with pytest.raises(ValueError, match='fraction 1.5'):
     imbalance.subsample_classes(labels, {1: 1.5}, seed=0)
+  with pytest.raises(ValueError, match='fraction 0.0'):   # not "at least one" of a class
+    imbalance.subsample_classes(labels, {1: 0.0}, seed=0)
+  with pytest.raises(ValueError, match='minority_fraction=0.0'):
+    imbalance.minority_indices(labels, 5, (1,), 0.0, seed=0)
+  # Each minority class draws its own examples: not the same positions within every class.
+  kept = imbalance.subsample_classes(labels, {0: 0.1, 1: 0.1}, seed=0)
+  assert set(kept[labels[kept] == 0] % 103) != set(kept[labels[kept] == 1] % 103)
   # A selection that leaves nothing is named as such, minority classes set or not.
   dc.update(keep_classes=(2,), drop_classes=(2,), minority_classes=(1,))
   with pytest.raises(config_lib.ConfigError, match='class selection leaves no training'):
@@ -487,6 +497,10 @@ def test_biased_reference_split_is_the_largest_that_fits():
   values = np.repeat([0, 1], 11)
   bias, ref = imbalance.biased_reference_split(values, [1.0, 1.0], 0.1, seed=0)
   assert list(np.bincount(values[bias])) == [10, 10] and list(np.bincount(values[ref])) == [1, 1]
+  # 20 per value at 0.15: a head of 17 and round(0.15 * 34 / 2) = round(2.55) = 3 per value.
+  values = np.repeat([0, 1], 20)
+  bias, ref = imbalance.biased_reference_split(values, [1.0, 1.0], 0.15, seed=0)
+  assert list(np.bincount(values[bias])) == [17, 17] and list(np.bincount(values[ref])) == [3, 3]
   attr = np.random.default_rng(0).permutation(np.repeat([0, 1], [10, 40]))
   bias, ref = imbalance.attribute_bias_split(attr, 2, majority_value=1, majority_fraction=0.8,
                                              ref_fraction=0.1, seed=0)

@@ -170,6 +170,34 @@ def test_an_optim_section_without_final_lr_fraction_ends_where_base_config_does(
   assert abs(end - base_config().optim.final_lr_fraction * 2e-3) < 1e-9 and end > 0
 
 
+def test_a_warmup_longer_than_the_run_still_reaches_the_peak_lr():
+  """The default warm-up (100 steps) in an 8-step run ends at its last step, at optim.lr."""
+  import ml_collections
+  from cdiff_jax import optim
+  for schedule in ('constant', 'cosine'):
+    oc = ml_collections.ConfigDict(dict(lr=2e-3, lr_schedule=schedule, warmup_steps=100,
+                                        final_lr_fraction=0.05))
+    lr = optim.learning_rate_schedule(oc, 8)
+    np.testing.assert_allclose([float(lr(i)) for i in range(8)], 2e-3 * np.arange(8) / 7,
+                               rtol=1e-6)
+
+
+@pytest.mark.parametrize('weight_decay', [0.5, 0.0])
+def test_adamw_decays_the_weights_by_the_configs_weight_decay(weight_decay):
+  """With zero gradients AdamW's update is -lr * weight_decay * params (none with 0.0:
+  optax's own default, 1e-4, must not stand in for the config's value)."""
+  import ml_collections
+  from cdiff_jax import optim
+  oc = ml_collections.ConfigDict(dict(name='adamw', lr=0.1, lr_schedule='constant',
+                                      warmup_steps=0, b1=0.9, b2=0.999, eps=1e-8,
+                                      weight_decay=weight_decay, grad_clip=0.0))
+  tx, _ = optim.make_optimizer(oc, 100)
+  params = {'w': jnp.array([1.0, -2.0, 4.0])}
+  updates, _ = tx.update({'w': jnp.zeros(3)}, tx.init(params), params)
+  np.testing.assert_allclose(updates['w'], -0.1 * weight_decay * np.asarray(params['w']),
+                             rtol=1e-6, atol=0)
+
+
 @pytest.mark.parametrize('grad_clip', [1.0, 0.0])
 def test_optimizer_clips_the_global_gradient_norm(grad_clip):
   """Adam's first moment after a step is (1 - b1) g / ||g|| with grad_clip = 1, else (1 - b1) g."""
@@ -276,6 +304,34 @@ def test_step_fn_update_ema_and_lr_match_hand_computation():
     draws.append(float(m['draw']))
   # Each step draws fresh random numbers (the key is folded with the step).
   assert len(set(draws)) == len(draws), draws
+
+
+class _BadDual(_Quadratic):
+  """_Quadratic with a method state of two leaves; the dual step makes one entry of one
+  leaf infinite at every step (a step size too large), the loss stays finite."""
+
+  def update_extras(self, extras, aux, step, rng):
+    lam = extras['lam'].at[1].set(jnp.inf)
+    return dict(extras, lam=lam, count=extras['count'] + 1), dict(lam=lam)
+
+
+def test_a_nonfinite_method_state_with_finite_loss_keeps_the_whole_state():
+  """A finite loss and gradient whose method state (extras) is not finite in one entry of
+  one of its leaves is a non-finite step: parameters, EMA and extras stay as they were."""
+  import optax
+  from cdiff_jax import state as state_lib
+  from cdiff_jax import train_step as train_step_lib
+  tx = optax.sgd(0.1)
+  step_fn = jax.jit(train_step_lib.make_step_fn(_BadDual(), tx, lambda s: 0.1, 0.9))
+  w0 = jnp.asarray([1.0, -2.0])
+  extras = dict(lam=jnp.zeros(3), count=jnp.zeros(2))
+  st = state_lib.create_train_state(dict(w=w0), tx, jax.random.key(0), extras)
+  st, m = step_fn(st, jnp.asarray([0.0, 0.0]))
+  assert np.isfinite(float(m['loss'])) and np.isfinite(float(m['grad_norm']))
+  assert int(m['nonfinite']) == 1 and int(st.step) == 1
+  np.testing.assert_array_equal(np.asarray(st.params['w']), np.asarray(w0))
+  np.testing.assert_array_equal(np.asarray(st.extras['lam']), np.zeros(3))
+  np.testing.assert_array_equal(np.asarray(st.extras['count']), np.zeros(2))
 
 
 def test_nonfinite_gradient_with_finite_loss_keeps_state():
