@@ -1,6 +1,8 @@
 """Interrupted-and-resumed training equals uninterrupted training, bit for bit; an
 incompatible checkpoint is refused."""
 
+import os
+
 import jax
 import numpy as np
 import pytest
@@ -16,7 +18,9 @@ def _params(result):
 
 
 def test_resume_is_exact(tiny_config, tmp_path, monkeypatch):
+  tiny_config.train.keep_checkpoints = 1
   full = train.train_and_evaluate(tiny_config, str(tmp_path / 'full'), progress=False)
+  assert os.listdir(tmp_path / 'full' / 'checkpoints') == ['8']   # step 4 deleted
 
   calls = {'n': 0}
   original = train_step.CompiledStep.__call__

@@ -345,3 +345,16 @@ def test_a_finished_run_run_again_is_unfinished_until_it_ends(tiny_config, tmp_p
   monkeypatch.setattr(evaluation, 'evaluate_run', real)
   train.train_and_evaluate(again, str(tmp_path), progress=False)
   assert json.load(open(tmp_path / 'summary.json'))['eval']['num_samples'] == 6
+
+
+def test_the_classifier_accuracy_is_measured_on_the_test_split():
+  """The accuracy it carries is the agreement with the test split's labels (here the
+  training images relabelled, so the training labels would give another figure)."""
+  train_set = sources.load_digits('train')
+  idx = np.arange(64)
+  small = sources.ArrayDataset(train_set.images[idx], train_set.labels[idx], 10, 'digits')
+  relabelled = sources.ArrayDataset(small.images, (small.labels + 1) % 10, 10, 'digits')
+  clf = evaluation.train_classifier(small, relabelled, steps=30, batch_size=32)
+  pred = clf.predict(sources.to_float(small.images))
+  assert clf.accuracy == float(np.mean(pred == relabelled.labels)) < 0.2
+  assert np.mean(pred == small.labels) > 0.5   # it learned the training labels
