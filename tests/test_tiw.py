@@ -446,6 +446,26 @@ def test_a_diverged_discriminator_is_refused_and_not_cached(tmp_path, monkeypatc
   assert len(list(cache.glob('*.msgpack'))) == 1
 
 
+def test_a_frozen_feature_discriminator_is_differentiated_through_its_features():
+  """A discriminator on frozen features (the evaluation classifier's) gives TIW-DSM's
+  correction grad_x log w through the feature map: its x-gradient matches central finite
+  differences and is not zero (the frozen parameters get none, x does)."""
+  r = np.random.default_rng(0)
+  frozen = jnp.asarray(r.standard_normal((3, 5)), jnp.float32)
+  clf = nc.NoisyClassifier(nc.FeatureHead(hidden=8, depth=1), 1,
+                           feature_fn=lambda fr, x, t: jnp.tanh(x @ fr))
+  params = clf.init(jax.random.key(0), (3,), frozen)
+  fn = lambda x1, t1: clf.example_logits(params, x1, t1, frozen)[0]
+  x = jnp.asarray(r.standard_normal((4, 3)), jnp.float32)
+  t = jnp.asarray([0.1, 0.4, 0.6, 0.9])
+  _, grads = nc.per_example_value_and_grad(fn, x, t)
+  h = 1e-2
+  fd = np.stack([[(float(fn(x[i] + h * e, t[i])) - float(fn(x[i] - h * e, t[i]))) / (2 * h)
+                  for e in np.eye(3, dtype=np.float32)] for i in range(4)])
+  assert np.abs(fd).max() > 1e-3
+  np.testing.assert_allclose(grads, fd, rtol=2e-2, atol=2e-4)
+
+
 def test_host_warnings_for_a_diverged_joint_discriminator_and_vanishing_weights():
   """The logged figures of a discriminator trained with the score model: a T-BCE far above
   chance (or NaN) says it diverged; weights near 0 on both groups say the score model is
@@ -454,7 +474,9 @@ def test_host_warnings_for_a_diverged_joint_discriminator_and_vanishing_weights(
   method = train.build(_toy_config(disc_joint=True), _toy_dataset()).method
   sane = dict(disc_bce=1.30, weight_bias=0.9, weight_ref=1.2)
   assert method.host_metrics(sane, 10) == []
-  for bce in (1e6, float('nan')):
+  # Worse than any constant logit: diverged; a weak but better-than-twice-chance one: not.
+  assert method.host_metrics(dict(sane, disc_bce=1.5 * nc.CHANCE_BCE), 10) == []
+  for bce in (3 * nc.CHANCE_BCE, 1e6, float('nan')):
     (line,) = method.host_metrics(dict(sane, disc_bce=bce), 10)
     assert line.startswith('the discriminator diverged') and 'method.disc_lr' in line
   (line,) = method.host_metrics(dict(sane, weight_bias=0.0, weight_ref=2e-4), 10)
