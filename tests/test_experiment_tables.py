@@ -72,6 +72,16 @@ def test_minority_table_reads_each_arms_own_figures():
                              arms['constrained']['eval']['class_frequencies'], atol=5e-3)
   np.testing.assert_allclose(run_files.floats(rows['constrained']['lambda (end)']),
                              [0.5, 1.25, 2.0])
+  # A long-tailed TIW-DSM split has no data.minority_classes: the constrained classes'.
+  from configs import digits_tiw_minority
+  config = digits_tiw_minority.get_config()
+  classes = sorted(config.method.constraint_classes)
+  assert not config.data.minority_classes and classes
+  rows = run_files.markdown_rows(minority.comparison_table(config, arms))
+  for name, arm in arms.items():
+    col = f"minority freq. ({', '.join(map(str, classes))})"
+    np.testing.assert_allclose(run_files.floats(rows[name][col]),
+                               [arm['eval']['class_frequencies'][c] for c in classes], atol=5e-4)
 
 
 def test_minority_figures_show_the_training_data_and_each_arm(tmp_path, monkeypatch):
@@ -446,6 +456,8 @@ def test_guidance_sampling_in_batches_and_table():
       assert float(t['frequency of 3']) == round(r['class_frequencies'][3], 3)
       assert float(t['TV to uniform']) == round(r['tv_to_uniform'], 3)
       assert float(t['classifier FID']) == round(r['classifier_fid'], 2)
+      assert [float(v) for v in t['class frequencies 0..9'].split()] == [
+          round(v, 2) for v in r['class_frequencies']]
     print('ok')
   ''')
 

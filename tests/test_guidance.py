@@ -558,6 +558,17 @@ def _grid_integral(log_prob, bounds=1.6, num=200):
   return float(np.sum(np.exp(np.asarray(jax.jit(log_prob)(jnp.asarray(pts)), np.float64))) * cell)
 
 
+def test_the_ring_has_eight_equal_modes_evenly_around_the_circle():
+  """The benchmarks' ring (the tests build their references from it too, so its geometry
+  is pinned here): 8 modes of radius 0.5, 45 degrees apart, equal weights and widths."""
+  means, stds, weights = toys.ring().arrays
+  np.testing.assert_allclose(np.linalg.norm(means, axis=1), 0.5, rtol=1e-6)
+  angles = np.sort(np.mod(np.arctan2(means[:, 1], means[:, 0]), 2 * np.pi))
+  np.testing.assert_allclose(np.diff(angles), 2 * np.pi / 8, rtol=1e-5)
+  np.testing.assert_allclose(means.mean(0), 0.0, atol=1e-6)
+  assert np.all(stds == stds[0, 0]) and np.all(weights == weights[0])
+
+
 def test_toy_targets_are_normalized_densities():
   """Every composed target integrates to 1 on a grid (the ring-x-bar normalizer, unequal
   mixture weights), and the box difference is flat, 1 / (|A| - |B|), on A minus B and 0 on B."""
