@@ -503,6 +503,14 @@ def test_toy_scores_table_and_log_normalizer():
     table = t.log_normalizer_table(model, {'s': jnp.asarray(s)}, np.array([0.05, 0.5]), 201)
     expected = np.log(2 * np.pi * s ** 2)
     np.testing.assert_allclose(table, np.stack([expected, expected]), atol=1e-3)
+    # The noised data's own spread at high noise (variance a^2 s^2 + sigma^2): the grid
+    # must reach it, not only the data's range.
+    var = lambda p, tt: schedule.alpha(tt) ** 2 * p['s'] ** 2 + schedule.sigma(tt) ** 2
+    model.energy = lambda p, x, tt: jnp.sum(x ** 2, -1) / (2 * var(p, tt))
+    times = np.array([0.5, 0.9])
+    table = t.log_normalizer_table(model, {'s': jnp.asarray(s)}, times, 201)
+    expected = np.log(2 * np.pi * np.asarray(var({'s': s[None]}, times[:, None])))
+    np.testing.assert_allclose(table, expected, atol=1e-3)
     print('ok')
   ''')
 
