@@ -577,6 +577,9 @@ def small_extras(extras: dict) -> dict:
           if isinstance(value, (np.ndarray, np.generic)) and value.ndim <= 1 and value.size <= 64}
 
 
+_LOWER_LR = "Lower optim.lr or set train.on_nonfinite='skip' to skip such steps."
+
+
 def _first_nonfinite(metric_list: list[dict], first_step: int, k: int,
                     step_size_fields: tuple[str, ...] = ()) -> tuple[str, str]:
   """(where, fix) for the first non-finite step of ``metric_list`` (calls of ``k`` steps):
@@ -594,9 +597,9 @@ def _first_nonfinite(metric_list: list[dict], first_step: int, k: int,
     loss, gnorm = at(m['loss'], j), at(m['grad_norm'], j)
     if not (np.isfinite(loss) and np.isfinite(gnorm)):
       what = 'loss' if not np.isfinite(loss) else 'grad_norm'
-      return (f'step {step}: {what} is not finite (loss={loss}, grad_norm={gnorm})',
-              "Lower optim.lr or set train.on_nonfinite='skip' to skip such steps.")
+      return f'step {step}: {what} is not finite (loss={loss}, grad_norm={gnorm})', _LOWER_LR
     fields = ' or '.join(f'config.{f}' for f in step_size_fields)
+    lower = f'Lower {fields}.' if fields else "Lower the method's step sizes."
     state = sorted(key for key, value in m.items()
                    if key not in ('loss', 'grad_norm', 'nonfinite')
                    and np.issubdtype(np.asarray(value).dtype, np.inexact)
@@ -605,12 +608,12 @@ def _first_nonfinite(metric_list: list[dict], first_step: int, k: int,
       return (f'step {step}: the method\'s {", ".join(state)} '
               f'{"is" if len(state) == 1 else "are"} not finite although loss ({loss}) and '
               f'grad_norm ({gnorm}) are',
-              f'Lower {fields or "the method\'s step sizes"}.')
+              lower)
     return (f'step {step}: the parameter update or the method\'s state is not finite although '
             f'loss ({loss}) and grad_norm ({gnorm}) are',
             'Check optim.eps, optim.b1, optim.b2' + (f' and {fields}' if fields else '')
             + " or set train.on_nonfinite='skip' to skip such steps.")
-  return 'unknown step', "Lower optim.lr or set train.on_nonfinite='skip' to skip such steps."
+  return 'unknown step', _LOWER_LR
 
 
 def load_config(workdir: str) -> ml_collections.ConfigDict:
